@@ -1,0 +1,18 @@
+"""Small shared helpers: the user cache folder and option checking."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir(*parts: str) -> Path:
+    """The longctx cache folder (``$LONGCTX_CACHE``, else ``$XDG_CACHE_HOME/longctx``, else
+    ``~/.cache/longctx``), joined with ``parts`` and created on demand."""
+    root = os.environ.get("LONGCTX_CACHE")
+    if root is None:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "longctx")
+    path = Path(root, *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
