@@ -1,0 +1,3 @@
+"""Context-extension methods. Importing a module registers its methods; a new method is one new module."""
+
+from . import rope  # noqa: F401

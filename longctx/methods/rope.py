@@ -1,0 +1,211 @@
+"""RoPE scaling methods: position interpolation, NTK-aware, dynamic NTK, YaRN and a new rope theta.
+
+How a patch works: it rewrites the model's ``config.rope_parameters`` (and ``max_position_embeddings``)
+into the transformers rope configuration that describes the method, then builds a fresh rotary
+module of the model's own class from that config and swaps it in for the old one. So the patched
+model is, by construction, the model transformers would build from the saved config: the same
+``ROPE_INIT_FUNCTIONS``, the same ``dynamic_rope_update``, bit-identical logits, and
+``save_pretrained`` -> ``from_pretrained`` reproduces it without longctx. ``remove()`` puts the
+untouched original module and config values back.
+
+Methods that transformers has no rope type for are expressed through one it has:
+``ntk`` (static NTK-aware) is plain RoPE with base * factor^(d/(d-2)), ``abf`` plain RoPE with a
+new base. d is the rotary dimension (head_dim times partial_rotary_factor). Families whose config
+accepts only some rope types (phi3: default and longrope) get static methods written as
+``longrope`` with equal short and long per-dimension factors: the same frequencies and attention
+factor, up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from ..arch import arch_of, rotary_module
+from ..registry import Options, Patch, check_positive, register
+
+
+@dataclass(kw_only=True)
+class RopeOptions(Options):
+    # models with per-layer-type RoPE (gemma3, olmo3): which layer types to rescale.
+    # None = "full_attention" (sliding-window layers never see long distances).
+    layer_types: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        if self.layer_types is not None:
+            if isinstance(self.layer_types, str):
+                self.layer_types = (self.layer_types,)
+            self.layer_types = tuple(self.layer_types)
+
+
+@dataclass(kw_only=True)
+class FactorOptions(RopeOptions):
+    factor: float  # new context length / trained context length
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("factor", self.factor)
+
+
+@dataclass(kw_only=True)
+class YarnOptions(FactorOptions):
+    beta_fast: float = 32.0  # dims rotating more than beta_fast times over the trained length: untouched
+    beta_slow: float = 1.0  # dims rotating fewer than beta_slow times: fully interpolated
+    attention_factor: float | None = None  # None: 0.1 ln(factor) + 1, as in the paper
+    original_max_position_embeddings: int | None = None  # None: the model's max_position_embeddings
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("beta_fast", self.beta_fast)
+        check_positive("beta_slow", self.beta_slow)
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(f"option 'beta_fast' ({self.beta_fast}) must be > 'beta_slow' ({self.beta_slow})")
+        check_positive("attention_factor", self.attention_factor, allow_none=True)
+        check_positive("original_max_position_embeddings", self.original_max_position_embeddings,
+                       integer=True, allow_none=True)
+
+
+@dataclass(kw_only=True)
+class AbfOptions(RopeOptions):
+    rope_theta: float  # the new RoPE base ("adjusted base frequency")
+    max_position_embeddings: int | None = None  # None: keep the model's
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("rope_theta", self.rope_theta)
+        check_positive("max_position_embeddings", self.max_position_embeddings, integer=True, allow_none=True)
+
+
+class RopePatch(Patch):
+    slot = "rope"
+
+    def scaled(self, params: dict, rotary_dim: int, trained_len: int) -> tuple[dict, int]:
+        """The rope parameters for one layer type, and the new max_position_embeddings."""
+        raise NotImplementedError
+
+    def _attach(self) -> None:
+        parent, attr, old = rotary_module(self.model, self.method)
+        config = old.config  # the (text) config the rotary module was built from
+        params = copy.deepcopy(config.rope_parameters)
+        trained_len = config.max_position_embeddings
+
+        nested = config.nested_rope_parameter_keys(params) if hasattr(config, "nested_rope_parameter_keys") else []
+        if nested:
+            targets = self.options.layer_types or ("full_attention",)
+            unknown = [t for t in targets if params.get(t) is None]
+            if unknown:
+                raise ValueError(f"option 'layer_types': {unknown} have no RoPE in this model; "
+                                 f"layer types with RoPE: {[k for k in nested if params[k] is not None]}")
+        elif self.options.layer_types is not None:
+            raise ValueError("option 'layer_types' applies only to models with per-layer-type RoPE "
+                             "(e.g. gemma3); this model has a single RoPE configuration")
+        else:
+            targets = (None,)
+
+        allowed = arch_of(self.model).rope_types
+        new_len = trained_len
+        for layer_type in targets:
+            current = params if layer_type is None else params[layer_type]
+            rope_type = current.get("rope_type", "default")
+            if rope_type != "default":
+                raise ValueError(
+                    f"cannot apply {self.method!r}: this model already uses rope_type {rope_type!r} "
+                    f"(config.rope_parameters); longctx RoPE methods rescale plain RoPE. Load the unscaled model."
+                )
+            inv_freq = getattr(old, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq")
+            entry, entry_len = self.scaled(dict(current), 2 * inv_freq.numel(), trained_len)
+            if allowed is not None and entry["rope_type"] not in allowed:
+                entry = self._as_longrope(type(old), config, layer_type, entry, entry_len, allowed)
+            if layer_type is None:
+                params = entry
+            else:
+                params[layer_type] = entry
+            new_len = max(new_len, entry_len)
+
+        self._saved = (config, config.rope_parameters, config.max_position_embeddings, parent, attr, old)
+        config.rope_parameters = params
+        config.max_position_embeddings = new_len
+        new = type(old)(config=config)
+        # follow the old module's device (and dtype, if someone cast the buffers)
+        buf = next(old.buffers())
+        new.to(device=buf.device)
+        if buf.dtype != torch.float32:
+            new.to(dtype=buf.dtype)
+        setattr(parent, attr, new)
+
+    def _as_longrope(self, rotary_cls, config, layer_type, entry, new_len, allowed) -> dict:
+        """Rewrite a static rope type as ``longrope``: per-dimension factors = old / new frequency."""
+        if "longrope" not in allowed or self.method == "dynamic_ntk":
+            raise ValueError(
+                f"cannot apply {self.method!r} to a {config.model_type!r} model: its config accepts only "
+                f"rope types {', '.join(allowed)}, so the scaling could not be saved with the model; "
+                f"static methods that work here: linear, ntk, yarn, abf"
+            )
+        probe = copy.deepcopy(config)
+        probe.max_position_embeddings = new_len
+        if layer_type is None:
+            probe.rope_parameters = entry
+        else:
+            probe.rope_parameters = {**probe.rope_parameters, layer_type: entry}
+        plain, _ = rotary_cls.compute_default_rope_parameters(config, layer_type=layer_type)
+        target, attention_factor = ROPE_INIT_FUNCTIONS[entry["rope_type"]](probe, layer_type=layer_type)
+        factors = (plain.double() / target.double()).tolist()
+        keep = {k: entry[k] for k in ("rope_theta", "partial_rotary_factor") if k in entry}
+        return {**keep, "rope_type": "longrope", "short_factor": factors, "long_factor": factors,
+                "original_max_position_embeddings": config.max_position_embeddings,
+                "attention_factor": float(attention_factor)}
+
+    def _detach(self) -> None:
+        config, params, max_len, parent, attr, old = self._saved
+        config.rope_parameters = params
+        config.max_position_embeddings = max_len
+        setattr(parent, attr, old)
+        del self._saved
+
+
+@register("linear", FactorOptions, "position interpolation: positions divided by factor (Chen et al., 2023)",
+          aliases=("pi",))
+class LinearPatch(RopePatch):
+    def scaled(self, params, rotary_dim, trained_len):
+        params.update(rope_type="linear", factor=float(self.options.factor))
+        return params, round(trained_len * self.options.factor)
+
+
+@register("ntk", FactorOptions, "static NTK-aware scaling: rope base times factor^(d/(d-2)) (bloc97, 2023)")
+class NtkPatch(RopePatch):
+    def scaled(self, params, rotary_dim, trained_len):
+        d = rotary_dim
+        params["rope_theta"] = float(params["rope_theta"] * self.options.factor ** (d / (d - 2)))
+        return params, round(trained_len * self.options.factor)
+
+
+@register("dynamic_ntk", FactorOptions,
+          "dynamic NTK: NTK base grows with the current length beyond the trained one (emozilla, 2023)")
+class DynamicNtkPatch(RopePatch):
+    def scaled(self, params, rotary_dim, trained_len):
+        params.update(rope_type="dynamic", factor=float(self.options.factor))
+        # transformers' dynamic rope reads max_position_embeddings as the trained length: keep it
+        return params, trained_len
+
+
+@register("yarn", YarnOptions, "YaRN: NTK-by-parts interpolation plus attention temperature (Peng et al., 2023)")
+class YarnPatch(RopePatch):
+    def scaled(self, params, rotary_dim, trained_len):
+        o = self.options
+        original = o.original_max_position_embeddings or trained_len
+        params.update(rope_type="yarn", factor=float(o.factor), original_max_position_embeddings=original,
+                      beta_fast=float(o.beta_fast), beta_slow=float(o.beta_slow))
+        if o.attention_factor is not None:
+            params["attention_factor"] = float(o.attention_factor)
+        return params, round(original * o.factor)
+
+
+@register("abf", AbfOptions, "adjusted base frequency: a new rope_theta (Xiong et al., 2023)")
+class AbfPatch(RopePatch):
+    def scaled(self, params, rotary_dim, trained_len):
+        params["rope_theta"] = float(self.options.rope_theta)
+        return params, self.options.max_position_embeddings or trained_len

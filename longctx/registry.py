@@ -1,0 +1,228 @@
+"""The method registry and the Patch life cycle.
+
+A method is three things: a name, an options dataclass and a Patch subclass. Registering one::
+
+    @dataclass
+    class MyOptions(Options):
+        factor: float = 2.0
+
+    @register("my_method", MyOptions, "one-line description")
+    class MyPatch(Patch):
+        slot = "rope"                      # what part of the model it owns
+        def _attach(self): ...             # change this one model instance
+        def _detach(self): ...             # undo it exactly
+
+``apply(model, "my_method", factor=4)`` validates the options, checks that no other active patch
+owns the same slot of that model, attaches, and returns the Patch; ``patch.remove()`` detaches.
+Patches are tracked per model instance (weakly), never on a transformers class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch.nn as nn
+
+
+@dataclass
+class Options:
+    """Base class of every method's options. Subclasses check their values in ``validate``."""
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    options: type[Options]
+    patch: type["Patch"]
+    description: str
+    aliases: tuple[str, ...] = ()
+
+
+_METHODS: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+# model instance -> its active patches, in the order they were applied
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, list[Patch]]" = weakref.WeakKeyDictionary()
+
+
+def register(name: str, options: type[Options], description: str, aliases: tuple[str, ...] = ()) -> Callable:
+    """Class decorator that adds a Patch subclass to the registry under ``name`` (and ``aliases``)."""
+
+    def wrap(patch_cls: type[Patch]) -> type[Patch]:
+        for key in (name, *aliases):
+            if key in _METHODS or key in _ALIASES:
+                raise ValueError(f"method name {key!r} is already registered")
+        _METHODS[name] = Method(name, options, patch_cls, description, tuple(aliases))
+        for alias in aliases:
+            _ALIASES[alias] = name
+        patch_cls.method = name
+        return patch_cls
+
+    return wrap
+
+
+def methods() -> dict[str, str]:
+    """Registered method names with their one-line descriptions (aliases noted)."""
+    out = {}
+    for m in _METHODS.values():
+        alias = f" (alias: {', '.join(m.aliases)})" if m.aliases else ""
+        out[m.name] = m.description + alias
+    return out
+
+
+def get_method(name: str) -> Method:
+    key = _ALIASES.get(name, name)
+    if key not in _METHODS:
+        known = sorted([*_METHODS, *_ALIASES])
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known)}")
+    return _METHODS[key]
+
+
+def make_options(method: Method, **options: Any) -> Options:
+    """Build and validate ``method``'s options; unknown or missing options are TypeErrors."""
+    fields = {f.name: f for f in dataclasses.fields(method.options)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for method {method.name!r}; "
+            f"allowed options: {', '.join(fields) or '(none)'}"
+        )
+    missing = [
+        n for n, f in fields.items()
+        if n not in options and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise TypeError(f"method {method.name!r} needs option(s): {', '.join(missing)}")
+    opts = method.options(**options)
+    opts.validate()
+    return opts
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers PreTrainedModel inside ``model`` (a peft PeftModel is unwrapped)."""
+    if hasattr(model, "get_base_model") and callable(model.get_base_model):
+        model = model.get_base_model()
+    if not hasattr(model, "config"):
+        raise TypeError(f"expected a transformers model with a .config, got {type(model).__name__}")
+    return model
+
+
+def active_patches(model: nn.Module) -> list["Patch"]:
+    """The patches currently attached to ``model``, oldest first."""
+    return list(_ACTIVE.get(unwrap_model(model), []))
+
+
+class Patch:
+    """One method attached to one model instance. Undo with ``remove()`` (or use as a context manager).
+
+    Subclasses set ``slot`` (the part of the model they own: "rope", "attention", "cache"; two
+    active patches may not share a slot) and implement ``_attach`` and ``_detach``.
+    """
+
+    method: str = ""
+    slot: str = ""
+
+    def __init__(self, model: nn.Module, options: Options):
+        self.model = unwrap_model(model)
+        self.options = options
+        self.active = False
+
+    # -- subclass hooks ------------------------------------------------------------------------
+    def _attach(self) -> None:
+        raise NotImplementedError
+
+    def _detach(self) -> None:
+        raise NotImplementedError
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def attach(self) -> "Patch":
+        patches = _ACTIVE.setdefault(self.model, [])
+        for other in patches:
+            if other.slot == self.slot:
+                raise ValueError(
+                    f"cannot apply {self.method!r}: {other.method!r} is already applied to this model "
+                    f"(both change its {self.slot}); call .remove() on that patch first"
+                )
+        self._attach()
+        self._record(add=True)
+        patches.append(self)
+        self.active = True
+        return self
+
+    def remove(self) -> None:
+        """Undo the patch: the model behaves bit-identically to before ``apply``."""
+        if not self.active:
+            raise RuntimeError(f"this {self.method!r} patch was already removed")
+        self._detach()
+        self._record(add=False)
+        _ACTIVE[self.model].remove(self)
+        self.active = False
+
+    def _record(self, add: bool) -> None:
+        """Keep ``model.config.longctx`` (saved with the model) listing the applied methods."""
+        config = self.model.config
+        entries = [e for e in getattr(config, "longctx", None) or [] if e.get("method") != self.method]
+        if add:
+            entries.append({"method": self.method, **copy.deepcopy(self.options.to_dict())})
+        if entries:
+            config.longctx = entries
+        elif hasattr(config, "longctx"):
+            del config.longctx
+
+    def __enter__(self) -> "Patch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self.remove()
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.to_dict().items())
+        state = "active" if self.active else "removed"
+        return f"<{type(self).__name__} {self.method}({opts}) {state}>"
+
+
+def apply(model: nn.Module, method: str, **options: Any) -> Patch:
+    """Attach ``method`` to this model instance and return the Patch (``patch.remove()`` undoes it).
+
+    >>> patch = longctx.apply(model, "yarn", factor=4)
+    """
+    m = get_method(method)
+    opts = make_options(m, **options)
+    return m.patch(model, opts).attach()
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, method: str, **options: Any) -> Iterator[Patch]:
+    """Context-manager form of ``apply``: the patch is removed on exit, also on error."""
+    patch = apply(model, method, **options)
+    try:
+        yield patch
+    finally:
+        if patch.active:
+            patch.remove()
+
+
+# -- small option checks shared by the methods ----------------------------------------------------
+def check_positive(name: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        what = "a positive integer" if integer else "a number > 0"
+        raise ValueError(f"option {name!r} must be {what}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"option {name!r} must be one of {', '.join(map(repr, allowed))}; got {value!r}")

@@ -1,0 +1,262 @@
+"""RoPE scaling: parity with transformers' own rope types, exact removal, save/reload, all families."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import longctx
+from conftest import ROPE_FAMILIES, TRAINED_LEN, tiny_config, tiny_model, twin
+
+FACTOR = 4.0
+# longctx method + options -> the transformers rope parameters that define the same model
+NATIVE = {
+    "linear": ({"factor": FACTOR}, {"rope_type": "linear", "factor": FACTOR}, TRAINED_LEN * 4),
+    "dynamic_ntk": ({"factor": FACTOR}, {"rope_type": "dynamic", "factor": FACTOR}, TRAINED_LEN),
+    "yarn": ({"factor": FACTOR}, {"rope_type": "yarn", "factor": FACTOR, "beta_fast": 32.0, "beta_slow": 1.0,
+                                  "original_max_position_embeddings": TRAINED_LEN}, TRAINED_LEN * 4),
+    "abf": ({"rope_theta": 5e5}, {"rope_theta": 5e5}, TRAINED_LEN),
+}
+ALL_METHODS = [("linear", {"factor": 4}), ("pi", {"factor": 2}), ("ntk", {"factor": 4}),
+               ("dynamic_ntk", {"factor": 4}), ("yarn", {"factor": 8, "beta_fast": 16, "attention_factor": 1.2}),
+               ("abf", {"rope_theta": 1e6, "max_position_embeddings": 4 * TRAINED_LEN})]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def native_twin(model, rope_update, max_len):
+    cfg = copy.deepcopy(model.config)
+    cfg.rope_parameters = {**model.config.rope_parameters, **rope_update}
+    cfg.max_position_embeddings = max_len
+    return twin(model, cfg)
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+@pytest.mark.parametrize("method", list(NATIVE))
+def test_parity_with_native_rope_type(family, method, ids):
+    if family == "phi3" and method != "abf":
+        pytest.skip("Phi3Config has no linear/dynamic/yarn rope types: see test_phi3_* below")
+    model = tiny_model(family)
+    before = logits(model, ids)
+    options, rope_update, max_len = NATIVE[method]
+    expected = logits(native_twin(model, rope_update, max_len), ids)
+
+    with longctx.applied(model, method, **options):
+        got = logits(model, ids)
+        assert model.config.max_position_embeddings == max_len
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, before)  # the method really changed the model
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_dynamic_ntk_matches_plain_rope_within_trained_length(ids):
+    model = tiny_model("llama")
+    short = ids[:, :TRAINED_LEN]
+    before = logits(model, short)
+    with longctx.applied(model, "dynamic_ntk", factor=4):
+        assert torch.equal(logits(model, short), before)
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_ntk_frequencies(family):
+    """Static NTK-aware: base * factor^(d/(d-2)); the highest frequency is kept, the lowest divided by factor."""
+    model = tiny_model(family)
+    rotary = model.base_model.rotary_emb
+    old = rotary.inv_freq.double()
+    d = 2 * old.numel()
+    base = model.config.rope_parameters["rope_theta"]
+    with longctx.applied(model, "ntk", factor=FACTOR):
+        new = model.base_model.rotary_emb.inv_freq.double()
+        expected = 1.0 / (base * FACTOR ** (d / (d - 2))) ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        torch.testing.assert_close(new, expected, rtol=1e-6, atol=0)
+        assert new[0] == 1.0
+        torch.testing.assert_close(new[-1], old[-1] / FACTOR, rtol=1e-6, atol=0)
+        assert model.config.max_position_embeddings == 4 * TRAINED_LEN
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+@pytest.mark.parametrize("method,options", ALL_METHODS)
+def test_remove_is_bit_identical(family, method, options, ids):
+    if family == "phi3" and method == "dynamic_ntk":
+        pytest.skip("refused on phi3: test_phi3_refuses_dynamic_ntk")
+    model = tiny_model(family)
+    before = logits(model, ids)
+    config_before = model.config.to_dict()
+    rotary = model.base_model.rotary_emb
+    patch = longctx.apply(model, method, **options)
+    assert model.base_model.rotary_emb is not rotary
+    assert model.config.longctx[0]["method"] == longctx.registry.get_method(method).name
+    changed = logits(model, ids)
+    patch.remove()
+    assert not torch.equal(changed, before)
+    assert model.base_model.rotary_emb is rotary
+    assert model.config.to_dict() == config_before
+    assert torch.equal(logits(model, ids), before)
+    assert longctx.active_patches(model) == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("method,options", ALL_METHODS)
+def test_save_and_reload_without_longctx(family, method, options, ids, tmp_path):
+    if family == "phi3" and method == "dynamic_ntk":
+        pytest.skip("refused on phi3: test_phi3_refuses_dynamic_ntk")
+    model = tiny_model(family)
+    longctx.apply(model, method, **options)
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(logits(reloaded, ids), expected)
+    assert reloaded.config.longctx == model.config.longctx  # the record travels too
+    assert longctx.active_patches(reloaded) == []
+
+
+def test_bf16_model_parity(ids):
+    model = tiny_model("llama").to(torch.bfloat16)
+    expected = logits(native_twin(model, NATIVE["yarn"][1], 4 * TRAINED_LEN).to(torch.bfloat16), ids)
+    with longctx.applied(model, "yarn", factor=FACTOR):
+        assert model.base_model.rotary_emb.inv_freq.dtype == torch.bfloat16  # follows the cast model
+        assert torch.equal(logits(model, ids), expected)
+
+
+def test_per_layer_type_rope_rescales_full_attention_only(ids):
+    model = tiny_model("gemma3_text")
+    rotary = model.base_model.rotary_emb
+    before = logits(model, ids)
+    params = copy.deepcopy(model.config.rope_parameters)
+    params["full_attention"].update(rope_type="yarn", factor=FACTOR, original_max_position_embeddings=TRAINED_LEN,
+                                    beta_fast=32.0, beta_slow=1.0)
+    cfg = copy.deepcopy(model.config)
+    cfg.rope_parameters, cfg.max_position_embeddings = params, 4 * TRAINED_LEN
+    expected = logits(twin(model, cfg), ids)
+    with longctx.applied(model, "yarn", factor=FACTOR):
+        new = model.base_model.rotary_emb
+        assert torch.equal(new.sliding_attention_inv_freq, rotary.sliding_attention_inv_freq)
+        assert not torch.equal(new.full_attention_inv_freq, rotary.full_attention_inv_freq)
+        assert torch.equal(logits(model, ids), expected)
+    assert torch.equal(logits(model, ids), before)
+    with longctx.applied(model, "linear", factor=2, layer_types=("sliding_attention", "full_attention")):
+        new = model.base_model.rotary_emb
+        torch.testing.assert_close(new.sliding_attention_inv_freq, rotary.sliding_attention_inv_freq / 2)
+    with pytest.raises(ValueError, match="layer_types"):
+        longctx.apply(model, "linear", factor=2, layer_types=("chunked_attention",))
+
+
+def test_peft_wrapped_model(ids):
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    before = logits(model, ids)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with longctx.applied(wrapped, "linear", factor=2):
+        assert model.config.rope_parameters["rope_type"] == "linear"
+    assert torch.equal(logits(model, ids), before)
+
+
+# -- errors: each names the option and the allowed values ---------------------------------------------
+def test_unknown_method_lists_known():
+    with pytest.raises(ValueError, match=r"unknown method 'rope_magic'.*dynamic_ntk.*linear.*yarn"):
+        longctx.apply(tiny_model("llama"), "rope_magic", factor=2)
+
+
+@pytest.mark.parametrize("factor", [0, -1.5])
+def test_factor_must_be_positive(factor):
+    with pytest.raises(ValueError, match=r"'factor' must be a number > 0"):
+        longctx.apply(tiny_model("llama"), "yarn", factor=factor)
+
+
+def test_factor_wrong_type():
+    with pytest.raises(ValueError, match=r"'factor' must be a number > 0, got '4'"):
+        longctx.apply(tiny_model("llama"), "linear", factor="4")
+
+
+def test_unknown_and_missing_options():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'scale' for method 'linear'; allowed options: "
+                                        r"layer_types, factor"):
+        longctx.apply(model, "linear", scale=2)
+    with pytest.raises(TypeError, match=r"method 'yarn' needs option\(s\): factor"):
+        longctx.apply(model, "yarn")
+    with pytest.raises(ValueError, match=r"'beta_fast' \(1.0\) must be > 'beta_slow' \(2.0\)"):
+        longctx.apply(model, "yarn", factor=2, beta_fast=1.0, beta_slow=2.0)
+    with pytest.raises(ValueError, match="layer_types"):
+        longctx.apply(model, "yarn", factor=2, layer_types=("full_attention",))
+
+
+def test_rope_method_on_alibi_model():
+    with pytest.raises(ValueError, match=r"'bloom' models use alibi positions"):
+        longctx.apply(tiny_model("bloom"), "yarn", factor=2)
+
+
+def test_unsupported_architecture_lists_families():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    model = GPTJForCausalLM(GPTJConfig(n_embd=32, n_layer=1, n_head=2, vocab_size=64, rotary_dim=8))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gptj'; supported families: .*llama.*qwen2"):
+        longctx.apply(model, "linear", factor=2)
+
+
+def test_two_rope_methods_is_an_error_and_removal_is_once():
+    model = tiny_model("llama")
+    patch = longctx.apply(model, "yarn", factor=2)
+    with pytest.raises(ValueError, match=r"'yarn' is already applied .* \.remove\(\) on that patch first"):
+        longctx.apply(model, "linear", factor=2)
+    with pytest.raises(ValueError, match="already applied"):
+        longctx.apply(model, "yarn", factor=2)
+    patch.remove()
+    with pytest.raises(RuntimeError, match="already removed"):
+        patch.remove()
+    longctx.apply(model, "linear", factor=2).remove()  # free again
+
+
+def test_already_scaled_model_is_refused():
+    cfg = tiny_config("llama")
+    cfg.rope_parameters = {**cfg.rope_parameters, "rope_type": "linear", "factor": 2.0}
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match=r"already uses rope_type 'linear'"):
+        longctx.apply(model, "yarn", factor=2)
+
+
+def test_applied_restores_on_error(ids):
+    model = tiny_model("llama")
+    before = logits(model, ids)
+    with pytest.raises(KeyError):
+        with longctx.applied(model, "ntk", factor=4):
+            raise KeyError("boom")
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_methods_listing():
+    names = longctx.methods()
+    assert set(names) >= {"linear", "ntk", "dynamic_ntk", "yarn", "abf"}
+    assert "alias: pi" in names["linear"]
+
+
+@pytest.mark.parametrize("method", ["linear", "yarn"])
+def test_phi3_static_methods_are_written_as_longrope(method, ids):
+    """Phi3Config accepts only default/longrope: the same frequencies travel as longrope factors."""
+    model = tiny_model("phi3")
+    reference = tiny_model("llama")  # a family where transformers has the rope type natively
+    ref_rotary = reference.base_model.rotary_emb
+    with longctx.applied(model, method, factor=FACTOR):
+        params = model.config.rope_parameters
+        assert params["rope_type"] == "longrope" and params["short_factor"] == params["long_factor"]
+        rotary = model.base_model.rotary_emb
+        # same frequencies and attention factor as transformers' own rope type on a same-sized rotary dim
+        cfg = copy.deepcopy(model.config)
+        cfg.rope_parameters = {**NATIVE[method][1], "rope_theta": params["rope_theta"],
+                               "partial_rotary_factor": params["partial_rotary_factor"]}
+        cfg.max_position_embeddings = 4 * TRAINED_LEN
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        want, want_scale = ROPE_INIT_FUNCTIONS[NATIVE[method][1]["rope_type"]](cfg)
+        rotary(torch.zeros(1), torch.arange(3 * TRAINED_LEN)[None])  # past the trained length: long factors
+        torch.testing.assert_close(rotary.inv_freq, want, rtol=1e-6, atol=0)
+        assert rotary.attention_scaling == pytest.approx(want_scale, rel=1e-12)
+    del ref_rotary
+
+
+def test_phi3_refuses_dynamic_ntk():
+    with pytest.raises(ValueError, match=r"accepts only rope types default, longrope"):
+        longctx.apply(tiny_model("phi3"), "dynamic_ntk", factor=2)
