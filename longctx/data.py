@@ -1,0 +1,278 @@
+"""Text corpora for long-context evaluation and fine-tuning.
+
+``load_corpus`` returns a list of :class:`Document` from
+
+* a local ``.txt`` file (one document), ``.jsonl`` / ``.parquet`` file (one document per row), or a
+  folder of such files (searched recursively, in sorted order);
+* a built-in corpus, built offline from Debian packages (fetched with ``apt-get download`` and unpacked
+  with ``dpkg -x`` into a temporary folder; nothing is installed) and cached as jsonl under
+  ``cache_dir("corpus")``:
+
+  - ``austen``: Jane Austen's six novels from ``r-cran-janeaustenr``. The novels are R character
+    vectors (one entry per printed line, ``""`` between paragraphs) in the package's lazy-load
+    database ``usr/lib/R/site-library/janeaustenr/data/Rdata.rdb`` (index ``Rdata.rdx``), read with
+    the ``rdata`` package;
+  - ``kjv``: the King James Bible, the compressed text of ``bible-kjv-text`` printed by the ``bible``
+    program of ``bible-kjv`` (``bible -p <dir of bible.data> gen1:1-rev22:21``);
+* otherwise a HuggingFace ``datasets`` name (needs ``pip install datasets`` and a network).
+
+Cleaning of the built-ins: hard line wraps are removed (the lines of a paragraph are joined with single
+spaces, paragraphs are joined with ``"\\n\\n"``), runs of whitespace collapse to one space, and the
+Bible loses its verse numbers and chapter references (see :func:`clean_bible`). Title lines and
+chapter headings such as "CHAPTER 1" stay as paragraphs of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longctx.utils import cache_dir
+
+CACHE_VERSION = "v1"  # bump when cleaning changes: it is part of the cached file names
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+_BUILTINS = {
+    "austen": "Jane Austen's six novels, ~100k-200k words each (Debian package r-cran-janeaustenr)",
+    "kjv": "the King James Bible as one ~790k-word document (Debian packages bible-kjv, bible-kjv-text)",
+}
+_AUSTEN = {  # R object name -> title, in publication order
+    "sensesensibility": "Sense and Sensibility",
+    "prideprejudice": "Pride and Prejudice",
+    "mansfieldpark": "Mansfield Park",
+    "emma": "Emma",
+    "northangerabbey": "Northanger Abbey",
+    "persuasion": "Persuasion",
+}
+
+
+@dataclass
+class Document:
+    name: str  # e.g. "Pride and Prejudice", "Emma", "King James Bible", or a file stem
+    text: str
+
+
+def builtin_corpora() -> dict[str, str]:
+    """Built-in corpus names with a one-line description each."""
+    return dict(_BUILTINS)
+
+
+def load_corpus(name_or_path: str, *, split: str = "train", text_field: str = "text") -> list[Document]:
+    """Load a local file or folder, a built-in corpus (``austen``, ``kjv``) or a HuggingFace dataset."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise ValueError(f"no {'/'.join(SUFFIXES)} files under {path}")
+        return [doc for f in files for doc in _load_file(f, text_field)]
+    if path.is_file():
+        return _load_file(path, text_field)
+    if path.suffix.lower() in SUFFIXES:
+        raise FileNotFoundError(f"no such file: {path}")
+    if name_or_path.lower() in _BUILTINS:
+        return _load_builtin(name_or_path.lower())
+    return _load_hf(name_or_path, split, text_field)
+
+
+def encode_documents(tokenizer, docs, max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Tokenize each document (or string) as running text, without BOS/EOS, into a 1-D LongTensor
+    truncated to ``max_tokens``."""
+    out = []
+    for doc in docs:
+        text = doc.text if isinstance(doc, Document) else doc
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        out.append(torch.tensor(ids[:max_tokens], dtype=torch.long))
+    return out
+
+
+# ----------------------------------------------------------------------------------- local files
+def _row_doc(row: dict, text_field: str, default_name: str, where: str) -> Document:
+    if text_field not in row:
+        raise KeyError(f"{where}: no field {text_field!r} (fields: {sorted(row)}); pass text_field=...")
+    name = next((v for v in (row.get("name"), row.get("title")) if isinstance(v, str) and v), default_name)
+    return Document(name, row[text_field])
+
+
+def _load_file(path: Path, text_field: str) -> list[Document]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [Document(path.stem, path.read_text(encoding="utf-8"))]
+    if suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    docs.append(_row_doc(json.loads(line), text_field, f"{path.stem}:{i}", f"{path}:{i}"))
+        return docs
+    if suffix == ".parquet":
+        try:
+            import pandas as pd
+
+            frame = pd.read_parquet(path)
+        except ImportError as e:
+            raise ImportError(f"reading {path.name} needs pandas and pyarrow: pip install pandas pyarrow") from e
+        rows = frame.to_dict("records")
+        return [_row_doc(r, text_field, f"{path.stem}:{i}", f"{path} row {i}") for i, r in enumerate(rows)]
+    raise ValueError(f"unsupported file type {path.name!r}: use one of {', '.join(SUFFIXES)}")
+
+
+def _load_hf(name: str, split: str, text_field: str) -> list[Document]:
+    builtins = ", ".join(_BUILTINS)
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"{name!r} is not a file or folder nor a built-in corpus ({builtins}); loading it as a HuggingFace "
+            f"dataset needs `pip install datasets` and a network. Local .txt/.jsonl/.parquet files and "
+            f"folders and the built-ins {builtins} work offline."
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise ValueError(f"{name!r} is not a file or folder, a built-in corpus ({builtins}), "
+                         f"or a loadable HuggingFace dataset: {e}") from e
+    return [_row_doc(row, text_field, f"{name}:{i}", f"{name}[{i}]") for i, row in enumerate(ds)]
+
+
+# --------------------------------------------------------------------------------------- cleaning
+def unwrap(text: str) -> str:
+    """Join the lines of each blank-line separated paragraph with single spaces (collapsing all
+    whitespace runs); join the paragraphs with a blank line."""
+    paras = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
+    return "\n\n".join(p for p in paras if p)
+
+
+_HEADING = re.compile(r"(?:CHAPTER|Chapter|VOLUME|Volume) [0-9IVXLC]+\.?")
+
+
+def clean_austen(lines) -> str:
+    """An R vector of printed lines ("" between paragraphs) -> running text; headings such as
+    "CHAPTER 1" are kept as paragraphs of their own."""
+    out = []
+    for line in lines:
+        line = "" if line is None else str(line)
+        out.extend(["", line, ""] if _HEADING.fullmatch(line.strip()) else [line])
+    return unwrap("\n".join(out))
+
+
+_CHAPTER_LINE = re.compile(r"(\S.*?) (\d+)")  # "Genesis 1", "Song of Solomon 3", "1 Kings 22"
+_VERSE_NUMBER = re.compile(r"^\s+\d+\s+", re.M)  # verse starts are indented: "  12 And ..."
+
+
+def clean_bible(raw: str) -> str:
+    """Output of ``bible`` (pretty-printed: a "Book N" line, then the chapter's verses, each starting
+    with an indented verse number and wrapped at ~80 columns) -> running text. Kept: the book name as
+    its own paragraph where a book starts ("Genesis"). Dropped: chapter numbers, verse numbers. Each
+    chapter becomes one paragraph."""
+    paras, book = [], None
+    for block in re.split(r"\n\s*\n", raw):
+        block = block.strip("\n")
+        if not block.strip():
+            continue
+        heading = _CHAPTER_LINE.fullmatch(block)
+        if heading:  # unindented, unlike verse starts
+            if heading.group(1) != book:
+                book = heading.group(1)
+                paras.append(book)
+            continue
+        paras.append(_VERSE_NUMBER.sub("", block))
+    return unwrap("\n\n".join(paras))
+
+
+# -------------------------------------------------------------------------------------- built-ins
+_NO_APT = (
+    "Building the built-in corpus {name!r} needs Debian's apt-get and dpkg (to fetch {pkgs}), and {why}. "
+    "Alternatively download the texts yourself (e.g. from Project Gutenberg) and pass a local file or "
+    "folder, e.g. load_corpus('~/texts/austen/') with one .txt per novel, or a .jsonl of "
+    '{{"name": ..., "text": ...}} lines.'
+)
+
+
+def _fetch_debs(name: str, pkgs: list[str], dest: Path) -> Path:
+    """``apt-get download`` the packages into ``dest`` and ``dpkg -x`` them into ``dest/root``."""
+    missing = [tool for tool in ("apt-get", "dpkg") if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError(_NO_APT.format(name=name, pkgs=" ".join(pkgs), why=f"{' and '.join(missing)} is missing"))
+    try:
+        subprocess.run(["apt-get", "download", *pkgs], cwd=dest, check=True, capture_output=True, text=True)
+        for deb in sorted(dest.glob("*.deb")):
+            subprocess.run(["dpkg", "-x", str(deb), str(dest / "root")], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+        detail = [line for line in lines if line.startswith("E:")] or lines[-1:]
+        why = f"that failed ({'; '.join(detail)}; maybe run `apt-get update` first)"
+        raise RuntimeError(_NO_APT.format(name=name, pkgs=" ".join(pkgs), why=why)) from e
+    return dest / "root"
+
+
+def _read_rdb(rdx: Path) -> dict[str, list[str]]:
+    """Read all objects of an R lazy-load database (``X.rdx`` index + ``X.rdb`` blobs)."""
+    import rdata
+
+    with warnings.catch_warnings():  # rdata warns that the files have no RDS/RDA header
+        warnings.simplefilter("ignore")
+        index = rdata.read_rds(rdx)
+        blobs = rdx.with_suffix(".rdb").read_bytes()
+        out = {}
+        for key, (offset, length) in index["variables"].items():
+            # each blob: 4-byte big-endian uncompressed length, then zlib data (R's compress=TRUE)
+            raw = zlib.decompress(blobs[offset + 4 : offset + length])
+            lines = rdata.conversion.convert(rdata.parser.parse_data(raw))
+            out[str(key)] = ["" if x is None else str(x) for x in lines]
+    return out
+
+
+def _build_austen(root: Path) -> list[Document]:
+    rdx = next(root.rglob("janeaustenr/data/Rdata.rdx"))
+    novels = _read_rdb(rdx)
+    return [Document(title, clean_austen(novels[key])) for key, title in _AUSTEN.items()]
+
+
+def _build_kjv(root: Path) -> list[Document]:
+    data = next(root.rglob("bible.data"))
+    cmd = [str(root / "usr/bin/bible"), "-p", ".", "gen1:1-rev22:21"]  # -p .: cwd, so paths may hold spaces
+    def run(env=None):  # stdin closed and stdout a pipe: no interactive prompt, no paging
+        return subprocess.run(cmd, cwd=data.parent, stdin=subprocess.DEVNULL, capture_output=True, env=env)
+
+    out = run()
+    if out.returncode != 0 and b"shared librar" in out.stderr:  # e.g. no libreadline.so.8 here
+        out = run(dict(os.environ, LD_LIBRARY_PATH=_fetch_readline(root.parent)))
+    if out.returncode != 0 or not out.stdout:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.decode(errors='replace').strip()}")
+    return [Document("King James Bible", clean_bible(out.stdout.decode("latin-1")))]
+
+
+def _fetch_readline(tmp: Path) -> str:
+    """``bible`` links libreadline, which slim Debian images lack: unpack it beside the program and
+    return an LD_LIBRARY_PATH for it (the package is called libreadline8t64 from Debian 13 on)."""
+    for pkg in ("libreadline8t64", "libreadline8"):
+        try:
+            lib = _fetch_debs("kjv", [pkg], Path(tempfile.mkdtemp(prefix=pkg, dir=tmp)))
+        except RuntimeError:
+            continue
+        return os.pathsep.join(sorted({str(p.parent) for p in lib.rglob("*.so*")}))
+    raise RuntimeError("the `bible` program needs libreadline: apt-get install libreadline8 (or libreadline8t64)")
+
+
+_BUILD = {"austen": (_build_austen, ["r-cran-janeaustenr"]), "kjv": (_build_kjv, ["bible-kjv", "bible-kjv-text"])}
+
+
+def _load_builtin(name: str) -> list[Document]:
+    cached = cache_dir("corpus") / f"{name}-{CACHE_VERSION}.jsonl"
+    if not cached.exists():
+        build, pkgs = _BUILD[name]
+        with tempfile.TemporaryDirectory(prefix=f"longctx-{name}-") as tmp:
+            docs = build(_fetch_debs(name, pkgs, Path(tmp)))
+        part = cached.with_suffix(f".{os.getpid()}.part")
+        part.write_text("".join(json.dumps({"name": d.name, "text": d.text}) + "\n" for d in docs), encoding="utf-8")
+        part.replace(cached)  # atomic: a concurrent reader never sees half a file
+    return _load_file(cached, "text")
