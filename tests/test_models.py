@@ -1,0 +1,135 @@
+"""Tests for longctx.models: fast ones on a tiny random llama, slow ones on real SmolLM2-135M."""
+
+import time
+
+import pytest
+import torch
+
+from longctx import models
+from longctx.models import DTYPES, load_model, resolve_gguf
+
+WORDS = "the cat sat on a mat and dog ran far away".split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random-weight llama and a WordLevel tokenizer (no pad token) saved to a folder."""
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>"] + WORDS)}
+    tk = Tokenizer(tk_models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model
+
+
+def test_load_local_folder(tiny):
+    folder, ref = tiny
+    model, tok = load_model(str(folder))
+    assert not model.training and model.dtype == torch.float32 and model.device.type == "cpu"
+    assert tok.pad_token == tok.eos_token == "</s>"
+    ids = tok("the cat sat on a mat", add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids.tolist() == [[WORDS.index(w) + 3 for w in "the cat sat on a mat".split()]]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_dtype_strings(tiny, name):
+    model, _ = load_model(tiny[0], dtype=name, device="cpu", attn_implementation="eager")
+    assert model.dtype == DTYPES[name] == getattr(torch, {"bf16": "bfloat16", "fp16": "float16",
+                                                        "fp32": "float32"}.get(name, name))
+    assert model.config._attn_implementation == "eager"
+
+
+def test_torch_dtype(tiny):
+    assert load_model(tiny[0], dtype=torch.bfloat16, device=torch.device("cpu"))[0].dtype == torch.bfloat16
+
+
+def test_bad_dtype(tiny):
+    with pytest.raises(ValueError, match="bf16.*float32"):
+        load_model(tiny[0], dtype="int8")
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "/no/such/model.gguf", "~/no-such.gguf"])
+def test_missing_path(name):
+    with pytest.raises(FileNotFoundError):
+        load_model(name)
+
+
+def test_unknown_name_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    with pytest.raises(OSError, match="need network.*work offline"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+def test_resolve_env_var(monkeypatch, tmp_path):
+    fake = tmp_path / "x.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setenv("LONGCTX_SMOLLM2_GGUF", str(fake))
+    assert resolve_gguf("smollm2-135m") == fake
+    monkeypatch.setenv("LONGCTX_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="LONGCTX_SMOLLM2_GGUF"):
+        resolve_gguf("smollm2-135m")
+
+
+PROSE = ("The town library opened its doors every morning at nine, and by a quarter past the reading room "
+         "was usually half full. Retired teachers came to read the newspapers, students spread their notes "
+         "across the long oak tables, and a few regulars simply sat by the tall windows and watched the rain. "
+         "When the city council proposed cutting the library's budget, these same visitors filled the council "
+         "chamber and explained what the building meant to them: a warm place to study, a quiet refuge from "
+         "a crowded home, a window onto the wider world. In the end the budget was left as it was.")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2 converted from its GGUF into a fresh cache (cold load), then loaded again (warm)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LONGCTX_SMOLLM2_GGUF", str(resolve_gguf("smollm2-135m")))  # found or fetched once
+    mp.setenv("LONGCTX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        model, tok = load_model("smollm2-135m")
+        times.append(time.perf_counter() - start)
+    yield model, tok, times
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_smollm2_config_and_cache(smollm2):
+    model, tok, (cold, warm) = smollm2
+    cfg = model.config
+    assert cfg.model_type == "llama" and cfg.max_position_embeddings == 8192
+    assert cfg.rope_parameters["rope_theta"] == 100000.0
+    assert not getattr(cfg, "quantization_config", None)
+    a = models.MODEL_ALIASES["smollm2-135m"]
+    assert (models.cache_dir("models", f"smollm2-135m-{a.sha256[:12]}") / "config.json").is_file()
+    assert warm < cold / 3, (cold, warm)
+    assert tok.pad_token is not None and tok.model_max_length == 8192
+
+
+@pytest.mark.slow
+def test_smollm2_generates_and_predicts_prose(smollm2):
+    model, tok, _ = smollm2
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    text = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in text, text
+    ids = tok(PROSE, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ppl = model(ids, labels=ids).loss.exp().item()
+    assert ppl < 100, ppl
