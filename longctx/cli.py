@@ -1,0 +1,150 @@
+"""The ``longctx`` command line.
+
+    longctx methods
+    longctx ppl --model smollm2-135m --corpus austen --method yarn --factor 4 \\
+                --lengths 2048,8192,16384,32768 --out results.json
+
+``--method`` may be repeated to compare methods on one loaded model; each value is ``NAME`` or
+``NAME:key=value:key=value`` (``none`` = the unpatched model). ``--factor`` fills in the factor of
+methods that take one and were not given it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from . import registry
+
+
+def parse_method(spec: str, factor: float | None) -> tuple[str, str, dict]:
+    """``"yarn:factor=8:beta_fast=16"`` -> (label, name, options); label is what tables show."""
+    name, *pairs = spec.split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--method {spec!r}: expected NAME:key=value, got {pair!r}")
+        options[key] = _number(value)
+    if name == "none":
+        if options:
+            raise SystemExit("--method none takes no options")
+        return "none", name, {}
+    method = registry.get_method(name)
+    fields = {f.name for f in dataclasses.fields(method.options)}
+    if "factor" in fields and "factor" not in options:
+        if factor is None:
+            raise SystemExit(f"--method {name} needs a factor: --factor F or {name}:factor=F")
+        options["factor"] = factor
+    label = name
+    if "factor" in options:
+        label += f" x{options['factor']:g}"
+    extra = {k: v for k, v in options.items() if k != "factor"}
+    if extra:
+        label += " (" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()) + ")"
+    return label, name, options
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def cmd_methods(args) -> int:
+    for name, description in registry.methods().items():
+        print(f"{name:<12} {description}")
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from . import load_corpus, load_model
+    from .data import encode_documents
+    from .eval import format_table, perplexity, save_json
+
+    specs = [parse_method(m, args.factor) for m in (args.method or ["none"])]
+    for _, name, options in specs:  # check every option before the slow loads
+        if name != "none":
+            registry.make_options(registry.get_method(name), **options)
+
+    t0 = time.time()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    docs = load_corpus(args.corpus)
+    if args.docs:
+        wanted = [d.strip() for d in args.docs.split(",")]
+        names = [d.name for d in docs]
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise SystemExit(f"--docs: {missing} not in corpus {args.corpus!r}; it has: {names}")
+        docs = [d for d in docs if d.name in wanted]
+    ids = encode_documents(tokenizer, docs, max_tokens=args.max_tokens)
+    print(f"loaded {args.model} and {len(ids)} document(s), {sum(len(x) for x in ids):,} tokens "
+          f"in {time.time() - t0:.0f}s", file=sys.stderr)
+
+    results = {}
+    for label, name, options in specs:
+        patch = None if name == "none" else registry.apply(model, name, **options)
+        try:
+            results[label] = perplexity(model, ids, args.lengths, mode=args.mode, stride=args.stride,
+                                        score=args.score, tail_fraction=args.tail_fraction)
+        finally:
+            if patch is not None:
+                patch.remove()
+        print(f"{label}: " + ", ".join(f"{L}: {r['ppl']:.4g}" if r["ppl"] else f"{L}: -"
+                                       for L, r in results[label].items()), file=sys.stderr)
+
+    print(format_table(results))
+    if args.out:
+        save_json(results, args.out, model=args.model, corpus=args.corpus, docs=[d.name for d in docs],
+                  max_tokens=args.max_tokens, methods={label: {"method": n, **o} for label, n, o in specs},
+                  mode=args.mode, stride=args.stride, score=args.score, tail_fraction=args.tail_fraction,
+                  lengths=args.lengths, dtype=args.dtype, command=" ".join(sys.argv))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longctx", description="Context-length extension for transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("methods", help="list the registered methods").set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("ppl", help="perplexity by context length, for one or more methods")
+    p.add_argument("--model", default="smollm2-135m", help="alias, local folder, .gguf file or hub id")
+    p.add_argument("--corpus", default="austen", help="austen, kjv, a local file/folder, or a datasets name")
+    p.add_argument("--docs", help="comma-separated document names to keep, e.g. 'Pride and Prejudice,Emma'")
+    p.add_argument("--max-tokens", type=int, default=None, help="truncate each document to this many tokens")
+    p.add_argument("--method", action="append", help="NAME or NAME:key=value:... (repeatable; 'none' = unpatched)")
+    p.add_argument("--factor", type=float, help="factor for methods that take one")
+    p.add_argument("--lengths", type=_ints, default=[2048, 8192, 16384, 32768], help="comma-separated")
+    p.add_argument("--mode", choices=["chunks", "sliding"], default="chunks")
+    p.add_argument("--stride", type=int, default=None, help="sliding mode: window step (default length/2)")
+    p.add_argument("--score", choices=["all", "tail"], default="all")
+    p.add_argument("--tail-fraction", type=float, default=0.25, help="score=tail: scored fraction of each window")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--out", help="write the results and settings as JSON here")
+    p.set_defaults(func=cmd_ppl)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "device", "unset") is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Token-weighted perplexity of a causal LM at fixed context lengths, lean on memory.
+
+The naive way, ``model(x).logits`` then cross-entropy, materializes a (L, V) logits tensor and
+its fp32 copy: at L=32k and V=49k that is 3.2 GB in bf16 plus 6.4 GB in fp32 plus the
+log-softmax. Here the model body (decoder + final norm) runs once, the hidden states of the
+scored positions are kept, and the output embedding is applied `logits_chunk` rows at a time.
+"""
+
+import inspect
+import json
+import math
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+MODES = ("chunks", "sliding")
+SCORES = ("all", "tail")
+
+
+def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *, tail_fraction=0.25,
+               batch_tokens=None, logits_chunk=4096, progress=True) -> dict[int, dict]:
+    """Perplexity of `model` on `docs` (1-D token-id tensors or lists) for each window length L.
+
+    mode="chunks": each document is cut into non-overlapping windows of exactly L tokens from 0;
+    a final incomplete window is dropped (its tokens are counted in "dropped_tokens"). Every
+    window is a fresh forward with positions 0..L-1::
+
+        doc    t0 t1 ... t(L-1) | tL ... t(2L-1) | t2L .. (dropped, < L tokens)
+        window [------ 0 -----] [------ 1 -----]
+        all:    .  x ...   x     .  x  ...  x      x = scored (predicted from the tokens before it
+        tail:   .  . .. x  x     .  .  .. x x          in the same window), . = context only
+
+      score="all":  tokens 1..L-1 of each window (L-1 per window; token 0 has no context).
+      score="tail": only the last int(L * tail_fraction) tokens of each window (the long-context
+                    part; every scored token has >= L - int(L*tail_fraction) tokens of context).
+
+    mode="sliding": windows of exactly L tokens whose ends advance by `stride` (default L // 2);
+    the last window ends at the document end. Each token is scored once, in the window where it
+    has the most context::
+
+        doc     t0 t1 ..................................... t(N-1)
+        win 0   [.xxxxxxxxxxxxxxx]                 first window: tokens 1..L-1
+        win 1   <stride>[........xxxxxxxx]         then each window: its last `stride` tokens,
+        win 2           <stride>[........xxxxxxxx]   each with >= L - stride tokens of context
+        last                       [.............xxx]  ends at N: scores the tokens left (<= stride)
+
+      So every token of a document except its first is scored exactly once (N - 1 tokens).
+      stride == L: windows do not overlap, and the first token of each window has no context in
+      it, so it is not scored: for N a multiple of L this is exactly chunks/all.
+      score="tail" is rejected (ValueError) in sliding mode: the scored part of each window is
+      already its tail, set by `stride`. Documents shorter than L have no window (dropped).
+
+    Token-weighted: ppl = exp(sum of NLL over all scored tokens / number of scored tokens).
+    batch_tokens: token budget per forward; windows (of one or several documents) are stacked
+    into batches of max(1, batch_tokens // L). Default 65536 on CUDA, L (batch 1) elsewhere.
+    logits_chunk: rows of hidden states turned into fp32 logits at once.
+    How: the body (`model.base_model`) runs with use_cache=False, its hidden states at the scored
+    positions go through `model.get_output_embeddings()` (plus logit_scale / logits_scaling /
+    final_logit_softcapping from the config) in chunks. This is checked once per call against
+    model(probe).logits on the first 64 tokens; if it does not match, the model's own forward with
+    logits_to_keep is used instead (more memory) and a warning says so.
+    Returns {L: {"ppl", "nll" (mean per token), "tokens", "windows", "dropped_tokens"}}; a length
+    with no full window gives tokens 0 and ppl/nll None (with a warning).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if mode == "sliding" and score == "tail":
+        raise ValueError("score='tail' is only defined for mode='chunks': in mode='sliding' each window "
+                         "already scores only its tail, the last `stride` tokens (lower stride instead)")
+    if mode == "chunks" and stride is not None:
+        raise ValueError("stride only applies to mode='sliding' (chunks never overlap)")
+    if logits_chunk < 1 or (batch_tokens is not None and batch_tokens < 1):
+        raise ValueError("logits_chunk and batch_tokens must be >= 1")
+    lengths = [int(L) for L in lengths]
+    for L in lengths:
+        if L < 2:
+            raise ValueError(f"lengths must be >= 2 (one token of context, one to predict), got {L}")
+        if mode == "sliding" and not 1 <= (L // 2 if stride is None else stride) <= L:
+            raise ValueError(f"stride must be in 1..L (L={L}), got {stride}")
+        if score == "tail" and not (0 < tail_fraction <= 1 and int(L * tail_fraction) >= 1):
+            raise ValueError(f"tail_fraction must be in (0, 1] with int(L * tail_fraction) >= 1, "
+                             f"got {tail_fraction} for L={L}")
+
+    docs = [torch.as_tensor(d, dtype=torch.long).flatten().cpu() for d in docs]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        with torch.inference_mode():
+            scorer = None
+            for L in lengths:
+                specs, dropped = _windows(docs, L, mode, L // 2 if stride is None else stride, score, tail_fraction)
+                if not specs:
+                    warnings.warn(f"perplexity: no document has a full window of {L} tokens")
+                    results[L] = {"ppl": None, "nll": None, "tokens": 0, "windows": 0, "dropped_tokens": dropped}
+                    continue
+                if scorer is None:  # decided once, on the first real window
+                    scorer = _make_scorer(model, docs[specs[0][0]][specs[0][1]:][:64].to(device)[None])
+                budget = batch_tokens or (65536 if device.type == "cuda" else L)
+                B = max(1, budget // L)                                # windows per forward
+                nll = torch.zeros((), dtype=torch.float64, device=device)
+                bar = tqdm(total=len(specs), desc=f"ppl L={L}", unit="win", disable=not progress)
+                for k in range(0, len(specs), B):
+                    batch = specs[k:k + B]
+                    x = torch.stack([docs[i][s:s + L] for i, s, _ in batch]).to(device)  # (B, L)
+                    nll += scorer(x, [f for _, _, f in batch], logits_chunk)
+                    bar.update(len(batch))
+                bar.close()
+                tokens = sum(L - f for _, _, f in specs)
+                mean = nll.item() / tokens
+                results[L] = {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean,
+                              "tokens": tokens, "windows": len(specs), "dropped_tokens": dropped}
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _windows(docs, L, mode, stride, score, tail_fraction):
+    """Windows as (doc index, start, first scored position within the window), dropped tokens."""
+    specs, dropped = [], 0
+    for i, d in enumerate(docs):
+        n = len(d)
+        if mode == "chunks":
+            first = 1 if score == "all" else L - int(L * tail_fraction)
+            first = max(first, 1)  # tail_fraction=1: token 0 still has nothing to be predicted from
+            specs += [(i, s, first) for s in range(0, n - L + 1, L)]
+            dropped += n % L
+        elif n < L:
+            dropped += n
+        else:
+            prev_end = 0
+            for end in [*range(L, n, stride), n]:
+                # the window [end-L, end) scores the tokens [prev_end, end), all of them for the first
+                first = 1 if prev_end == 0 else max(1, L - (end - prev_end))
+                specs.append((i, end - L, first))
+                prev_end = end
+    return specs, dropped
+
+
+def _make_scorer(model, probe):
+    """Pick how to turn a (B, L) batch into a summed NLL: body + chunked head when that reproduces
+    model(probe).logits, else the model's own forward with logits_to_keep (the fallback)."""
+    body, head = model.base_model, model.get_output_embeddings()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale, div = getattr(cfg, "logit_scale", None), getattr(cfg, "logits_scaling", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+
+    def to_logits(h):                                   # (c, D) hidden -> (c, V) fp32 logits
+        logits = head(h).float()
+        if isinstance(scale, (int, float)):             # Cohere: logits * logit_scale
+            logits = logits * scale
+        if isinstance(div, (int, float)):               # Granite: logits / logits_scaling
+            logits = logits / div
+        if isinstance(cap, (int, float)):               # Gemma 2/3: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def split(x, firsts, chunk):
+        h = _hidden(body(input_ids=x, use_cache=False))                            # (B, L, D)
+        L = x.shape[1]
+        rows = torch.cat([h[b, f - 1:L - 1] for b, f in enumerate(firsts)])        # (M, D)
+        tgt = torch.cat([x[b, f:] for b, f in enumerate(firsts)])                  # (M,)
+        return _chunked_nll(rows, tgt, to_logits, chunk)
+
+    takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def fallback(x, firsts, chunk):
+        L = x.shape[1]
+        kw = {"logits_to_keep": L - min(firsts) + 1} if takes_keep else {}
+        logits = model(input_ids=x, use_cache=False, **kw).logits                  # (B, K, V)
+        off = L - logits.shape[1]                                                  # position of row 0
+        return sum(_chunked_nll(logits[b, f - 1 - off:L - 1 - off], x[b, f:], lambda r: r.float(), chunk)
+                   for b, f in enumerate(firsts))
+
+    try:
+        if head is None or body is model:
+            raise TypeError("no separate body/output embedding")
+        ref = model(input_ids=probe, use_cache=False).logits.float()               # (1, P, V)
+        ours = to_logits(_hidden(body(input_ids=probe, use_cache=False))[0])[None]
+        tol = max(4 * torch.finfo(head.weight.dtype).eps, 1e-4)               # bf16: 0.03 of max |logit|
+        if ours.shape == ref.shape and (ours - ref).abs().max() <= tol * ref.abs().max().clamp(min=1):
+            return split
+        why = "body + output embedding does not reproduce model(x).logits"
+    except (TypeError, AttributeError, ValueError, NotImplementedError) as err:
+        why = f"{type(err).__name__}: {err}"
+    warnings.warn(f"perplexity: {type(model).__name__}: using model(..., logits_to_keep=...) "
+                  f"(more memory): {why}")
+    return fallback
+
+
+def _hidden(out):
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _chunked_nll(rows, tgt, to_logits, chunk):
+    """Sum of -log p(tgt) over rows, `chunk` rows at a time, fp32 softmax, float64 sum."""
+    total = torch.zeros((), dtype=torch.float64, device=rows.device)
+    for i in range(0, rows.shape[0], chunk):
+        logits = to_logits(rows[i:i + chunk])                                      # (c, V) fp32
+        total += F.cross_entropy(logits, tgt[i:i + chunk], reduction="sum").double()
+    return total
+
+
+def save_json(result, path, **settings):
+    """Write {"results", "settings", "env"} to `path` (settings: model, method, options, mode,
+    stride, score, lengths, ...; torch/transformers versions and the device name are added)."""
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"results": result, "settings": settings, "env": env}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def _fmt(x):
+    """4 significant digits: 25.13, 293.2, 3134, 31340."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-" if x is None else str(x)
+    s = f"{x:#.4g}"
+    return f"{float(s):.0f}" if "e" in s else s.rstrip(".")
+
+
+def format_table(results_by_method: dict[str, dict[int, dict]]) -> str:
+    """Markdown table: one row per method, one column per length, cells = perplexity."""
+    lengths = sorted({int(L) for res in results_by_method.values() for L in res})
+    lines = ["| method | " + " | ".join(str(L) for L in lengths) + " |",
+             "|---|" + "---:|" * len(lengths)]
+    for name, res in results_by_method.items():
+        res = {int(L): r for L, r in res.items()}
+        cells = [_fmt(res[L]["ppl"]) if L in res else "-" for L in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

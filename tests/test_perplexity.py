@@ -1,0 +1,223 @@
+"""longctx.eval.perplexity against explicit float64 references on tiny random fp32 models."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longctx.eval.perplexity import format_table, perplexity, save_json
+
+V = 97
+
+
+def tiny_llama(seed=0, cls=LlamaForCausalLM):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.2)
+    return cls(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def docs():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, V, (n,), generator=g) for n in (70, 45, 33, 16, 5)]
+
+
+def ref(model, windows):
+    """windows: [(ids (L,), first scored position)] -> (mean nll, tokens), one plain forward each."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ids, first in windows:
+            logp = model(ids[None]).logits[0].double().log_softmax(-1)   # (L, V) float64
+            for t in range(first, len(ids)):
+                total -= logp[t - 1, ids[t]].item()
+                n += 1
+    return total / n, n
+
+
+def chunk_windows(docs, L, first=1):
+    return [(d[s:s + L], first) for d in docs for s in range(0, len(d) - L + 1, L)]
+
+
+def sliding_windows(docs, L, stride):
+    out = []
+    for d in docs:
+        if len(d) < L:
+            continue
+        prev = 0
+        for end in list(range(L, len(d), stride)) + [len(d)]:
+            new = end - prev                       # tokens not scored yet
+            out.append((d[end - L:end], 1 if prev == 0 else max(1, L - new)))
+            prev = end
+    return out
+
+
+def check(res, nll, tokens):
+    assert res["tokens"] == tokens
+    assert res["nll"] == pytest.approx(nll, rel=1e-6)
+    assert res["ppl"] == pytest.approx(math.exp(nll), rel=1e-6)
+
+
+def test_chunks_all_matches_reference(model, docs):
+    out = perplexity(model, docs, [8, 16], progress=False)
+    for L in (8, 16):
+        wins = chunk_windows(docs, L)
+        check(out[L], *ref(model, wins))
+        assert out[L]["windows"] == len(wins)
+        assert out[L]["tokens"] == len(wins) * (L - 1)
+        assert out[L]["dropped_tokens"] == sum(len(d) % L for d in docs)
+    json.dumps(out)  # JSON-friendly
+
+
+def test_chunks_tail_scores_last_quarter(model, docs):
+    out = perplexity(model, docs, [8, 16], score="tail", progress=False)
+    for L in (8, 16):
+        wins = chunk_windows(docs, L, first=L - L // 4)
+        assert out[L]["tokens"] == len(wins) * (L // 4)
+        check(out[L], *ref(model, wins))
+    out = perplexity(model, docs, [16], score="tail", tail_fraction=0.5, progress=False)
+    check(out[16], *ref(model, chunk_windows(docs, 16, first=8)))
+
+
+@pytest.mark.parametrize("L,stride", [(16, None), (16, 3), (16, 1), (16, 15), (8, 5), (8, 8)])
+def test_sliding_scores_every_token_once(model, docs, L, stride):
+    out = perplexity(model, docs, [L], mode="sliding", stride=stride, progress=False)
+    wins = sliding_windows(docs, L, stride or L // 2)
+    nll, n = ref(model, wins)
+    check(out[L], nll, n)
+    assert out[L]["windows"] == len(wins)
+    if stride != L:  # every token but each document's first, exactly once
+        assert n == sum(len(d) - 1 for d in docs if len(d) >= L)
+    assert out[L]["dropped_tokens"] == sum(len(d) for d in docs if len(d) < L)
+
+
+def test_sliding_stride_L_is_chunks_all(model):
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, V, (n,), generator=g) for n in (32, 48)]      # multiples of L
+    a = perplexity(model, docs, [16], mode="sliding", stride=16, progress=False)[16]
+    b = perplexity(model, docs, [16], mode="chunks", progress=False)[16]
+    assert a["tokens"] == b["tokens"] == 5 * 15 and a["windows"] == b["windows"] == 5
+    assert a["nll"] == pytest.approx(b["nll"], rel=1e-12)
+    # not a multiple: sliding adds one window ending at the document end for the leftover tokens
+    docs2 = [torch.cat([docs[0], docs[1][:5]])]
+    a = perplexity(model, docs2, [16], mode="sliding", stride=16, progress=False)[16]
+    assert a["windows"] == 3 and a["tokens"] == 2 * 15 + 5
+
+
+def test_batching_and_logits_chunk_do_not_change_results(model, docs):
+    for kw in ({}, {"mode": "sliding", "stride": 5}, {"score": "tail"}):
+        base = perplexity(model, docs, [8, 16], progress=False, **kw)
+        for opts in ({"batch_tokens": 10_000}, {"batch_tokens": 40}, {"logits_chunk": 3}):
+            other = perplexity(model, docs, [8, 16], progress=False, **kw, **opts)
+            for L in (8, 16):
+                assert other[L]["tokens"] == base[L]["tokens"]
+                assert other[L]["nll"] == pytest.approx(base[L]["nll"], rel=1e-6)
+
+
+def test_lists_and_missing_length(model):
+    doc = list(range(1, 21))
+    with pytest.warns(UserWarning, match="no document has a full window"):
+        out = perplexity(model, [doc], [10, 64], progress=False)
+    check(out[10], *ref(model, chunk_windows([torch.tensor(doc)], 10)))
+    assert out[64] == {"ppl": None, "nll": None, "tokens": 0, "windows": 0, "dropped_tokens": 20}
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"mode": "strided"}, "mode"), ({"score": "middle"}, "score"),
+    ({"mode": "sliding", "stride": 0}, "stride"), ({"mode": "sliding", "stride": 17}, "stride"),
+    ({"stride": 4}, "stride"), ({"mode": "sliding", "score": "tail"}, "tail"),
+    ({"score": "tail", "tail_fraction": 0.01}, "tail_fraction"), ({"lengths": [1]}, "lengths"),
+])
+def test_bad_options(model, docs, kw, match):
+    kw = {"lengths": [16]} | kw
+    with pytest.raises(ValueError, match=match):
+        perplexity(model, docs, progress=False, **kw)
+
+
+def test_format_table():
+    res = {"baseline": {256: {"ppl": 25.1349}, 1024: {"ppl": 293.24}},
+           "yarn x4": {256: {"ppl": 3134.4}, "1024": {"ppl": 31337.0}, 4096: {"ppl": None}}}
+    assert format_table(res) == (
+        "| method | 256 | 1024 | 4096 |\n"
+        "|---|---:|---:|---:|\n"
+        "| baseline | 25.13 | 293.2 | - |\n"
+        "| yarn x4 | 3134 | 31340 | - |")
+
+
+def test_save_json(model, docs, tmp_path):
+    out = perplexity(model, docs, [8], progress=False)
+    p = save_json(out, tmp_path / "sub" / "r.json", model="tiny", method="baseline", mode="chunks",
+                  lengths=[8], dtype=torch.float32)
+    data = json.loads(p.read_text())
+    assert data["results"]["8"]["tokens"] == out[8]["tokens"]
+    assert data["settings"]["method"] == "baseline" and "torch" in data["env"]
+
+
+def _no_warning_run(m, docs, L):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # the fast split path, no fallback
+        return perplexity(m, docs, [L], progress=False)
+
+
+def test_gpt_neox_body_head_split(docs):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    m = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         max_position_embeddings=256, initializer_range=0.2)).eval()
+    check(_no_warning_run(m, docs, 16)[16], *ref(m, chunk_windows(docs, 16)))
+
+
+def test_gemma2_softcapping(docs):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    m = Gemma2ForCausalLM(Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=8, max_position_embeddings=256, final_logit_softcapping=0.7,
+                                       initializer_range=0.5)).eval()
+    check(_no_warning_run(m, docs, 16)[16], *ref(m, chunk_windows(docs, 16)))
+
+
+class ScaledLlama(LlamaForCausalLM):
+    """Post-processes logits in a way perplexity() cannot know about -> must take the fallback."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+
+def test_fallback_when_split_differs(docs):
+    m = tiny_llama(cls=ScaledLlama)
+    for kw in ({}, {"mode": "sliding", "stride": 5, "batch_tokens": 64}):
+        with pytest.warns(UserWarning, match="logits_to_keep"):
+            out = perplexity(m, docs, [16], progress=False, **kw)
+        wins = chunk_windows(docs, 16) if not kw else sliding_windows(docs, 16, 5)
+        check(out[16], *ref(m, wins))
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("Mistral", {}), ("Qwen2", {}), ("Phi3", {"pad_token_id": 0}), ("Glm", {"head_dim": 8, "pad_token_id": 0}),
+    ("Cohere", {"logit_scale": 0.3}), ("Granite", {"logits_scaling": 4.0}), ("GPT2", {}),
+])
+def test_other_families_use_split_path(docs, family, extra):
+    import transformers as T
+    torch.manual_seed(0)
+    if family == "GPT2":
+        cfg, cls = T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=256), T.GPT2LMHeadModel
+    else:
+        cfg = getattr(T, family + "Config")(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                            initializer_range=0.2, **extra)
+        cls = getattr(T, family + "ForCausalLM")
+    m = cls(cfg).eval()
+    check(_no_warning_run(m, docs, 16)[16], *ref(m, chunk_windows(docs, 16)))
