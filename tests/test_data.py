@@ -63,7 +63,7 @@ def test_parquet_without_engine(tmp_path, monkeypatch):
 
 
 def test_unknown_name_lists_builtins():
-    assert set(data.builtin_corpora()) == {"austen", "kjv"}
+    assert set(data.builtin_corpora()) == {"austen", "austen-lines", "kjv"}
     with pytest.raises(ValueError) as err:
         load_corpus("surely-not-a-corpus-name-xyz")
     assert "austen" in str(err.value) and "kjv" in str(err.value)
@@ -179,6 +179,14 @@ def test_austen_builtin(tmp_path, monkeypatch):
         assert 75_000 <= len(d.text.split()) <= 170_000, d.name
     _no_subprocess(monkeypatch)
     assert load_corpus("austen") == docs
+    monkeypatch.undo()
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
+    lines = load_corpus("austen-lines")  # same words, printed line structure kept
+    assert [d.name for d in lines] == [d.name for d in docs]
+    assert lines[1].text.startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen\n\n\n\nChapter 1\n\n\nIt is a truth")
+    assert "in possession\nof a good fortune" in lines[1].text
+    for clean, raw in zip(docs, lines):
+        assert raw.text.split() == clean.text.split()
 
 
 @pytest.mark.slow
