@@ -9,6 +9,7 @@
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .arch import supported_families
+from .methods.streaming import SinkCache
 from .registry import Options, Patch, active_patches, applied, apply, methods, register
 
 __version__ = "0.1.0"
@@ -30,5 +31,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'longctx' has no attribute {name!r}")
 
 
-__all__ = ["apply", "applied", "methods", "active_patches", "Patch", "Options", "register",
+__all__ = ["apply", "applied", "methods", "active_patches", "Patch", "Options", "register", "SinkCache",
            "supported_families", "load_model", "load_corpus", "eval"]

@@ -112,6 +112,11 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+# Feature modules that add their own subcommands: each defines add_commands(subparsers) and sets
+# func=... on its parsers. Keeps one file per feature; this module only wires them in.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longctx", description="Context-length extension for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--out", help="write the results and settings as JSON here")
     p.set_defaults(func=cmd_ppl)
+
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 

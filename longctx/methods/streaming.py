@@ -1,0 +1,263 @@
+"""StreamingLLM attention sinks (Xiao et al., 2023, arXiv:2309.17453) on transformers 5 caches.
+
+The cache keeps the keys/values of the first ``sink_size`` tokens (the attention sinks) and of the
+most recent tokens, ``sink_size + window_size`` slots at most. Tokens get positions by their place
+in the cache, as in the paper: a new token's position is its slot index, never its index in the
+stream, so positions stay below the cache size however long the stream runs.
+
+When tokens are evicted, the window slots move left, and their keys must be re-rotated to their
+new places. Each slot keeps the key exactly as the model produced it (rotated at the place it had
+then) and that place; the key the attention sees is that original rotated once, in fp32, by
+``new place - original place``, with the model's own rotary module and ``apply_rotary_pos_emb``
+(so partial rotary, interleaved layouts and any RoPE scaling stay right). Re-rotations never stack,
+so no error accumulates over millions of tokens.
+
+How it attaches (``longctx.apply(model, "streaming", sink_size=4, window_size=2044)``): a forward
+pre-hook on this model's decoder body (``model.base_model``). Before every cached forward it
+    1. swaps a fresh ``DynamicCache`` (what ``generate`` and ``use_cache=True`` create) for a
+       ``SinkCache``;
+    2. makes room for the new tokens (evicting the oldest window tokens, re-rotating the rest);
+    3. sets ``position_ids`` to the new tokens' places and drops the all-ones 2-D attention mask
+       (``generate``'s absolute positions and ever-growing mask describe the stream, not the cache).
+Forwards without a cache (training, ``longctx.eval.perplexity``) are left alone. ``remove()``
+removes the hook.
+
+Not yet supported (clear errors): padded batches (rows of different lengths), models with
+sliding-window or per-layer-type RoPE layers, ALiBi models. A forward with more tokens than the
+window (a long prompt) is prefilled in window-sized chunks by the hook itself; its outputs then
+cover the last ``window_size`` tokens only (``generate`` needs no more; a warning says so once).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+from ..arch import rotary_module
+from ..registry import Options, Patch, check_positive, register
+
+
+class SinkLayer(CacheLayerMixin):
+    """One layer's slots: ``orig_keys`` as produced, ``keys`` rotated to the current places, ``values``.
+    Tensors are (batch, kv_heads, slots, head_dim)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self):
+        super().__init__()
+        self.orig_keys: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states[:, :, :0]
+        self.keys, self.orig_keys, self.values = empty, empty, value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # new keys were rotated at their places (the hook set position_ids): current == original
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.orig_keys = torch.cat([self.orig_keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1  # bounded by the SinkCache, which evicts before each forward
+
+    def evict(self, start: int, count: int) -> None:
+        """Drop slots [start, start + count)."""
+        for name in ("keys", "orig_keys", "values"):
+            t = getattr(self, name)
+            setattr(self, name, torch.cat([t[:, :, :start], t[:, :, start + count:]], dim=-2))
+
+    def reset(self) -> None:
+        self.keys = self.orig_keys = self.values = None
+        self.is_initialized = False
+
+
+class SinkCache(Cache):
+    """A bounded cache: ``sink_size`` attention sinks plus a window of ``window_size`` recent tokens.
+
+    Usable as ``past_key_values=`` of a model patched with ``"streaming"`` (the patch makes room and
+    sets positions before each forward), or directly: call ``make_room(n)`` before feeding n tokens
+    and pass ``position_ids=cache.positions(n)``.
+    """
+
+    def __init__(self, model, sink_size: int = 4, window_size: int = 2044):
+        check_sizes(sink_size, window_size)
+        self.sink_size, self.window_size = sink_size, window_size
+        self._model = _check_model(model)
+        n_layers = self._model.config.num_hidden_layers
+        super().__init__(layers=[SinkLayer() for _ in range(n_layers)])
+        self.places = torch.zeros(0, dtype=torch.long)  # (slots,) original place of each slot's key
+        self.seen_tokens = 0  # tokens fed so far (the stream position)
+        self.evicted_tokens = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.sink_size + self.window_size
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.places.numel()
+
+    def positions(self, n: int, device=None) -> torch.Tensor:
+        """Places of the next ``n`` tokens: (1, n)."""
+        start = self.places.numel()
+        return torch.arange(start, start + n, device=device or self.places.device)[None]
+
+    def make_room(self, n: int) -> None:
+        """Evict the oldest window tokens so that ``n`` new ones fit, and re-rotate the kept keys."""
+        if n > self.window_size:
+            raise ValueError(f"cannot feed {n} tokens at once into a streaming cache with window_size="
+                             f"{self.window_size}; feed at most window_size tokens per forward "
+                             f"(longctx.methods.streaming.prefill does that)")
+        length = self.places.numel()
+        drop = max(0, length + n - self.capacity)
+        if drop:
+            start = min(self.sink_size, length)
+            for layer in self.layers:
+                if layer.is_initialized:
+                    layer.evict(start, drop)
+            self.places = torch.cat([self.places[:start], self.places[start + drop:]])
+            self.evicted_tokens += drop
+            self._rerotate(start)
+        device = self.places.device
+        self.places = torch.cat([self.places, torch.arange(length - drop, length - drop + n, device=device)])
+        self.seen_tokens += n
+
+    def _rerotate(self, start: int) -> None:
+        """keys[start:] = R(place - original place) orig_keys[start:], in fp32."""
+        layer0 = self.layers[0]
+        if not layer0.is_initialized or self.places.numel() == start:
+            return
+        device = layer0.keys.device
+        places = torch.arange(start, self.places.numel(), device=device)
+        delta = (places - self.places[start:].to(device))[None]  # (1, n) <= 0
+        _, _, rotary = rotary_module(self._model, "streaming")
+        probe = torch.zeros((), dtype=torch.float32, device=device)
+        cos, sin = rotary(probe, position_ids=delta)  # (1, n, rot_dim), times the attention scaling
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        cos, sin = cos / scale, sin / scale
+        for layer in self.layers:
+            k = layer.orig_keys[:, :, start:].float()
+            _, rotated = self._apply_rotary(k, k, cos, sin)
+            layer.keys = torch.cat([layer.keys[:, :, :start], rotated.to(layer.keys.dtype)], dim=-2)
+
+    @property
+    def _apply_rotary(self):
+        module = importlib.import_module(type(self._model.base_model).__module__)
+        return module.apply_rotary_pos_emb
+
+    def to_device(self, device) -> None:
+        self.places = self.places.to(device)
+
+
+def check_sizes(sink_size, window_size) -> None:
+    if isinstance(sink_size, bool) or not isinstance(sink_size, int) or sink_size < 0:
+        raise ValueError(f"option 'sink_size' must be an integer >= 0, got {sink_size!r}")
+    check_positive("window_size", window_size, integer=True)
+
+
+def _check_model(model):
+    from ..registry import unwrap_model
+
+    model = unwrap_model(model)
+    config = model.config
+    rotary_module(model, "streaming")  # RoPE model of a known family, or a clear error
+    if getattr(config, "layer_types", None) and set(config.layer_types) != {"full_attention"}:
+        raise NotImplementedError(f"streaming: models with layer types {sorted(set(config.layer_types))} "
+                                  f"(sliding-window layers) are not supported yet")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise NotImplementedError("streaming: models with sliding-window attention are not supported yet "
+                                  f"(config.sliding_window={config.sliding_window})")
+    return model
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, cache: SinkCache, chunk_size: int | None = None):
+    """Feed a prompt of any length into ``cache`` in chunks of at most ``chunk_size`` (default:
+    window_size) tokens; memory stays bounded by the cache. Returns the last chunk's model output."""
+    chunk_size = chunk_size or cache.window_size
+    out = None
+    for start in range(0, input_ids.shape[1], chunk_size):
+        out = model(input_ids[:, start:start + chunk_size], past_key_values=cache, use_cache=True)
+    return out
+
+
+@dataclass(kw_only=True)
+class StreamingOptions(Options):
+    sink_size: int = 4  # attention sinks: the first tokens, kept for ever
+    window_size: int = 2044  # recent tokens kept
+
+    def validate(self) -> None:
+        check_sizes(self.sink_size, self.window_size)
+
+
+@register("streaming", StreamingOptions,
+          "StreamingLLM: attention sinks + recent window, bounded KV cache, positions by place (Xiao et al., 2023)")
+class StreamingPatch(Patch):
+    slot = "cache"
+
+    def _attach(self) -> None:
+        _check_model(self.model)
+        self._warned = False
+        self._handle = self.model.base_model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    def _detach(self) -> None:
+        self._handle.remove()
+
+    def new_cache(self) -> SinkCache:
+        return SinkCache(self.model, self.options.sink_size, self.options.window_size)
+
+    def _before_forward(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return None  # no cache: a plain (dense) forward
+        if isinstance(cache, DynamicCache) and not isinstance(cache, SinkCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError("streaming patch: got a DynamicCache that already holds tokens; "
+                                 "start from an empty cache or a longctx.SinkCache")
+            cache = kwargs["past_key_values"] = self.new_cache()
+        if not isinstance(cache, SinkCache):
+            return None  # a cache the caller chose (e.g. static): theirs
+        if args:  # the decoder body called positionally: input_ids first
+            kwargs["input_ids"], args = args[0], ()
+        key = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+        x = kwargs[key]
+        n = x.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2 or not bool(mask.all()):
+                raise NotImplementedError("streaming patch: padded batches (attention_mask with zeros) are not "
+                                          "supported yet; stream each row on its own")
+            kwargs["attention_mask"] = None
+        if n > cache.window_size:  # a long prompt: prefill its head in window-sized chunks, bounded
+            head, step = n - cache.window_size, cache.window_size
+            rest = {k: v for k, v in kwargs.items() if k not in (key, "position_ids", "cache_position")}
+            for start in range(0, head, step):
+                module(**{key: x[:, start:min(start + step, head)]}, **rest)  # re-enters this hook
+            if not self._warned:
+                warnings.warn(f"streaming: a {n}-token input was prefilled in chunks of window_size="
+                              f"{step}; the forward's outputs cover its last {step} tokens", stacklevel=2)
+                self._warned = True
+            x = kwargs[key] = x[:, head:]
+            n = step
+        cache.to_device(x.device)
+        cache.make_room(n)
+        places = cache.places[-n:][None].to(x.device)
+        kwargs["position_ids"] = places.expand(x.shape[0], n)
+        if "cache_position" in kwargs:  # transformers < 5.2x passes it too
+            kwargs["cache_position"] = places[0]
+        return args, kwargs

@@ -1,0 +1,218 @@
+"""StreamingLLM sink cache: exactness against dense decoding and an explicit reference."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+import longctx
+from longctx.methods.streaming import SinkCache, prefill
+from conftest import tiny_model
+
+STREAM_FAMILIES = ["llama", "qwen2", "gpt_neox", "glm", "phi3"]  # full, partial and interleaved rotary
+
+
+def decode(model, ids, cache):
+    """Feed ``ids`` one token at a time; logits (B, T, V)."""
+    with torch.no_grad():
+        return torch.cat([model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                          for t in range(ids.shape[1])], dim=1)
+
+
+def ids_for(n, batch=1, seed=0):
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", STREAM_FAMILIES)
+def test_window_covering_the_stream_equals_dense_decoding(family):
+    model = tiny_model(family).double()
+    ids = ids_for(40, batch=2)
+    dense = decode(model, ids, DynamicCache(config=model.config))
+    with longctx.applied(model, "streaming", sink_size=4, window_size=40) as patch:
+        got = decode(model, ids, patch.new_cache())
+    assert torch.equal(got, dense)
+
+
+# -- the reference: raw (unrotated) keys, all rotated to their places at every step -----------------
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ReferenceLayer(DynamicLayer):
+    """Keeps raw keys; returns every key rotated to its current place (llama layout, full rotary)."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self.owner = owner
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        cos, sin = self.owner.cos_sin(self.owner.new_places)  # un-rotate the new keys from their places
+        raw = key_states * cos - rotate_half(key_states) * sin
+        self.raw = raw if not hasattr(self, "raw") else torch.cat([self.raw, raw], dim=-2)
+        self.values = value_states if self.values is None else torch.cat([self.values, value_states], dim=-2)
+        self.is_initialized = True
+        cos, sin = self.owner.cos_sin(torch.arange(self.raw.shape[-2]))
+        self.keys = self.raw * cos + rotate_half(self.raw) * sin
+        return self.keys, self.values
+
+    def drop(self, start, count):
+        self.raw = torch.cat([self.raw[:, :, :start], self.raw[:, :, start + count:]], dim=-2)
+        self.values = torch.cat([self.values[:, :, :start], self.values[:, :, start + count:]], dim=-2)
+        self.keys = self.values  # only its length is read (mask sizes) until the next update
+
+
+class ReferenceSinkCache(Cache):
+    def __init__(self, model, sink, window):
+        super().__init__(layers=[ReferenceLayer(self) for _ in range(model.config.num_hidden_layers)])
+        self.model, self.sink, self.window, self.length = model, sink, window, 0
+
+    def cos_sin(self, places):
+        inv_freq = self.model.base_model.rotary_emb.inv_freq.double()
+        freqs = places.double()[:, None] * inv_freq[None]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos()[None, None], emb.sin()[None, None]
+
+    def step(self, model, token):
+        if self.length + 1 > self.sink + self.window:  # evict the oldest window token
+            for layer in self.layers:
+                layer.drop(self.sink, 1)
+            self.length -= 1
+        self.new_places = torch.tensor([self.length])
+        out = model(token, past_key_values=self, use_cache=True, position_ids=self.new_places[None])
+        self.length += 1
+        return out.logits
+
+
+def test_token_by_token_agrees_with_reference_over_3x_window():
+    model = tiny_model("llama").double()
+    sink, window = 3, 8
+    ids = ids_for(3 * (sink + window) + 5)
+    ref_cache = ReferenceSinkCache(model, sink, window)
+    with torch.no_grad():
+        want = torch.cat([ref_cache.step(model, ids[:, t:t + 1]) for t in range(ids.shape[1])], dim=1)
+    with longctx.applied(model, "streaming", sink_size=sink, window_size=window) as patch:
+        cache = patch.new_cache()
+        got = decode(model, ids, cache)
+    # the sink cache rotates from fp32 cos/sin: R(a - b) R(b) vs R(a) differ in the last fp32 bits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, decode(model, ids, DynamicCache(config=model.config)), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", STREAM_FAMILIES)
+def test_rerotation_matches_keys_produced_at_the_new_place(family):
+    """After eviction, each kept key equals the key the model produces for that token at its new place."""
+    model = tiny_model(family).double()
+    sink, window = 2, 5
+    ids = ids_for(20)
+    with longctx.applied(model, "streaming", sink_size=sink, window_size=window) as patch:
+        cache = patch.new_cache()
+        decode(model, ids, cache)
+    # rebuild: rotate each slot's original key to its current place with the model's own rotary code
+    import importlib
+
+    apply_rope = importlib.import_module(type(model.base_model).__module__).apply_rotary_pos_emb
+    rotary = model.base_model.rotary_emb
+    for layer in cache.layers:
+        n = layer.keys.shape[-2]
+        assert n == sink + window
+        probe = torch.zeros((), dtype=torch.float64)
+        cos_o, sin_o = rotary(probe, position_ids=cache.places[None])
+        cos_n, sin_n = rotary(probe, position_ids=torch.arange(n)[None])
+        # un-rotate from the original place (inverse rotation), rotate to the new place
+        raw = apply_rope(layer.orig_keys, layer.orig_keys, cos_o, -sin_o)[1]
+        want = apply_rope(raw, raw, cos_n, sin_n)[1]
+        torch.testing.assert_close(layer.keys, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_never_exceeds_its_bound_and_generates_10x_window():
+    model = tiny_model("llama")
+    sink, window = 4, 12
+    with longctx.applied(model, "streaming", sink_size=sink, window_size=window):
+        out = model.generate(ids_for(6), max_new_tokens=10 * window, min_new_tokens=10 * window,
+                             do_sample=False, return_dict_in_generate=True)
+        cache = out.past_key_values
+        assert isinstance(cache, SinkCache)
+        assert out.sequences.shape[1] == 6 + 10 * window
+        assert cache.get_seq_length() == sink + window
+        assert all(layer.keys.shape[-2] == sink + window for layer in cache.layers)
+        assert cache.evicted_tokens == 6 + 10 * window - 1 - (sink + window)  # last token is not fed
+        # generate equals a hand-written greedy loop over the same cache semantics
+        ids = ids_for(6)
+        manual = SinkCache(model, sink, window)
+        with torch.no_grad():
+            logits = prefill(model, ids, manual).logits
+            seq = [ids]
+            for _ in range(30):
+                nxt = logits[:, -1:].argmax(-1)
+                seq.append(nxt)
+                logits = model(nxt, past_key_values=manual, use_cache=True).logits
+        gen = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+        assert torch.equal(gen, torch.cat(seq, dim=1))
+
+
+def test_remove_restores_dense_generation():
+    model = tiny_model("llama")
+    ids = ids_for(8)
+    dense = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    assert not torch.equal(model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False), dense)
+    patch.remove()
+    assert torch.equal(model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False), dense)
+
+
+def test_long_prompt_prefill_stays_bounded():
+    model = tiny_model("llama")
+    sink, window = 4, 16
+    ids = ids_for(10 * window)
+    with longctx.applied(model, "streaming", sink_size=sink, window_size=window) as patch:
+        cache = patch.new_cache()
+        prefill(model, ids, cache, chunk_size=8)
+        assert cache.seen_tokens == ids.shape[1]
+        assert cache.layers[0].keys.shape[-2] == sink + window
+        with pytest.raises(ValueError, match=r"cannot feed 17 tokens at once .* window_size=16"):
+            cache.make_room(17)
+        # generate with a prompt 10x the window: chunked by the hook, same as prefill + greedy decoding
+        manual = patch.new_cache()
+        with torch.no_grad():
+            logits = prefill(model, ids, manual, chunk_size=window).logits
+            seq = [ids]
+            for _ in range(5):
+                seq.append(logits[:, -1:].argmax(-1))
+                logits = model(seq[-1], past_key_values=manual, use_cache=True).logits
+        with pytest.warns(UserWarning, match="prefilled in chunks"):
+            gen = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert torch.equal(gen, torch.cat(seq, dim=1))
+
+
+def test_plain_forward_without_cache_is_untouched():
+    model = tiny_model("llama")
+    ids = ids_for(50)
+    with torch.no_grad():
+        before = model(ids, use_cache=False).logits
+        with longctx.applied(model, "streaming", sink_size=2, window_size=4):
+            assert torch.equal(model(ids, use_cache=False).logits, before)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"sink_size": -1}, r"'sink_size' must be an integer >= 0"),
+    ({"window_size": 0}, r"'window_size' must be a positive integer"),
+    ({"window_size": 2.5}, r"'window_size' must be a positive integer"),
+])
+def test_bad_sizes(options, match):
+    with pytest.raises(ValueError, match=match):
+        longctx.apply(tiny_model("llama"), "streaming", **options)
+
+
+def test_unsupported_models_and_inputs_are_refused():
+    with pytest.raises(ValueError, match="alibi"):
+        longctx.apply(tiny_model("bloom"), "streaming")
+    with pytest.raises(NotImplementedError, match="sliding"):
+        longctx.apply(tiny_model("gemma3_text"), "streaming")
+    model = tiny_model("llama")
+    with longctx.applied(model, "streaming", sink_size=2, window_size=8):
+        ids = ids_for(5, batch=2)
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        with pytest.raises(NotImplementedError, match="padded batches"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2)
