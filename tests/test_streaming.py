@@ -216,3 +216,66 @@ def test_unsupported_models_and_inputs_are_refused():
         mask[0, :2] = 0
         with pytest.raises(NotImplementedError, match="padded batches"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+# -- streaming perplexity ------------------------------------------------------------------------------
+from longctx.eval.streaming import streaming_perplexity  # noqa: E402
+
+
+def test_streaming_perplexity_scores_like_generation():
+    """Token-by-token streaming ppl equals scoring the logits of a hand-driven decode loop."""
+    model = tiny_model("llama").double()
+    ids = ids_for(60)[0]
+    with longctx.applied(model, "streaming", sink_size=2, window_size=10) as patch:
+        logits = decode(model, ids[None, :-1], patch.new_cache())[0]
+    want = torch.nn.functional.cross_entropy(logits.float(), ids[1:], reduction="mean").exp().item()
+    got = streaming_perplexity(model, ids, 2, 10, progress=False)
+    assert got["tokens"] == 59 and got["max_cache"] == 12
+    assert got["ppl"] == pytest.approx(want, rel=1e-6)  # fp32 cross-entropy in the reference
+
+
+def test_streaming_perplexity_policies_and_chunks():
+    model = tiny_model("llama").double()
+    ids = ids_for(50)[0]
+    with torch.no_grad():
+        full = model(ids[None]).logits[0, :-1]
+    dense_want = torch.nn.functional.cross_entropy(full.float(), ids[1:]).exp().item()
+    dense = streaming_perplexity(model, ids, 2, 6, policy="dense", chunk_size=7, progress=False)
+    assert dense["ppl"] == pytest.approx(dense_want, rel=1e-6) and dense["max_cache"] == 49
+    big = streaming_perplexity(model, ids, 2, 60, chunk_size=9, progress=False)  # never evicts
+    assert big["ppl"] == pytest.approx(dense_want, rel=1e-6)  # causal inside each chunk
+    # recompute: each token from a fresh forward over the 8 tokens before it
+    rec = streaming_perplexity(model, ids, 2, 6, policy="recompute", chunk_size=5, progress=False)
+    nll = []
+    with torch.no_grad():
+        for t in range(1, 50):
+            ctx = ids[max(0, t - 8):t]
+            nll.append(torch.nn.functional.cross_entropy(model(ctx[None]).logits[0, -1:].float(), ids[t:t + 1]))
+    assert rec["ppl"] == pytest.approx(torch.stack(nll).mean().exp().item(), rel=1e-6)
+    window = streaming_perplexity(model, ids, 2, 6, policy="window", progress=False)
+    sinks = streaming_perplexity(model, ids, 2, 6, progress=False)
+    assert window["max_cache"] == sinks["max_cache"] == 8 and window["ppl"] != sinks["ppl"]
+    with pytest.raises(ValueError, match="policy must be one of"):
+        streaming_perplexity(model, ids, policy="lru")
+    with pytest.raises(ValueError, match=r"chunk_size \(9\) must be <= window_size \(6\)"):
+        streaming_perplexity(model, ids, 2, 6, chunk_size=9)
+
+
+def test_chunked_streaming_with_eviction_is_causal():
+    """Changing token t never changes a logit before t (chunks of 5, cache of 2 + 6)."""
+    model = tiny_model("llama").double()
+    ids = ids_for(40)
+
+    def chunked_logits(x):
+        with longctx.applied(model, "streaming", sink_size=2, window_size=6) as patch, torch.no_grad():
+            cache = patch.new_cache()
+            return torch.cat([model(x[:, s:s + 5], past_key_values=cache, use_cache=True).logits
+                              for s in range(0, x.shape[1], 5)], dim=1)
+
+    base = chunked_logits(ids)
+    for t in (3, 7, 21, 38):
+        other = ids.clone()
+        other[0, t] = (other[0, t] + 1) % 128
+        changed = chunked_logits(other)
+        assert torch.equal(changed[:, :t], base[:, :t])
+        assert not torch.equal(changed[:, t], base[:, t])

@@ -92,7 +92,8 @@ class SinkCache(Cache):
 
     Usable as ``past_key_values=`` of a model patched with ``"streaming"`` (the patch makes room and
     sets positions before each forward), or directly: call ``make_room(n)`` before feeding n tokens
-    and pass ``position_ids=cache.positions(n)``.
+    and pass ``position_ids=cache.places[-n:][None]``. ``get_seq_length()`` is the number of stored
+    tokens (what transformers' mask code needs); ``seen_tokens`` counts the whole stream.
     """
 
     def __init__(self, model, sink_size: int = 4, window_size: int = 2044):
@@ -108,14 +109,6 @@ class SinkCache(Cache):
     @property
     def capacity(self) -> int:
         return self.sink_size + self.window_size
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.places.numel()
-
-    def positions(self, n: int, device=None) -> torch.Tensor:
-        """Places of the next ``n`` tokens: (1, n)."""
-        start = self.places.numel()
-        return torch.arange(start, start + n, device=device or self.places.device)[None]
 
     def make_room(self, n: int) -> None:
         """Evict the oldest window tokens so that ``n`` new ones fit, and re-rotate the kept keys."""

@@ -1,0 +1,102 @@
+"""Perplexity of a token stream under a bounded cache, scored exactly as generation would see it.
+
+    streaming_perplexity(model, ids, sink_size=4, window_size=2044)                 # token by token
+    streaming_perplexity(model, ids, 4, 2044, chunk_size=32)                        # chunked, faster
+
+Cache policies (``policy``), all with the same number of cached tokens C = sink_size + window_size:
+    "sinks"      StreamingLLM: the first sink_size tokens + the last window_size (longctx.SinkCache)
+    "window"     window only: the last C tokens, no sinks (a SinkCache with sink_size 0)
+    "dense"      every token cached (DynamicCache); positions grow past the trained length
+    "recompute"  sliding window with recomputation: each token predicted by a fresh forward over
+                 the C tokens before it (quality reference; O(T * C) work)
+
+Token-by-token (chunk_size=1) feeds one token per forward, like generation. chunk_size=c feeds c
+tokens per forward: the cache makes room for the chunk first, so the chunk's first token sees
+C - c + 1 cached tokens and its last sees C (token by token: always C). Each token except the
+first is scored once: ids[t] is predicted from the logits at t - 1.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from ..registry import applied
+
+POLICIES = ("sinks", "window", "dense", "recompute")
+
+
+@torch.inference_mode()
+def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044, *, policy: str = "sinks",
+                         chunk_size: int = 1, curve_every: int | None = None, progress: bool = True) -> dict:
+    """Returns {"ppl", "nll", "tokens", "seconds", "tokens_per_s", "max_cache", "curve"}; ``curve``
+    lists (tokens so far, running ppl, cached tokens, CUDA memory allocated) every ``curve_every``."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if policy != "dense" and chunk_size > window_size:
+        raise ValueError(f"chunk_size ({chunk_size}) must be <= window_size ({window_size}): a chunk has to "
+                         f"fit in the cache window")
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    device = next(model.parameters()).device
+    capacity = sink_size + window_size
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    scored, max_cache, curve = 0, 0, []
+    bar = tqdm(total=len(ids) - 1, desc=f"stream {policy}", unit="tok", disable=not progress)
+    start = time.perf_counter()
+
+    if policy == "recompute":
+        for t in range(1, len(ids), chunk_size):  # chunk_size targets per batch of fresh windows
+            targets = range(t, min(t + chunk_size, len(ids)))
+            ctx = [ids[max(0, u - capacity):u] for u in targets]
+            L = max(len(c) for c in ctx)
+            if all(len(c) == L for c in ctx):
+                logits = model(torch.stack(ctx).to(device), use_cache=False).logits[:, -1]
+            else:  # the first windows of the stream are shorter: one by one
+                logits = torch.cat([model(c[None].to(device), use_cache=False).logits[:, -1] for c in ctx])
+            nll += F.cross_entropy(logits.float(), ids[list(targets)].to(device), reduction="sum").double()
+            scored += len(targets)
+            max_cache = max(max_cache, L)
+            bar.update(len(targets))
+            curve = _curve(curve, curve_every, scored, nll, max_cache, device)
+    else:
+        if policy == "dense":
+            cache, patch = DynamicCache(config=model.config), None
+        else:
+            sinks = 0 if policy == "window" else sink_size
+            patch = applied(model, "streaming", sink_size=sinks, window_size=capacity - sinks)
+            patch_obj = patch.__enter__()
+            cache = patch_obj.new_cache()
+        try:
+            for s in range(0, len(ids) - 1, chunk_size):
+                x = ids[s:s + chunk_size + 1].to(device)  # (c + 1,): inputs and their next tokens
+                logits = model(x[None, :-1], past_key_values=cache, use_cache=True).logits[0]  # (c, V)
+                nll += F.cross_entropy(logits.float(), x[1:], reduction="sum").double()
+                scored += len(x) - 1
+                max_cache = max(max_cache, cache.layers[0].keys.shape[-2])
+                bar.update(len(x) - 1)
+                curve = _curve(curve, curve_every, scored, nll, max_cache, device)
+        finally:
+            if patch is not None:
+                patch.__exit__(None, None, None)
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    mean = (nll / max(scored, 1)).item()
+    return {"policy": policy, "sink_size": sink_size, "window_size": window_size, "chunk_size": chunk_size,
+            "ppl": float(torch.tensor(mean).exp()), "nll": mean, "tokens": scored, "seconds": seconds,
+            "tokens_per_s": scored / seconds, "max_cache": max_cache, "curve": curve}
+
+
+def _curve(curve, every, scored, nll, cache_len, device):
+    if every and scored // every > len(curve):
+        mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        curve.append((scored, float((nll / scored).exp()), cache_len, mem))
+    return curve
