@@ -279,3 +279,57 @@ def test_chunked_streaming_with_eviction_is_causal():
         changed = chunked_logits(other)
         assert torch.equal(changed[:, :t], base[:, :t])
         assert not torch.equal(changed[:, t], base[:, t])
+
+
+# -- multi-turn session ------------------------------------------------------------------------------
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "[unk]", "<user>", "<bot>", "<end>"] + [f"w{i}" for i in range(121)]  # = VOCAB
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[unk]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ '<user> ' if m['role'] == 'user' else '<bot> ' }}"
+                          "{{ m['content'] }} <end> {% endfor %}{% if add_generation_prompt %}<bot> {% endif %}")
+    return fast
+
+
+def test_session_feeds_only_new_tokens_and_stays_bounded():
+    from longctx.chat import StreamingSession
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    session = StreamingSession(model, tok, sink_size=2, window_size=24)
+    for turn in range(6):
+        reply = "".join(session.chat(" ".join(f"w{(turn * 7 + i) % 100}" for i in range(5)), max_new_tokens=4))
+        rendered = tok.apply_chat_template(session.messages, tokenize=False)
+        assert session.fed_text == rendered and session.messages[-1]["content"] == reply
+        # every token of the rendered conversation was fed once, none twice
+        assert session.cache.seen_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+        assert session.cache.get_seq_length() <= 26
+    assert session.cache.evicted_tokens > 0
+
+
+def test_session_reply_is_never_evicted_mid_generation(monkeypatch):
+    from longctx.chat import StreamingSession
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    session = StreamingSession(model, tok, sink_size=2, window_size=20)
+    list(session.chat("w1 w2 w3 w4 w5 w6 w7 w8", max_new_tokens=6))
+    evictions = []
+    real_reserve = session.cache.reserve
+    monkeypatch.setattr(session.cache, "reserve", lambda n: evictions.append(real_reserve(n)) or evictions[-1])
+    list(session.chat("w9 w10 w11", max_new_tokens=6))
+    # room was made once, up front; the prompt and every reply token then fit (the last reserve is
+    # the turn's closing tokens, fed after the reply)
+    assert evictions[0] > 0 and all(e == 0 for e in evictions[1:-1]) and len(evictions) >= 3
+
+
+def test_cli_lists_streaming_commands():
+    from longctx.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["stream-ppl", "--policy", "sinks,window", "--chunk-size", "16"])
+    assert args.chunk_size == 16 and args.func.__name__ == "cmd_stream_ppl"
+    assert parser.parse_args(["chat", "--window-size", "100"]).window_size == 100
+    assert parser.parse_args(["generate", "--method", "streaming:sink_size=4"]).method == ["streaming:sink_size=4"]

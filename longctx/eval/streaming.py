@@ -100,3 +100,51 @@ def _curve(curve, every, scored, nll, cache_len, device):
         mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         curve.append((scored, float((nll / scored).exp()), cache_len, mem))
     return curve
+
+
+# -- command: longctx stream-ppl ---------------------------------------------------------------------------
+def cmd_stream_ppl(args) -> int:
+    import json
+    import sys
+
+    from .. import load_corpus, load_model
+    from ..data import encode_documents
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    docs = load_corpus(args.corpus)
+    if args.doc:
+        docs = [d for d in docs if d.name == args.doc] or sys.exit(f"--doc {args.doc!r} not in {args.corpus}")
+    ids = torch.cat(encode_documents(tokenizer, docs))[: args.max_tokens]
+    rows = []
+    for policy in args.policy.split(","):
+        limit = args.dense_max_tokens if policy in ("dense", "recompute") else None
+        r = streaming_perplexity(model, ids[:limit] if limit else ids, args.sink_size, args.window_size,
+                                 policy=policy, chunk_size=args.chunk_size, curve_every=args.curve_every)
+        rows.append(r)
+        print(f"{policy}: ppl {r['ppl']:.4g} over {r['tokens']:,} tokens, cache <= {r['max_cache']}, "
+              f"{r['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+    print("| policy | tokens | cache | chunk | ppl |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['policy']} | {r['tokens']:,} | {r['max_cache']} | {r['chunk_size']} | {r['ppl']:.4g} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"settings": vars(args) | {"func": None}, "results": rows}, f, indent=1)
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("stream-ppl", help="perplexity of a long stream under a bounded (sink) cache")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--corpus", default="kjv")
+    p.add_argument("--doc", help="one document of the corpus, by name")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--sink-size", type=int, default=4)
+    p.add_argument("--window-size", type=int, default=2044)
+    p.add_argument("--policy", default="sinks", help=f"comma-separated, from {', '.join(POLICIES)}")
+    p.add_argument("--chunk-size", type=int, default=1, help="tokens per forward (1 = as generation)")
+    p.add_argument("--dense-max-tokens", type=int, default=None, help="stream length for dense/recompute")
+    p.add_argument("--curve-every", type=int, default=None, help="record ppl/cache/memory every N tokens")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_stream_ppl)

@@ -105,17 +105,28 @@ class SinkCache(Cache):
         self.places = torch.zeros(0, dtype=torch.long)  # (slots,) original place of each slot's key
         self.seen_tokens = 0  # tokens fed so far (the stream position)
         self.evicted_tokens = 0
+        self.managed = False  # True: the caller makes room and sets positions (the patch's hook keeps off)
 
     @property
     def capacity(self) -> int:
         return self.sink_size + self.window_size
 
     def make_room(self, n: int) -> None:
-        """Evict the oldest window tokens so that ``n`` new ones fit, and re-rotate the kept keys."""
+        """Evict the oldest window tokens so that ``n`` new ones fit, re-rotate the kept keys, and give
+        the ``n`` new tokens the next places (``self.places[-n:]``)."""
         if n > self.window_size:
             raise ValueError(f"cannot feed {n} tokens at once into a streaming cache with window_size="
                              f"{self.window_size}; feed at most window_size tokens per forward "
                              f"(longctx.methods.streaming.prefill does that)")
+        self.reserve(n)
+        length = self.places.numel()
+        self.places = torch.cat([self.places, torch.arange(length, length + n, device=self.places.device)])
+        self.seen_tokens += n
+
+    def reserve(self, n: int) -> int:
+        """Evict now so that ``n`` more tokens fit without eviction (at most window_size); returns
+        how many tokens were evicted."""
+        n = min(n, self.window_size)
         length = self.places.numel()
         drop = max(0, length + n - self.capacity)
         if drop:
@@ -126,9 +137,7 @@ class SinkCache(Cache):
             self.places = torch.cat([self.places[:start], self.places[start + drop:]])
             self.evicted_tokens += drop
             self._rerotate(start)
-        device = self.places.device
-        self.places = torch.cat([self.places, torch.arange(length - drop, length - drop + n, device=device)])
-        self.seen_tokens += n
+        return drop
 
     def _rerotate(self, start: int) -> None:
         """keys[start:] = R(place - original place) orig_keys[start:], in fp32."""
@@ -223,8 +232,8 @@ class StreamingPatch(Patch):
                 raise ValueError("streaming patch: got a DynamicCache that already holds tokens; "
                                  "start from an empty cache or a longctx.SinkCache")
             cache = kwargs["past_key_values"] = self.new_cache()
-        if not isinstance(cache, SinkCache):
-            return None  # a cache the caller chose (e.g. static): theirs
+        if not isinstance(cache, SinkCache) or cache.managed:
+            return None  # a cache the caller chose (e.g. static) or drives itself: theirs
         if args:  # the decoder body called positionally: input_ids first
             kwargs["input_ids"], args = args[0], ()
         key = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"

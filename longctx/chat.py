@@ -1,0 +1,159 @@
+"""Multi-turn streaming chat on a bounded sink cache, and the ``generate`` / ``chat`` commands.
+
+    session = StreamingSession(model, tokenizer, sink_size=4, window_size=2044)
+    for piece in session.chat("Tell me about Emma Woodhouse.", max_new_tokens=200):
+        print(piece, end="", flush=True)
+
+Each turn feeds only the new tokens (the cache holds the conversation so far), first making room
+for the prompt plus ``max_new_tokens`` so that nothing is evicted while the reply is generated.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterator
+
+import torch
+
+from .methods.streaming import SinkCache
+
+
+class StreamingSession:
+    def __init__(self, model, tokenizer, sink_size: int = 4, window_size: int = 2044, system: str | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.cache = SinkCache(model, sink_size, window_size)
+        self.cache.managed = True  # this session makes room and sets positions itself
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.fed_text = ""  # the rendered conversation whose tokens are in the cache (or evicted)
+        self.last_logits: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed token ids (1, n) in window-sized pieces; returns the logits of the last token (V,)."""
+        device = next(self.model.parameters()).device
+        step = self.cache.window_size
+        for start in range(0, ids.shape[1], step):
+            x = ids[:, start:start + step].to(device)
+            self.cache.to_device(device)
+            self.cache.make_room(x.shape[1])
+            positions = self.cache.places[-x.shape[1]:][None].to(device)
+            out = self.model(x, past_key_values=self.cache, position_ids=positions, use_cache=True)
+            self.last_logits = out.logits[0, -1]
+        return self.last_logits
+
+    def _feed_text(self, rendered: str) -> None:
+        new = rendered[len(self.fed_text):] if rendered.startswith(self.fed_text) else rendered
+        ids = self.tokenizer(new, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if ids.shape[1]:
+            self.feed(ids)
+        self.fed_text = rendered
+
+    def chat(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """Add a user turn and stream the reply's text as it is generated."""
+        self.messages.append({"role": "user", "content": message})
+        prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
+        new = prompt[len(self.fed_text):] if prompt.startswith(self.fed_text) else prompt
+        n_new = len(self.tokenizer(new, add_special_tokens=False)["input_ids"])
+        self.cache.reserve(n_new + max_new_tokens)  # evict up front: nothing is evicted mid-reply
+        self._feed_text(prompt)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        reply_ids, shown = [], ""
+        for _ in range(max_new_tokens):
+            token = sample(self.last_logits, temperature, top_p, generator)
+            if token == self.tokenizer.eos_token_id:
+                break
+            reply_ids.append(token)
+            text = self.tokenizer.decode(reply_ids)  # exactly what the cache holds
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
+                yield text[len(shown):]
+                shown = text
+            self.feed(torch.tensor([[token]]))
+        reply = self.tokenizer.decode(reply_ids)
+        if len(reply) > len(shown):
+            yield reply[len(shown):]
+        self.fed_text = prompt + reply  # what the cache holds now
+        self.messages.append({"role": "assistant", "content": reply})
+        # close the assistant turn in the cache the way the template renders it
+        self._feed_text(self.tokenizer.apply_chat_template(self.messages, tokenize=False))
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:
+    """Greedy for temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# -- commands ------------------------------------------------------------------------------------------
+def _load(args):
+    from . import load_model, registry
+    from .cli import parse_method
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    for spec in args.method or []:
+        _, name, options = parse_method(spec, getattr(args, "factor", None))
+        if name != "none":
+            registry.apply(model, name, **options)
+    return model, tokenizer
+
+
+def cmd_generate(args) -> int:
+    model, tokenizer = _load(args)
+    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                         do_sample=args.temperature > 0, temperature=args.temperature or None,
+                         top_p=args.top_p, pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model, tokenizer = _load(args)
+    session = StreamingSession(model, tokenizer, args.sink_size, args.window_size, system=args.system)
+    print(f"longctx chat: {args.model}, cache {args.sink_size} sinks + {args.window_size} window. "
+          f"Ctrl-D to quit.", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        for piece in session.chat(line.strip(), max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p):
+            print(piece, end="", flush=True)
+        print(f"\n[cache {session.cache.get_seq_length()} tokens, {session.cache.seen_tokens} seen]",
+              file=sys.stderr)
+    return 0
+
+
+def _common(p):
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--method", action="append", help="NAME or NAME:key=value:... (repeatable), e.g. "
+                   "streaming:sink_size=4:window_size=2044 or yarn:factor=4")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("generate", help="patch a model (any methods) and generate from a prompt")
+    _common(p)
+    p.add_argument("--prompt", help="the prompt text (default: read stdin)")
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt in the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat on a bounded sink cache (StreamingSession)")
+    _common(p)
+    p.add_argument("--sink-size", type=int, default=4)
+    p.add_argument("--window-size", type=int, default=2044)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
