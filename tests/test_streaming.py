@@ -84,16 +84,19 @@ class ReferenceSinkCache(Cache):
         return out.logits
 
 
-def test_token_by_token_agrees_with_reference_over_3x_window():
+@pytest.mark.parametrize("max_position", [None, 16])  # 16: the offset returns to 0 every 5 evictions
+def test_token_by_token_agrees_with_reference_over_3x_window(max_position):
     model = tiny_model("llama").double()
     sink, window = 3, 8
     ids = ids_for(3 * (sink + window) + 5)
     ref_cache = ReferenceSinkCache(model, sink, window)
     with torch.no_grad():
         want = torch.cat([ref_cache.step(model, ids[:, t:t + 1]) for t in range(ids.shape[1])], dim=1)
-    with longctx.applied(model, "streaming", sink_size=sink, window_size=window) as patch:
-        cache = patch.new_cache()
+    with longctx.applied(model, "streaming", sink_size=sink, window_size=window):
+        cache = SinkCache(model, sink, window, max_position=max_position)
         got = decode(model, ids, cache)
+        assert cache.evicted_tokens == ids.shape[1] - sink - window
+        assert cache.offset <= (16 if max_position else 64) - sink - window
     # the sink cache rotates from fp32 cos/sin: R(a - b) R(b) vs R(a) differ in the last fp32 bits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, decode(model, ids, DynamicCache(config=model.config)), atol=1e-3)
@@ -118,7 +121,7 @@ def test_rerotation_matches_keys_produced_at_the_new_place(family):
         assert n == sink + window
         probe = torch.zeros((), dtype=torch.float64)
         cos_o, sin_o = rotary(probe, position_ids=cache.places[None])
-        cos_n, sin_n = rotary(probe, position_ids=torch.arange(n)[None])
+        cos_n, sin_n = rotary(probe, position_ids=torch.arange(n)[None] + cache.offset)  # place + common offset
         # un-rotate from the original place (inverse rotation), rotate to the new place
         raw = apply_rope(layer.orig_keys, layer.orig_keys, cos_o, -sin_o)[1]
         want = apply_rope(raw, raw, cos_n, sin_n)[1]

@@ -94,15 +94,24 @@ class SinkCache(Cache):
     sets positions before each forward), or directly: call ``make_room(n)`` before feeding n tokens
     and pass ``position_ids=cache.places[-n:][None]``. ``get_seq_length()`` is the number of stored
     tokens (what transformers' mask code needs); ``seen_tokens`` counts the whole stream.
+
+    Positions are places plus a common offset ``b``: slot i's key is rotated to position i + b and
+    new tokens get their place + b. RoPE sees only differences, so this is exactly positions by
+    place, and it saves work: an eviction moves every window slot left by one and raises b by one,
+    so window keys keep their rotation; only the sink keys (fixed slots) are re-rotated. When the
+    largest position would pass ``max_position`` (default: the model's max_position_embeddings, so
+    dynamic/YaRN scaling never kicks in), b returns to 0 and every key is re-rotated once.
     """
 
-    def __init__(self, model, sink_size: int = 4, window_size: int = 2044):
+    def __init__(self, model, sink_size: int = 4, window_size: int = 2044, max_position: int | None = None):
         check_sizes(sink_size, window_size)
         self.sink_size, self.window_size = sink_size, window_size
         self._model = _check_model(model)
         n_layers = self._model.config.num_hidden_layers
         super().__init__(layers=[SinkLayer() for _ in range(n_layers)])
-        self.places = torch.zeros(0, dtype=torch.long)  # (slots,) original place of each slot's key
+        self.max_position = max_position or self._model.config.max_position_embeddings
+        self.places = torch.zeros(0, dtype=torch.long)  # (slots,) position each slot's orig key was rotated at
+        self.offset = 0  # b: slot i's key currently sits at position i + b
         self.seen_tokens = 0  # tokens fed so far (the stream position)
         self.evicted_tokens = 0
         self.managed = False  # True: the caller makes room and sets positions (the patch's hook keeps off)
@@ -112,15 +121,19 @@ class SinkCache(Cache):
         return self.sink_size + self.window_size
 
     def make_room(self, n: int) -> None:
-        """Evict the oldest window tokens so that ``n`` new ones fit, re-rotate the kept keys, and give
-        the ``n`` new tokens the next places (``self.places[-n:]``)."""
+        """Evict the oldest window tokens so that ``n`` new ones fit (re-rotating what must move), and
+        give the ``n`` new tokens their positions (``self.places[-n:]``)."""
         if n > self.window_size:
             raise ValueError(f"cannot feed {n} tokens at once into a streaming cache with window_size="
                              f"{self.window_size}; feed at most window_size tokens per forward "
                              f"(longctx.methods.streaming.prefill does that)")
         self.reserve(n)
         length = self.places.numel()
-        self.places = torch.cat([self.places, torch.arange(length, length + n, device=self.places.device)])
+        if length + n + self.offset > self.max_position:  # keep positions in the trained range
+            self.offset = 0
+            self._rerotate(0)
+        start = length + self.offset
+        self.places = torch.cat([self.places, torch.arange(start, start + n, device=self.places.device)])
         self.seen_tokens += n
 
     def reserve(self, n: int) -> int:
@@ -136,26 +149,31 @@ class SinkCache(Cache):
                     layer.evict(start, drop)
             self.places = torch.cat([self.places[:start], self.places[start + drop:]])
             self.evicted_tokens += drop
-            self._rerotate(start)
+            self.offset += drop  # window slots moved left by drop: their positions i + b are unchanged
+            self._rerotate(0, stop=start)  # the sinks stayed: re-rotate them to j + b
         return drop
 
-    def _rerotate(self, start: int) -> None:
-        """keys[start:] = R(place - original place) orig_keys[start:], in fp32."""
+    def _rerotate(self, start: int, stop: int | None = None) -> None:
+        """keys[start:stop] = R(target - original position) orig_keys[start:stop], in fp32, where the
+        target of slot i is i + offset."""
         layer0 = self.layers[0]
-        if not layer0.is_initialized or self.places.numel() == start:
+        stop = self.places.numel() if stop is None else stop
+        if not layer0.is_initialized or stop <= start:
             return
         device = layer0.keys.device
-        places = torch.arange(start, self.places.numel(), device=device)
-        delta = (places - self.places[start:].to(device))[None]  # (1, n) <= 0
+        target = torch.arange(start, stop, device=device) + self.offset
+        delta = (target - self.places[start:stop].to(device))[None]  # (1, n)
         _, _, rotary = rotary_module(self._model, "streaming")
         probe = torch.zeros((), dtype=torch.float32, device=device)
         cos, sin = rotary(probe, position_ids=delta)  # (1, n, rot_dim), times the attention scaling
         scale = float(getattr(rotary, "attention_scaling", 1.0))
         cos, sin = cos / scale, sin / scale
+        apply_rotary = self._apply_rotary
         for layer in self.layers:
-            k = layer.orig_keys[:, :, start:].float()
-            _, rotated = self._apply_rotary(k, k, cos, sin)
-            layer.keys = torch.cat([layer.keys[:, :, :start], rotated.to(layer.keys.dtype)], dim=-2)
+            k = layer.orig_keys[:, :, start:stop].float()
+            _, rotated = apply_rotary(k, k, cos, sin)
+            layer.keys = torch.cat([layer.keys[:, :, :start], rotated.to(layer.keys.dtype),
+                                    layer.keys[:, :, stop:]], dim=-2)
 
     @property
     def _apply_rotary(self):
