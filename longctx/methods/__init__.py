@@ -1,3 +1,3 @@
 """Context-extension methods. Importing a module registers its methods; a new method is one new module."""
 
-from . import rope, streaming  # noqa: F401
+from . import rope, s2attn, streaming  # noqa: F401

@@ -1,0 +1,642 @@
+"""LongLoRA shifted sparse attention (S2-Attn), a training-time attention pattern.
+
+Chen et al. 2023, *LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models*,
+arXiv:2309.12307. While fine-tuning on long sequences, tokens are split into groups of G and
+attention is causal *within* each group; the last ``shifted_heads`` fraction of the heads uses
+groups shifted by G/2, so information flows from one group to the next. Inference uses full
+attention (``train_only=True``, the default: S2 is active only while ``model.training``).
+
+    patch = longctx.apply(model, "s2attn", group_size_ratio=0.25)   # or group_size=2048
+    model.train(); loss = model(ids, labels=ids).loss                 # S2 attention
+    model.eval()                                                      # full attention, bit-identical
+    patch.remove()                                                    # back to the original attention
+
+The rule (strictly causal, no wrap-around). Let T be the query length of one forward and G the
+group size. If T <= G there is one group: plain causal attention in every head (correct, not a
+fallback). Otherwise, token i is in group ``i // G`` in an unshifted head and in group
+``(i + G//2) // G`` in a shifted head (so a shifted head's first group has G/2 tokens and the
+last group of either kind may be partial). Key j is visible to query i iff
+
+    j <= i  and  group(j) == group(i)  and  key j is not padding  and  doc(j) == doc(i)
+            and  (i - j < sliding_window, for sliding-window layers)  and  the model's 4-D mask allows it.
+
+The reference code (``roll`` on the shifted heads) wraps its last shifted group around to the
+start of the sequence, so tokens there see the future; this implementation does not.
+
+- Group size: ``group_size=G`` (even, >= 2) is used as is; ``group_size_ratio=r`` gives
+  ``G = r*T`` rounded UP to an even integer (>= 2), so r=1 is full causal attention for any T and
+  r=1/4 at T=32768 is G=8192. Lengths not divisible by G are exact: the partial last group, and a
+  shifted head's first half group, are attended on their own (no padding, nothing dropped). Groups
+  are counted by the row index in the (padded) batch, also for left-padded rows.
+- Heads: the last ``round(shifted_heads * num_heads)`` query heads are shifted (LongLoRA: half).
+  Grouped-query attention (fewer K/V heads) is supported; the module's ``scaling``, ``dropout``,
+  ``sliding_window`` and ``softcap`` are honoured (``softcap`` on the sdpa path by explicit math).
+- Padding: the 2-D ``attention_mask`` (left or right padding, or any holes) is respected: padded
+  keys are never attended by real tokens. A padded query with no visible key gets a finite,
+  meaningless output (sdpa: attends itself; flex: zero; flash: zero) - never NaN.
+- Packing: when ``position_ids`` (passed by transformers to attention functions in v5) do not
+  increase by exactly 1 between two neighbours (e.g. they restart at 0), a new document starts
+  there, and no token attends across a document boundary (transformers' own rule,
+  ``find_packed_sequence_indices``). This works also where transformers' own mask would not
+  detect packing (it only does so without a cache; training with ``use_cache=True`` builds one).
+- Decoding with a KV cache (query length != key length), non-causal modules (encoders), and S2
+  while inactive (eval mode with ``train_only=True``) all delegate to the model's original
+  attention function and mask unchanged: bit-identical to the unpatched model. So generation
+  with ``train_only=False`` uses S2 for the prompt and full attention for new tokens.
+
+Mechanism: the patch registers an attention function (``transformers.AttentionInterface``) and a
+mask function (``masking_utils.AttentionMaskInterface``) under a name unique to the patch and
+switches the model with ``model.set_attn_implementation(name)``; ``remove()`` switches back. No
+transformers class or forward is touched. What the attention function receives as
+``attention_mask``: while S2 is inactive, exactly what the original implementation's mask
+function builds (sdpa: None or a 4-D bool mask; eager: a 4-D float mask; ...). While active, for a
+plain causal mask: None when nothing is padded, else the 2-D bool padding mask (as transformers
+does for flash attention); for any other mask pattern (sliding window beyond T, packing detected
+by transformers, multimodal overlays): transformers' dense 4-D bool ``sdpa_mask``, which is
+intersected with the S2 pattern. A 4-D mask passed by the user (bool, or float additive) reaches
+the function as is and is intersected likewise. Transformers has no API to unregister a name:
+the two small entries stay registered after ``remove()`` and hold no reference to the model.
+
+Backends (``backend=``):
+- ``"sdpa"`` (default on CPU, and wherever flex is unavailable): the whole groups are reshaped
+  into the batch (a view for batch 1) and each head half runs one ``scaled_dot_product_attention``
+  call over them, plus one per partial group (``is_causal=True`` without padding/documents/
+  windows, an explicit (groups, G, G) mask otherwise). FLOPs and memory are those of T/G
+  independent causal attentions of length G; the head halves' outputs are concatenated (a copy).
+- ``"flex"`` (default on CUDA): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built
+  by ``create_block_mask(..., _compile=True)`` from the rule above (cached while the inputs'
+  shapes, mask and position_ids objects stay the same, so once per forward). flex_attention is
+  compiled with ``torch.compile`` on CUDA. It has no dropout: with attention dropout > 0 "auto"
+  uses sdpa and "flex" raises. On CPU flex runs unfused and has no backward (tests only).
+- ``"flash"``: flash-attn's ``flash_attn_varlen_func``, every (row, document, group) one
+  variable-length sequence; padding is removed first. Needs ``flash_attn`` (else ImportError at
+  apply) and fp16/bf16 CUDA tensors; it cannot apply an arbitrary dense 4-D mask.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import Options, Patch, check_choice, register
+
+BACKENDS = ("auto", "sdpa", "flex", "flash")
+_NAMES = itertools.count()
+
+
+# -- options ---------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class S2AttnOptions(Options):
+    group_size_ratio: float | None = None  # G = ratio * T, rounded up to even; default 1/4 when neither is given
+    group_size: int | None = None  # a fixed G (even, >= 2); exclusive with group_size_ratio
+    shifted_heads: float = 0.5  # fraction of the query heads whose groups are shifted by G/2
+    train_only: bool = True  # S2 only while model.training; False: also in eval (ablations)
+    backend: str = "auto"  # "auto" | "sdpa" | "flex" | "flash"
+
+    def validate(self) -> None:
+        if self.group_size_ratio is not None and self.group_size is not None:
+            raise ValueError("options 'group_size_ratio' and 'group_size' are exclusive: give exactly one of them")
+        if self.group_size is None and self.group_size_ratio is None:
+            self.group_size_ratio = 0.25
+        if self.group_size is not None:
+            g = self.group_size
+            if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2:
+                raise ValueError(f"option 'group_size' must be an even integer >= 2, got {g!r}")
+        else:
+            r = self.group_size_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+                raise ValueError(f"option 'group_size_ratio' must be a number in (0, 1], got {r!r}")
+            self.group_size_ratio = float(r)
+        s = self.shifted_heads
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 1:
+            raise ValueError(f"option 'shifted_heads' must be a fraction in [0, 1], got {s!r}")
+        self.shifted_heads = float(s)
+        if not isinstance(self.train_only, bool):
+            raise ValueError(f"option 'train_only' must be True or False, got {self.train_only!r}")
+        check_choice("backend", self.backend, BACKENDS)
+
+
+def group_size_for(length: int, group_size_ratio: float | None = None, group_size: int | None = None) -> int:
+    """G for a sequence of ``length`` tokens: ``group_size``, or ratio*length rounded up to even (>= 2)."""
+    if group_size is not None:
+        return int(group_size)
+    return max(2, 2 * math.ceil(group_size_ratio * length / 2))
+
+
+def shifted_head_count(num_heads: int, shifted_heads: float) -> int:
+    """How many query heads (the last ones) use shifted groups."""
+    return int(round(shifted_heads * num_heads))
+
+
+def flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# -- the extra constraints on top of the S2 pattern --------------------------------------------------
+class _Constraints:
+    """Per-forward inputs to the S2 rule besides the groups: key validity (B, T) bool, document ids
+    (B, T), a sliding window, and a dense 4-D mask (bool: visible; float: additive, -inf/min = hidden)."""
+
+    def __init__(self, valid=None, doc=None, window=None, dense=None):
+        self.valid, self.doc, self.window, self.dense = valid, doc, window, dense
+
+    @property
+    def empty(self) -> bool:
+        return self.valid is None and self.doc is None and self.window is None and self.dense is None
+
+    def blocks(self, start: int, n: int, G: int, h0: int, h1: int, batch: int, dtype=None):
+        """The mask of the n // G groups of G tokens starting at ``start``: (batch * groups, 1 or h1-h0, G, G),
+        bool or float (additive). None when plain causal attention within each group is exact."""
+        if self.empty:
+            return None
+        nG = n // G
+        ref = next(x for x in (self.valid, self.doc, self.dense, torch.empty(0)) if x is not None)
+        device = ref.device
+        idx = start + torch.arange(n, device=device).view(nG, G)  # absolute positions
+        vis = torch.ones(G, G, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, G, G)
+        if self.valid is not None:
+            vis = vis & self.valid[:, idx][:, :, None, :]
+        if self.doc is not None:
+            d = self.doc[:, idx]
+            vis = vis & (d[..., :, None] == d[..., None, :])
+        if self.window is not None:
+            vis = vis & (torch.arange(G, device=device)[:, None] - torch.arange(G, device=device) < self.window)
+        vis = vis.expand(-1, nG, -1, -1)[:, :, None]  # (B|1, nG, 1, G, G)
+        bias = None
+        if self.dense is not None:
+            dense = self.dense
+            if dense.shape[1] > 1:
+                dense = dense[:, h0:h1]
+            m = dense[:, :, idx[:, :, None], idx[:, None, :]].transpose(1, 2)  # (B|1, nG, 1|h, G, G)
+            if m.dtype == torch.bool:
+                vis = vis & m
+            else:
+                bias = m.to(dtype)
+                vis = vis & (m > torch.finfo(m.dtype).min / 2)
+        # a query row with no visible key (e.g. a left-padding query) attends itself: finite, never NaN
+        eye = torch.eye(G, dtype=torch.bool, device=device)
+        vis = vis | (eye & ~vis.any(-1, keepdim=True))
+        vis = vis.expand(batch, *vis.shape[1:])
+        if bias is not None:
+            bias = bias.expand(batch, *bias.shape[1:]).masked_fill(~vis, float("-inf"))
+            return bias.reshape(batch * nG, *bias.shape[2:])
+        return vis.reshape(batch * nG, *vis.shape[2:])
+
+
+def _kv_heads(k, v, h0: int, h1: int, rep: int, allow_gqa: bool):
+    """K/V for query heads [h0, h1): (k, v, enable_gqa)."""
+    if rep == 1:
+        return k[:, h0:h1], v[:, h0:h1], False
+    if allow_gqa and h0 % rep == 0 and h1 % rep == 0:
+        return k[:, h0 // rep:h1 // rep], v[:, h0 // rep:h1 // rep], True
+    idx = torch.arange(h0, h1, device=k.device) // rep
+    return k.index_select(1, idx), v.index_select(1, idx), False
+
+
+def _attend(q, k, v, mask, scale, dropout, softcap, gqa):
+    """softmax(q k^T * scale [+ mask]) v for (N, h, L, D) inputs; causal when mask is None."""
+    if softcap is None:
+        kw = {"enable_gqa": True} if gqa else {}
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                              scale=scale, **kw)
+    if gqa:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    L = q.shape[-2]
+    if mask is None:
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+    elif mask.dtype == torch.bool:
+        s = s.masked_fill(~mask, float("-inf"))
+    else:
+        s = s + mask
+    p = torch.softmax(s, dim=-1, dtype=torch.float32 if s.element_size() < 4 else s.dtype).to(q.dtype)
+    p = F.dropout(p, p=dropout, training=dropout > 0)
+    return torch.matmul(p, v)
+
+
+def _groups_sdpa(q, k, v, start, G, h0, h1, cons, scale, dropout, softcap, gqa):
+    """Attention within consecutive groups of G over tokens [start, start + n) of (B, h, n, D) inputs,
+    n a multiple of G: one SDPA call with the groups as batch. Returns (B, n, h, D)."""
+    B, h, n, D = q.shape
+    nG = n // G
+
+    def grouped(x):  # (B, h', n, D) -> (B*nG, h', G, D); a view when x is (B, n, h, D) in memory and B == 1
+        x = x.transpose(1, 2)
+        return x.reshape(B * nG, G, x.shape[2], D).transpose(1, 2)
+
+    mask = cons.blocks(start, n, G, h0, h1, B, q.dtype)
+    out = _attend(grouped(q), grouped(k), grouped(v), mask, scale, dropout, softcap, gqa)
+    return out.transpose(1, 2).reshape(B, n, h, D)
+
+
+def _segments(T: int, G: int, shift: int) -> list[tuple[int, int, int]]:
+    """(start, length, group length) runs covering [0, T): a shifted head's first half group, then as many
+    whole groups as fit, then the partial last group. No padding, no wrap-around."""
+    if T <= G:
+        return [(0, T, T)]
+    out = [(0, shift, shift)] if shift else []
+    n_full = (T - shift) // G
+    if n_full:
+        out.append((shift, n_full * G, G))
+    end = shift + n_full * G
+    if end < T:
+        out.append((end, T - end, T - end))
+    return out
+
+
+def _sdpa_backend(q, k, v, G, n_shift, cons, scale, dropout, softcap):
+    B, H, T, D = q.shape
+    rep = H // k.shape[1]
+    parts = []
+    for h0, h1, shift in ((0, H - n_shift, 0), (H - n_shift, H, G // 2)):
+        if h1 <= h0:
+            continue
+        qh = q[:, h0:h1]
+        kh, vh, gqa = _kv_heads(k, v, h0, h1, rep, allow_gqa=cons.empty and softcap is None)
+        pieces = []
+        for start, n, glen in _segments(T, G, shift):
+            s = slice(start, start + n)
+            pieces.append(_groups_sdpa(qh[:, :, s], kh[:, :, s], vh[:, :, s], start, glen, h0, h1, cons,
+                                       scale, dropout, softcap, gqa))
+        parts.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+# -- flex -----------------------------------------------------------------------------------------
+_FLEX_COMPILED = None
+
+
+def _flex_fn(device):
+    from torch.nn.attention.flex_attention import flex_attention
+    global _FLEX_COMPILED
+    if device.type != "cuda":
+        return flex_attention  # eager: materializes the scores (CPU tests), no fused CPU kernel compile
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention)
+    return _FLEX_COMPILED
+
+
+def s2_mask_mod(T: int, G: int, num_heads: int, n_shift: int, cons: _Constraints | None = None) -> Callable:
+    """The S2 rule as a FlexAttention mask_mod(b, h, q_idx, kv_idx)."""
+    cons = cons or _Constraints()
+    h_shift = num_heads - n_shift
+    half = G // 2
+    one_group = T <= G
+    valid, doc, window, dense = cons.valid, cons.doc, cons.window, cons.dense
+    dense_bool = dense is not None and dense.dtype == torch.bool
+    dense_b = dense is not None and dense.shape[0] > 1
+    dense_h = dense is not None and dense.shape[1] > 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        m = kv_idx <= q_idx
+        if not one_group:
+            off = (h >= h_shift).to(q_idx.dtype) * half
+            m = m & ((q_idx + off) // G == (kv_idx + off) // G)
+        if valid is not None:
+            m = m & valid[b, kv_idx]
+        if doc is not None:
+            m = m & (doc[b, q_idx] == doc[b, kv_idx])
+        if window is not None:
+            m = m & (q_idx - kv_idx < window)
+        if dense is not None:
+            x = dense[b if dense_b else 0, h if dense_h else 0, q_idx, kv_idx]
+            m = m & (x if dense_bool else x > torch.finfo(dense.dtype).min / 2)
+        return m
+
+    return mask_mod
+
+
+def _create_block_mask(mask_mod, B, H, T, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+    if device.type == "cuda":
+        with warnings.catch_warnings():  # torch >= 2.13 deprecates _compile in favour of torch.compile(...)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return create_block_mask(mask_mod, B, H, T, T, device=device, _compile=True)
+    # inductor's CPU code for the compiled mask builder does not build on every machine; eager is exact
+    return create_block_mask(mask_mod, B, H, T, T, device=device)
+
+
+def _flex_backend(q, k, v, G, n_shift, cons, scale, softcap, cache):
+    B, H, T, D = q.shape
+    per_batch = cons.valid is not None or cons.doc is not None or (cons.dense is not None and cons.dense.shape[0] > 1)
+    key = ("block_mask", B if per_batch else None, H, T, G, n_shift, cons.window, q.device,
+           id(cons.valid), id(cons.doc), id(cons.dense))
+    block_mask = cache.get(key)
+    if block_mask is None:
+        block_mask = _create_block_mask(s2_mask_mod(T, G, H, n_shift, cons), B if per_batch else None, H, T,
+                                        q.device)
+        # hold the tensors the key names by id, so the ids stay unique while cached
+        cache.put(key, block_mask, (cons.valid, cons.doc, cons.dense))
+    score_mod = None
+    dense = cons.dense
+    if dense is not None and dense.dtype != torch.bool:
+        db, dh = dense.shape[0] > 1, dense.shape[1] > 1
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            bias = dense[b if db else 0, h if dh else 0, q_idx, kv_idx]
+            return score + torch.where(bias > torch.finfo(dense.dtype).min / 2, bias, 0).to(score.dtype)
+    if softcap is not None:
+        inner = score_mod
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            score = softcap * torch.tanh(score / softcap)
+            return inner(score, b, h, q_idx, kv_idx) if inner is not None else score
+    if q.device.type == "cpu" and not torch.is_grad_enabled():  # flex refuses CPU inputs that require grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    with warnings.catch_warnings():  # off CUDA, flex runs unfused (tests): do not warn about it
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                 enable_gqa=k.shape[1] != H)
+    return out.transpose(1, 2)
+
+
+# -- flash-attn varlen ---------------------------------------------------------------------------------
+def _flash_backend(q, k, v, G, n_shift, cons, scale, dropout, softcap):
+    from flash_attn import flash_attn_varlen_func
+    if cons.dense is not None:
+        raise RuntimeError("s2attn backend 'flash' cannot apply a dense 4-D attention mask (custom masks, packing "
+                           "detected by transformers, sliding windows shorter than the sequence); use "
+                           "backend='sdpa' or 'flex'")
+    B, H, T, D = q.shape
+    Hk = k.shape[1]
+    rep = H // Hk
+    device = q.device
+    qt, kt, vt = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))
+    pos = torch.arange(T, device=device).repeat(B)
+    row = torch.arange(B, device=device).repeat_interleave(T)
+    if cons.valid is not None:
+        keep = cons.valid.reshape(-1).nonzero().squeeze(1)
+        qt, kt, vt, pos, row = qt[keep], kt[keep], vt[keep], pos[keep], row[keep]
+    else:
+        keep = None
+    doc = cons.doc.reshape(-1)[keep] if cons.doc is not None and keep is not None else (
+        cons.doc.reshape(-1) if cons.doc is not None else None)
+    N = qt.shape[0]
+    extra = {"softcap": float(softcap)} if softcap is not None else {}
+    window = (cons.window - 1, 0) if cons.window is not None else (-1, -1)
+    outs = []
+    for h0, h1, shift in ((0, H - n_shift, 0), (H - n_shift, H, G // 2)):
+        if h1 <= h0:
+            continue
+        grp = (pos + shift) // G if T > G else torch.zeros_like(pos)
+        new = torch.ones(N, dtype=torch.bool, device=device)
+        new[1:] = (row[1:] != row[:-1]) | (grp[1:] != grp[:-1])
+        if doc is not None:
+            new[1:] |= doc[1:] != doc[:-1]
+        starts = new.nonzero().squeeze(1)
+        cu = torch.cat([starts, starts.new_tensor([N])]).to(torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        if rep == 1:
+            ks, vs = kt[:, h0:h1], vt[:, h0:h1]
+        elif h0 % rep == 0 and h1 % rep == 0:
+            ks, vs = kt[:, h0 // rep:h1 // rep], vt[:, h0 // rep:h1 // rep]
+        else:
+            idx = torch.arange(h0, h1, device=device) // rep
+            ks, vs = kt.index_select(1, idx), vt.index_select(1, idx)
+        o = flash_attn_varlen_func(qt[:, h0:h1].contiguous(), ks.contiguous(), vs.contiguous(), cu, cu, max_len,
+                                   max_len, dropout_p=dropout, softmax_scale=scale, causal=True,
+                                   window_size=window, **extra)
+        outs.append(o)
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    if keep is not None:
+        out = out.new_zeros(B * T, H, D).index_copy(0, keep, out)
+    return out.view(B, T, H, D)
+
+
+# -- the attention function --------------------------------------------------------------------------
+def s2_attention(query, key, value, *, group_size: int, n_shift: int, scale: float | None = None,
+                 dropout: float = 0.0, valid=None, doc=None, window: int | None = None, dense=None,
+                 softcap: float | None = None, backend: str = "sdpa", cache=None):
+    """S2 attention of (B, Hq, T, D) queries on (B, Hkv, T, D) keys/values; returns (B, T, Hq, D).
+
+    ``valid``: (B, T) bool, False = padded key; ``doc``: (B, T) document ids; ``window``: sliding
+    window; ``dense``: a (B|1, 1|Hq, T, T) mask, bool (True = visible) or float (additive).
+    ``backend``: "sdpa", "flex" or "flash" (no "auto" here).
+    """
+    B, H, T, D = query.shape
+    if key.shape[-2] != T:
+        raise ValueError("s2_attention needs as many keys as queries (no KV cache)")
+    if H % key.shape[1]:
+        raise ValueError(f"{H} query heads are not a multiple of {key.shape[1]} key/value heads")
+    G = int(group_size)
+    scale = D ** -0.5 if scale is None else scale
+    if window is not None and window >= min(T, G):
+        window = None  # every visible key is already within the window
+    cons = _Constraints(valid, doc, window, dense)
+    if backend == "sdpa":
+        return _sdpa_backend(query, key, value, G, n_shift, cons, scale, dropout, softcap)
+    if backend == "flex":
+        if dropout:
+            raise RuntimeError("s2attn backend 'flex' has no attention dropout; use backend='sdpa' (or 'auto')")
+        return _flex_backend(query, key, value, G, n_shift, cons, scale, softcap, cache or _Cache())
+    if backend == "flash":
+        return _flash_backend(query, key, value, G, n_shift, cons, scale, dropout, softcap)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+class _Cache:
+    """One-entry caches (per patch) of values derived from per-forward inputs, keyed by their ids."""
+
+    def __init__(self):
+        self._store: dict[str, tuple] = {}
+
+    def get(self, key):
+        hit = self._store.get(key[0])
+        return hit[1] if hit is not None and hit[0] == key else None
+
+    def put(self, key, value, refs=()):
+        self._store[key[0]] = (key, value, refs)
+
+    def clear(self):
+        self._store.clear()
+
+
+def _doc_ids(position_ids, B: int, T: int, cache: _Cache):
+    """(B, T) document ids from packed position_ids (a new document wherever they do not go up by 1)."""
+    if not torch.is_tensor(position_ids) or position_ids.ndim != 2 or position_ids.shape[-1] != T:
+        return None
+    key = ("doc", id(position_ids), B, T)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit[0]
+    starts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    doc = None
+    if bool(starts.any()):
+        doc = torch.cat([torch.zeros_like(position_ids[:, :1]), starts.long().cumsum(-1)], dim=-1)
+        doc = doc.expand(B, T)
+    cache.put(key, (doc,), (position_ids,))
+    return doc
+
+
+def _valid_keys(mask2d, T: int, cache: _Cache):
+    key = ("valid", id(mask2d), T)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit[0]
+    valid = mask2d[:, -T:].bool()
+    valid = None if bool(valid.all()) else valid
+    cache.put(key, (valid,), (mask2d,))
+    return valid
+
+
+# -- the patch -----------------------------------------------------------------------------------------
+@register("s2attn", S2AttnOptions,
+          "LongLoRA shifted sparse attention for long-context fine-tuning, strictly causal (Chen et al., 2023)")
+class S2AttnPatch(Patch):
+    slot = "attention"
+
+    def _attach(self) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        o = self.options
+        if o.backend == "flash" and not flash_available():
+            raise ImportError("s2attn backend='flash' needs the flash_attn package (pip install flash-attn); "
+                              "use backend='sdpa' or 'flex'")
+        if o.backend == "flex" and not flex_available():
+            raise ImportError("s2attn backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+        model = self.model
+        original = model.config._attn_implementation or "eager"
+        if original.startswith("longctx_s2attn"):
+            raise ValueError("this model already runs an s2attn attention function")
+        name = f"longctx_s2attn_{next(_NAMES)}"
+        state = _State(model, original, o)
+        AttentionInterface.register(name, state.attention)
+        AttentionMaskInterface.register(name, state.mask)
+        model.set_attn_implementation(name)
+        if model.config._attn_implementation != name:
+            raise ValueError(f"cannot apply 's2attn': {type(model).__name__} does not support setting its attention "
+                             "implementation (it does not use transformers' AttentionInterface)")
+        self._state, self._name, self._original = state, name, original
+
+    def _detach(self) -> None:
+        self.model.set_attn_implementation(self._original)
+        self._state.detach()  # the registered entries stay (no unregister API) but become inert
+        del self._state
+
+    @property
+    def attn_implementation(self) -> str:
+        return self._name
+
+
+class _State:
+    """What the registered functions hold: options, the original implementation's name, a weak
+    reference to the model, and per-forward caches."""
+
+    def __init__(self, model, original: str, options: S2AttnOptions):
+        self.model_ref = weakref.ref(model)
+        self.original = original
+        self.options = options
+        self.cache = _Cache()
+        self._originals: dict[type, Callable] = {}
+
+    def detach(self):
+        self.model_ref = lambda: None
+        self.cache.clear()
+        self._originals.clear()
+
+    # which function the model would call without the patch
+    def original_attention(self, module) -> Callable:
+        fn = self._originals.get(type(module))
+        if fn is None:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+            mod = sys.modules.get(type(module).__module__)
+            interface = getattr(mod, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
+            default = getattr(mod, "eager_attention_forward", None)
+            if self.original == "eager" and default is None:
+                raise RuntimeError(f"s2attn: cannot find the eager attention function of {type(module).__name__}")
+            fn = interface.get_interface(self.original, default)
+            self._originals[type(module)] = fn
+        return fn
+
+    def enabled(self) -> bool:
+        model = self.model_ref()
+        if model is None:
+            return False
+        return (not self.options.train_only) or model.training
+
+    def backend(self, device, dropout: float, dense) -> str:
+        b = self.options.backend
+        if b != "auto":
+            return b
+        if device.type == "cuda" and flex_available() and not dropout:
+            return "flex"
+        return "sdpa"
+
+    # registered in AttentionMaskInterface
+    def mask(self, *args, **kwargs):
+        from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, bidirectional_mask_function,
+                                                causal_mask_function, sdpa_mask)
+        q_len, kv_len = kwargs.get("q_length"), kwargs.get("kv_length")
+        offsets_zero = all(isinstance(kwargs.get(x, 0), int) and kwargs.get(x, 0) == 0
+                           for x in ("q_offset", "kv_offset"))
+        mask_function = kwargs.get("mask_function")
+        bidirectional = mask_function is bidirectional_mask_function or "allow_is_bidirectional_skip" in kwargs
+        active = (self.enabled() and not args and q_len is not None and q_len == kv_len and offsets_zero
+                  and not bidirectional)
+        if not active:
+            original = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(self.original)
+            return original(*args, **kwargs) if original is not None else None
+        if mask_function is causal_mask_function and not kwargs.get("use_vmap", False):
+            mask2d = kwargs.get("attention_mask")  # 2-D bool (B, kv_len) or None
+            if mask2d is None or bool(mask2d.all()):
+                return None
+            return mask2d[:, -kv_len:]
+        kwargs = {**kwargs, "allow_is_causal_skip": True}
+        return sdpa_mask(**kwargs)
+
+    # registered in AttentionInterface
+    def attention(self, module, query, key, value, attention_mask, **kwargs):
+        T = query.shape[-2]
+        causal = (getattr(module, "is_causal", True) is not False and kwargs.get("is_causal", True) is not False
+                  and getattr(getattr(module, "config", None), "is_causal", True) is not False)
+        if not (self.enabled() and causal and key.shape[-2] == T):
+            return self.original_attention(module)(module, query, key, value, attention_mask, **kwargs)
+        if kwargs.get("s_aux") is not None:
+            raise NotImplementedError("s2attn does not support attention sinks (s_aux)")
+        B = query.shape[0]
+        valid = dense = None
+        if attention_mask is not None:
+            if not torch.is_tensor(attention_mask):
+                raise TypeError(f"s2attn: unsupported attention_mask of type {type(attention_mask).__name__}")
+            if attention_mask.ndim == 2:
+                valid = _valid_keys(attention_mask, T, self.cache)
+            elif attention_mask.ndim == 4:
+                dense = attention_mask  # (kept as the same object: the flex BlockMask cache keys on it)
+                if attention_mask.shape[-2:] != (T, T):
+                    dense = attention_mask[:, :, :T, :T]  # like eager: the first kv_len columns
+            else:
+                raise ValueError(f"s2attn: attention_mask of shape {tuple(attention_mask.shape)} is neither 2-D nor 4-D")
+        doc = _doc_ids(kwargs.get("position_ids"), B, T, self.cache)
+        o = self.options
+        G = group_size_for(T, o.group_size_ratio, o.group_size)
+        n_shift = shifted_head_count(query.shape[1], o.shifted_heads)
+        dropout = float(kwargs.get("dropout", 0.0) or 0.0)
+        out = s2_attention(query, key, value, group_size=G, n_shift=n_shift, scale=kwargs.get("scaling"),
+                           dropout=dropout, valid=valid, doc=doc, window=kwargs.get("sliding_window"),
+                           dense=dense, softcap=kwargs.get("softcap"),
+                           backend=self.backend(query.device, dropout, dense), cache=self.cache)
+        return out.contiguous(), None

@@ -1,0 +1,472 @@
+"""S2-Attn (LongLoRA shifted sparse attention): the attention function against a dense reference built
+from the rule, strict causality, exact eval/removal, model-level parity on several families, errors."""
+
+import pytest
+import torch
+
+import longctx
+import longctx.methods.s2attn  # noqa: F401  (registers "s2attn")
+from longctx.methods.s2attn import S2AttnPatch, group_size_for, s2_attention, shifted_head_count
+from conftest import _COMMON, ROPE_FAMILIES, VOCAB, build, tiny_model
+from transformers import AutoConfig
+
+BACKENDS = ["sdpa", "flex"]  # flash-attn needs CUDA
+
+
+# -- the reference: the rule written out, and dense attention under a mask ---------------------------
+def rule_mask(T, H, G, n_shift, valid=None, doc=None, window=None):
+    """(B|1, H, T, T) bool: key j visible to query i, straight from the spec."""
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    heads = []
+    for h in range(H):
+        if T <= G:
+            same = torch.ones(T, T, dtype=torch.bool)
+        else:
+            off = G // 2 if h >= H - n_shift else 0
+            same = (i + off) // G == (j + off) // G
+        heads.append((j <= i) & same)
+    m = torch.stack(heads)[None]
+    if valid is not None:
+        m = m & valid[:, None, None, :]
+    if doc is not None:
+        m = m & (doc[:, None, :, None] == doc[:, None, None, :])
+    if window is not None:
+        m = m & (i - j < window)
+    return m
+
+
+def dense_attention(q, k, v, mask, scale, softcap=None):
+    """(B, H, T, D) -> (B, T, H, D); rows without a visible key come out NaN (never compared)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+
+def float_mask(mask, dtype=torch.float32):
+    """A bool mask as the additive 4-D float mask an eager model takes."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def qkv(B, H, Hk, T, D=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, D, generator=g, dtype=dtype) for h in (H, Hk, Hk)]
+
+
+def padding(kind, B, T):
+    valid = torch.ones(B, T, dtype=torch.bool)
+    if kind == "left":
+        valid[0, :5] = False
+        valid[1, :2] = False
+    elif kind == "right":
+        valid[0, T - 6:] = False
+    return valid
+
+
+def assert_close_rows(out, ref, mask, tol=1e-10, queries=None):
+    """Compare the rows of queries that have a visible key (and are real tokens: ``queries``, if given)."""
+    rows = mask.expand(out.shape[0], -1, -1, -1).any(-1).transpose(1, 2)  # (B, T, H)
+    if queries is not None:
+        rows = rows & queries[:, :, None]
+    assert rows.any()
+    assert torch.isfinite(out).all()
+    diff = (out - ref).abs()[rows].max().item()
+    assert diff < tol, diff
+
+
+# more families than conftest has (same sizes): qwen3, gemma; gemma2 (softcap, alternating sliding window)
+EXTRA_FAMILIES = {
+    "qwen3": dict(num_key_value_heads=2, head_dim=16),
+    "gemma": dict(num_key_value_heads=2, head_dim=16),
+    "gemma2": dict(num_key_value_heads=2, head_dim=16, sliding_window=10, attn_logit_softcapping=20.0,
+                   final_logit_softcapping=None),
+}
+
+
+def model_of(family, **overrides):
+    if family in EXTRA_FAMILIES:
+        return build(AutoConfig.for_model(family, **{**_COMMON, **EXTRA_FAMILIES[family], **overrides}))
+    return tiny_model(family, **overrides)
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+# -- the attention function vs the rule, float64 -------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [32, 37, 12, 5])  # multiple of G, odd, G < T < 2G, T < G
+@pytest.mark.parametrize("pad", [None, "left", "right"])
+def test_function_matches_rule(backend, T, pad):
+    B, H, Hk, G = 2, 4, 2, 8
+    q, k, v = qkv(B, H, Hk, T)
+    valid = padding(pad, B, T) if pad else None
+    n_shift = shifted_head_count(H, 0.5)
+    out = s2_attention(q, k, v, group_size=G, n_shift=n_shift, scale=0.3, valid=valid, backend=backend)
+    assert out.shape == (B, T, H, 8)
+    mask = rule_mask(T, H, G, n_shift, valid)
+    assert_close_rows(out, dense_attention(q, k, v, mask, 0.3), mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shifted_heads", [0.0, 0.25, 0.75, 1.0])  # 0.25/0.75: split inside a K/V head group
+def test_function_shifted_head_fractions(backend, shifted_heads):
+    B, H, Hk, T, G = 2, 4, 2, 29, 6
+    q, k, v = qkv(B, H, Hk, T, seed=1)
+    n_shift = shifted_head_count(H, shifted_heads)
+    out = s2_attention(q, k, v, group_size=G, n_shift=n_shift, scale=0.25, backend=backend)
+    mask = rule_mask(T, H, G, n_shift)
+    assert_close_rows(out, dense_attention(q, k, v, mask, 0.25), mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_function_documents_window_softcap(backend):
+    B, H, Hk, T, G = 2, 4, 1, 37, 8
+    q, k, v = qkv(B, H, Hk, T, seed=2)
+    doc = torch.tensor([[0] * 10 + [1] * 15 + [2] * 12, [0] * 37])
+    valid = padding("right", B, T)
+    for kw in (dict(doc=doc), dict(window=5), dict(doc=doc, valid=valid, window=6), dict(softcap=2.0)):
+        out = s2_attention(q, k, v, group_size=G, n_shift=2, scale=0.4, backend=backend, **kw)
+        mask = rule_mask(T, H, G, 2, kw.get("valid"), kw.get("doc"), kw.get("window"))
+        assert_close_rows(out, dense_attention(q, k, v, mask, 0.4, kw.get("softcap")), mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_function_intersects_a_dense_4d_mask(backend, kind):
+    B, H, Hk, T, G = 2, 4, 2, 21, 8
+    q, k, v = qkv(B, H, Hk, T, seed=3)
+    g = torch.Generator().manual_seed(0)
+    user = torch.rand(B, 1, T, T, generator=g) > 0.3  # an arbitrary 4-D mask
+    dense = user if kind == "bool" else float_mask(user, torch.float64)
+    out = s2_attention(q, k, v, group_size=G, n_shift=2, scale=0.3, dense=dense, backend=backend)
+    mask = rule_mask(T, H, G, 2) & user
+    assert_close_rows(out, dense_attention(q, k, v, mask, 0.3), mask)
+
+
+def test_group_size_rule():
+    assert group_size_for(32768, 0.25) == 8192
+    assert group_size_for(1001, 0.25) == 252  # ceil(250.25) = 251 -> even: 252
+    assert group_size_for(37, 1.0) == 38  # ratio 1: one group for any length
+    assert group_size_for(3, 0.1) == 2
+    assert group_size_for(100, group_size=16) == 16
+
+
+# -- through the model ---------------------------------------------------------------------------------
+def attn_module(model):
+    return next(m for n, m in model.named_modules() if n.endswith("attn") or n.endswith("attention"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pad", [None, "left", "right"])
+def test_registered_function_with_transformers_masks(backend, pad):
+    """The registered function, given what transformers passes it (2-D padding mask, position_ids)."""
+    model = tiny_model("llama").train()
+    patch = longctx.apply(model, "s2attn", group_size=8, backend=backend)
+    B, H, Hk, T = 2, 4, 2, 37
+    q, k, v = qkv(B, H, Hk, T, D=16, seed=4)
+    valid = padding(pad, B, T) if pad else None
+    positions = torch.tensor([list(range(10)) + list(range(27)), list(range(37))])  # row 0: two documents
+    out, weights = patch._state.attention(attn_module(model), q, k, v, valid, position_ids=positions,
+                                          scaling=0.25, dropout=0.0)
+    assert weights is None
+    doc = torch.tensor([[0] * 10 + [1] * 27, [0] * 37])
+    mask = rule_mask(T, H, 8, 2, valid, doc)
+    assert_close_rows(out, dense_attention(q, k, v, mask, 0.25), mask)
+
+
+def test_mask_forms_passed_by_transformers():
+    """Active: None without padding, the 2-D bool padding mask with it. Inactive: the original's mask."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = tiny_model("llama")
+    longctx.apply(model, "s2attn", group_size=8)
+    emb = torch.zeros(2, 12, 64)
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[0, :3] = 0
+    make = lambda a: create_causal_mask(config=model.config, inputs_embeds=emb, attention_mask=a,  # noqa: E731
+                                        past_key_values=None, position_ids=torch.arange(12)[None])
+    model.train()
+    assert make(None) is None
+    m = make(am)
+    assert m.shape == (2, 12) and m.dtype == torch.bool and torch.equal(m, am.bool())
+    model.eval()  # original implementation (eager): a 4-D float mask
+    m = make(am)
+    assert m.shape == (2, 1, 12, 12) and m.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+def test_ratio_one_is_full_causal_attention(family, ids):
+    model = tiny_model(family).train()
+    x = ids[:, :37]  # odd length
+    ref = logits(model, x)
+    with longctx.applied(model, "s2attn", group_size_ratio=1.0):
+        out = logits(model, x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert (out - ref).abs().max() < 1e-6 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES + ["qwen3", "gemma"])
+def test_model_matches_eager_with_explicit_s2_mask(family, ids):
+    """Patched training-mode logits == the unpatched (eager) model given the S2 mask as a 4-D float mask."""
+    model = model_of(family).train()
+    T, G = 45, 12
+    x = ids[:, :T]
+    H = model.config.num_attention_heads
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2)))
+    with longctx.applied(model, "s2attn", group_size=G):
+        out = logits(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - logits(model, x)).abs().max() > 1e-3  # S2 is not full attention here
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("pad", ["left", "right"])
+def test_model_padding_matches_reference(family, pad, ids):
+    model = tiny_model(family).train()
+    T, G = 40, 16
+    x = ids[:, :T]
+    valid = padding(pad, 2, T)
+    H = model.config.num_attention_heads
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2, valid)))
+    with longctx.applied(model, "s2attn", group_size=G):
+        out = logits(model, x, attention_mask=valid.long())
+    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_model_packed_documents(family, ids):
+    model = tiny_model(family).train()
+    T, G = 40, 16
+    x = ids[:, :T]
+    positions = torch.tensor([list(range(13)) + list(range(27)), list(range(20)) + list(range(20))])
+    doc = torch.tensor([[0] * 13 + [1] * 27, [0] * 20 + [1] * 20])
+    H = model.config.num_attention_heads
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2, doc=doc)), position_ids=positions)
+    with longctx.applied(model, "s2attn", group_size=G):
+        out = logits(model, x, position_ids=positions)
+        out_nocache = logits(model, x, position_ids=positions, use_cache=False)  # transformers then detects packing too
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_nocache, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_sliding_window(ids):
+    model = tiny_model("mistral", sliding_window=6).train()
+    T, G = 40, 16
+    x = ids[:, :T]
+    H = model.config.num_attention_heads
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2, window=6)))
+    with longctx.applied(model, "s2attn", group_size=G):
+        out = logits(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_model_per_layer_type_masks(family, ids):
+    """Sliding-window and full layers (and gemma2's logit softcap): the reference gets one mask per layer type."""
+    model = model_of(family).train()
+    T, G = 40, 16
+    x = ids[:, :T]
+    H, W = model.config.num_attention_heads, model.config.sliding_window
+    masks = {"full_attention": float_mask(rule_mask(T, H, G, H // 2)),
+             "sliding_attention": float_mask(rule_mask(T, H, G, H // 2, window=W))}
+    ref = logits(model, x, attention_mask=masks)
+    with longctx.applied(model, "s2attn", group_size=G):
+        out = logits(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_is_strictly_causal(family, backend, ids):
+    """Changing token t never changes a logit before t: also right after shifted-group boundaries and at
+    the last tokens, where LongLoRA's roll wraps the last shifted group around to the start."""
+    model = tiny_model(family).train()
+    T, G = 40, 8  # unshifted groups start at 0, 8, 16, ...; shifted ones at 0, 4, 12, 20, ...
+    x = ids[:, :T].clone()
+    longctx.apply(model, "s2attn", group_size=G, backend=backend)
+    base = logits(model, x)
+    for t in [1, 4, 5, 8, 12, 13, 20, 35, 36, 38, 39]:
+        y = x.clone()
+        y[:, t] = (y[:, t] + 7) % VOCAB
+        out = logits(model, y)
+        assert torch.equal(out[:, :t], base[:, :t]), t
+        assert not torch.equal(out[:, t], base[:, t]), t
+
+
+def test_eval_and_remove_are_bit_identical(ids):
+    model = tiny_model("llama")
+    x = ids[:, :50]
+    am = torch.ones_like(x)
+    am[0, :6] = 0
+    ref_eval, ref_eval_pad = logits(model, x), logits(model, x, attention_mask=am)
+    model.train()
+    ref_train = logits(model, x)
+    patch = longctx.apply(model, "s2attn", group_size_ratio=0.25)
+    assert model.config._attn_implementation == patch.attn_implementation
+    assert not torch.equal(logits(model, x), ref_train)
+    model.eval()
+    assert torch.equal(logits(model, x), ref_eval)
+    assert torch.equal(logits(model, x, attention_mask=am), ref_eval_pad)
+    model.train()
+    patch.remove()
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(logits(model, x), ref_train)
+    assert not hasattr(model.config, "longctx")
+
+
+def test_train_only_false_applies_in_eval_and_generation_still_works(ids):
+    model = tiny_model("llama")
+    x = ids[:1, :24]
+    H = model.config.num_attention_heads
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(24, H, 8, H // 2)))
+    longctx.apply(model, "s2attn", group_size=8, train_only=False)
+    torch.testing.assert_close(logits(model, x), ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # prompt through S2, decoding steps (KV cache) through the original attention
+        out = model.generate(x, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 28)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_flow(ids, checkpointing):
+    model = tiny_model("llama").train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    longctx.apply(model, "s2attn", group_size=8, backend="sdpa")
+    x = ids[:, :30]
+    am = torch.ones_like(x)
+    am[0, :5] = 0  # left padding: pad queries have no visible key
+    labels = x.masked_fill(am == 0, -100)
+    loss = model(x, attention_mask=am, labels=labels).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_attention_dropout_in_training(ids):
+    model = tiny_model("llama", attention_dropout=0.5).train()
+    longctx.apply(model, "s2attn", group_size=8)  # auto -> sdpa (flex has no dropout)
+    x = ids[:1, :24]
+    torch.manual_seed(0)
+    a = logits(model, x)
+    torch.manual_seed(1)
+    b = logits(model, x)
+    assert not torch.equal(a, b)
+    model.eval()  # inactive and no dropout: deterministic
+    assert torch.equal(logits(model, x), logits(model, x))
+
+
+def test_peft_model(ids):
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lora.train()
+    patch = longctx.apply(lora, "s2attn", group_size=8)
+    loss = lora(ids[:, :30], labels=ids[:, :30]).loss
+    loss.backward()
+    patch.remove()
+    assert model.config._attn_implementation == "eager"
+
+
+# -- options -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options, match", [
+    (dict(group_size=7), "'group_size' must be an even integer >= 2"),
+    (dict(group_size=0), "'group_size' must be an even integer >= 2"),
+    (dict(group_size=2.0), "'group_size' must be an even integer >= 2"),
+    (dict(group_size_ratio=0.0), r"'group_size_ratio' must be a number in \(0, 1\]"),
+    (dict(group_size_ratio=1.5), r"'group_size_ratio' must be a number in \(0, 1\]"),
+    (dict(group_size_ratio=0.25, group_size=16), "exclusive"),
+    (dict(shifted_heads=1.5), r"'shifted_heads' must be a fraction in \[0, 1\]"),
+    (dict(train_only="yes"), "'train_only' must be True or False"),
+    (dict(backend="triton"), "'backend' must be one of 'auto', 'sdpa', 'flex', 'flash'"),
+])
+def test_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        longctx.apply(tiny_model("llama"), "s2attn", **options)
+
+
+def test_default_options_and_slot():
+    model = tiny_model("llama")
+    patch = longctx.apply(model, "s2attn")
+    assert isinstance(patch, S2AttnPatch) and patch.options.group_size_ratio == 0.25
+    assert model.config.longctx[-1]["method"] == "s2attn"
+    with pytest.raises(ValueError, match="already applied"):
+        longctx.apply(model, "s2attn", group_size=8)
+    assert patch._state.backend(torch.device("cpu"), 0.0, None) == "sdpa"
+
+
+def test_flash_backend_needs_flash_attn():
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed")
+    with pytest.raises(ImportError, match="flash_attn"):
+        longctx.apply(tiny_model("llama"), "s2attn", backend="flash")
+
+
+def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                      window_size=(-1, -1), softcap=0.0, **kw):
+    """flash_attn_varlen_func's contract, computed densely on CPU: each cu_seqlens span is one sequence."""
+    assert torch.equal(cu_q, cu_k) and causal and cu_q.dtype == torch.int32
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    rep = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        i = torch.arange(b - a)[:, None]
+        j = torch.arange(b - a)[None, :]
+        m = j <= i
+        if window_size[0] >= 0:
+            m = m & (i - j <= window_size[0])
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        out[a:b] = dense_attention(qs[None], ks[None], vs[None], m, softmax_scale, softcap or None)[0]
+    return out
+
+
+def test_flash_backend_segments(monkeypatch):
+    """The flash path's unpadding and cu_seqlens (row x document x group), with a CPU stand-in for flash-attn."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake_flash_varlen))
+    B, H, Hk, T, G = 2, 4, 2, 37, 8
+    q, k, v = qkv(B, H, Hk, T, seed=5)
+    doc = torch.tensor([[0] * 10 + [1] * 27, [0] * 37])
+    for n_shift in (2, 1):
+        for kw in (dict(), dict(valid=padding("left", B, T)), dict(valid=padding("right", B, T), doc=doc),
+                   dict(window=5, softcap=3.0)):
+            out = s2_attention(q, k, v, group_size=G, n_shift=n_shift, scale=0.3, backend="flash", **kw)
+            mask = rule_mask(T, H, G, n_shift, kw.get("valid"), kw.get("doc"), kw.get("window"))
+            # padded queries are dropped by the flash path (zero output): compare real tokens
+            assert_close_rows(out, dense_attention(q, k, v, mask, 0.3, kw.get("softcap")), mask,
+                              queries=kw.get("valid"))
+    model = tiny_model("llama")
+    patch = longctx.apply(model, "s2attn", group_size=8, backend="flash")  # importable now: no error
+    assert patch._state.backend(torch.device("cpu"), 0.0, None) == "flash"
+
+
+def test_flex_refuses_dropout():
+    q, k, v = qkv(1, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="no attention dropout"):
+        s2_attention(q, k, v, group_size=8, n_shift=2, dropout=0.1, backend="flex")
+
+
+def test_decoding_delegates(ids):
+    """q_len != kv_len (a KV cache) goes to the original attention unchanged, also with S2 active."""
+    import copy
+
+    model = tiny_model("llama").train()
+    x = ids[:1, :20]
+    with torch.no_grad():
+        cache = model(x[:, :19], use_cache=True).past_key_values
+        ref = model(x[:, 19:], past_key_values=copy.deepcopy(cache)).logits
+    longctx.apply(model, "s2attn", group_size=8, train_only=False)
+    with torch.no_grad():
+        step = model(x[:, 19:], past_key_values=copy.deepcopy(cache)).logits
+    assert torch.equal(step, ref)
