@@ -114,7 +114,7 @@ def cmd_ppl(args) -> int:
 
 # Feature modules that add their own subcommands: each defines add_commands(subparsers) and sets
 # func=... on its parsers. Keeps one file per feature; this module only wires them in.
-COMMAND_MODULES: tuple[str, ...] = ("longctx.chat", "longctx.eval.streaming")
+COMMAND_MODULES: tuple[str, ...] = ("longctx.chat", "longctx.eval.streaming", "longctx.train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,494 @@
+"""Shared training helpers for the fine-tuning recipes (``recipes/*.py``).
+
+* config: YAML + ``key=value`` overrides (dotted keys reach into sections), checked against ``DEFAULTS``;
+* data: pick documents (hold-outs by name), pack them into fixed-length sequences, and a deterministic
+  sample order that depends only on the micro-step (so a data position is one integer);
+* accelerate: the ``Accelerator`` for a config (bf16 where available, gradient accumulation, DeepSpeed
+  batch settings), tracking (wandb, offline by default, and a ``log.jsonl``);
+* checkpoints with exact resume: ``accelerator.save_state`` (optimizer, scheduler, the RNG states of
+  every process, and the model: only its *trainable* tensors outside FSDP/DeepSpeed) plus
+  ``trainer_state.json`` (optimizer step and micro-step = data position), written last;
+* the final artifact (adapter + trained embedding/norm tensors + ``longctx.json`` settings) and
+  ``merge``: base model + RoPE method + adapter -> a plain transformers model folder
+  (``longctx merge ARTIFACT --out DIR``; ``add_commands`` wires it into the CLI).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import lora
+
+# --------------------------------------------------------------------------------------- config
+DEFAULTS: dict = {
+    "model": "smollm2-135m",  # load_model argument: alias, local HF folder, .gguf file or hub id
+    "dtype": None,  # weights as loaded: null (checkpoint's own), bf16, fp16, fp32
+    "attn_implementation": "sdpa",
+    "target_length": 32768,  # the context length to train for
+    "rope": {"method": "linear"},  # + the method's options; factor defaults to target / trained length
+    "s2attn": {"enabled": "auto"},  # auto: on if the s2attn method is registered; + its options
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None, "trainable": ["embed", "norm"],
+             "quantize_4bit": False},
+    "data": {"corpus": ["austen"], "holdout": [], "seq_len": None},  # seq_len null: target_length
+    "train": {
+        "steps": 1000,  # optimizer steps
+        "micro_batch_size": 1,  # sequences per process per forward
+        "gradient_accumulation_steps": 8,
+        "global_batch_size": None,  # if set: accumulation = global / (micro_batch_size * processes)
+        "lr": 2e-5, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8,
+        "warmup_steps": 20, "lr_scheduler": "constant",  # constant or cosine (both after linear warmup)
+        "max_grad_norm": 1.0,
+        "gradient_checkpointing": True,
+        "mixed_precision": "auto",  # auto: bf16 on a GPU that has it, else no; or no, bf16, fp16
+        "seed": 42,
+        "checkpoint_every": 100,  # optimizer steps; the last step is always checkpointed
+        "keep_checkpoints": 2,
+        "log_every": 1,
+    },
+    "output_dir": "runs/longlora",
+    "resume": False,  # true: continue from the latest checkpoint in output_dir/checkpoints
+    "resume_from": None,  # or a checkpoint folder
+    "wandb": {"project": "longctx", "mode": "offline", "name": None},  # false: off
+    "make_tiny": None,  # tests/CPU demo: build a tiny random model and corpus (see make_tiny)
+}
+_OPEN_SECTIONS = ("rope", "s2attn", "wandb", "make_tiny")  # extra keys are passed on as options
+
+
+def load_config(path: str | os.PathLike | None, overrides=()) -> dict:
+    """``DEFAULTS`` updated with the YAML file, then with ``key=value`` overrides (values parsed as
+    YAML: ``train.steps=50``, ``data.holdout=[Emma]``, ``wandb=false``). Unknown keys are errors."""
+    import yaml
+
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        _update(cfg, loaded, "")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value")
+        *parents, leaf = key.strip().split(".")
+        patch = {leaf: yaml.safe_load(value)}
+        for parent in reversed(parents):
+            patch = {parent: patch}
+        _update(cfg, patch, "")
+    return cfg
+
+
+def _update(cfg: dict, new: dict, where: str) -> None:
+    for key, value in new.items():
+        name = f"{where}{key}"
+        if key not in cfg and not (where and where.rstrip(".") in _OPEN_SECTIONS):
+            raise ValueError(f"unknown config key {name!r}; known keys here: {', '.join(cfg)}")
+        if isinstance(cfg.get(key), dict) and isinstance(value, dict):
+            _update(cfg[key], value, f"{name}.")
+        else:
+            cfg[key] = value
+
+
+# ------------------------------------------------------------------- methods, schedule
+def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
+    """Linear warmup from 0, then ``constant``, ``cosine`` (to 0 at ``total_steps``) or ``linear`` decay."""
+    if name not in ("constant", "cosine", "linear"):
+        raise ValueError(f"train.lr_scheduler must be constant, cosine or linear; got {name!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if name == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rope_options(cfg: dict, trained_length: int) -> tuple[str, dict] | None:
+    """(method, options) of the config's RoPE method; ``factor`` defaults to target / trained length."""
+    import dataclasses
+
+    from . import registry
+
+    rope = dict(cfg.get("rope") or {})
+    method = rope.pop("method", None)
+    if not method or method == "none":
+        return None
+    fields = {f.name for f in dataclasses.fields(registry.get_method(method).options)}
+    if "factor" in fields and rope.get("factor") is None:
+        factor = cfg["target_length"] / trained_length
+        rope["factor"] = int(factor) if float(factor).is_integer() else factor
+    return method, rope
+
+
+def s2attn_available() -> bool:
+    """Whether the ``s2attn`` method is registered (its module is imported if need be)."""
+    import importlib
+
+    from . import registry
+
+    if "s2attn" not in registry.methods():
+        try:
+            importlib.import_module("longctx.methods.s2attn")
+        except ImportError:
+            return False
+    return "s2attn" in registry.methods()
+
+
+def s2attn_options(cfg: dict) -> dict | None:
+    """Options for the s2attn method, or None when it is off (``enabled: auto``: on if registered)."""
+    s2 = dict(cfg.get("s2attn") or {})
+    enabled = s2.pop("enabled", "auto")
+    available = s2attn_available()
+    if enabled == "auto":
+        if not available:
+            print("s2attn is not available in this longctx: training with full attention", file=sys.stderr)
+        enabled = available
+    if not enabled:
+        return None
+    if not available:
+        raise ValueError("s2attn.enabled is true but this longctx has no 's2attn' method; set s2attn.enabled=false")
+    return s2
+
+
+# ----------------------------------------------------------------------------------------- data
+def select_documents(docs, holdout=()) -> list:
+    """``docs`` without the held-out ones (by name; each name must exist)."""
+    holdout = list(holdout or [])
+    names = [d.name for d in docs]
+    missing = [h for h in holdout if h not in names]
+    if missing:
+        raise ValueError(f"holdout documents {missing} are not in the corpus; it has: {names}")
+    return [d for d in docs if d.name not in holdout]
+
+
+def pack_documents(tokenizer, docs, seq_len: int) -> torch.Tensor:
+    """Concatenate the documents' tokens with EOS after each document and cut the stream into
+    ``[n, seq_len]`` sequences (the remainder is dropped)."""
+    from .data import encode_documents
+
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to separate documents")
+    eos = torch.tensor([tokenizer.eos_token_id])
+    parts = []
+    for ids in encode_documents(tokenizer, docs):
+        parts += [ids, eos]
+    stream = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"the training documents have {len(stream):,} tokens, fewer than one "
+                         f"sequence of {seq_len:,}")
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def sample_indices(n: int, micro_step: int, rank: int, world: int, batch_size: int, seed: int) -> list[int]:
+    """Which of ``n`` packed sequences process ``rank`` trains on at ``micro_step``. Epoch e visits
+    the sequences in the order ``randperm(n)`` seeded with ``seed + e``; the micro-steps of all
+    processes walk through that order without overlap. Depends on nothing else: resuming at a
+    micro-step resumes the data exactly."""
+    out, perms = [], {}
+    start = (micro_step * world + rank) * batch_size
+    for pos in range(start, start + batch_size):
+        epoch, i = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        out.append(int(perms[epoch][i]))
+    return out
+
+
+# ---------------------------------------------------------------------------------- accelerate
+def make_accelerator(cfg: dict):
+    """An ``Accelerator`` for the config. Mixed precision ``auto`` = bf16 on a CUDA device that has
+    it, else none. The LR scheduler is stepped by the recipe once per optimizer step (accelerate's
+    default would step it once per process). Re-creating one in the same process (tests) starts
+    from a clean accelerate state."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedType
+
+    t = cfg["train"]
+    precision = t["mixed_precision"]
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    AcceleratorState._reset_state()  # keeps the process group (PartialState)
+    GradientState._reset_state()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    accumulation = t["gradient_accumulation_steps"]
+    if t.get("global_batch_size"):
+        per_step = t["micro_batch_size"] * world
+        if t["global_batch_size"] % per_step:
+            raise ValueError(f"train.global_batch_size {t['global_batch_size']} is not a multiple of "
+                             f"micro_batch_size x processes = {per_step}")
+        accumulation = t["global_batch_size"] // per_step
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation,
+                              step_scheduler_with_optimizer=False)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no dataloader tells it these
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = t["micro_batch_size"]
+        ds["gradient_accumulation_steps"] = accumulation
+        ds["train_batch_size"] = t["micro_batch_size"] * accumulation * accelerator.num_processes
+        ds["gradient_clipping"] = t["max_grad_norm"] or 0.0
+    return accelerator
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing on the transformers model inside ``model``."""
+    from .registry import unwrap_model
+
+    base = unwrap_model(model)
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def model_device(accelerator):
+    """Where to load the model: the process's device, except under FSDP/DeepSpeed (CPU, they shard it)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return "cpu"
+    return accelerator.device
+
+
+class Tracker:
+    """Metrics to ``output_dir/log.jsonl`` (main process) and to wandb when enabled and installed."""
+
+    def __init__(self, accelerator, cfg: dict, enabled_wandb: bool = True, start_step: int = 0):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.path = Path(cfg["output_dir"]) / "log.jsonl"
+        self.wandb = None
+        if self.main and self.path.exists():  # keep the rows up to where this run starts
+            rows = [r for r in read_log(cfg["output_dir"]) if r["step"] <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        settings = cfg.get("wandb")
+        if not (self.main and enabled_wandb and settings):
+            return
+        try:
+            import wandb
+        except ImportError:
+            print("wandb is not installed: logging to log.jsonl only (pip install wandb)", file=sys.stderr)
+            return
+        opts = dict(settings) if isinstance(settings, dict) else {}
+        project = opts.pop("project", "longctx")
+        os.environ.setdefault("WANDB_MODE", opts.pop("mode", "offline") or "offline")
+        self.wandb = wandb.init(project=project, config=cfg, dir=cfg["output_dir"], resume="allow", **opts)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_log(output_dir) -> list[dict]:
+    path = Path(output_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# --------------------------------------------------------------------------------- checkpoints
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # micro-batches done by each process: the data position
+    tokens: int = 0  # tokens trained on, all processes
+
+
+STATE_FILE = "trainer_state.json"
+
+
+def _only_trainable(models, weights, output_dir) -> None:
+    """save_state pre-hook: keep only the trainable tensors of each model (LoRA, embed, norms);
+    the frozen base comes from the base checkpoint on resume."""
+    for i, state in enumerate(weights):  # empty under FSDP/DeepSpeed: they save the model themselves
+        keep = {n for n, p in models[i].named_parameters() if p.requires_grad}
+        weights[i] = {k: v for k, v in state.items() if k in keep}
+
+
+def save_checkpoint(accelerator, output_dir, state: TrainState, keep: int | None = None) -> Path:
+    """``output_dir/checkpoints/step_NNNNNN``: accelerate state (model trainables, optimizer,
+    scheduler, RNG of every process) + ``trainer_state.json``. Keeps the newest ``keep``."""
+    from accelerate.utils import DistributedType
+
+    root = Path(output_dir) / "checkpoints"
+    folder = root / f"step_{state.step:06d}"
+    if not getattr(accelerator, "_longctx_hook", False):
+        accelerator.register_save_state_pre_hook(_only_trainable)
+        accelerator._longctx_hook = True
+    kwargs = {}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        kwargs["exclude_frozen_parameters"] = True
+    accelerator.save_state(str(folder), **kwargs)
+    if accelerator.is_main_process:
+        (folder / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")  # written last: complete
+        if keep:
+            for old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints under ``output_dir/checkpoints``, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_checkpoint(accelerator, folder) -> TrainState:
+    """Restore what ``save_checkpoint`` wrote into the prepared model/optimizer/scheduler and the
+    RNGs; returns the TrainState to continue from."""
+    from accelerate.utils import DistributedType
+
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
+    kwargs = {}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        kwargs["load_module_strict"] = False
+    elif accelerator.distributed_type != DistributedType.FSDP:
+        kwargs["strict"] = False  # the file holds the trainable tensors only
+    accelerator.load_state(str(folder), **kwargs)
+    return TrainState(**json.loads((folder / STATE_FILE).read_text()))
+
+
+def resume_folder(cfg: dict) -> Path | None:
+    """The checkpoint to resume from: ``resume_from``, else the latest one if ``resume``."""
+    if cfg.get("resume_from"):
+        return Path(cfg["resume_from"])
+    found = list_checkpoints(cfg["output_dir"])
+    if cfg.get("resume"):
+        if found:
+            return found[-1]
+        print(f"resume: no checkpoint in {cfg['output_dir']}/checkpoints, starting fresh", file=sys.stderr)
+    elif found:
+        raise FileExistsError(f"{cfg['output_dir']} has checkpoints of an earlier run (up to {found[-1].name}): "
+                              f"pass resume=true to continue it, or another output_dir (or delete them)")
+    return None
+
+
+# ----------------------------------------------------------------------------------- artifacts
+SETTINGS_FILE = "longctx.json"
+
+
+def save_artifact(accelerator, model, folder, settings: dict) -> Path:
+    """The final artifact: peft adapter, ``trainable.safetensors`` (embedding/norm tensors),
+    ``longctx.json`` (``settings``: base model, dtype, RoPE method and options, s2attn options,
+    LoRA settings). Call on every process (a sharded model is gathered)."""
+    state_dict = accelerator.get_state_dict(model)
+    folder = Path(folder)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        lora.save(unwrapped, folder, state_dict=state_dict)
+        (folder / "README.md").unlink(missing_ok=True)  # peft's model card template
+        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def merge_artifact(artifact, out, *, base: str | None = None, dtype=None, device=None) -> Path:
+    """Base model (recorded, or ``base``) + its RoPE method + the artifact's adapter and trained
+    tensors, LoRA merged into the weights, saved with the tokenizer as a plain transformers model
+    (its config carries the rope scaling, so ``AutoModelForCausalLM.from_pretrained(out)`` needs no
+    longctx). Merged in float32, saved in ``dtype`` (default: the base model's dtype in training)."""
+    from . import registry
+    from .models import DTYPES, load_model
+
+    artifact = Path(artifact)
+    if not (artifact / SETTINGS_FILE).is_file():
+        raise FileNotFoundError(f"{artifact} is not a longctx artifact (no {SETTINGS_FILE})")
+    settings = json.loads((artifact / SETTINGS_FILE).read_text())
+    model, tokenizer = load_model(base or settings["base_model"], dtype=torch.float32, device=device)
+    rope = settings.get("rope")
+    if rope:
+        registry.apply(model, rope["method"], **rope.get("options", {}))
+    merged = lora.load(model, artifact, merge=True)
+    target = dtype or settings.get("base_dtype") or "float32"
+    merged = merged.to(DTYPES[target] if isinstance(target, str) else target)
+    out = Path(out)
+    merged.save_pretrained(out)
+    if settings.get("target_length"):
+        tokenizer.model_max_length = settings["target_length"]
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def cmd_merge(args) -> int:
+    out = merge_artifact(args.artifact, args.out, base=args.base, dtype=args.dtype, device=args.device)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """CLI: ``longctx merge ARTIFACT --out DIR``."""
+    p = subparsers.add_parser("merge", help="merge a LongLoRA artifact into a plain transformers model folder")
+    p.add_argument("artifact", help="the artifact folder a recipe wrote (OUTPUT_DIR/final)")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--base", help="base model to use instead of the recorded one (alias, folder, .gguf, hub id)")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the base model's dtype in training)")
+    p.add_argument("--device", default=None, help="where to merge (default: cuda when available)")
+    p.set_defaults(func=cmd_merge)
+
+
+# ------------------------------------------------------------------------------ tiny test setup
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:'!?-\n"
+TINY_SENTENCES = [
+    "the cat sat on the mat. ", "a dog ran far away, then came back home. ", "it is a truth universally acknowledged. ",
+    "she walked to the village in the rain; ", "he said nothing at all! ", "one, two, three, four, five. ",
+]
+
+
+def make_tiny(model_dir, corpus_file, *, seed: int = 0, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+              kv_heads: int = 2, max_position_embeddings: int = 32, tie_word_embeddings: bool = True,
+              documents=("Alpha", "Beta", "Gamma", "Held Out"), chars_per_document: int = 6000) -> None:
+    """A tiny random llama with a character tokenizer in ``model_dir`` and a repetitive-text jsonl
+    corpus in ``corpus_file`` (learnable within a few steps); each is made only if missing."""
+    model_dir, corpus_file = Path(model_dir), Path(corpus_file)
+    if not (model_dir / "config.json").is_file():
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+        vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *TINY_CHARS])}
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        tok.model_max_length = max_position_embeddings
+        config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=2, tie_word_embeddings=tie_word_embeddings)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    if not corpus_file.is_file():
+        import random
+
+        rng = random.Random(seed)
+        corpus_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(corpus_file, "w") as f:
+            for name in documents:
+                text = ""
+                while len(text) < chars_per_document:
+                    text += rng.choice(TINY_SENTENCES)
+                f.write(json.dumps({"name": name, "text": text}) + "\n")
+
+
+__all__ = ["DEFAULTS", "load_config", "select_documents", "pack_documents", "sample_indices", "make_accelerator",
+           "model_device", "Tracker", "read_log", "TrainState", "save_checkpoint", "list_checkpoints",
+           "load_checkpoint", "resume_folder", "save_artifact", "merge_artifact", "add_commands", "make_tiny",
+           "rope_options", "s2attn_options", "make_scheduler", "enable_activation_checkpointing"]

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""LongLoRA fine-tuning (Chen et al. 2023, arXiv:2309.12307): extend a model's context window with
+a RoPE method (position interpolation by default), shifted sparse attention (S2-Attn) in training,
+and LoRA+ (LoRA on the attention projections plus trainable embedding and norms).
+
+    python recipes/longlora_finetune.py --config configs/tiny/longlora_cpu.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml recipes/longlora_finetune.py \\
+        --config configs/smollm2/135m_longlora_32k.yaml train.steps=100 --no-wandb
+    longctx merge runs/smollm2-135m-longlora-32k/final --out runs/smollm2-135m-longlora-32k/merged
+
+Overrides are ``key=value`` (dotted keys into sections, values parsed as YAML). ``resume=true``
+continues from the latest checkpoint, exactly. Steps: config -> model + RoPE + S2-Attn -> LoRA+ ->
+packed data -> AdamW + warmup schedule -> train with checkpoints -> artifact (OUTPUT_DIR/final).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+import longctx
+from longctx import lora, train
+
+
+def run(cfg: dict, use_wandb: bool = True) -> dict:
+    t = cfg["train"]
+    accelerator = train.make_accelerator(cfg)
+    main_process = accelerator.is_main_process
+    set_seed(t["seed"])
+    if cfg["make_tiny"]:  # the tiny CPU config builds its random model and corpus
+        with accelerator.main_process_first():
+            train.make_tiny(**cfg["make_tiny"])
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. The model, with its context extended: RoPE method, then S2-Attn (active in training only).
+    model, tokenizer = longctx.load_model(cfg["model"], dtype=cfg["dtype"], device=train.model_device(accelerator),
+                                          attn_implementation=cfg["attn_implementation"])
+    trained_length = model.config.max_position_embeddings
+    base_dtype = str(model.dtype).removeprefix("torch.")
+    rope = train.rope_options(cfg, trained_length)
+    rope_patch = longctx.apply(model, rope[0], **rope[1]) if rope else None
+    s2attn = train.s2attn_options(cfg)
+    s2attn_patch = longctx.apply(model, "s2attn", **s2attn) if s2attn is not None else None
+
+    # 2. LoRA+: LoRA on attention, embedding and norms fully trainable.
+    model = lora.prepare(model, **cfg["lora"], verbose=main_process)
+    if accelerator.mixed_precision != "no":
+        lora.upcast_trainable(model)  # fp32 master copies of the trained tensors
+    if t["gradient_checkpointing"]:
+        train.enable_activation_checkpointing(model)
+    model.config.use_cache = False
+
+    # 3. Data: long documents packed into fixed-length sequences (held-out documents left out).
+    seq_len = cfg["data"]["seq_len"] or cfg["target_length"]
+    corpora = cfg["data"]["corpus"]
+    docs = [d for c in ([corpora] if isinstance(corpora, str) else corpora) for d in longctx.load_corpus(c)]
+    docs = train.select_documents(docs, cfg["data"]["holdout"])
+    sequences = train.pack_documents(tokenizer, docs, seq_len)
+    if main_process:
+        print(f"{len(docs)} documents -> {len(sequences)} sequences of {seq_len:,} tokens", file=sys.stderr)
+
+    # 4. Optimizer and schedule; accelerate wraps them (DDP/FSDP/DeepSpeed, mixed precision).
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"],
+                                  weight_decay=t["weight_decay"])
+    scheduler = train.make_scheduler(optimizer, t["lr_scheduler"], t["warmup_steps"], t["steps"])
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
+    state = train.TrainState()
+    checkpoint = train.resume_folder(cfg)
+    if checkpoint is not None:
+        state = train.load_checkpoint(accelerator, checkpoint)
+        if main_process:
+            print(f"resumed from {checkpoint} at step {state.step}", file=sys.stderr)
+
+    # 5. Train.
+    tracker = train.Tracker(accelerator, cfg, use_wandb, start_step=state.step)
+    accumulation = accelerator.gradient_accumulation_steps
+    bar = tqdm(total=t["steps"], initial=state.step, disable=not main_process, desc="train", dynamic_ncols=True)
+    model.train()
+    while state.step < t["steps"]:
+        started, losses = time.time(), []
+        for _ in range(accumulation):
+            index = train.sample_indices(len(sequences), state.micro_step, accelerator.process_index,
+                                         accelerator.num_processes, t["micro_batch_size"], t["seed"])
+            batch = sequences[index].to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t["max_grad_norm"]:
+                    accelerator.clip_grad_norm_(params, t["max_grad_norm"])
+                optimizer.step()
+                optimizer.zero_grad()
+            state.micro_step += 1
+            state.tokens += batch.numel() * accelerator.num_processes
+            losses.append(loss.detach().float())
+        scheduler.step()
+        state.step += 1
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        seconds = time.time() - started
+        tokens_per_s = accumulation * t["micro_batch_size"] * seq_len * accelerator.num_processes / seconds
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        if state.step % t["log_every"] == 0 or state.step == t["steps"]:
+            metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": state.tokens,
+                       "step_seconds": seconds, "tokens_per_s": tokens_per_s}
+            if torch.cuda.is_available():
+                metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            tracker.log(metrics, state.step)
+        if state.step % t["checkpoint_every"] == 0 or state.step == t["steps"]:
+            train.save_checkpoint(accelerator, out, state, keep=t["keep_checkpoints"])
+    bar.close()
+    tracker.close()
+
+    # 6. The artifact: adapter + trained embedding/norms + the settings merge needs.
+    model.eval()
+    local = Path(str(cfg["model"])).expanduser()
+    settings = {
+        "base_model": str(local.resolve()) if local.exists() else cfg["model"],
+        "base_dtype": base_dtype, "trained_length": trained_length, "target_length": cfg["target_length"],
+        "rope": {"method": rope_patch.method, "options": rope_patch.options.to_dict()} if rope_patch else None,
+        "s2attn": s2attn_patch.options.to_dict() if s2attn_patch else None,
+        "lora": {k: v for k, v in accelerator.unwrap_model(model).longctx_lora.items() if k != "counts"},
+        "seq_len": seq_len, "steps": state.step, "tokens": state.tokens, "config": cfg,
+    }
+    artifact = train.save_artifact(accelerator, model, out / "final", settings)
+    if main_process:
+        print(f"artifact: {artifact}  (merge: longctx merge {artifact} --out {out / 'merged'})", file=sys.stderr)
+    return {"model": accelerator.unwrap_model(model), "tokenizer": tokenizer, "artifact": artifact,
+            "state": state, "log": train.read_log(out)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (configs/...)")
+    parser.add_argument("--no-wandb", action="store_true", help="no wandb logging (log.jsonl only)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=50")
+    args = parser.parse_args(argv)
+    cfg = train.load_config(args.config, args.overrides)
+    return run(cfg, use_wandb=not args.no_wandb)
+
+
+if __name__ == "__main__":
+    main()

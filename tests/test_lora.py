@@ -1,0 +1,113 @@
+"""longctx.lora: LoRA+ (LoRA on attention, trainable embedding and norms), tied embeddings, save/load/merge."""
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_model
+from longctx import lora
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls a renamed transformers API
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_names(layers, modules, prefix="base_model.model.model.layers", attn="self_attn"):
+    return {f"{prefix}.{i}.{attn}.{m}.lora_{ab}.default.weight"
+            for i in range(layers) for m in modules for ab in "AB"}
+
+
+LLAMA_NORMS = {f"base_model.model.model.layers.{i}.{n}.weight" for i in range(2)
+               for n in ("input_layernorm", "post_attention_layernorm")} | {"base_model.model.model.norm.weight"}
+
+
+def test_llama_lora_plus_exact_names():
+    model = lora.prepare(tiny_model("llama"), verbose=False)
+    expected = (lora_names(2, ("q_proj", "k_proj", "v_proj", "o_proj")) | LLAMA_NORMS
+                | {"base_model.model.model.embed_tokens.weight"})
+    assert trainable(model) == expected
+    counts = model.longctx_lora["counts"]
+    # r * (in + out) per projection: q/o 64x64, k/v 64x32 (GQA, 2 of 4 heads), 2 layers
+    assert counts["lora"] == 2 * 8 * ((64 + 64) * 2 + (64 + 32) * 2)
+    assert counts["embed"] == 128 * 64 and counts["norm"] == 5 * 64 and counts["other"] == 0
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_plain_lora():
+    model = lora.prepare(tiny_model("llama"), r=4, trainable=(), verbose=False)
+    assert trainable(model) == lora_names(2, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert model.peft_config["default"].r == 4 and model.peft_config["default"].lora_alpha == 16
+
+
+def test_gpt_neox_defaults_and_layernorm_bias():
+    model = lora.prepare(tiny_model("gpt_neox"), verbose=False)
+    pre = "base_model.model.gpt_neox"
+    norms = {f"{pre}.layers.{i}.{n}.{w}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
+             for w in ("weight", "bias")} | {f"{pre}.final_layer_norm.weight", f"{pre}.final_layer_norm.bias"}
+    expected = (lora_names(2, ("query_key_value", "dense"), f"{pre}.layers", "attention") | norms
+                | {f"{pre}.embed_in.weight"})
+    assert trainable(model) == expected
+
+
+def test_target_modules_override_and_unknown_family():
+    base = tiny_model("llama")
+    base.config.model_type = "mystery"
+    with pytest.raises(ValueError, match="'mystery'.*target_modules.*gpt_neox.*llama.*phi3"):
+        lora.prepare(base, verbose=False)
+    model = lora.prepare(base, target_modules=["q_proj", "v_proj"], trainable=(), verbose=False)
+    assert trainable(model) == lora_names(2, ("q_proj", "v_proj"))
+
+
+def test_qlora_needs_bitsandbytes(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        lora.prepare(tiny_model("llama"), quantize_4bit=True, verbose=False)
+
+
+def test_tied_embeddings_stay_tied_through_training_save_and_merge(tmp_path, ids):
+    base = tiny_model("llama", tie_word_embeddings=True)
+    before = base.model.embed_tokens.weight.detach().clone()
+    model = lora.prepare(base, verbose=False)
+    assert model.longctx_lora["tied_embeddings"]
+    assert "base_model.model.lm_head.weight" not in trainable(model)  # one parameter, listed once
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    assert not torch.equal(base.model.embed_tokens.weight, before)  # it did train
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+
+    lora.save(model, tmp_path / "adapter")
+    # reloaded onto a fresh copy of the base: still tied, the trained values, the same logits
+    fresh = tiny_model("llama", tie_word_embeddings=True)
+    again = lora.load(fresh, tmp_path / "adapter").eval()
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+    # merged and saved as a plain model: tied after from_pretrained, same logits
+    merged = lora.load(tiny_model("llama", tie_word_embeddings=True), tmp_path / "adapter", merge=True)
+    merged.save_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, want, atol=1e-5, rtol=0)
+
+
+def test_upcast_trainable_keeps_tie():
+    base = tiny_model("llama", tie_word_embeddings=True).to(torch.bfloat16)
+    model = lora.prepare(base, verbose=False)
+    lora.upcast_trainable(model)
+    assert base.model.embed_tokens.weight.dtype == torch.float32 and base.lm_head.weight is base.model.embed_tokens.weight
+    assert base.model.norm.weight.dtype == torch.float32
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16  # frozen: untouched

@@ -1,0 +1,158 @@
+"""recipes/longlora_finetune.py on a tiny random llama (CPU): loss falls, exact resume, merge, reload."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import longctx
+from longctx import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs/tiny/longlora_cpu.yaml"
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("longlora_finetune", ROOT / "recipes/longlora_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    train.make_tiny(root / "base", root / "corpus.jsonl")
+    return root
+
+
+def finetune(tiny, out, *overrides):
+    args = ["--config", str(CONFIG), "--no-wandb", f"output_dir={out}", f"model={tiny / 'base'}",
+            f"data.corpus={tiny / 'corpus.jsonl'}", "make_tiny=null", "s2attn.enabled=false", *overrides]
+    return load_recipe().main(args)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny):
+    return finetune(tiny, tiny / "full")
+
+
+def test_first_line_is_the_command():
+    for path in ROOT.glob("configs/*/*longlora*.yaml"):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and str(path.relative_to(ROOT)) in first, path
+
+
+def test_config_overrides_and_unknown_keys():
+    cfg = train.load_config(CONFIG, ["train.steps=3", "data.holdout=[a, b]", "wandb=false", "rope.factor=2"])
+    assert cfg["train"]["steps"] == 3 and cfg["data"]["holdout"] == ["a", "b"] and cfg["wandb"] is False
+    assert cfg["rope"] == {"method": "linear", "factor": 2} and cfg["train"]["seed"] == 0
+    with pytest.raises(ValueError, match="unknown config key 'train.stpes'"):
+        train.load_config(CONFIG, ["train.stpes=3"])
+
+
+def test_packing_and_holdout(tiny):
+    model, tok = longctx.load_model(tiny / "base")
+    docs = longctx.load_corpus(str(tiny / "corpus.jsonl"))
+    kept = train.select_documents(docs, ["Held Out"])
+    assert [d.name for d in kept] == ["Alpha", "Beta", "Gamma"]
+    with pytest.raises(ValueError, match="'Emma'.*Alpha"):
+        train.select_documents(docs, ["Emma"])
+    seqs = train.pack_documents(tok, kept, 128)
+    stream = seqs.flatten().tolist()
+    n_first = len(tok(kept[0].text, add_special_tokens=False, verbose=False)["input_ids"])
+    assert stream[n_first] == tok.eos_token_id and stream.count(tok.eos_token_id) == 2  # third EOS cut off
+    assert seqs.shape == (sum(len(d.text) + 1 for d in kept) // 128, 128)
+    # sample order: each epoch a permutation; processes never overlap
+    n = len(seqs)
+    seen = [i for step in range(n // 6 + 1) for rank in range(2) for i in train.sample_indices(n, step, rank, 2, 3, 0)]
+    assert sorted(seen[:n]) == list(range(n)) and seen[:n] != list(range(n))
+
+
+def test_loss_falls_and_artifact(full_run):
+    losses = [row["loss"] for row in full_run["log"]]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    art = full_run["artifact"]
+    assert sorted(p.name for p in art.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                   "longctx.json", "longctx_lora.json", "trainable.safetensors"]
+    settings = json.loads((art / "longctx.json").read_text())
+    assert settings["rope"] == {"method": "linear", "options": {"factor": 4, "layer_types": None}}
+    assert settings["s2attn"] is None and settings["steps"] == 20
+    assert "model.embed_tokens.weight" in load_file(art / "trainable.safetensors")
+    model = full_run["model"].get_base_model()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings stayed tied
+
+
+def checkpoint(run_dir, step):
+    folder = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    return load_file(folder / "model.safetensors"), torch.load(folder / "optimizer.bin", weights_only=False)
+
+
+def assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_resume_is_exact(tiny, full_run):
+    resumed = finetune(tiny, tiny / "resumed", f"resume_from={tiny / 'full/checkpoints/step_000010'}")
+    assert [r["step"] for r in resumed["log"]] == list(range(11, 21))
+    assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in full_run["log"][10:]]
+    weights, optim = checkpoint(tiny / "full", 20)
+    weights2, optim2 = checkpoint(tiny / "resumed", 20)
+    assert len(weights) == 16 + 5 + 1  # LoRA A/B of 4 projections in 2 layers, 5 norms, the embedding
+    assert_same(weights, weights2)
+    assert_same(optim, optim2)
+    assert json.loads((tiny / "resumed/checkpoints/step_000020/trainer_state.json").read_text()) == \
+        json.loads((tiny / "full/checkpoints/step_000020/trainer_state.json").read_text())
+    with pytest.raises(FileExistsError, match="resume=true"):  # a fresh start never mixes with old checkpoints
+        finetune(tiny, tiny / "resumed")
+    more = finetune(tiny, tiny / "resumed", "resume=true", "train.steps=22")  # resume=true: the latest one
+    assert [r["step"] for r in more["log"]] == list(range(11, 23)) and more["state"].step == 22
+
+
+def test_merge_cli_reloads_without_longctx(tiny, full_run):
+    parser = argparse.ArgumentParser()
+    train.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["merge", str(full_run["artifact"]), "--out", str(tiny / "merged")])
+    assert args.func(args) == 0
+    config = json.loads((tiny / "merged/config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 4
+    assert config["max_position_embeddings"] == 128
+    # plain transformers from here on
+    merged = AutoModelForCausalLM.from_pretrained(tiny / "merged").eval()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    ids = torch.randint(3, merged.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    trained = full_run["model"].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not train.s2attn_available(), reason="the s2attn method is not available")
+def test_with_s2attn(tiny):
+    run = finetune(tiny, tiny / "s2attn", "s2attn.enabled=true", "train.steps=8", "train.checkpoint_every=100")
+    losses = [r["loss"] for r in run["log"]]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    settings = json.loads((run["artifact"] / "longctx.json").read_text())
+    assert settings["s2attn"]["group_size_ratio"] == 0.25
+    out = train.merge_artifact(run["artifact"], tiny / "s2attn-merged")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, merged.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # eval mode: full attention in both
+        torch.testing.assert_close(merged(ids).logits, run["model"].eval()(ids).logits, atol=1e-5, rtol=0)
