@@ -114,7 +114,8 @@ def cmd_ppl(args) -> int:
 
 # Feature modules that add their own subcommands: each defines add_commands(subparsers) and sets
 # func=... on its parsers. Keeps one file per feature; this module only wires them in.
-COMMAND_MODULES: tuple[str, ...] = ("longctx.chat", "longctx.eval.streaming", "longctx.train")
+COMMAND_MODULES: tuple[str, ...] = ("longctx.chat", "longctx.eval.streaming", "longctx.train", "longctx.eval.passkey",
+                                    "longctx.estimate", "longctx.sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,463 @@
+"""Grid sweeps from a YAML file: models x methods x metrics x lengths, resumable, with tables and plots.
+
+    longctx sweep experiments/rope_sweep.yaml            # run (or resume) the grid
+    longctx sweep experiments/rope_sweep.yaml --dry-run  # print the grid and which cells are done
+
+The YAML::
+
+    models: [smollm2-135m]                 # aliases, local model folders, .gguf files or hub ids
+    methods: [none, "yarn:factor=4", {name: dynamic_ntk, factor: 4}]   # the `longctx ppl` spec syntax
+    lengths: [2048, 8192, 16384, 32768]
+    metrics:                               # a list of names, or names -> settings
+      ppl: {corpus: austen-lines, docs: [Pride and Prejudice, Emma], max_tokens: 65536, score: tail}
+      passkey: {depths: [0, 0.5, 1], trials: 5}
+      needle: {corpus: austen, trials: 5}
+    dtype: bf16                            # optional; default: the checkpoint's
+    device: null                           # optional; default cuda when available
+    wandb: {project: longctx, mode: offline}   # optional; only if wandb is importable
+
+Metric settings (defaults in ``METRICS``): ppl -> corpus, docs, max_tokens, mode, stride, score,
+tail_fraction (see ``longctx.eval.perplexity``); passkey/needle -> depths, trials, seed,
+max_new_tokens, and corpus for needle (see ``longctx.eval.passkey``).
+
+Each model is loaded once; for each method the patch is applied, every metric is evaluated at every
+length, and the patch is removed. Every cell (model, method, metric, length) is appended to
+``results.jsonl`` in the output folder (default: next to the YAML, ``experiments/<name>/``) as one
+JSON line with its full settings, the git commit, library versions and the hardware, as soon as it
+is computed. A rerun skips the cells already there (key: model, method spec, metric, length, metric
+settings and dtype), so an interrupted sweep resumes where it stopped. At the end ``table.md``
+(per metric and model: rows methods, columns lengths) and PNG plots (perplexity vs length on a log
+axis, retrieval accuracy vs length) are written from the cells of the grid.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .eval.passkey import DEPTHS, passkey_accuracy
+from .eval.perplexity import _fmt, perplexity
+
+METRICS: dict[str, dict] = {
+    "ppl": {"corpus": "austen", "docs": None, "max_tokens": None, "mode": "chunks", "stride": None,
+            "score": "all", "tail_fraction": 0.25},
+    "passkey": {"depths": list(DEPTHS), "trials": 5, "seed": 0, "max_new_tokens": 12},
+    "needle": {"corpus": "austen", "depths": list(DEPTHS), "trials": 5, "seed": 0, "max_new_tokens": 12},
+}
+RESULTS = "results.jsonl"
+
+
+# ------------------------------------------------------------------------------------------ grid
+def _canonical(value):
+    """JSON with sorted keys: the form a setting takes in a cell key."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def method_spec(entry) -> tuple[str, str, dict]:
+    """A YAML methods entry ("none", "yarn:factor=4" or {name: yarn, factor: 4}) -> (label, name,
+    options), validated against the registry."""
+    from . import registry
+    from .cli import parse_method
+
+    if isinstance(entry, dict):
+        entry = dict(entry)
+        name = entry.pop("name", None) or entry.pop("method", None)
+        if not name:
+            raise ValueError(f"method entry {entry} needs a name")
+        spec = ":".join([str(name), *(f"{k}={v}" for k, v in entry.items())])
+    else:
+        spec = str(entry)
+    try:
+        label, name, options = parse_method(spec, None)
+    except SystemExit as err:  # the ppl CLI's parser exits; here it is a config error
+        raise ValueError(str(err)) from None
+    if name != "none":
+        registry.make_options(registry.get_method(name), **options)
+    return label, name, options
+
+
+def _metric_settings(metrics, config) -> dict[str, dict]:
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    if isinstance(metrics, list):
+        metrics = {m: config.get(m) or {} for m in metrics}
+    out = {}
+    for name, given in (metrics or {}).items():
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(METRICS[name]))
+        if unknown:
+            raise ValueError(f"unknown {name} setting(s) {unknown}; allowed: {', '.join(METRICS[name])}")
+        s = {**METRICS[name], **given}
+        if "docs" in s and isinstance(s["docs"], str):
+            s["docs"] = [d.strip() for d in s["docs"].split(",") if d.strip()]
+        if "depths" in s:
+            s["depths"] = [float(d) for d in s["depths"]]
+        out[name] = s
+    if not out:
+        raise ValueError("the sweep has no metrics (metrics: [ppl, passkey, needle])")
+    return out
+
+
+def load_config(path) -> dict:
+    """Read and check a sweep YAML; returns the normalized grid."""
+    import yaml
+
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(raw) - {"name", "models", "methods", "lengths", "metrics", "dtype", "device", "wandb",
+                                 *METRICS})
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}")
+    models = raw.get("models")
+    if isinstance(models, str):
+        models = [models]
+    if not models:
+        raise ValueError(f"{path}: 'models' must list at least one model")
+    methods = raw.get("methods") or ["none"]
+    lengths = raw.get("lengths")
+    if not lengths:
+        raise ValueError(f"{path}: 'lengths' must list at least one length")
+    specs = [method_spec(m) for m in methods]
+    labels = [s[0] for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{path}: duplicate methods {labels}")
+    return {"name": raw.get("name") or path.stem, "models": [str(m) for m in models], "methods": specs,
+            "lengths": [int(L) for L in lengths], "metrics": _metric_settings(raw.get("metrics"), raw),
+            "dtype": raw.get("dtype"), "device": raw.get("device"), "wandb": raw.get("wandb")}
+
+
+def cell_key(model: str, name: str, options: dict, metric: str, length: int, settings: dict, dtype) -> str:
+    return _canonical({"model": model, "method": {"method": name, **options}, "metric": metric,
+                       "length": int(length), "settings": settings, "dtype": dtype})
+
+
+def cells(grid) -> list[dict]:
+    """Every cell of the grid, in run order (model, method, metric, length)."""
+    out = []
+    for model in grid["models"]:
+        for label, name, options in grid["methods"]:
+            for metric, settings in grid["metrics"].items():
+                for L in grid["lengths"]:
+                    out.append({"model": model, "method": label, "method_spec": {"method": name, **options},
+                                "metric": metric, "length": L, "settings": settings, "dtype": grid["dtype"],
+                                "key": cell_key(model, name, options, metric, L, settings, grid["dtype"])})
+    return out
+
+
+# -------------------------------------------------------------------------------- results file
+def read_results(path: Path) -> list[dict]:
+    """The cells in a results.jsonl. A last line cut short by an interruption is dropped (and
+    removed from the file, so that appending stays valid JSON lines)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    rows, good = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+            good.append(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1 and any(x.strip() for x in lines[i + 1:]):
+                raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+            print(f"sweep: dropping an incomplete last line of {path}", file=sys.stderr)
+    clean = "".join(line + "\n" for line in good)
+    if clean != text:
+        path.write_text(clean)
+    return rows
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def environment(device) -> dict:
+    """Git commit, library versions and hardware, recorded with every cell."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    dev = str(device)
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        hardware = torch.cuda.get_device_name(torch.device(dev))
+    else:
+        hardware = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    return {"git_commit": commit, "git_dirty": dirty,
+            "versions": {"longctx": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "hardware": hardware, "device": dev}
+
+
+# -------------------------------------------------------------------------------------- running
+class _Data:
+    """Corpora loaded once per run (token ids per tokenizer for ppl, texts for needle)."""
+
+    def __init__(self):
+        self.ids, self.texts = {}, {}
+
+    def ppl_ids(self, model_name, tokenizer, s):
+        from .data import encode_documents, load_corpus
+
+        key = (model_name, s["corpus"], tuple(s["docs"] or ()), s["max_tokens"])
+        if key not in self.ids:
+            docs = load_corpus(s["corpus"])
+            if s["docs"]:
+                names = [d.name for d in docs]
+                missing = [d for d in s["docs"] if d not in names]
+                if missing:
+                    raise ValueError(f"ppl docs {missing} not in corpus {s['corpus']!r}; it has: {names}")
+                docs = [d for d in docs if d.name in s["docs"]]
+            self.ids[key] = encode_documents(tokenizer, docs, max_tokens=s["max_tokens"])
+        return self.ids[key]
+
+    def needle_texts(self, corpus):
+        from .data import load_corpus
+
+        if corpus not in self.texts:
+            self.texts[corpus] = [d.text for d in load_corpus(corpus)]
+        return self.texts[corpus]
+
+
+def evaluate_cell(model, tokenizer, cell, data: _Data) -> tuple[dict, float | None]:
+    """Run one cell's metric at its length: (result dict, headline value)."""
+    s, L = cell["settings"], cell["length"]
+    if cell["metric"] == "ppl":
+        ids = data.ppl_ids(cell["model"], tokenizer, s)
+        res = perplexity(model, ids, [L], mode=s["mode"], stride=s["stride"], score=s["score"],
+                         tail_fraction=s["tail_fraction"], progress=False)[L]
+        return res, res["ppl"]
+    corpus = data.needle_texts(s["corpus"]) if cell["metric"] == "needle" else None
+    res = passkey_accuracy(model, tokenizer, [L], depths=s["depths"], trials=s["trials"], seed=s["seed"],
+                           task="needle" if cell["metric"] == "needle" else "passkey", corpus=corpus,
+                           max_new_tokens=s["max_new_tokens"], progress=False)[L]
+    return res, res["accuracy"]
+
+
+def _slug(model: str) -> str:
+    """A file-name part for a model: the last path component of a folder/file/hub id."""
+    text = Path(str(model).rstrip("/\\")).name or str(model)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def _wandb_start(cfg, grid, out):
+    if not cfg:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("sweep: wandb is not installed: logging to wandb skipped (pip install wandb)", file=sys.stderr)
+        return None
+    cfg = dict(cfg)
+    settings = {"project": cfg.pop("project", "longctx"), "mode": cfg.pop("mode", "offline"), **cfg}
+    return wandb.init(name=grid["name"], dir=str(out), config={k: v for k, v in grid.items() if k != "wandb"},
+                      **settings)
+
+
+def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:
+    """Run (or resume) the sweep in ``config_path``; returns {"computed", "skipped", "out", "cells"}."""
+    from . import registry
+
+    config_path = Path(config_path)
+    grid = load_config(config_path)
+    out = Path(out) if out else config_path.parent / config_path.stem
+    results_path = out / RESULTS
+    all_cells = cells(grid)
+    done = {r.get("key") for r in read_results(results_path)}
+    todo = [c for c in all_cells if c["key"] not in done]
+
+    if dry_run:
+        print(f"sweep {grid['name']}: {len(all_cells)} cells, {len(all_cells) - len(todo)} done, {len(todo)} to run "
+              f"(results: {results_path})")
+        for c in all_cells:
+            state = "done" if c["key"] in done else "todo"
+            print(f"  [{state}] {c['model']} | {c['method']} | {c['metric']} | {c['length']}")
+        return {"computed": 0, "skipped": len(all_cells) - len(todo), "out": out, "cells": all_cells}
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or grid["device"]
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment(device)
+    wb = _wandb_start(grid["wandb"], grid, out)
+    data = _Data()
+    computed, n_todo = 0, len(todo)
+    try:
+        for model_name in grid["models"]:
+            pending = [c for c in todo if c["model"] == model_name]
+            if not pending:
+                continue
+            from . import load_model
+
+            t0 = time.time()
+            model, tokenizer = load_model(model_name, dtype=grid["dtype"], device=device)
+            print(f"sweep: loaded {model_name} in {time.time() - t0:.0f}s", file=sys.stderr)
+            for label, name, options in grid["methods"]:
+                mine = [c for c in pending if c["method"] == label]
+                if not mine:
+                    continue
+                patch = None if name == "none" else registry.apply(model, name, **options)
+                try:
+                    for c in mine:
+                        t1 = time.time()
+                        result, value = evaluate_cell(model, tokenizer, c, data)
+                        row = {**c, "value": value, "result": result, "seconds": round(time.time() - t1, 3),
+                               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               "config": str(config_path), **env}
+                        _append(results_path, row)
+                        computed += 1
+                        shown = "-" if value is None else (f"{value:.4g}" if c["metric"] == "ppl" else f"{value:.2f}")
+                        print(f"[{computed}/{n_todo}] {model_name} | {label} | {c['metric']} | {c['length']}: "
+                              f"{shown} ({row['seconds']:.0f}s)", file=sys.stderr)
+                        if wb is not None:
+                            wb.log({f"{c['metric']}/{_slug(model_name)}/{label}/{c['length']}": value,
+                                    "metric": c["metric"], "method": label, "length": c["length"], "value": value})
+                finally:
+                    if patch is not None:
+                        patch.remove()
+            del model
+    finally:
+        if wb is not None:
+            wb.finish()
+    rows = read_results(results_path)
+    write_outputs(grid, all_cells, rows, out, plots=plots)
+    return {"computed": computed, "skipped": len(all_cells) - n_todo, "out": out, "cells": all_cells}
+
+
+# ------------------------------------------------------------------------------ tables and plots
+def _grid_values(grid, all_cells, rows):
+    """{(model, metric): {method label: {length: value}}} for the cells of this grid."""
+    by_key = {r["key"]: r for r in rows if "key" in r}
+    table: dict = {}
+    for c in all_cells:
+        r = by_key.get(c["key"])
+        if r is None:
+            continue
+        table.setdefault((c["model"], c["metric"]), {}).setdefault(c["method"], {})[c["length"]] = r.get("value")
+    return table
+
+
+def _cell_text(metric, v):
+    if v is None:
+        return "-"
+    return _fmt(v) if metric == "ppl" else f"{v:.2f}"
+
+
+def format_tables(grid, all_cells, rows) -> str:
+    values = _grid_values(grid, all_cells, rows)
+    lines = [f"# {grid['name']}", ""]
+    names = {"ppl": "perplexity", "passkey": "passkey retrieval accuracy", "needle": "needle-in-a-haystack accuracy"}
+    for model in grid["models"]:
+        for metric, settings in grid["metrics"].items():
+            vals = values.get((model, metric))
+            if not vals:
+                continue
+            shown = {k: v for k, v in settings.items() if v is not None}
+            lines += [f"## {names[metric]}: {model}", "",
+                      "settings: " + ", ".join(f"{k}={v}" for k, v in shown.items())
+                      + (f", dtype={grid['dtype']}" if grid["dtype"] else ""), "",
+                      "| method | " + " | ".join(str(L) for L in grid["lengths"]) + " |",
+                      "|---|" + "---:|" * len(grid["lengths"])]
+            for label, _, _ in grid["methods"]:
+                row = vals.get(label, {})
+                lines.append(f"| {label} | " + " | ".join(_cell_text(metric, row.get(L, None)) if L in row else " "
+                                                          for L in grid["lengths"]) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(grid, all_cells, rows, out: Path, plots=True) -> list[Path]:
+    """table.md and, when matplotlib is importable, one PNG per model and metric."""
+    written = [out / "table.md"]
+    (out / "table.md").write_text(format_tables(grid, all_cells, rows))
+    if not plots:
+        return written
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("sweep: matplotlib is not installed: plots skipped (pip install matplotlib)", file=sys.stderr)
+        return written
+    values = _grid_values(grid, all_cells, rows)
+    for (model, metric), vals in values.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for label, _, _ in grid["methods"]:
+            pts = sorted((L, v) for L, v in vals.get(label, {}).items()
+                         if v is not None and (metric != "ppl" or (math.isfinite(v) and v > 0)))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(grid["lengths"], [str(L) for L in grid["lengths"]])
+        ax.set_xlabel("context length (tokens)")
+        if metric == "ppl":
+            ax.set_yscale("log")
+            ax.set_ylabel("perplexity (log scale)")
+        else:
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_ylabel(f"{metric} accuracy")
+        ax.set_title(f"{model}: {metric}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{_slug(model)}_{metric}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def cmd_sweep(args) -> int:
+    res = run(args.config, out=args.out, dry_run=args.dry_run, device=args.device_override, plots=not args.no_plots)
+    if not args.dry_run:
+        print(f"sweep: {res['computed']} cell(s) computed, {res['skipped']} already done; "
+              f"results in {res['out']}", file=sys.stderr)
+        print((Path(res["out"]) / "table.md").read_text())
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="run a YAML grid of models x methods x metrics x lengths (resumable)")
+    p.add_argument("config", help="the sweep YAML, e.g. experiments/rope_sweep.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the grid and which cells are done; compute nothing")
+    p.add_argument("--out", default=None, help="output folder (default: next to the YAML, named after it)")
+    p.add_argument("--device", dest="device_override", default=None, help="override the YAML's device")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
+if __name__ == "__main__":  # python -m longctx.sweep CONFIG [--dry-run] [--out DIR]
+    import argparse
+
+    _parser = argparse.ArgumentParser(prog="longctx")
+    add_commands(_parser.add_subparsers(dest="command", required=True))
+    _args = _parser.parse_args(["sweep", *sys.argv[1:]])
+    sys.exit(_args.func(_args))

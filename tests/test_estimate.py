@@ -1,0 +1,279 @@
+"""longctx.estimate against hand arithmetic, against autograd's saved tensors, and against the
+live-tensor peak of real tiny bf16 models on CPU."""
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from longctx import estimate as est_mod
+from longctx.estimate import estimate, parse_bytes, shape_of
+
+# h=64, L=2, a=4 heads, g=2 kv heads, d=16, f=160, V=1000, untied
+SMALL = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=160, vocab_size=1000, tie_word_embeddings=False, max_position_embeddings=4096)
+
+
+def test_parameter_count_by_hand():
+    s = shape_of(SMALL)
+    attn = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64      # q (h x a*d), k, v (h x g*d), o = 12288
+    mlp = 3 * 64 * 160                                  # gate, up, down = 30720
+    layer = attn + mlp + 2 * 64                         # + two RMSNorm weights = 43136
+    assert s.layer_params == layer == 43136
+    assert s.params == 2 * layer + 1000 * 64 + 1000 * 64 + 64 == 214336   # + embed + lm_head + final norm
+    # SmolLM2-135M: 30 layers of 576*576*2 + 576*192*2 + 3*576*1536 + 2*576, tied 49152 x 576 embedding
+    assert shape_of("smollm2-135m").params == 30 * (663552 + 221184 + 2654208 + 1152) + 49152 * 576 + 576 == 134515008
+    # Llama-2-7B: 6,738,415,616 parameters (the published count)
+    assert shape_of("llama2-7b").params == 6738415616
+
+
+def test_smollm2_preset_matches_the_converted_checkpoint():
+    from longctx.utils import cache_dir
+
+    found = sorted(cache_dir("models").glob("smollm2-135m-*/config.json"))
+    if not found:
+        pytest.skip("smollm2-135m not converted on this machine")
+    real, preset = shape_of(json.loads(found[0].read_text())), shape_of("smollm2-135m")
+    fields = ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "tied", "gated_mlp")
+    assert [getattr(real, f) for f in fields] == [getattr(preset, f) for f in fields]
+    assert real.params == preset.params
+
+
+def test_inference_by_hand():
+    e = estimate(SMALL, 100, batch=3, dtype="bf16")
+    assert e.weights == 214336 * 2 == 428672
+    assert e.kv_cache == 2 * 2 * 2 * 16 * 100 * 3 * 2 == 76800   # 2 (k,v) * L * g * d * T * B * bytes
+    # layer transient per token: 2 bytes * max(attention 4h + ad + 2gd + 3.5ad = 256+64+64+224 = 608,
+    # MLP 4h + 3f = 256 + 480 = 736) = 1472, + cos/sin 2*2*16 = 64 -> 1536 per token, x B*T = 300 tokens
+    assert e.layer_peak == 1536 * 300 == 460800
+    assert e.logits == 3 * 1000 * 2                              # last position only: B * V * bytes
+    assert e.total == 428672 + 76800 + 460800 == 966272
+    assert e.activations == e.gradients == e.optimizer_states == 0
+    # FLOPs per token: 2 * linear params (86272 - 256 norms = 86016) + attention 4*L*a*d*(T+1)/2 + head/T
+    assert e.flops_per_token == pytest.approx(2 * 2 * 43008 + 4 * 2 * 4 * 16 * 50.5 + 2 * 64000 / 100)
+    assert estimate(SMALL, 100, logits="all").logits == 100 * 1000 * 2
+
+
+def test_lora_training_by_hand():
+    e = estimate(SMALL, 100, train="lora", dtype="bf16", lora_r=8)
+    lora_n = 2 * 8 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))   # r*(in+out) for q,k,v,o, 2 layers = 7168
+    extra_n = 64000 + (2 * 2 * 64 + 64)                                # embedding + all norms = 64320
+    assert e.lora_param_count == lora_n == 7168 and e.lora_params == 4 * lora_n   # fp32 adapters
+    assert e.trainable_params == lora_n + extra_n
+    assert e.gradients == 4 * lora_n + 2 * extra_n == 157312
+    assert e.optimizer_states == 2 * 4 * lora_n + 2 * 2 * extra_n == 314624     # Adam m, v: fp32 / bf16
+    # checkpointing: each layer keeps its input (2*64 bytes/token); outside the layers: ids + labels 16,
+    # cos/sin 2*2*16, final norm fp32 input 4*64 + 4 and its bf16 normalized input 2*64 (trained)
+    assert e.activations == 100 * (2 * 128 + 16 + 64 + 256 + 4 + 128) == 72400
+    assert e.logits == 12 * 100 * 1000                                  # fp32 log-softmax + 2 fp32 grads
+    assert e.total == 428672 + 4 * lora_n + 314624 + 72400 + 1200000 == 2044368
+    assert e.peak_phase.startswith("loss backward")
+
+
+def test_kv_cache_mha_gqa_mqa():
+    sizes = {}
+    for g in (4, 2, 1):
+        sizes[g] = estimate({**SMALL, "num_key_value_heads": g}, 1000).kv_cache
+        assert sizes[g] == 2 * 2 * g * 16 * 1000 * 2
+    assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
+    no_kv_heads = {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}   # MHA by default
+    assert estimate(no_kv_heads, 1000).kv_cache == sizes[4]
+    assert estimate({**no_kv_heads, "model_type": "falcon", "multi_query": True}, 1000).kv_cache == sizes[1]
+
+
+def test_streaming_bounds_the_kv_cache():
+    cap = 4 + 1020
+    per_token = 3 * 2 * 2 * 16 * 2          # k as produced, k re-rotated, v: 3 tensors * L * g * d * bytes
+    for T in (2048, 32768, 1_000_000):
+        e = estimate(SMALL, T, method="streaming:sink_size=4:window_size=1020")
+        assert e.kv_cache == per_token * cap
+        assert e.layer_peak == estimate(SMALL, 1020).layer_peak  # prefilled in window-sized chunks
+    assert estimate(SMALL, 500, method="streaming", sink=4, window=1020).kv_cache == per_token * 500
+    assert estimate(SMALL, 32768, method={"name": "streaming", "window_size": 60}).kv_cache == per_token * 64
+    assert estimate(SMALL, 32768, method="yarn:factor=4").kv_cache == estimate(SMALL, 32768).kv_cache
+    with pytest.raises(ValueError, match="unknown streaming option"):
+        estimate(SMALL, 100, method="streaming:windw=3")
+
+
+def test_zero_stages_divide_the_right_terms():
+    kw = dict(train="full", gpus=4, gpu_memory="80GiB", master_weights=True)
+    z = {k: estimate("llama2-7b", 4096, zero=k, **kw) for k in range(4)}
+    P = shape_of("llama2-7b").params
+    assert z[0].weights == 2 * P and z[0].gradients == 2 * P and z[0].optimizer_states == 12 * P
+    assert (z[1].weights, z[1].gradients, z[1].optimizer_states) == (2 * P, 2 * P, 3 * P)
+    assert (z[2].weights, z[2].gradients, z[2].optimizer_states) == (2 * P, P // 2, 3 * P)
+    assert (z[3].weights, z[3].gradients, z[3].optimizer_states) == (P // 2, P // 2, 3 * P)
+    assert z[3].zero3_gather == 2 * 2 * shape_of("llama2-7b").layer_params and z[2].zero3_gather == 0
+    for k in range(4):  # activations, logits: per GPU, never divided
+        assert z[k].activations == z[0].activations and z[k].logits == z[0].logits
+        assert z[k].per_stage == z[0].per_stage and z[k].total == z[0].per_stage[k]
+    assert z[0].total > z[1].total > z[2].total > z[3].total
+    assert z[0].fits is False and z[3].fits is True
+    one = estimate("llama2-7b", 4096, train="full", gpus=1, zero=3)   # one GPU: nothing to divide
+    assert one.weights == 2 * P and one.zero3_gather == 0
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("80G") == 80 * 2**30
+    assert parse_bytes("80 gib") == 80 * 2**30
+    assert parse_bytes("1.5TiB") == int(1.5 * 2**40)
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("512") == parse_bytes(512) == 512
+    for bad in ("80 parsecs", "GiB", "", "-1GB"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+def test_fits():
+    total = estimate(SMALL, 1000, train="lora").total
+    assert estimate(SMALL, 1000, train="lora", gpu_memory=total).fits is True
+    assert estimate(SMALL, 1000, train="lora", gpu_memory=total - 1).fits is False
+    assert estimate(SMALL, 1000, train="lora").fits is None
+    text = estimate("llama2-7b", 131072, train="lora", gpu_memory="80GiB").format()
+    assert "DOES NOT FIT in 80.00 GiB" in text
+    assert "FITS in 80.00 GiB" in estimate("smollm2-135m", 8192, gpu_memory="80GiB").format()
+
+
+def test_config_sources_agree(tmp_path):
+    cfg = AutoConfig.for_model(**SMALL)
+    cfg.save_pretrained(tmp_path)
+    ref = shape_of(SMALL)
+    for source in (cfg, tmp_path, tmp_path / "config.json", str(tmp_path)):
+        s = shape_of(source)
+        assert (s.hidden, s.layers, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab, s.tied) == \
+               (ref.hidden, ref.layers, ref.heads, ref.kv_heads, ref.head_dim, ref.intermediate, ref.vocab, ref.tied)
+    with pytest.raises(ValueError):
+        estimate(SMALL, 100, train="lora", lora_targets=("nope",))
+
+
+def test_flops_training_orders():
+    base = dict(gradient_checkpointing=False)
+    inf = estimate("llama2-7b", 4096).flops_per_token
+    full = estimate("llama2-7b", 4096, train="full", **base).flops_per_token
+    lora = estimate("llama2-7b", 4096, train="lora", **base).flops_per_token
+    ckpt = estimate("llama2-7b", 4096, train="full").flops_per_token
+    assert 2.9 < full / inf < 3.5          # forward + 2x backward (the head on every position in training)
+    assert 1.9 < lora / inf < full / inf   # frozen weights: input gradients only
+    assert ckpt > full                     # + a recomputed forward
+
+
+# -------------------------------------------------------------- against PyTorch itself (CPU, bf16)
+def _tracker_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "estimate_check.py"
+    spec = importlib.util.spec_from_file_location("estimate_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny(layers, h=64, f=160, V=1000, tied=True, dtype=torch.bfloat16):
+    cfg = AutoConfig.for_model("llama", hidden_size=h, intermediate_size=f, num_attention_heads=4,
+                               num_key_value_heads=2, num_hidden_layers=layers, vocab_size=V,
+                               max_position_embeddings=4096, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model, cfg
+
+
+def _saved_bytes(model, x):
+    """Bytes of the distinct non-parameter storages autograd saves for the backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+    del loss
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("train", ["lora", "full"])
+def test_stored_activations_per_layer_match_autograd(train):
+    """One more layer adds exactly _stored_per_token(...) bytes per token of saved tensors."""
+    mod = _tracker_module()
+    T = 256
+    x = torch.randint(3, 1000, (1, T))
+    saved = {}
+    for layers in (1, 2):
+        model, cfg = _tiny(layers)
+        if train == "lora":
+            model = mod.prepare_lora(model, 8)
+        model.train()
+        saved[layers] = _saved_bytes(model, x)
+    s = shape_of(cfg)
+    layer_tok, kept_tok = est_mod._stored_per_token(s, train, 2, 4, 8, ("q_proj", "k_proj", "v_proj", "o_proj"),
+                                                    ("embed", "norm"), checkpointing=False)
+    assert saved[2] - saved[1] == layer_tok * T
+
+
+@pytest.mark.parametrize("train,ckpt,shape", [
+    (None, False, dict(layers=2)),
+    ("lora", True, dict(layers=2)),                       # output head dominates
+    ("lora", False, dict(layers=2)),
+    ("lora", True, dict(layers=3, h=256, f=1024, V=256, tied=False)),   # layers dominate
+    ("full", False, dict(layers=3, h=256, f=1024, V=256, tied=False)),
+])
+def test_peak_within_15_percent_of_live_tensors(train, ckpt, shape):
+    mod = _tracker_module()
+    T = 512
+    model, cfg = _tiny(**shape)
+    x = torch.randint(3, cfg.vocab_size, (1, T))
+    if train is None:
+        with mod.Meter("cpu", model) as m, torch.inference_mode():
+            model(input_ids=x, use_cache=True, logits_to_keep=1)
+    else:
+        if train == "lora":
+            model = mod.prepare_lora(model, 8)
+        if ckpt:
+            mod.enable_checkpointing(model)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        with mod.Meter("cpu", model) as m:
+            for step in range(2):
+                if step:
+                    m.reset()
+                model(input_ids=x, labels=x, use_cache=False).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    e = estimate(cfg, T, train=train, gradient_checkpointing=ckpt, master_weights=False)
+    assert 0.85 <= m.peak / e.total <= 1.15, (m.peak, e.total, e.peak_phase)
+
+
+def test_cli(capsys):
+    parser = argparse.ArgumentParser()
+    est_mod.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["estimate", "--model", "llama2-7b", "--length", "8192,131072", "--train", "lora",
+                              "--gpus", "8", "--zero", "3", "--gpu-memory", "80GiB"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "llama2-7b: LoRA training step, 1 x 8,192 tokens" in out and "1 x 131,072 tokens" in out
+    assert "8 GPUs ZeRO-3" in out and "per GPU by ZeRO stage" in out
+    assert "FITS in 80.00 GiB" in out
+    args = parser.parse_args(["estimate", "--model", "smollm2-135m", "--length", "32768", "--method",
+                              "streaming:window_size=1020", "--gpu-memory", "100MiB", "--json"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT in 100.00 MiB" in out
+    assert json.loads(out.strip().splitlines()[-1])["kv_cache"] == 3 * 30 * 3 * 64 * 1024 * 2
+
+
+def test_s2attn_changes_training_flops_not_memory():
+    full = estimate(SMALL, 4096, train="lora")
+    s2 = estimate(SMALL, 4096, train="lora", method="s2attn:group_size_ratio=0.25")
+    assert s2.method_options == {"group_size": 1024} and s2.total == full.total
+    attn = lambda keys: 4 * 2 * 4 * 16 * keys                          # 4 * L * a * d * mean keys
+    # forward + 2.5x backward + recomputed forward of the attention: 4.5x, (T+1)/2 -> (G+1)/2 keys
+    assert full.flops_per_token - s2.flops_per_token == pytest.approx(4.5 * (attn(4096.5 / 2) - attn(1024.5 / 2)))
+    assert estimate(SMALL, 4096, method="s2attn").flops_per_token == estimate(SMALL, 4096).flops_per_token

@@ -1,0 +1,213 @@
+"""Passkey / needle prompts (length, depth), scoring with forced-answer fake models, determinism, CLI."""
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import longctx
+from longctx.eval import passkey as pk
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+        "in want of a wife. However little known the feelings or views of such a man may be on his first "
+        "entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, "
+        "that he is considered the rightful property of some one or other of their daughters.\n\n"
+        "\"My dear Mr. Bennet,\" said his lady to him one day, \"have you heard that Netherfield Park is "
+        "let at last?\" Mr. Bennet replied that he had not. \"But it is,\" returned she; \"for Mrs. Long "
+        "has just been here, and she told me all about it.\" Mr. Bennet made no answer.\n\n")
+
+
+def char_tokenizer():
+    """One token per character (digits included), built in-process."""
+    chars = sorted(set(TEXT + pk.PASSKEY_INTRO + pk.PASSKEY_FILLER + pk.PASSKEY_NEEDLE + pk.PASSKEY_QUESTION
+                       + pk.NEEDLE_INTRO + pk.NEEDLE_NEEDLE + pk.NEEDLE_QUESTION + "0123456789\n "))
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+def bpe_tokenizer():
+    """A byte-level BPE trained in-process: words are one or several tokens, merges cross letters."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT, pk.PASSKEY_FILLER * 3, pk.PASSKEY_INTRO, pk.PASSKEY_QUESTION], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def ctok():
+    return char_tokenizer()
+
+
+TOKENIZERS = {"char": char_tokenizer, "bpe": bpe_tokenizer}
+
+
+def max_word_tokens(tok, text):
+    return max(len(tok(w, add_special_tokens=False)["input_ids"]) for w in re.findall(r"\S+\s*", text))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("task", pk.TASKS)
+def test_prompt_length_hits_target(kind, task):
+    tok = TOKENIZERS[kind]()
+    slack = max_word_tokens(tok, TEXT + pk.PASSKEY_FILLER) + 2  # the filler is cut at a word
+    for L in (300, 517, 1000, 2048, 4000):
+        for depth in (0.0, 0.5, 1.0):
+            p = pk.make_prompt(tok, L, depth, 12345, task, haystack=TEXT, start=7)
+            n = len(p.input_ids)
+            assert L - slack <= n <= L, (kind, task, L, depth, n)
+            assert p.input_ids == tok(p.text, add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_too_short_is_an_error(ctok):
+    with pytest.raises(ValueError, match="too short"):
+        pk.make_prompt(ctok, 50, 0.5, 12345)
+
+
+@pytest.mark.parametrize("task", pk.TASKS)
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+def test_key_is_at_the_requested_depth(ctok, task, depth):
+    p = pk.make_prompt(ctok, 3000, depth, 54321, task, haystack=TEXT)
+    needle = (pk.PASSKEY_NEEDLE if task == "passkey" else pk.NEEDLE_NEEDLE).format(key="54321")
+    assert p.text.count("54321") == (2 if task == "passkey" else 1)
+    assert ctok.decode(p.input_ids[p.needle_start:p.needle_end]).strip() == needle
+    # the filler around the needle: depth fraction of its tokens before it (one sentence of slack)
+    assert abs(p.actual_depth - depth) < 0.04, p.actual_depth
+    before = p.text[:p.text.index(needle)].rstrip()
+    if depth < 1:  # at a sentence boundary (at depth 1: where the filler was cut, at a word)
+        assert before.endswith((".", "?", "!", '"')), before[-30:]
+    intro = pk.PASSKEY_INTRO if task == "passkey" else pk.NEEDLE_INTRO
+    question = pk.PASSKEY_QUESTION if task == "passkey" else pk.NEEDLE_QUESTION
+    assert p.text.startswith(intro) and p.text.endswith(question)
+    if depth == 0:
+        assert p.text.startswith(intro + "\n" + needle)
+    if depth == 1:
+        assert p.text.endswith(needle + "\n" + question)
+
+
+def test_passkey_text_is_the_landmark_prompt(ctok):
+    p = pk.make_prompt(ctok, 600, 0.5, 11111)
+    assert "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again." in p.text
+    assert "The pass key is 11111. Remember it. 11111 is the pass key." in p.text
+    assert p.text.endswith("What is the pass key? The pass key is")
+
+
+def test_extract_key():
+    assert pk.extract_key(" 53721.\nThe pass key") == "53721"
+    assert pk.extract_key("is 1, then 12345 and 67890") == "12345"
+    assert pk.extract_key("123456") is None          # 6 digits is not a 5-digit answer
+    assert pk.extract_key("no digits") is None
+
+
+class Forced(nn.Module):
+    """Answers by reading the key out of the prompt: right, or off by one (wrong)."""
+
+    def __init__(self, tokenizer, right=True):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.tok, self.right, self.calls = tokenizer, right, 0
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        self.calls += 1
+        text = self.tok.decode(input_ids[0])
+        key = re.search(r"(?:pass key is|magic number is) (\d{5})", text).group(1)
+        if not self.right:
+            key = str(10000 + (int(key) - 10000 + 1) % 90000)
+        new = self.tok(" " + key + ". Remember", add_special_tokens=False)["input_ids"][:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
+@pytest.mark.parametrize("task", pk.TASKS)
+def test_forced_right_scores_one_wrong_scores_zero(ctok, task):
+    depths = (0, 0.5, 1)
+    right = pk.passkey_accuracy(Forced(ctok), ctok, [400, 800], depths=depths, trials=3, task=task,
+                                corpus=[TEXT], progress=False)
+    wrong = pk.passkey_accuracy(Forced(ctok, right=False), ctok, [400, 800], depths=depths, trials=3,
+                                task=task, corpus=[TEXT], progress=False)
+    for L in (400, 800):
+        assert right[L]["accuracy"] == 1.0 and right[L]["correct"] == right[L]["total"] == 9
+        assert wrong[L]["accuracy"] == 0.0 and wrong[L]["correct"] == 0 and wrong[L]["total"] == 9
+        assert set(right[L]["by_depth"]) == {0.0, 0.5, 1.0}
+        assert all(v == {"accuracy": 1.0, "correct": 3, "total": 3} for v in right[L]["by_depth"].values())
+        assert all(s["prompt_tokens"] <= L for s in right[L]["samples"])
+        assert all(len(s["key"]) == 5 and s["answer"] == s["key"] for s in right[L]["samples"])
+    json.dumps(right)  # serializable
+
+
+def test_deterministic_given_seed(ctok):
+    def keys(seed, task="passkey"):
+        res = pk.passkey_accuracy(Forced(ctok), ctok, [400], depths=(0.25, 0.75), trials=4, seed=seed,
+                                  task=task, corpus=[TEXT], progress=False)
+        return [(s["key"], s["prompt_tokens"], s["needle_start"]) for s in res[400]["samples"]]
+
+    assert keys(0) == keys(0)
+    assert keys(0, "needle") == keys(0, "needle")
+    assert keys(0) != keys(1)
+    assert len({k for k, _, _ in keys(0)}) > 1  # a different key per trial
+
+
+def tiny_llama(vocab):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=1, eos_token_id=2, bos_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_greedy_decode_matches_argmax_loop(ctok):
+    model = tiny_llama(len(ctok))
+    ids = pk.make_prompt(ctok, 300, 0.5, 12345).input_ids
+    new = pk.greedy_decode(model, ids, 6, ctok)
+    x = torch.tensor([ids])
+    ref = []
+    with torch.no_grad():
+        for _ in range(6):  # no cache, full recompute
+            t = model(x).logits[0, -1].argmax()
+            ref.append(int(t))
+            x = torch.cat([x, t.view(1, 1)], dim=1)
+    assert new == ref
+
+
+def test_streaming_decode_equals_dense_when_the_window_holds_everything(ctok):
+    if "streaming" not in longctx.methods():
+        pytest.skip("no streaming method registered")
+    model = tiny_llama(len(ctok))
+    ids = pk.make_prompt(ctok, 300, 0.5, 12345).input_ids
+    dense = pk.greedy_decode(model, ids, 5, ctok)
+    with longctx.applied(model, "streaming", sink_size=4, window_size=400):
+        assert pk.greedy_decode(model, ids, 5, ctok) == dense
+
+
+def test_real_tiny_model_end_to_end(ctok):
+    res = pk.passkey_accuracy(tiny_llama(len(ctok)), ctok, [300], depths=(0.5,), trials=2, progress=False)
+    assert res[300]["total"] == 2 and 0 <= res[300]["accuracy"] <= 1
+
+
+def test_cli(ctok, tmp_path, monkeypatch, capsys):
+    import longctx.models
+
+    model = tiny_llama(len(ctok))
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (model, ctok))
+    parser = argparse.ArgumentParser()
+    pk.add_commands(parser.add_subparsers(dest="command"))
+    out = tmp_path / "pk.json"
+    args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", "300,400", "--depths", "0,1",
+                              "--trials", "1", "--method", "none", "--method", "yarn:factor=2",
+                              "--out", str(out)])
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    assert "| method | 300 | 400 |" in table and "| yarn x2 |" in table and "| none |" in table
+    saved = json.loads(out.read_text())
+    assert set(saved["results"]) == {"none", "yarn x2"}
+    assert saved["settings"]["depths"] == [0.0, 1.0] and saved["results"]["none"]["300"]["total"] == 2
+    assert not longctx.active_patches(model)  # removed again
