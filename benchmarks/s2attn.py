@@ -19,7 +19,6 @@ A Markdown table is printed last; --out writes JSON.
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -28,6 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_ms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from longctx.methods.s2attn import (_Cache, flash_available, flex_available, group_size_for,  # noqa: E402
@@ -59,15 +61,7 @@ def timer(fn, device, warmup, target_s, min_rep, max_rep):
         torch.cuda.synchronize()
         est = time.perf_counter() - t0
         n = int(min(max_rep, max(min_rep, target_s / max(est, 1e-6))))
-        times = []
-        for _ in range(n):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times), n
+        return median_ms(fn, n, device), n
     times = []
     for _ in range(min_rep):
         t0 = time.perf_counter()

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import longctx  # noqa: E402
 from longctx.methods.streaming import SinkCache, prefill  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_ms  # noqa: E402
 
 
 def load(args):
@@ -52,35 +53,14 @@ def load(args):
     return model, args.model
 
 
-def timer(device):
-    if device.type == "cuda":
-        def measure(fn, n):
-            times = []
-            for _ in range(n):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
-    else:
-        def measure(fn, n):
-            times = []
-            for _ in range(n):
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-            return statistics.median(times)
-    return measure
-
-
 @torch.inference_mode()
 def run(args):
     device = torch.device(args.device)
     model, name = load(args)
     vocab = model.config.vocab_size
-    measure = timer(device)
+    def measure(fn, n):
+        return median_ms(fn, n, device)
+
     token = torch.randint(0, vocab, (1, 1), device=device)
     rows = []
     for C in args.caches:
