@@ -208,8 +208,11 @@ def test_bad_sizes(options, match):
 
 
 def test_unsupported_models_and_inputs_are_refused():
-    with pytest.raises(ValueError, match="alibi"):
-        longctx.apply(tiny_model("bloom"), "streaming")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64))
+    with pytest.raises(ValueError, match=r"RoPE and ALiBi models; 'gpt2' uses learned positions"):
+        longctx.apply(gpt2, "streaming")
     with pytest.raises(NotImplementedError, match="sliding"):
         longctx.apply(tiny_model("gemma3_text"), "streaming")
     model = tiny_model("llama")
@@ -336,3 +339,49 @@ def test_cli_lists_streaming_commands():
     assert args.chunk_size == 16 and args.func.__name__ == "cmd_stream_ppl"
     assert parser.parse_args(["chat", "--window-size", "100"]).window_size == 100
     assert parser.parse_args(["generate", "--method", "streaming:sink_size=4"]).method == ["streaming:sink_size=4"]
+
+
+# -- ALiBi models: no rotation, biases by index in the cache --------------------------------------------
+def alibi_model(family):
+    if family == "bloom":
+        return tiny_model("bloom").double()
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=128, expansion_ratio=2)
+    return MptForCausalLM(cfg).double().eval()
+
+
+class DropOldest(Cache):
+    """Reference: plain layers; before each token, drop the oldest non-sink slot once full."""
+
+    def __init__(self, n_layers, sink, window):
+        super().__init__(layers=[DynamicLayer() for _ in range(n_layers)])
+        self.sink, self.window = sink, window
+
+    def step(self, model, token):
+        layer0 = self.layers[0]
+        if layer0.is_initialized and layer0.keys.shape[-2] + 1 > self.sink + self.window:
+            for layer in self.layers:
+                for name in ("keys", "values"):
+                    t = getattr(layer, name)
+                    setattr(layer, name, torch.cat([t[:, :, :self.sink], t[:, :, self.sink + 1:]], dim=-2))
+        return model(token, past_key_values=self, use_cache=True).logits
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_models_stream_by_place(family):
+    model = alibi_model(family)
+    ids = ids_for(40)
+    dense = decode(model, ids, DynamicCache(config=model.config))
+    with longctx.applied(model, "streaming", sink_size=3, window_size=40) as patch:
+        assert torch.equal(decode(model, ids, patch.new_cache()), dense)  # no eviction: dense decoding
+    ref = DropOldest(model.config.num_hidden_layers, 3, 7)
+    with torch.no_grad():
+        want = torch.cat([ref.step(model, ids[:, t:t + 1]) for t in range(ids.shape[1])], dim=1)
+    with longctx.applied(model, "streaming", sink_size=3, window_size=7) as patch:
+        cache = patch.new_cache()
+        assert torch.equal(decode(model, ids, cache), want)
+        assert cache.layers[0].keys.shape[-2] == 10
+        out = model.generate(ids[:, :4], max_new_tokens=70, min_new_tokens=70, do_sample=False)
+        assert out.shape[1] == 74

@@ -22,8 +22,11 @@ pre-hook on this model's decoder body (``model.base_model``). Before every cache
 Forwards without a cache (training, ``longctx.eval.perplexity``) are left alone. ``remove()``
 removes the hook.
 
+ALiBi models (bloom, mpt): no rotation at all; their biases come from each key's index in the
+cache, which is its place.
+
 Not yet supported (clear errors): padded batches (rows of different lengths), models with
-sliding-window or per-layer-type RoPE layers, ALiBi models. A forward with more tokens than the
+sliding-window or per-layer-type RoPE layers, learned absolute positions (gpt2, opt). A forward with more tokens than the
 window (a long prompt) is prefilled in window-sized chunks by the hook itself; its outputs then
 cover the last ``window_size`` tokens only (``generate`` needs no more; a warning says so once).
 """
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from ..arch import rotary_module
+from ..arch import arch_of, rotary_module
 from ..registry import Options, Patch, check_positive, register
 
 
@@ -107,9 +110,10 @@ class SinkCache(Cache):
         check_sizes(sink_size, window_size)
         self.sink_size, self.window_size = sink_size, window_size
         self._model = _check_model(model)
+        self.rope = arch_of(self._model).positions == "rope"  # ALiBi: biases follow the slot index already
         n_layers = self._model.config.num_hidden_layers
         super().__init__(layers=[SinkLayer() for _ in range(n_layers)])
-        self.max_position = max_position or self._model.config.max_position_embeddings
+        self.max_position = max_position or getattr(self._model.config, "max_position_embeddings", None) or 2**62
         self.places = torch.zeros(0, dtype=torch.long)  # (slots,) position each slot's orig key was rotated at
         self.offset = 0  # b: slot i's key currently sits at position i + b
         self.seen_tokens = 0  # tokens fed so far (the stream position)
@@ -129,7 +133,7 @@ class SinkCache(Cache):
                              f"(longctx.methods.streaming.prefill does that)")
         self.reserve(n)
         length = self.places.numel()
-        if length + n + self.offset > self.max_position:  # keep positions in the trained range
+        if self.rope and length + n + self.offset > self.max_position:  # keep positions in the trained range
             self.offset = 0
             self._rerotate(0)
         start = length + self.offset
@@ -150,7 +154,8 @@ class SinkCache(Cache):
             self.places = torch.cat([self.places[:start], self.places[start + drop:]])
             self.evicted_tokens += drop
             self.offset += drop  # window slots moved left by drop: their positions i + b are unchanged
-            self._rerotate(0, stop=start)  # the sinks stayed: re-rotate them to j + b
+            if self.rope:
+                self._rerotate(0, stop=start)  # the sinks stayed: re-rotate them to j + b
         return drop
 
     def _rerotate(self, start: int, stop: int | None = None) -> None:
@@ -191,11 +196,17 @@ def check_sizes(sink_size, window_size) -> None:
 
 
 def _check_model(model):
+    from ..arch import arch_of
     from ..registry import unwrap_model
 
     model = unwrap_model(model)
     config = model.config
-    rotary_module(model, "streaming")  # RoPE model of a known family, or a clear error
+    positions = arch_of(model).positions  # a known family, or a clear error
+    if positions == "rope":
+        rotary_module(model, "streaming")
+    elif positions != "alibi":
+        raise ValueError(f"streaming supports RoPE and ALiBi models; {config.model_type!r} uses {positions} "
+                         f"positions")
     if getattr(config, "layer_types", None) and set(config.layer_types) != {"full_attention"}:
         raise NotImplementedError(f"streaming: models with layer types {sorted(set(config.layer_types))} "
                                   f"(sliding-window layers) are not supported yet")
@@ -276,8 +287,11 @@ class StreamingPatch(Patch):
             n = step
         cache.to_device(x.device)
         cache.make_room(n)
-        places = cache.places[-n:][None].to(x.device)
-        kwargs["position_ids"] = places.expand(x.shape[0], n)
-        if "cache_position" in kwargs:  # transformers < 5.2x passes it too
-            kwargs["cache_position"] = places[0]
+        if cache.rope:  # ALiBi models (bloom, mpt) bias keys by their index in the cache: nothing to set
+            places = cache.places[-n:][None].to(x.device)
+            kwargs["position_ids"] = places.expand(x.shape[0], n)
+            if "cache_position" in kwargs:  # transformers < 5.2x passes it too
+                kwargs["cache_position"] = places[0]
+        else:
+            kwargs.pop("position_ids", None)
         return args, kwargs
