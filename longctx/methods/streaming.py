@@ -46,7 +46,11 @@ from ..registry import Options, Patch, check_positive, register
 
 class SinkLayer(CacheLayerMixin):
     """One layer's slots: ``orig_keys`` as produced, ``keys`` rotated to the current places, ``values``.
-    Tensors are (batch, kv_heads, slots, head_dim)."""
+    Tensors are (batch, kv_heads, slots, head_dim).
+
+    An eviction is only scheduled (``evict``) and carried out by the next ``update``, in the same
+    concatenation that appends the new tokens: one copy of each tensor per step, as in a dense cache.
+    """
 
     is_sliding = False
     is_compileable = False
@@ -54,6 +58,7 @@ class SinkLayer(CacheLayerMixin):
     def __init__(self):
         super().__init__()
         self.orig_keys: torch.Tensor | None = None
+        self.pending: tuple[int, int, torch.Tensor | None] | None = None  # (start, count, new sink keys)
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -65,13 +70,30 @@ class SinkLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # new keys were rotated at their places (the hook set position_ids): current == original
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.orig_keys = torch.cat([self.orig_keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.flush(key_states, value_states)
         return self.keys, self.values
 
+    def evict(self, start: int, count: int, sink_keys: torch.Tensor | None = None) -> None:
+        """Schedule dropping slots [start, start + count), and replacing keys[:start] by ``sink_keys``."""
+        if self.pending is not None:
+            self.flush()
+        self.pending = (start, count, sink_keys)
+
+    def flush(self, key_states=None, value_states=None) -> None:
+        """Carry out the scheduled eviction, appending new states if given."""
+        start, count, sinks = self.pending or (0, 0, None)
+        self.pending = None
+        new_k = [] if key_states is None else [key_states]
+        new_v = [] if value_states is None else [value_states]
+        head = self.keys[:, :, :start] if sinks is None else sinks
+        self.keys = torch.cat([head, self.keys[:, :, start + count:], *new_k], dim=-2)
+        self.orig_keys = torch.cat([self.orig_keys[:, :, :start], self.orig_keys[:, :, start + count:], *new_k], dim=-2)
+        self.values = torch.cat([self.values[:, :, :start], self.values[:, :, start + count:], *new_v], dim=-2)
+
     def get_seq_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        if self.keys is None:
+            return 0
+        return self.keys.shape[-2] - (self.pending[1] if self.pending else 0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -79,14 +101,9 @@ class SinkLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1  # bounded by the SinkCache, which evicts before each forward
 
-    def evict(self, start: int, count: int) -> None:
-        """Drop slots [start, start + count)."""
-        for name in ("keys", "orig_keys", "values"):
-            t = getattr(self, name)
-            setattr(self, name, torch.cat([t[:, :, :start], t[:, :, start + count:]], dim=-2))
-
     def reset(self) -> None:
         self.keys = self.orig_keys = self.values = None
+        self.pending = None
         self.is_initialized = False
 
 
@@ -148,37 +165,42 @@ class SinkCache(Cache):
         drop = max(0, length + n - self.capacity)
         if drop:
             start = min(self.sink_size, length)
-            for layer in self.layers:
-                if layer.is_initialized:
-                    layer.evict(start, drop)
             self.places = torch.cat([self.places[:start], self.places[start + drop:]])
             self.evicted_tokens += drop
-            self.offset += drop  # window slots moved left by drop: their positions i + b are unchanged
-            if self.rope:
-                self._rerotate(0, stop=start)  # the sinks stayed: re-rotate them to j + b
+            self.offset += drop  # window slots move left by drop: their positions i + b are unchanged
+            rotation = self._rotation(0, start) if self.rope and start else None  # sinks stay: to j + b
+            for layer in self.layers:
+                if layer.is_initialized:
+                    sinks = None if rotation is None else self._rotated(layer.orig_keys[:, :, :start], *rotation)
+                    layer.evict(start, drop, sinks)
         return drop
 
-    def _rerotate(self, start: int, stop: int | None = None) -> None:
-        """keys[start:stop] = R(target - original position) orig_keys[start:stop], in fp32, where the
-        target of slot i is i + offset."""
-        layer0 = self.layers[0]
-        stop = self.places.numel() if stop is None else stop
-        if not layer0.is_initialized or stop <= start:
-            return
-        device = layer0.keys.device
+    def _rotation(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, n, rot_dim) in fp32 turning slots [start, stop) from their original positions to
+        i + offset: R(target - original), unscaled."""
+        device = self.layers[0].orig_keys.device
         target = torch.arange(start, stop, device=device) + self.offset
-        delta = (target - self.places[start:stop].to(device))[None]  # (1, n)
+        delta = (target - self.places[start:stop].to(device))[None]
         _, _, rotary = rotary_module(self._model, "streaming")
-        probe = torch.zeros((), dtype=torch.float32, device=device)
-        cos, sin = rotary(probe, position_ids=delta)  # (1, n, rot_dim), times the attention scaling
-        scale = float(getattr(rotary, "attention_scaling", 1.0))
-        cos, sin = cos / scale, sin / scale
-        apply_rotary = self._apply_rotary
+        cos, sin = rotary(torch.zeros((), dtype=torch.float32, device=device), position_ids=delta)
+        scale = float(getattr(rotary, "attention_scaling", 1.0))  # rotary output carries it: undo
+        return cos / scale, sin / scale
+
+    def _rotated(self, orig_keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        k = orig_keys.float()
+        return self._apply_rotary(k, k, cos, sin)[1].to(orig_keys.dtype)
+
+    def _rerotate(self, start: int) -> None:
+        """keys[start:] = R(i + offset - original position) orig_keys[start:], for every layer."""
+        layer0 = self.layers[0]
+        if not layer0.is_initialized or self.places.numel() <= start:
+            return
         for layer in self.layers:
-            k = layer.orig_keys[:, :, start:stop].float()
-            _, rotated = apply_rotary(k, k, cos, sin)
-            layer.keys = torch.cat([layer.keys[:, :, :start], rotated.to(layer.keys.dtype),
-                                    layer.keys[:, :, stop:]], dim=-2)
+            layer.flush()
+        rotation = self._rotation(start, self.places.numel())
+        for layer in self.layers:
+            layer.keys = torch.cat([layer.keys[:, :, :start], self._rotated(layer.orig_keys[:, :, start:], *rotation)],
+                                   dim=-2)
 
     @property
     def _apply_rotary(self):
