@@ -165,7 +165,7 @@ def main():
             nll, dt, peak = measure(lambda: fn(X), device)
             runs[name].append({"nll": nll, "seconds": dt, "peak_bytes": peak})
 
-    rows, ref = {}, None
+    rows = {}
     for name, rs in runs.items():
         dt = statistics.median(x["seconds"] for x in rs)
         peak = max(x["peak_bytes"] for x in rs) if rs[0]["peak_bytes"] is not None else None
