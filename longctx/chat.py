@@ -35,8 +35,8 @@ class StreamingSession:
         for start in range(0, ids.shape[1], step):
             x = ids[:, start:start + step].to(device)
             self.cache.to_device(device)
-            self.cache.make_room(x.shape[1])
-            positions = self.cache.places[-x.shape[1]:][None].to(device)
+            self.cache.make_room(x.shape[1], device=device)
+            positions = self.cache.places[:, -x.shape[1]:]
             out = self.model(x, past_key_values=self.cache, position_ids=positions, use_cache=True)
             self.last_logits = out.logits[0, -1]
         return self.last_logits

@@ -25,8 +25,12 @@ removes the hook.
 ALiBi models (bloom, mpt): no rotation at all; their biases come from each key's index in the
 cache, which is its place.
 
-Not yet supported (clear errors): padded batches (rows of different lengths), models with
-sliding-window or per-layer-type RoPE layers, learned absolute positions (gpt2, opt). A forward with more tokens than the
+Left-padded batches: each row's sinks are its first real tokens and its places count its real
+tokens only, so every row streams as it would alone (see ``SinkCache``).
+
+Not yet supported (clear errors): right padding, padding after the first forward, padded
+batches on mpt (its ALiBi ignores the mask), models with sliding-window or per-layer-type RoPE
+layers, learned absolute positions (gpt2, opt). A forward with more tokens than the
 window (a long prompt) is prefilled in window-sized chunks by the hook itself; its outputs then
 cover the last ``window_size`` tokens only (``generate`` needs no more; a warning says so once).
 """
@@ -112,15 +116,21 @@ class SinkCache(Cache):
 
     Usable as ``past_key_values=`` of a model patched with ``"streaming"`` (the patch makes room and
     sets positions before each forward), or directly: call ``make_room(n)`` before feeding n tokens
-    and pass ``position_ids=cache.places[-n:][None]``. ``get_seq_length()`` is the number of stored
-    tokens (what transformers' mask code needs); ``seen_tokens`` counts the whole stream.
+    and pass ``position_ids=cache.places[:, -n:]``. ``get_seq_length()`` is the number of stored
+    slots (what transformers' mask code needs); ``seen_tokens`` counts the whole stream.
 
-    Positions are places plus a common offset ``b``: slot i's key is rotated to position i + b and
+    Positions are places plus an offset ``b`` per row: a window slot's key sits at its place + b and
     new tokens get their place + b. RoPE sees only differences, so this is exactly positions by
-    place, and it saves work: an eviction moves every window slot left by one and raises b by one,
-    so window keys keep their rotation; only the sink keys (fixed slots) are re-rotated. When the
-    largest position would pass ``max_position`` (default: the model's max_position_embeddings, so
+    place, and it saves work: an eviction moves the window left and raises b by as much, so window
+    keys keep their rotation; only the sink keys (fixed slots) are re-rotated. When the largest
+    position would pass ``max_position`` (default: the model's max_position_embeddings, so
     dynamic/YaRN scaling never kicks in), b returns to 0 and every key is re-rotated once.
+
+    Left-padded batches: after the first (padded) forward, each row's slots are reordered to
+    [its first sink_size real tokens][its pads][the rest]. Eviction always drops the slots right
+    after the sinks, so a row loses its pads before any real token, which is exactly what it would
+    do streamed alone. Pads stay masked (``key_mask``) until they are gone; places count real
+    tokens only, per row.
     """
 
     def __init__(self, model, sink_size: int = 4, window_size: int = 2044, max_position: int | None = None):
@@ -131,43 +141,99 @@ class SinkCache(Cache):
         n_layers = self._model.config.num_hidden_layers
         super().__init__(layers=[SinkLayer() for _ in range(n_layers)])
         self.max_position = max_position or getattr(self._model.config, "max_position_embeddings", None) or 2**62
-        self.places = torch.zeros(0, dtype=torch.long)  # (slots,) position each slot's orig key was rotated at
-        self.offset = 0  # b: slot i's key currently sits at position i + b
+        self.places = None  # (B, slots): position each slot's original key was rotated at
+        self.offset = None  # (B,): b per row
+        self.pads = None  # (B,): pad slots per row (after the sinks once reordered)
+        self._reorder = False  # the first forward had padding: reorder the slots before the next one
         self.seen_tokens = 0  # tokens fed so far (the stream position)
-        self.evicted_tokens = 0
+        self.evicted_tokens = 0  # slots dropped so far (pads included)
         self.managed = False  # True: the caller makes room and sets positions (the patch's hook keeps off)
 
     @property
     def capacity(self) -> int:
         return self.sink_size + self.window_size
 
-    def make_room(self, n: int) -> None:
-        """Evict the oldest window tokens so that ``n`` new ones fit (re-rotating what must move), and
-        give the ``n`` new tokens their positions (``self.places[-n:]``)."""
+    def _slots(self) -> int:
+        return 0 if self.places is None else self.places.shape[-1]
+
+    def make_room(self, n: int, batch: int = 1, pads: torch.Tensor | None = None, device=None) -> None:
+        """Evict so that ``n`` new tokens fit (re-rotating what must move), and give them their
+        positions (``self.places[:, -n:]``). ``pads``: left padding per row, first forward only."""
         if n > self.window_size:
             raise ValueError(f"cannot feed {n} tokens at once into a streaming cache with window_size="
                              f"{self.window_size}; feed at most window_size tokens per forward "
                              f"(longctx.methods.streaming.prefill does that)")
-        self.reserve(n)
-        length = self.places.numel()
-        if self.rope and length + n + self.offset > self.max_position:  # keep positions in the trained range
-            self.offset = 0
+        if self.places is None:
+            device = device or torch.device("cpu")
+            self.places = torch.zeros(batch, 0, dtype=torch.long, device=device)
+            self.offset = torch.zeros(batch, dtype=torch.long, device=device)
+            self.pads = torch.zeros(batch, dtype=torch.long, device=device)
+        self.reserve(n)  # (reorders the slots of a padded previous forward first)
+        if pads is not None and bool(pads.any()):
+            if self._slots():
+                raise NotImplementedError("streaming: padding is supported in the first forward only (left "
+                                          "padding of the prompt)")
+            if int((n - pads).min()) < self.sink_size:
+                raise NotImplementedError(f"streaming: every padded row needs at least sink_size={self.sink_size} "
+                                          f"real tokens in its first forward")
+            self.pads, self._reorder = pads.to(self.places.device), True
+        slots = self._slots()
+        real = slots - self.pads  # (B,) real tokens held
+        if self.rope and int((real + n + self.offset).max()) > self.max_position:  # stay in the trained range
+            self.offset = torch.zeros_like(self.offset)
             self._rerotate(0)
-        start = length + self.offset
-        self.places = torch.cat([self.places, torch.arange(start, start + n, device=self.places.device)])
+        step = torch.arange(n, device=self.places.device)[None]
+        new = (real + self.offset)[:, None] + step  # real tokens count from the row's first one
+        if slots == 0:
+            new = (step - self.pads[:, None]).clamp(min=0)  # pads (masked) sit at 0
+        self.places = torch.cat([self.places, new], dim=-1)
         self.seen_tokens += n
+
+    def key_mask(self, n_new: int) -> torch.Tensor | None:
+        """(B, slots + n_new) 1 = attend, 0 = a pad slot; None when no row holds pads."""
+        if self.pads is None or not bool(self.pads.any()):
+            return None
+        slots = self._slots() - n_new
+        i = torch.arange(slots + n_new, device=self.pads.device)[None]
+        if self._reorder or slots == 0:  # not reordered yet: pads first
+            pad = i < self.pads[:, None]
+        else:
+            pad = (i >= self.sink_size) & (i < self.sink_size + self.pads[:, None])
+        return (~pad).long()
+
+    def _reorder_slots(self) -> None:
+        """After the padded first forward: [pads][real] -> [real[:sink]][pads][real[sink:]] per row."""
+        self._reorder = False
+        n, s = self._slots(), self.sink_size
+        i = torch.arange(n, device=self.places.device)[None]
+        p = self.pads[:, None]
+        index = torch.where(i < s, i + p, torch.where(i < s + p, i - s, i))  # (B, n) source slot
+        self.places = self.places.gather(1, index)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.flush()
+                idx = index.to(layer.keys.device)[:, None, :, None]
+                for name in ("keys", "orig_keys", "values"):
+                    t = getattr(layer, name)
+                    setattr(layer, name, t.gather(2, idx.expand(t.shape[0], t.shape[1], n, t.shape[3])))
 
     def reserve(self, n: int) -> int:
         """Evict now so that ``n`` more tokens fit without eviction (at most window_size); returns
-        how many tokens were evicted."""
+        how many slots were dropped."""
+        if self.places is None:
+            return 0
+        if self._reorder:
+            self._reorder_slots()
         n = min(n, self.window_size)
-        length = self.places.numel()
+        length = self._slots()
         drop = max(0, length + n - self.capacity)
         if drop:
             start = min(self.sink_size, length)
-            self.places = torch.cat([self.places[:start], self.places[start + drop:]])
+            self.places = torch.cat([self.places[:, :start], self.places[:, start + drop:]], dim=-1)
             self.evicted_tokens += drop
-            self.offset += drop  # window slots move left by drop: their positions i + b are unchanged
+            real_dropped = (drop - self.pads).clamp(min=0)  # a row's pads go first
+            self.pads = (self.pads - drop).clamp(min=0)
+            self.offset = self.offset + real_dropped  # the window moved left as many places: positions unchanged
             rotation = self._rotation(0, start) if self.rope and start else None  # sinks stay: to j + b
             for layer in self.layers:
                 if layer.is_initialized:
@@ -175,12 +241,18 @@ class SinkCache(Cache):
                     layer.evict(start, drop, sinks)
         return drop
 
+    def _targets(self, start: int, stop: int) -> torch.Tensor:
+        """(B, stop - start) position each slot in [start, stop) should sit at: its place + b."""
+        i = torch.arange(start, stop, device=self.places.device)[None]
+        s, p = self.sink_size, self.pads[:, None]
+        place = torch.where(i < s, i, i - p)  # window slots: their index among the real tokens
+        return place + self.offset[:, None]
+
     def _rotation(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (1, n, rot_dim) in fp32 turning slots [start, stop) from their original positions to
-        i + offset: R(target - original), unscaled."""
+        """cos, sin (B, n, rot_dim) in fp32 turning slots [start, stop) from their original positions to
+        their targets: R(target - original), unscaled."""
         device = self.layers[0].orig_keys.device
-        target = torch.arange(start, stop, device=device) + self.offset
-        delta = (target - self.places[start:stop].to(device))[None]
+        delta = (self._targets(start, stop) - self.places[:, start:stop]).to(device)
         _, _, rotary = rotary_module(self._model, "streaming")
         cos, sin = rotary(torch.zeros((), dtype=torch.float32, device=device), position_ids=delta)
         scale = float(getattr(rotary, "attention_scaling", 1.0))  # rotary output carries it: undo
@@ -191,13 +263,13 @@ class SinkCache(Cache):
         return self._apply_rotary(k, k, cos, sin)[1].to(orig_keys.dtype)
 
     def _rerotate(self, start: int) -> None:
-        """keys[start:] = R(i + offset - original position) orig_keys[start:], for every layer."""
+        """keys[start:] = R(target - original position) orig_keys[start:], for every layer."""
         layer0 = self.layers[0]
-        if not layer0.is_initialized or self.places.numel() <= start:
+        if not layer0.is_initialized or self._slots() <= start:
             return
         for layer in self.layers:
             layer.flush()
-        rotation = self._rotation(start, self.places.numel())
+        rotation = self._rotation(start, self._slots())
         for layer in self.layers:
             layer.keys = torch.cat([layer.keys[:, :, :start], self._rotated(layer.orig_keys[:, :, start:], *rotation)],
                                    dim=-2)
@@ -208,7 +280,8 @@ class SinkCache(Cache):
         return module.apply_rotary_pos_emb
 
     def to_device(self, device) -> None:
-        self.places = self.places.to(device)
+        if self.places is not None:
+            self.places, self.offset, self.pads = (t.to(device) for t in (self.places, self.offset, self.pads))
 
 
 def check_sizes(sink_size, window_size) -> None:
@@ -290,13 +363,24 @@ class StreamingPatch(Patch):
         key = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
         x = kwargs[key]
         n = x.shape[1]
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.pop("attention_mask", None)
+        pads = None
         if mask is not None:
-            if mask.dim() != 2 or not bool(mask.all()):
-                raise NotImplementedError("streaming patch: padded batches (attention_mask with zeros) are not "
-                                          "supported yet; stream each row on its own")
-            kwargs["attention_mask"] = None
+            mask = mask[:, -n:] if mask.dim() == 2 else mask
+            if mask.dim() != 2:
+                raise NotImplementedError("streaming patch: only 2-D attention masks (left padding) are supported")
+            if not bool(mask.all()):  # left padding: zeros then ones in each row
+                pads = (mask == 0).sum(-1)
+                ar = torch.arange(mask.shape[1], device=mask.device)[None]
+                if not torch.equal(mask.bool(), ar >= pads[:, None]):
+                    raise NotImplementedError("streaming patch: only left padding is supported")
+                if not cache.rope and self.model.config.model_type != "bloom":
+                    raise NotImplementedError(f"streaming patch: padded batches on {self.model.config.model_type!r} "
+                                              f"(its ALiBi ignores the mask); stream rows alone")
         if n > cache.window_size:  # a long prompt: prefill its head in window-sized chunks, bounded
+            if pads is not None:
+                raise NotImplementedError("streaming patch: a padded prompt longer than window_size; "
+                                          "pad it to at most window_size tokens or stream rows alone")
             head, step = n - cache.window_size, cache.window_size
             rest = {k: v for k, v in kwargs.items() if k not in (key, "position_ids", "cache_position")}
             for start in range(0, head, step):
@@ -308,10 +392,13 @@ class StreamingPatch(Patch):
             x = kwargs[key] = x[:, head:]
             n = step
         cache.to_device(x.device)
-        cache.make_room(n)
+        cache.make_room(n, batch=x.shape[0], pads=pads, device=x.device)
+        key_mask = cache.key_mask(n)
+        if key_mask is not None:
+            kwargs["attention_mask"] = key_mask.to(x.device)
         if cache.rope:  # ALiBi models (bloom, mpt) bias keys by their index in the cache: nothing to set
-            places = cache.places[-n:][None].to(x.device)
-            kwargs["position_ids"] = places.expand(x.shape[0], n)
+            places = cache.places[:, -n:].to(x.device)
+            kwargs["position_ids"] = places
             if "cache_position" in kwargs:  # transformers < 5.2x passes it too
                 kwargs["cache_position"] = places[0]
         else:
