@@ -5,13 +5,16 @@ window with recomputation, in one process.
     python benchmarks/streaming_decode.py --llama2-7b-layers 32 --caches 2048,4096 --out OUT.json
     python benchmarks/streaming_decode.py --cpu-smoke
 
-For each cache size C (sinks 4, window C - 4) it measures, with CUDA events, the median latency of
-one decode step:
-  sink@N     a SinkCache after N streamed tokens (N = 10k, 100k, 1M; the stream is prefilled in
-             window-sized chunks, then tokens are decoded one by one; every step evicts one token)
-  dense      a DynamicCache holding C tokens (no eviction): the cost of attention over C keys
-  recompute  a fresh forward over the last C tokens per new token (the paper's sliding window
-             with recomputation baseline)
+For each cache size C (sinks 4, window C - 4), the median latency of one decode step (CUDA events):
+  sink@N        longctx's SinkDecoder (static ring buffers, the step replayed as one CUDA graph) after
+                N streamed tokens (N = 10k, 100k, 1M: the stream is prefilled in window-sized chunks
+                through the SinkCache, then tokens are decoded one by one; every step evicts one token)
+  sink_eager@N  the same steps through SinkCache itself, no graph (what model.generate runs)
+  dense         a static cache holding C tokens, one query attending to all of them, no eviction,
+                replayed as a CUDA graph too: the cost of attention over C keys (dense_eager: a
+                DynamicCache of C tokens, eager)
+  recompute     a fresh forward over the last C tokens per new token (the paper's sliding window with
+                recomputation baseline; eager, as in the paper)
 and peak memory after each N. Targets (issue 3): sink latency flat within 10% from 10k to 1M,
 peak memory constant, recompute/sink >= 20x at C=4096, dense/sink >= 0.9.
 """
@@ -27,11 +30,69 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import longctx  # noqa: E402
-from longctx.methods.streaming import SinkCache, prefill  # noqa: E402
+from longctx.methods.sink_decoder import SinkDecoder  # noqa: E402
+from longctx.methods.streaming import prefill  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_ms  # noqa: E402
+
+
+class DenseStaticLayer(CacheLayerMixin):
+    """C filled slots; a step writes its token into the last one and attends to all C (no eviction)."""
+
+    is_sliding, is_compileable = False, False
+
+    def __init__(self, keys, values, slot):
+        super().__init__()
+        self.keys, self.values, self.slot, self.is_initialized = keys, values, slot, True
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys.index_copy_(2, self.slot, key_states)
+        self.values.index_copy_(2, self.slot, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.keys.shape[-2] - 1
+
+    def get_mask_sizes(self, query_length):
+        return self.keys.shape[-2] - 1 + query_length, 0
+
+    def get_max_length(self):
+        return -1
+
+
+def graphed(fn, warmup: int = 3):
+    """fn captured as a CUDA graph (after warm-up on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def dense_static_step(model, C, device):
+    """One decode step over a static cache of C tokens (random contents: timing only)."""
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    shape = (cfg.num_hidden_layers, 1, kv_heads, C, head_dim)
+    keys, values = torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device)
+    slot = torch.tensor([C - 1], device=device)
+    cache = Cache(layers=[DenseStaticLayer(keys[i], values[i], slot) for i in range(shape[0])])
+    ids = torch.randint(0, cfg.vocab_size, (1, 1), device=device)
+    pos = torch.full((1, 1), C - 1, device=device)
+    return lambda: model(ids, position_ids=pos, past_key_values=cache, use_cache=True)
 
 
 def load(args):
@@ -56,8 +117,10 @@ def load(args):
 @torch.inference_mode()
 def run(args):
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
     model, name = load(args)
     vocab = model.config.vocab_size
+
     def measure(fn, n):
         return median_ms(fn, n, device)
 
@@ -66,13 +129,17 @@ def run(args):
     for C in args.caches:
         sink, window = 4, C - 4
         row = {"cache": C}
-        # dense: a DynamicCache holding C tokens, one new token per step (the cache grows by the steps)
+        # dense: a DynamicCache holding C tokens (eager), and a static C-token cache (CUDA graph)
         dense = DynamicCache(config=model.config)
-        model(torch.randint(0, vocab, (1, C), device=device), past_key_values=dense, use_cache=True)
-        for _ in range(3):
+        model(torch.randint(0, vocab, (1, C - 1), device=device), past_key_values=dense, use_cache=True)
+
+        def dense_step():  # C - 1 cached + the new token; cropped back so every step sees C keys
             model(token, past_key_values=dense, use_cache=True)
-        row["dense_ms"] = measure(lambda: model(token, past_key_values=dense, use_cache=True), args.steps)
-        del dense
+            dense.crop(-1)
+        row["dense_eager_ms"] = measure(dense_step, args.steps)
+        dense_step = dense = None  # free it
+        if cuda:
+            row["dense_ms"] = measure(graphed(dense_static_step(model, C, device)), args.steps)
         # recompute: a forward over C tokens per new token
         window_ids = torch.randint(0, vocab, (1, C), device=device)
         model(window_ids, use_cache=False)
@@ -81,22 +148,33 @@ def run(args):
         with longctx.applied(model, "streaming", sink_size=sink, window_size=window) as patch:
             cache, streamed = patch.new_cache(), 0
             for n in args.stream:
-                chunk = torch.randint(0, vocab, (1, n - streamed), device=device)
-                prefill(model, chunk, cache, chunk_size=window)
+                prefill(model, torch.randint(0, vocab, (1, n - streamed), device=device), cache, chunk_size=window)
                 streamed = n
-                if device.type == "cuda":
+                if cuda:
+                    torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 for _ in range(3):
                     model(token, past_key_values=cache, use_cache=True)
-                row[f"sink_ms@{n}"] = measure(lambda: model(token, past_key_values=cache, use_cache=True), args.steps)
-                streamed += 3 + args.steps
-                if device.type == "cuda":
+                row[f"sink_eager_ms@{n}"] = measure(lambda: model(token, past_key_values=cache, use_cache=True),
+                                                    args.steps)
+                with SinkDecoder(model, cache, cuda_graph=cuda) as decoder:
+                    for _ in range(3):  # warm-up, then the graph is captured
+                        decoder.step(token)
+                    row[f"sink_ms@{n}"] = measure(lambda: decoder.step(token), args.steps)
+                    streamed += 3 + 2 * args.steps + 3
+                if cuda:
                     row[f"peak_gib@{n}"] = torch.cuda.max_memory_allocated() / 2**30
                 assert cache.layers[0].keys.shape[-2] <= C
         sinks = [row[f"sink_ms@{n}"] for n in args.stream]
         row["sink_spread"] = max(sinks) / min(sinks) - 1
         row["recompute_over_sink"] = row["recompute_ms"] / sinks[-1]
-        row["dense_over_sink"] = row["dense_ms"] / sinks[-1]
+        row["dense_over_sink"] = row.get("dense_ms", row["dense_eager_ms"]) / sinks[-1]
+        eager = row[f"sink_eager_ms@{args.stream[-1]}"]
+        row["eager_recompute_over_sink"] = row["recompute_ms"] / eager
+        row["eager_dense_over_sink"] = row["dense_eager_ms"] / eager
+        if cuda:
+            peaks = [row[f"peak_gib@{n}"] for n in args.stream]
+            row["peak_spread"] = max(peaks) / min(peaks) - 1
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return name, rows
@@ -124,12 +202,23 @@ def main():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{name} | {gpu} | torch {torch.__version__} | median of {args.steps} steps\n")
     cols = [f"sink_ms@{n}" for n in args.stream]
+    print("CUDA graph steps (SinkDecoder; dense: static cache):")
     print("| cache | " + " | ".join(cols) + " | dense ms | recompute ms | recompute/sink | dense/sink | spread |")
     print("|---" * (len(cols) + 6) + "|")
     for r in rows:
         print(f"| {r['cache']} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
-              + f" | {r['dense_ms']:.3f} | {r['recompute_ms']:.2f} | {r['recompute_over_sink']:.1f}x"
+              + f" | {r.get('dense_ms', float('nan')):.3f} | {r['recompute_ms']:.2f} | {r['recompute_over_sink']:.1f}x"
               + f" | {r['dense_over_sink']:.2f} | {r['sink_spread']:.1%} |")
+    cols = [f"sink_eager_ms@{n}" for n in args.stream]
+    print("\nEager steps (SinkCache, as model.generate; dense: DynamicCache):")
+    print("| cache | " + " | ".join(cols) + " | dense ms | recompute/sink | dense/sink |")
+    print("|---" * (len(cols) + 4) + "|")
+    for r in rows:
+        print(f"| {r['cache']} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
+              + f" | {r['dense_eager_ms']:.3f} | {r['eager_recompute_over_sink']:.1f}x | {r['eager_dense_over_sink']:.2f} |")
+    if any("peak_gib@" + str(n) in r for r in rows for n in args.stream):
+        print("\npeak GiB after N tokens: " + "; ".join(
+            f"C={r['cache']}: " + ", ".join(f"{r[f'peak_gib@{n}']:.3f}" for n in args.stream) for r in rows))
     if args.out:
         Path(args.out).write_text(json.dumps({"model": name, "gpu": gpu, "torch": torch.__version__,
                                               "steps": args.steps, "rows": rows}, indent=1))

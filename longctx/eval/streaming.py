@@ -74,8 +74,9 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
             patch_obj = patch.__enter__()
             cache = patch_obj.new_cache()
         try:
+            on_device = ids.to(device)  # one copy: a per-chunk copy would wait for the GPU every step
             for s in range(0, len(ids) - 1, chunk_size):
-                x = ids[s:s + chunk_size + 1].to(device)  # (c + 1,): inputs and their next tokens
+                x = on_device[s:s + chunk_size + 1]  # (c + 1,): inputs and their next tokens
                 logits = model(x[None, :-1], past_key_values=cache, use_cache=True).logits[0]  # (c, V)
                 nll += F.cross_entropy(logits.float(), x[1:], reduction="sum").double()
                 scored += len(x) - 1

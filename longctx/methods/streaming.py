@@ -148,6 +148,10 @@ class SinkCache(Cache):
         self.seen_tokens = 0  # tokens fed so far (the stream position)
         self.evicted_tokens = 0  # slots dropped so far (pads included)
         self.managed = False  # True: the caller makes room and sets positions (the patch's hook keeps off)
+        # host-side bounds, so that a step never waits for the GPU: next position of any row <= _top,
+        # pad slots of any row <= _max_pads
+        self._top, self._max_pads = 0, 0
+        self._sink_stack = None  # see _sink_keys
 
     @property
     def capacity(self) -> int:
@@ -177,10 +181,12 @@ class SinkCache(Cache):
                 raise NotImplementedError(f"streaming: every padded row needs at least sink_size={self.sink_size} "
                                           f"real tokens in its first forward")
             self.pads, self._reorder = pads.to(self.places.device), True
+            self._max_pads = int(pads.max())
         slots = self._slots()
         real = slots - self.pads  # (B,) real tokens held
-        if self.rope and int((real + n + self.offset).max()) > self.max_position:  # stay in the trained range
+        if self.rope and self._top + n > self.max_position:  # stay in the trained range (_top >= real + b)
             self.offset = torch.zeros_like(self.offset)
+            self._top = slots
             self._rerotate(0)
         step = torch.arange(n, device=self.places.device)[None]
         new = (real + self.offset)[:, None] + step  # real tokens count from the row's first one
@@ -188,10 +194,11 @@ class SinkCache(Cache):
             new = (step - self.pads[:, None]).clamp(min=0)  # pads (masked) sit at 0
         self.places = torch.cat([self.places, new], dim=-1)
         self.seen_tokens += n
+        self._top += n
 
     def key_mask(self, n_new: int) -> torch.Tensor | None:
         """(B, slots + n_new) 1 = attend, 0 = a pad slot; None when no row holds pads."""
-        if self.pads is None or not bool(self.pads.any()):
+        if self.pads is None or self._max_pads == 0:
             return None
         slots = self._slots() - n_new
         i = torch.arange(slots + n_new, device=self.pads.device)[None]
@@ -203,7 +210,7 @@ class SinkCache(Cache):
 
     def _reorder_slots(self) -> None:
         """After the padded first forward: [pads][real] -> [real[:sink]][pads][real[sink:]] per row."""
-        self._reorder = False
+        self._reorder, self._sink_stack = False, None
         n, s = self._slots(), self.sink_size
         i = torch.arange(n, device=self.places.device)[None]
         p = self.pads[:, None]
@@ -233,12 +240,14 @@ class SinkCache(Cache):
             self.evicted_tokens += drop
             real_dropped = (drop - self.pads).clamp(min=0)  # a row's pads go first
             self.pads = (self.pads - drop).clamp(min=0)
+            self._max_pads = max(0, self._max_pads - drop)
             self.offset = self.offset + real_dropped  # the window moved left as many places: positions unchanged
-            rotation = self._rotation(0, start) if self.rope and start else None  # sinks stay: to j + b
-            for layer in self.layers:
-                if layer.is_initialized:
-                    sinks = None if rotation is None else self._rotated(layer.orig_keys[:, :, :start], *rotation)
-                    layer.evict(start, drop, sinks)
+            layers = [layer for layer in self.layers if layer.is_initialized]
+            sinks = [None] * len(layers)
+            if self.rope and start and layers:  # the sinks stay in their slots: re-rotated to j + b
+                sinks = self._rotated(self._sink_keys(layers, start), *self._rotation(0, start)).unbind(0)
+            for layer, sink_keys in zip(layers, sinks):
+                layer.evict(start, drop, sink_keys)
         return drop
 
     def _targets(self, start: int, stop: int) -> torch.Tensor:
@@ -257,6 +266,14 @@ class SinkCache(Cache):
         cos, sin = rotary(torch.zeros((), dtype=torch.float32, device=device), position_ids=delta)
         scale = float(getattr(rotary, "attention_scaling", 1.0))  # rotary output carries it: undo
         return cos / scale, sin / scale
+
+    def _sink_keys(self, layers, start: int) -> torch.Tensor:
+        """(L, B, H, start, D) original keys of the sink slots of all layers, stacked once and kept
+        while the sinks stay the same (one rotation per step for every layer, not one per layer)."""
+        kept = self._sink_stack
+        if kept is None or kept.shape[0] != len(layers) or kept.shape[-2] != start:
+            kept = self._sink_stack = torch.stack([layer.orig_keys[:, :, :start] for layer in layers])
+        return kept
 
     def _rotated(self, orig_keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         k = orig_keys.float()
@@ -369,7 +386,10 @@ class StreamingPatch(Patch):
             mask = mask[:, -n:] if mask.dim() == 2 else mask
             if mask.dim() != 2:
                 raise NotImplementedError("streaming patch: only 2-D attention masks (left padding) are supported")
-            if not bool(mask.all()):  # left padding: zeros then ones in each row
+            # padding is only possible in the first forward (checked below); a one-token step's mask is
+            # not read, so that decoding never waits for the GPU (generate passes all ones)
+            checked = n > 1 or cache._slots() == 0
+            if checked and not bool(mask.all()):  # left padding: zeros then ones in each row
                 pads = (mask == 0).sum(-1)
                 ar = torch.arange(mask.shape[1], device=mask.device)[None]
                 if not torch.equal(mask.bool(), ar >= pads[:, None]):

@@ -1,0 +1,69 @@
+"""SinkDecoder (static ring buffers, CUDA graph on GPU) against the SinkCache it takes over."""
+
+import pytest
+import torch
+
+import longctx
+from longctx.methods.sink_decoder import SinkDecoder
+from longctx.methods.streaming import SinkCache, prefill
+from conftest import tiny_model
+
+FAMILIES = ["llama", "qwen2", "gpt_neox", "glm", "phi3"]  # full, partial and interleaved rotary
+
+
+def ids_for(n, batch=1, seed=0):
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def stream(model, prompt, steps, decoder=None, sink_size=3, window_size=9, max_position=None):
+    """Prefill ``prompt``, then feed ``steps`` (B, n) one token at a time: with the SinkCache
+    itself, or through a SinkDecoder; then one 3-token chunk after it. Logits of every fed token."""
+    with longctx.applied(model, "streaming", sink_size=sink_size, window_size=window_size), torch.no_grad():
+        cache = SinkCache(model, sink_size, window_size, max_position=max_position)
+        prefill(model, prompt, cache, chunk_size=4)
+        out = []
+        if decoder:
+            with SinkDecoder(model, cache, cuda_graph=False) as dec:
+                out += [dec.step(steps[:, t:t + 1]).clone() for t in range(steps.shape[1])]
+        else:
+            out += [model(steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                    for t in range(steps.shape[1])]
+        tail = ids_for(3, prompt.shape[0], seed=9)
+        out.append(model(tail, past_key_values=cache, use_cache=True).logits)  # chunks go on after it
+        assert cache.layers[0].keys.shape[-2] == cache.capacity
+        return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("max_position", [None, 20])  # 20: every key re-rotated from its original every ~8 steps
+def test_decoder_equals_sink_cache_token_by_token(family, max_position):
+    # sdpa in fp64: eager attention takes its softmax in fp32, whose sums depend on the key order
+    model = tiny_model(family).double()
+    model.set_attn_implementation("sdpa")
+    prompt, steps = ids_for(14, batch=2), ids_for(40, batch=2, seed=1)  # 40 steps: the ring wraps 4 times
+    want = stream(model, prompt, steps, max_position=max_position)
+    got = stream(model, prompt, steps, decoder=True, max_position=max_position)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_decoder_without_sinks_is_window_only():
+    model = tiny_model("llama").double()
+    model.set_attn_implementation("sdpa")
+    prompt, steps = ids_for(12), ids_for(25, seed=1)
+    want = stream(model, prompt, steps, sink_size=0, window_size=8)
+    got = stream(model, prompt, steps, decoder=True, sink_size=0, window_size=8)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_decoder_refuses_what_it_cannot_do():
+    model = tiny_model("llama")
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6) as patch, torch.no_grad():
+        cache = patch.new_cache()
+        model(ids_for(4), past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="full cache"):
+            SinkDecoder(model, cache)
+        with pytest.raises(TypeError, match="SinkCache"):
+            SinkDecoder(model, object())
+        model(ids_for(4), past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="CUDA"):
+            SinkDecoder(model, cache, cuda_graph=True)
