@@ -5,6 +5,8 @@
   sample order that depends only on the micro-step (so a data position is one integer);
 * accelerate: the ``Accelerator`` for a config (bf16 where available, gradient accumulation, DeepSpeed
   batch settings), tracking (wandb, offline by default, and a ``log.jsonl``);
+* held-out evaluation (``eval`` section): perplexity on the ``data.holdout`` documents every N optimizer
+  steps, in eval mode (full attention), on the main process, leaving the training's RNG streams untouched;
 * checkpoints with exact resume: ``accelerator.save_state`` (optimizer, scheduler, the RNG states of
   every process, and the model: only its *trainable* tensors outside FSDP/DeepSpeed) plus
   ``trainer_state.json`` (optimizer step and micro-step = data position), written last;
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -59,6 +62,16 @@ DEFAULTS: dict = {
     "resume_from": None,  # or a checkpoint folder
     "wandb": {"project": "longctx", "mode": "offline", "name": None},  # false: off
     "make_tiny": None,  # tests/CPU demo: build a tiny random model and corpus (see make_tiny)
+    # held-out perplexity during training (see HeldoutEval); every: 0 = off
+    "eval": {
+        "every": 0,  # optimizer steps between evaluations; also at step 0 (fresh runs) and at the last step
+        "lengths": None,  # window lengths; null: [target_length]
+        "max_tokens": None,  # truncate EACH held-out document to this many tokens (as longctx ppl --max-tokens)
+        "corpus": None,  # where the data.holdout documents are read from; null: data.corpus
+        "score": "tail",  # tail: the last quarter of each window (longctx ppl --score tail); or all
+        "dtype": "auto",  # autocast dtype: auto (the training's mixed precision), bf16, fp16, fp32 (none)
+        "keep_best": False,  # true: save the artifact with the lowest perplexity (longest length) to output_dir/best
+    },
 }
 _OPEN_SECTIONS = ("rope", "s2attn", "wandb", "make_tiny")  # extra keys are passed on as options
 
@@ -301,6 +314,164 @@ def read_log(output_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+# ---------------------------------------------------------------------------- held-out evaluation
+EVAL_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+EVAL_SCORES = ("tail", "all")
+
+
+def eval_settings(cfg: dict) -> dict | None:
+    """The checked ``eval`` section, or None when held-out evaluation is off (``every`` 0 or absent)."""
+    e = {**DEFAULTS["eval"], **(cfg.get("eval") or {})}
+    every = e["every"] or 0
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"eval.every must be an integer >= 0 (0: no held-out evaluation), got {every!r}")
+    if every == 0:
+        return None
+    if not cfg["data"]["holdout"]:
+        raise ValueError("eval.every > 0 evaluates on the held-out documents, but data.holdout is empty: "
+                         "name some documents there, or set eval.every=0")
+    lengths = e["lengths"] or [cfg["target_length"]]
+    if isinstance(lengths, int):
+        lengths = [lengths]
+    if not all(isinstance(L, int) and not isinstance(L, bool) and L >= 2 for L in lengths):
+        raise ValueError(f"eval.lengths must be a list of integers >= 2, got {e['lengths']!r}")
+    if e["max_tokens"] is not None and (not isinstance(e["max_tokens"], int) or e["max_tokens"] < max(lengths)):
+        raise ValueError(f"eval.max_tokens must be null or an integer >= the longest of eval.lengths "
+                         f"({max(lengths)}), got {e['max_tokens']!r}")
+    if e["score"] not in EVAL_SCORES:
+        raise ValueError(f"eval.score must be one of {', '.join(EVAL_SCORES)}; got {e['score']!r}")
+    if e["dtype"] not in EVAL_DTYPES:
+        raise ValueError(f"eval.dtype must be one of {', '.join(EVAL_DTYPES)}; got {e['dtype']!r}")
+    if not isinstance(e["keep_best"], bool):
+        raise ValueError(f"eval.keep_best must be true or false, got {e['keep_best']!r}")
+    return {**e, "every": every, "lengths": sorted(set(lengths))}
+
+
+def load_heldout(cfg: dict, tokenizer, settings: dict) -> list[torch.Tensor]:
+    """Token ids (1-D, one tensor per document, each cut to ``eval.max_tokens``) of the ``data.holdout``
+    documents of ``eval.corpus`` (default: the training corpora), tokenized as ``longctx ppl`` does."""
+    from .data import encode_documents, load_corpus
+
+    corpora = settings["corpus"] or cfg["data"]["corpus"]
+    corpora = [corpora] if isinstance(corpora, str) else list(corpora)
+    docs = [d for c in corpora for d in load_corpus(c)]
+    wanted = list(cfg["data"]["holdout"])
+    missing = [w for w in wanted if w not in {d.name for d in docs}]
+    if missing:
+        raise ValueError(f"eval: held-out documents {missing} are not in eval.corpus {corpora}; "
+                         f"it has: {[d.name for d in docs]}")
+    chosen = [d for d in docs if d.name in wanted]
+    return encode_documents(tokenizer, chosen, max_tokens=settings["max_tokens"])
+
+
+@contextlib.contextmanager
+def preserve_rng(device):
+    """Python, NumPy, torch CPU (and ``device``'s CUDA) random states are restored on exit: code run
+    inside cannot shift the training's random streams (dropout, ...)."""
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if torch.device(device).type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class HeldoutEval:
+    """Perplexity on the held-out documents during training (the ``eval`` config section).
+
+    The model is put in eval mode, so S2-Attn (``train_only``) is inactive: full attention, as at
+    inference. Scoring is ``longctx.eval.perplexity`` with non-overlapping windows (mode "chunks")
+    and ``eval.score`` (default "tail": the last quarter of each window), the settings of
+    ``longctx ppl --score tail``, under autocast to ``eval.dtype``. Only the main process evaluates
+    (every other process waits for the result, which is broadcast to all); under DDP or DeepSpeed
+    ZeRO-1/2 every process holds the whole model, so this is exact. FSDP and ZeRO-3 shard the
+    weights and are refused. Nothing of the training changes: RNG states are restored, no gradient
+    is made (inference mode), and the data order depends on the micro-step only.
+    """
+
+    def __init__(self, cfg: dict, accelerator, tokenizer):
+        from accelerate.utils import DistributedType
+
+        self.settings = eval_settings(cfg)
+        if self.settings is None:
+            raise ValueError("HeldoutEval needs eval.every > 0")
+        sharded = accelerator.distributed_type == DistributedType.FSDP or (
+            accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+        if sharded:
+            raise ValueError("eval.every > 0 evaluates the unsharded model on the main process; FSDP and DeepSpeed "
+                             "ZeRO-3 shard the weights: use DDP or ZeRO-2, or set eval.every=0")
+        self.accelerator = accelerator
+        self.last_step = cfg["train"]["steps"]
+        self.ids = load_heldout(cfg, tokenizer, self.settings) if accelerator.is_main_process else None
+        self.best: float | None = None  # lowest perplexity at the longest length so far
+
+    @property
+    def key_length(self) -> int:
+        """The length whose perplexity decides the best artifact: the longest."""
+        return self.settings["lengths"][-1]
+
+    def due(self, step: int) -> bool:
+        return step % self.settings["every"] == 0 or step == self.last_step
+
+    def resume(self, rows: list[dict]) -> None:
+        """Take the best perplexity so far from the log rows of the run being resumed."""
+        key = str(self.key_length)
+        seen = [r["heldout_ppl"][key] for r in rows if key in (r.get("heldout_ppl") or {})]
+        seen = [v for v in seen if v is not None]
+        self.best = min(seen) if seen else None
+
+    def autocast(self):
+        name = self.settings["dtype"]
+        dtype = EVAL_DTYPES[name]
+        if name == "auto":
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.accelerator.device.type, dtype=dtype)
+
+    def __call__(self, model) -> tuple[dict, bool]:
+        """Evaluate ``model`` (as returned by ``accelerator.prepare``); returns (metrics for the log,
+        whether the perplexity at the longest length is the best so far), the same on every process.
+        Metrics: ``heldout_ppl`` {length: ppl}, ``heldout_tokens`` {length: scored tokens}, ``eval_seconds``."""
+        import time
+
+        from accelerate.utils import broadcast_object_list
+
+        from .eval.perplexity import perplexity
+        from .registry import unwrap_model
+
+        payload = [None, False]
+        if self.accelerator.is_main_process:
+            started = time.time()
+            inner = unwrap_model(self.accelerator.unwrap_model(model))  # the transformers model (LoRA injected)
+            was_training = model.training
+            model.eval()  # S2-Attn off (train_only): full attention
+            try:
+                with preserve_rng(self.accelerator.device), self.autocast():
+                    res = perplexity(inner, self.ids, self.settings["lengths"], mode="chunks",
+                                     score=self.settings["score"], tail_fraction=0.25, progress=False)
+            finally:
+                model.train(was_training)
+            metrics = {"heldout_ppl": {str(L): r["ppl"] for L, r in res.items()},
+                       "heldout_tokens": {str(L): r["tokens"] for L, r in res.items()},
+                       "eval_seconds": time.time() - started}
+            value = res[self.key_length]["ppl"]
+            improved = value is not None and (self.best is None or value < self.best)
+            payload = [metrics, improved]
+        payload = broadcast_object_list(payload)
+        metrics, improved = payload
+        if improved:
+            self.best = metrics["heldout_ppl"][str(self.key_length)]
+        return metrics, improved
+
+
 # --------------------------------------------------------------------------------- checkpoints
 @dataclass
 class TrainState:
@@ -491,4 +662,5 @@ def make_tiny(model_dir, corpus_file, *, seed: int = 0, hidden_size: int = 64, l
 __all__ = ["DEFAULTS", "load_config", "select_documents", "pack_documents", "sample_indices", "make_accelerator",
            "model_device", "Tracker", "read_log", "TrainState", "save_checkpoint", "list_checkpoints",
            "load_checkpoint", "resume_folder", "save_artifact", "merge_artifact", "add_commands", "make_tiny",
-           "rope_options", "s2attn_options", "make_scheduler", "enable_activation_checkpointing"]
+           "rope_options", "s2attn_options", "make_scheduler", "enable_activation_checkpointing", "eval_settings",
+           "load_heldout", "preserve_rng", "HeldoutEval"]

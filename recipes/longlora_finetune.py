@@ -11,6 +11,9 @@ and LoRA+ (LoRA on the attention projections plus trainable embedding and norms)
 Overrides are ``key=value`` (dotted keys into sections, values parsed as YAML). ``resume=true``
 continues from the latest checkpoint, exactly. Steps: config -> model + RoPE + S2-Attn -> LoRA+ ->
 packed data -> AdamW + warmup schedule -> train with checkpoints -> artifact (OUTPUT_DIR/final).
+With ``eval.every: N`` the held-out perplexity (``data.holdout`` documents, full attention) is logged
+at step 0, every N steps and at the end (rows with ``heldout_ppl`` in OUTPUT_DIR/log.jsonl); it does
+not change the training. ``eval.keep_best: true`` also saves the best of those models to OUTPUT_DIR/best.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from longctx import lora, train
 
 def run(cfg: dict, use_wandb: bool = True) -> dict:
     t = cfg["train"]
+    train.eval_settings(cfg)  # a wrong eval section fails here, before the slow loads
     accelerator = train.make_accelerator(cfg)
     main_process = accelerator.is_main_process
     set_seed(t["seed"])
@@ -80,8 +84,29 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
         if main_process:
             print(f"resumed from {checkpoint} at step {state.step}", file=sys.stderr)
 
-    # 5. Train.
+    # 5. Train, with held-out perplexity every eval.every steps (eval mode: full attention).
     tracker = train.Tracker(accelerator, cfg, use_wandb, start_step=state.step)
+    evaluator = train.HeldoutEval(cfg, accelerator, tokenizer) if train.eval_settings(cfg) else None
+    artifact_info = dict(cfg=cfg, rope_patch=rope_patch, s2attn_patch=s2attn_patch, base_dtype=base_dtype,
+                         trained_length=trained_length, seq_len=seq_len)
+    last_eval = None
+
+    def evaluate():
+        nonlocal last_eval
+        last_eval, improved = evaluator(model)
+        tracker.log(last_eval, state.step)
+        if main_process:
+            ppl = ", ".join(f"{L}: {v:.4g}" for L, v in last_eval["heldout_ppl"].items() if v is not None)
+            print(f"step {state.step}: held-out perplexity {ppl} ({last_eval['eval_seconds']:.1f} s)",
+                  file=sys.stderr)
+        if improved and evaluator.settings["keep_best"]:
+            settings = artifact_settings(accelerator, model, state, **artifact_info, heldout=last_eval)
+            train.save_artifact(accelerator, model, out / "best", settings)
+
+    if evaluator is not None:
+        evaluator.resume(train.read_log(out) if main_process else [])
+        if state.step == 0:
+            evaluate()  # the starting point
     accumulation = accelerator.gradient_accumulation_steps
     bar = tqdm(total=t["steps"], initial=state.step, disable=not main_process, desc="train", dynamic_ncols=True)
     model.train()
@@ -114,6 +139,8 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
             if torch.cuda.is_available():
                 metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             tracker.log(metrics, state.step)
+        if evaluator is not None and evaluator.due(state.step):
+            evaluate()
         if state.step % t["checkpoint_every"] == 0 or state.step == t["steps"]:
             train.save_checkpoint(accelerator, out, state, keep=t["keep_checkpoints"])
     bar.close()
@@ -121,6 +148,18 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
 
     # 6. The artifact: adapter + trained embedding/norms + the settings merge needs.
     model.eval()
+    settings = artifact_settings(accelerator, model, state, **artifact_info, heldout=last_eval)
+    artifact = train.save_artifact(accelerator, model, out / "final", settings)
+    if main_process:
+        print(f"artifact: {artifact}  (merge: longctx merge {artifact} --out {out / 'merged'})", file=sys.stderr)
+    return {"model": accelerator.unwrap_model(model), "tokenizer": tokenizer, "artifact": artifact,
+            "state": state, "log": train.read_log(out)}
+
+
+def artifact_settings(accelerator, model, state, *, cfg, rope_patch, s2attn_patch, base_dtype, trained_length,
+                      seq_len, heldout=None) -> dict:
+    """What ``longctx.json`` records: base model, RoPE method, S2-Attn and LoRA settings (merge needs
+    them), training progress, and the latest held-out perplexity if any."""
     local = Path(str(cfg["model"])).expanduser()
     settings = {
         "base_model": str(local.resolve()) if local.exists() else cfg["model"],
@@ -130,11 +169,9 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
         "lora": {k: v for k, v in accelerator.unwrap_model(model).longctx_lora.items() if k != "counts"},
         "seq_len": seq_len, "steps": state.step, "tokens": state.tokens, "config": cfg,
     }
-    artifact = train.save_artifact(accelerator, model, out / "final", settings)
-    if main_process:
-        print(f"artifact: {artifact}  (merge: longctx merge {artifact} --out {out / 'merged'})", file=sys.stderr)
-    return {"model": accelerator.unwrap_model(model), "tokenizer": tokenizer, "artifact": artifact,
-            "state": state, "log": train.read_log(out)}
+    if heldout is not None:
+        settings["heldout_ppl"] = heldout["heldout_ppl"]
+    return settings
 
 
 def main(argv=None) -> dict:

@@ -1,4 +1,5 @@
-"""recipes/longlora_finetune.py on a tiny random llama (CPU): loss falls, exact resume, merge, reload."""
+"""recipes/longlora_finetune.py on a tiny random llama (CPU): loss falls, held-out evaluation (changes
+nothing in training, full attention), exact resume, merge, reload."""
 
 import argparse
 import importlib.util
@@ -43,6 +44,14 @@ def full_run(tiny):
     return finetune(tiny, tiny / "full")
 
 
+def train_rows(run):
+    return [r for r in run["log"] if "loss" in r]
+
+
+def eval_rows(run):
+    return [r for r in run["log"] if "heldout_ppl" in r]
+
+
 def test_first_line_is_the_command():
     for path in ROOT.glob("configs/*/*longlora*.yaml"):
         first = path.read_text().splitlines()[0]
@@ -76,9 +85,17 @@ def test_packing_and_holdout(tiny):
 
 
 def test_loss_falls_and_artifact(full_run):
-    losses = [row["loss"] for row in full_run["log"]]
+    losses = [row["loss"] for row in train_rows(full_run)]
     assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    # held-out perplexity (tiny config: every 5 steps, from step 0) falls too; the best model is kept
+    evals = eval_rows(full_run)
+    assert [r["step"] for r in evals] == [0, 5, 10, 15, 20]
+    ppl = [r["heldout_ppl"]["128"] for r in evals]
+    assert ppl[-1] < ppl[0] / 2, ppl
+    assert all(r["heldout_tokens"] == {"128": 8 * 32} for r in evals)  # 1024 tokens: 8 windows, tail 32 each
+    best = json.loads((full_run["artifact"].parent / "best/longctx.json").read_text())
+    assert best["steps"] == evals[ppl.index(min(ppl))]["step"] and best["heldout_ppl"]["128"] == min(ppl)
     art = full_run["artifact"]
     assert sorted(p.name for p in art.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                    "longctx.json", "longctx_lora.json", "trainable.safetensors"]
@@ -112,8 +129,11 @@ def assert_same(a, b):
 
 def test_resume_is_exact(tiny, full_run):
     resumed = finetune(tiny, tiny / "resumed", f"resume_from={tiny / 'full/checkpoints/step_000010'}")
-    assert [r["step"] for r in resumed["log"]] == list(range(11, 21))
-    assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in full_run["log"][10:]]
+    assert [r["step"] for r in train_rows(resumed)] == list(range(11, 21))
+    assert [r["loss"] for r in train_rows(resumed)] == [r["loss"] for r in train_rows(full_run)[10:]]
+    # no step-0 evaluation on resume; the held-out perplexities after it are those of the full run
+    assert [(r["step"], r["heldout_ppl"]) for r in eval_rows(resumed)] == \
+        [(r["step"], r["heldout_ppl"]) for r in eval_rows(full_run) if r["step"] > 10]
     weights, optim = checkpoint(tiny / "full", 20)
     weights2, optim2 = checkpoint(tiny / "resumed", 20)
     assert len(weights) == 16 + 5 + 1  # LoRA A/B of 4 projections in 2 layers, 5 norms, the embedding
@@ -124,7 +144,8 @@ def test_resume_is_exact(tiny, full_run):
     with pytest.raises(FileExistsError, match="resume=true"):  # a fresh start never mixes with old checkpoints
         finetune(tiny, tiny / "resumed")
     more = finetune(tiny, tiny / "resumed", "resume=true", "train.steps=22")  # resume=true: the latest one
-    assert [r["step"] for r in more["log"]] == list(range(11, 23)) and more["state"].step == 22
+    assert [r["step"] for r in train_rows(more)] == list(range(11, 23)) and more["state"].step == 22
+    assert [r["step"] for r in eval_rows(more)] == [15, 20, 22]  # the log up to step 20 kept, then the end
 
 
 def test_merge_cli_reloads_without_longctx(tiny, full_run):
@@ -147,7 +168,7 @@ def test_merge_cli_reloads_without_longctx(tiny, full_run):
 @pytest.mark.skipif(not train.s2attn_available(), reason="the s2attn method is not available")
 def test_with_s2attn(tiny):
     run = finetune(tiny, tiny / "s2attn", "s2attn.enabled=true", "train.steps=8", "train.checkpoint_every=100")
-    losses = [r["loss"] for r in run["log"]]
+    losses = [r["loss"] for r in train_rows(run)]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     settings = json.loads((run["artifact"] / "longctx.json").read_text())
     assert settings["s2attn"]["group_size_ratio"] == 0.25
@@ -156,3 +177,57 @@ def test_with_s2attn(tiny):
     ids = torch.randint(3, merged.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # eval mode: full attention in both
         torch.testing.assert_close(merged(ids).logits, run["model"].eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not train.s2attn_available(), reason="the s2attn method is not available")
+def test_heldout_eval_changes_nothing_and_uses_full_attention(tiny):
+    """Evaluation on (step 0, every 3, the end; best model saved) vs off: the same losses, bit for bit,
+    and the same trained tensors and optimizer state (LoRA dropout on, so training draws random
+    numbers: any drawn by the evaluation would show). The logged perplexity is full attention's."""
+    common = ("s2attn.enabled=true", "train.steps=8", "train.checkpoint_every=100", "lora.dropout=0.1")
+    on = finetune(tiny, tiny / "eval-on", *common, "eval.every=3", "eval.keep_best=true")
+    off = finetune(tiny, tiny / "eval-off", *common, "eval.every=0")
+    assert [r["step"] for r in eval_rows(on)] == [0, 3, 6, 8] and eval_rows(off) == []
+    keys = ("step", "loss", "lr", "tokens")
+    assert [[r[k] for k in keys] for r in train_rows(on)] == [[r[k] for k in keys] for r in train_rows(off)]
+    assert_same(checkpoint(tiny / "eval-on", 8), checkpoint(tiny / "eval-off", 8))
+    assert (tiny / "eval-on/best/adapter_model.safetensors").is_file() and not (tiny / "eval-off/best").exists()
+
+    # the last logged perplexity, recomputed on the final model: with the S2 patch removed (full
+    # attention) it is the same; with S2 forced on at inference (train_only=False) it is not
+    from longctx.eval.perplexity import perplexity
+    from longctx.registry import active_patches
+
+    cfg = train.load_config(CONFIG, [f"data.corpus={tiny / 'corpus.jsonl'}"])
+    ids = train.load_heldout(cfg, on["tokenizer"], train.eval_settings(cfg))
+    model = on["model"].get_base_model().eval()
+    logged = eval_rows(on)[-1]["heldout_ppl"]["128"]
+    [s2] = [p for p in active_patches(model) if p.method == "s2attn"]
+    s2.remove()
+    full = perplexity(model, ids, [128], score="tail", progress=False)[128]["ppl"]
+    assert full == pytest.approx(logged, rel=1e-6)
+    with longctx.applied(model, "s2attn", group_size_ratio=0.25, train_only=False):
+        sparse = perplexity(model, ids, [128], score="tail", progress=False)[128]["ppl"]
+    assert abs(sparse - logged) > 1e-3 * logged
+
+
+def test_eval_config_errors(tiny):
+    def settings(*overrides):
+        return train.eval_settings(train.load_config(CONFIG, list(overrides)))
+
+    assert settings("eval.every=0") is None and settings("eval=false") is None
+    s = settings("eval.lengths=null")
+    assert s["lengths"] == [128] and s["every"] == 5  # null lengths: the target length
+    for override, message in [("eval.every=-1", "eval.every must be an integer >= 0"),
+                              ("eval.dtype=int8", "eval.dtype must be one of auto, bf16, fp16, fp32"),
+                              ("eval.score=head", "eval.score must be one of tail, all"),
+                              ("eval.max_tokens=64", "eval.max_tokens must be null or an integer >= .* \\(128\\)"),
+                              ("eval.lengths=[1]", "eval.lengths must be a list of integers >= 2"),
+                              ("data.holdout=[]", "data.holdout is empty")]:
+        with pytest.raises(ValueError, match=message):
+            settings(override)
+    with pytest.raises(ValueError, match="unknown config key 'eval.evry'"):
+        settings("eval.evry=3")
+    cfg = train.load_config(CONFIG, [f"data.corpus={tiny / 'corpus.jsonl'}", "data.holdout=[Emma]"])
+    with pytest.raises(ValueError, match="'Emma'.*Alpha"):
+        train.load_heldout(cfg, None, train.eval_settings(cfg))
