@@ -421,7 +421,9 @@ class HeldoutEval:
         return step % self.settings["every"] == 0 or step == self.last_step
 
     def resume(self, rows: list[dict]) -> None:
-        """Take the best perplexity so far from the log rows of the run being resumed."""
+        """Take the best perplexity so far from the log rows of the run being resumed (those up to the
+        checkpoint's step). An output_dir/best saved after that step by the interrupted run stays until
+        a better model replaces it."""
         key = str(self.key_length)
         seen = [r["heldout_ppl"][key] for r in rows if key in (r.get("heldout_ppl") or {})]
         seen = [v for v in seen if v is not None]
