@@ -1,0 +1,26 @@
+"""The benchmark scripts' CPU smoke modes run (code paths only; speed targets are checked on the GPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_longlora_step_cpu_smoke(tmp_path):
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/longlora_step.py"), "--cpu-smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert [(r["T"], r["attention"]) for r in rows] == [(128, "full"), (128, "s2"), (256, "full"), (256, "s2")]
+    assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
+    # the S2 cases ran the s2attn attention (sdpa backend on CPU), the full ones transformers' SDPA
+    assert all(r["attn_implementation"].startswith("longctx_s2attn") and r["s2_backend"] == "sdpa"
+               for r in rows if r["attention"] == "s2")
+    assert all(r["attn_implementation"] == "sdpa" for r in rows if r["attention"] == "full")
+    assert all("speedup" in r for r in rows if r["attention"] == "s2")
+    assert data["meta"]["versions"]["torch"] == __import__("torch").__version__
+    assert "| model | T | attention |" in proc.stdout and "Target (issue 4)" in proc.stdout
