@@ -8,8 +8,8 @@ python -m longctx.cli ppl --model smollm2-135m --corpus kjv --lengths 2048,8192 
 s="python -m longctx.cli stream-ppl --model smollm2-135m --corpus kjv --dtype bf16"
 # dense cache beyond the trained 8k: positions run past it
 $s --max-tokens 32768 --policy dense --chunk-size 512 --curve-every 4096 --out "$out/kjv_dense_32k.json"
-# the sinks table (paper's Table 1 shape): 0/1/2/4/8 sinks, 2048 cached tokens, first 200k tokens
+# the sinks table (paper's Table 1 shape): 0/1/2/4/8 sinks, 2048 cached tokens, first 200k tokens, chunks of 128
 for k in 0 1 2 4 8; do
-  $s --max-tokens 200000 --sink-size $k --window-size $((2048 - k)) --policy sinks --chunk-size 64 \
+  $s --max-tokens 200000 --sink-size $k --window-size $((2048 - k)) --policy sinks --chunk-size 128 \
      --out "$out/sinks_${k}.json"
 done
