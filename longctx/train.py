@@ -105,7 +105,18 @@ def _update(cfg: dict, new: dict, where: str) -> None:
         if isinstance(cfg.get(key), dict) and isinstance(value, dict):
             _update(cfg[key], value, f"{name}.")
         else:
-            cfg[key] = value
+            cfg[key] = _as_number(name, value, cfg.get(key))
+
+
+def _as_number(name: str, value, default):
+    """YAML reads ``5e-5`` (no dot) as a string: where the default is a number, read strings as one."""
+    if not isinstance(value, str) or isinstance(default, bool) or not isinstance(default, (int, float)):
+        return value
+    kind = float if isinstance(default, float) else int
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"config key {name!r} must be a {kind.__name__}, got {value!r}") from None
 
 
 # ------------------------------------------------------------------- methods, schedule

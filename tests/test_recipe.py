@@ -66,6 +66,14 @@ def test_config_overrides_and_unknown_keys():
         train.load_config(CONFIG, ["train.stpes=3"])
 
 
+def test_numbers_yaml_reads_as_strings():
+    # YAML 1.1 reads 5e-5 (no dot) as a string; the first GPU run of this config crashed in AdamW on it
+    assert train.load_config(CONFIG, ["train.lr=5e-5"])["train"]["lr"] == 5e-5
+    assert train.load_config(CONFIG, ["train.steps=12"])["train"]["steps"] == 12
+    with pytest.raises(ValueError, match="'train.lr' must be a float, got 'fast'"):
+        train.load_config(CONFIG, ["train.lr=fast"])
+
+
 def test_packing_and_holdout(tiny):
     model, tok = longctx.load_model(tiny / "base")
     docs = longctx.load_corpus(str(tiny / "corpus.jsonl"))
