@@ -67,3 +67,11 @@ def test_decoder_refuses_what_it_cannot_do():
         model(ids_for(4), past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="CUDA"):
             SinkDecoder(model, cache, cuda_graph=True)
+        decoder = SinkDecoder(model, cache, cuda_graph=False)
+        assert cache.layers[0].keys is None  # one copy of the slots, the decoder's
+        with pytest.raises(RuntimeError, match="held by a SinkDecoder"):
+            model(ids_for(1), past_key_values=cache, use_cache=True)
+        decoder.step(ids_for(1))
+        decoder.close()
+        assert cache.layers[0].keys.shape[-2] == 8 and not cache.held
+        model(ids_for(1), past_key_values=cache, use_cache=True)

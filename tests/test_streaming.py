@@ -96,10 +96,25 @@ def test_token_by_token_agrees_with_reference_over_3x_window(max_position):
         cache = SinkCache(model, sink, window, max_position=max_position)
         got = decode(model, ids, cache)
         assert cache.evicted_tokens == ids.shape[1] - sink - window
-        assert int(cache.offset.max()) <= (16 if max_position else 64) - sink - window
+        assert int(cache.offset.max()) <= (max_position or 64 + sink + window) - sink - window
     # the sink cache rotates from fp32 cos/sin: R(a - b) R(b) vs R(a) differ in the last fp32 bits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, decode(model, ids, DynamicCache(config=model.config)), atol=1e-3)
+
+
+def test_default_max_position_and_rare_full_rerotation(monkeypatch):
+    model = tiny_model("llama")
+    assert SinkCache(model, 4, 60).max_position == 64 + 64  # static RoPE: trained length + capacity
+    with longctx.applied(model, "dynamic_ntk", factor=2):
+        assert SinkCache(model, 4, 60).max_position == 64  # dynamic: where its scaling would start
+    # a cache as long as the trained length: every key re-rotated once per ~capacity steps, not every step
+    calls = []
+    monkeypatch.setattr(SinkCache, "_rerotate", lambda self, start: calls.append(self.seen_tokens))
+    with longctx.applied(model, "streaming", sink_size=4, window_size=60), torch.no_grad():
+        cache = SinkCache(model, 4, 60)
+        prefill(model, ids_for(64), cache)
+        decode(model, ids_for(200, seed=3), cache)
+    assert calls == [128, 193, 258]  # every max_position - capacity + 1 = 65 tokens
 
 
 @pytest.mark.parametrize("family", STREAM_FAMILIES)

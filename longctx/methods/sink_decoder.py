@@ -8,6 +8,7 @@ cannot be captured as a CUDA graph, and a small model's decode step is then all 
     with SinkDecoder(model, cache) as decoder:     # cache: a SinkCache holding sink + window tokens
         logits = decoder.step(next_ids)            # (B, 1) -> (B, 1, vocab); overwritten next step
     # on exit the cache holds every decoded token, in its usual form: chunks can follow
+    # (while the decoder holds it, the cache's own tensors are freed and it refuses forwards)
 
 Layout: one buffer per kind for all layers, (L, B, H, C, D) with C = sink_size + window_size.
 Slots [0, sink) hold the sinks; slots [sink, C) are a ring: each step writes the new token over
@@ -32,7 +33,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..arch import rotary_module
-from .streaming import SinkCache
+from .streaming import STATIC_ROPE_TYPES, SinkCache
 
 
 class _RingLayer(CacheLayerMixin):
@@ -85,10 +86,19 @@ class SinkDecoder:
             layer.flush()
         first = cache.layers[0].keys
         device, self.dtype = first.device, first.dtype
+        _, _, self.rotary = rotary_module(cache._model, "streaming")
+        # RoPE types whose rotary module reads the positions on the host (dynamic, longrope) cannot be captured
+        static = getattr(self.rotary, "rope_type", "default") in STATIC_ROPE_TYPES
+        self.use_graph = (device.type == "cuda" if cuda_graph is None else cuda_graph) and static
+        if self.use_graph and device.type != "cuda":
+            raise ValueError("SinkDecoder: cuda_graph=True needs a CUDA device")
         # (L, B, H, C, D): all layers in one buffer, so one copy re-rotates every layer's sinks
         self.keys = torch.stack([layer.keys for layer in cache.layers])
         self.orig_keys = torch.stack([layer.orig_keys for layer in cache.layers])
         self.values = torch.stack([layer.values for layer in cache.layers])
+        for layer in cache.layers:  # the decoder holds the only copy until close()
+            layer.keys = layer.orig_keys = layer.values = None
+        cache.held = True
         self.places = cache.places.to(device).clone()  # (B, C): position each slot's original key has
         self.b = cache.offset.to(device).clone()  # (B,)
         self.oldest = self.sink  # ring pointer on the host; ``slot`` is its device copy
@@ -100,12 +110,6 @@ class SinkDecoder:
         self.steps = 0
         self.ring = Cache(layers=[_RingLayer(self.keys[i], self.orig_keys[i], self.values[i], self.slot,
                                              self.capacity - 1) for i in range(len(cache.layers))])
-        _, _, self.rotary = rotary_module(cache._model, "streaming")
-        dynamic = "dynamic" in str(getattr(self.rotary, "rope_type", "")) or \
-            "dynamic" in str(getattr(self.rotary, "rope_init_fn", ""))
-        self.use_graph = (device.type == "cuda" if cuda_graph is None else cuda_graph) and not dynamic
-        if self.use_graph and device.type != "cuda":
-            raise ValueError("SinkDecoder: cuda_graph=True needs a CUDA device")
         self.warmup, self.graph, self.logits = warmup, None, None
 
     # -- the step ----------------------------------------------------------------------------------
@@ -177,6 +181,7 @@ class SinkDecoder:
             layer.orig_keys = self.orig_keys[i].index_select(2, order)
             layer.values = self.values[i].index_select(2, order)
             layer.pending = None
+        cache.held = False
         cache.places = self.places.index_select(1, order).to(cache.places.device)
         cache.offset = self.b.clone().to(cache.offset.device)
         cache._top = self.next_position

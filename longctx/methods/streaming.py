@@ -48,6 +48,9 @@ from ..arch import arch_of, rotary_module
 from ..registry import Options, Patch, check_positive, register
 
 
+STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")  # frequencies independent of the positions seen
+
+
 class SinkLayer(CacheLayerMixin):
     """One layer's slots: ``orig_keys`` as produced, ``keys`` rotated to the current places, ``values``.
     Tensors are (batch, kv_heads, slots, head_dim).
@@ -123,8 +126,9 @@ class SinkCache(Cache):
     new tokens get their place + b. RoPE sees only differences, so this is exactly positions by
     place, and it saves work: an eviction moves the window left and raises b by as much, so window
     keys keep their rotation; only the sink keys (fixed slots) are re-rotated. When the largest
-    position would pass ``max_position`` (default: the model's max_position_embeddings, so
-    dynamic/YaRN scaling never kicks in), b returns to 0 and every key is re-rotated once.
+    position would pass ``max_position`` (default: trained length + capacity for static RoPE, the
+    trained length for dynamic RoPE; see ``_default_max_position``), b returns to 0 and every key is
+    re-rotated once from its original.
 
     Left-padded batches: after the first (padded) forward, each row's slots are reordered to
     [its first sink_size real tokens][its pads][the rest]. Eviction always drops the slots right
@@ -140,7 +144,7 @@ class SinkCache(Cache):
         self.rope = arch_of(self._model).positions == "rope"  # ALiBi: biases follow the slot index already
         n_layers = self._model.config.num_hidden_layers
         super().__init__(layers=[SinkLayer() for _ in range(n_layers)])
-        self.max_position = max_position or getattr(self._model.config, "max_position_embeddings", None) or 2**62
+        self.max_position = max_position or self._default_max_position()
         self.places = None  # (B, slots): position each slot's original key was rotated at
         self.offset = None  # (B,): b per row
         self.pads = None  # (B,): pad slots per row (after the sinks once reordered)
@@ -148,10 +152,26 @@ class SinkCache(Cache):
         self.seen_tokens = 0  # tokens fed so far (the stream position)
         self.evicted_tokens = 0  # slots dropped so far (pads included)
         self.managed = False  # True: the caller makes room and sets positions (the patch's hook keeps off)
+        self.held = False  # True while a SinkDecoder holds the slots (sink_decoder.py)
         # host-side bounds, so that a step never waits for the GPU: next position of any row <= _top,
         # pad slots of any row <= _max_pads
         self._top, self._max_pads = 0, 0
         self._sink_stack = None  # see _sink_keys
+
+    def _default_max_position(self) -> int:
+        """Static RoPE (default, linear, yarn, llama3) only sees position differences, which stay below
+        the capacity: positions may run to trained length + capacity (float32 angles at most ~2x as
+        large as the model's own), so a cache as long as the trained length (Llama-2, 4096) re-rotates
+        every key once per ~4096 steps, not at every step. RoPE whose frequencies depend on the largest
+        position (dynamic, longrope) and ALiBi: the trained length."""
+        trained = getattr(self._model.config, "max_position_embeddings", None)
+        if not trained:
+            return 2**62
+        if self.rope:
+            _, _, rotary = rotary_module(self._model, "streaming")
+            if getattr(rotary, "rope_type", "default") in STATIC_ROPE_TYPES:
+                return trained + self.capacity
+        return trained
 
     @property
     def capacity(self) -> int:
@@ -163,6 +183,9 @@ class SinkCache(Cache):
     def make_room(self, n: int, batch: int = 1, pads: torch.Tensor | None = None, device=None) -> None:
         """Evict so that ``n`` new tokens fit (re-rotating what must move), and give them their
         positions (``self.places[:, -n:]``). ``pads``: left padding per row, first forward only."""
+        if self.held:
+            raise RuntimeError("this SinkCache is held by a SinkDecoder: feed tokens through decoder.step, or "
+                               "close the decoder (it hands the cache back) before feeding the cache itself")
         if n > self.window_size:
             raise ValueError(f"cannot feed {n} tokens at once into a streaming cache with window_size="
                              f"{self.window_size}; feed at most window_size tokens per forward "
