@@ -9,6 +9,7 @@
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .arch import supported_families
+from .methods.sink_decoder import SinkDecoder
 from .methods.streaming import SinkCache
 from .registry import Options, Patch, active_patches, applied, apply, methods, register
 
@@ -32,4 +33,4 @@ def __getattr__(name):
 
 
 __all__ = ["apply", "applied", "methods", "active_patches", "Patch", "Options", "register", "SinkCache",
-           "supported_families", "load_model", "load_corpus", "eval"]
+           "SinkDecoder", "supported_families", "load_model", "load_corpus", "eval"]
