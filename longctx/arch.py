@@ -25,7 +25,7 @@ _ROPE = [
     "gemma", "gemma2", "gemma3_text", "glm", "glm4", "phi", "phi3", "olmo", "olmo2", "olmo3",
     "granite", "granitemoe", "cohere", "starcoder2", "stablelm", "gpt_neox", "falcon",
     "deepseek_v3", "exaone4", "ernie4_5", "helium", "smollm3", "seed_oss", "arcee", "nemotron",
-    "persimmon",
+    "persimmon", "cohere2", "gpt_oss",
 ]
 ARCHITECTURES: dict[str, Arch] = {f: Arch(f, "rope") for f in _ROPE}
 # Phi3Config refuses every rope type but these two (and rewrites "yarn" into "longrope" on load)
@@ -74,3 +74,21 @@ def rotary_module(model: nn.Module, method: str) -> tuple[nn.Module, str, nn.Mod
             f"found {type(module).__name__}; is this a transformers 5 model?"
         )
     return parent, attr, module
+
+
+def rope_layers(model: nn.Module) -> list[bool]:
+    """Per decoder layer: whether it rotates its queries and keys (False: a NoPE layer, or no RoPE at all).
+
+    Families with NoPE layers: smollm3 (``config.no_rope_layers[i] == 0``), cohere2 (RoPE in the
+    sliding-window layers only) and exaone4 with a sliding window (its global layers are NoPE)."""
+    config = model.config.get_text_config(decoder=True)
+    n = config.num_hidden_layers
+    arch = arch_of(model)
+    if arch.positions != "rope":
+        return [False] * n
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * n
+    if arch.family == "smollm3":
+        return [bool(flag) for flag in config.no_rope_layers]
+    if arch.family == "cohere2" or (arch.family == "exaone4" and config.sliding_window is not None):
+        return [kind == "sliding_attention" for kind in kinds]
+    return [True] * n

@@ -75,3 +75,26 @@ def test_decoder_refuses_what_it_cannot_do():
         decoder.close()
         assert cache.layers[0].keys.shape[-2] == 8 and not cache.held
         model(ids_for(1), past_key_values=cache, use_cache=True)
+
+
+def test_decoder_on_per_layer_type_rope():
+    """gemma3's rotary module holds one RoPE per layer type: the decoder rotates with the full layers' one."""
+    model = tiny_model("gemma3_text", layer_types=["full_attention"] * 2).double()
+    model.set_attn_implementation("sdpa")
+    prompt, steps = ids_for(14, batch=2), ids_for(30, batch=2, seed=1)
+    want = stream(model, prompt, steps, max_position=20)
+    got = stream(model, prompt, steps, decoder=True, max_position=20)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_decoder_refuses_sliding_and_nope_layers():
+    from transformers import AutoConfig
+    from conftest import _COMMON, build
+
+    smollm3 = build(AutoConfig.for_model("smollm3", **{**_COMMON, "num_hidden_layers": 4}))  # layer 4: NoPE
+    for model, match in ((tiny_model("gemma3_text"), "sliding-window layers"), (smollm3, "NoPE layers")):
+        with longctx.applied(model, "streaming", sink_size=2, window_size=6) as patch, torch.no_grad():
+            cache = patch.new_cache()
+            prefill(model, ids_for(8), cache)
+            with pytest.raises(NotImplementedError, match=match):
+                SinkDecoder(model, cache)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 import longctx
 from longctx.methods.streaming import SinkCache, prefill
@@ -40,20 +40,18 @@ def rotate_half(x):
 
 
 class ReferenceLayer(DynamicLayer):
-    """Keeps raw keys; returns every key rotated to its current place (llama layout, full rotary)."""
+    """Keeps raw (unrotated) keys; returns every key rotated to its current place (llama layout)."""
 
-    def __init__(self, owner):
+    def __init__(self, owner, index):
         super().__init__()
-        self.owner = owner
+        self.owner, self.index = owner, index
 
     def update(self, key_states, value_states, *args, **kwargs):
-        cos, sin = self.owner.cos_sin(self.owner.new_places)  # un-rotate the new keys from their places
-        raw = key_states * cos - rotate_half(key_states) * sin
+        raw = self.owner.rotate(key_states, self.owner.new_places, self.index, inverse=True)  # from their places
         self.raw = raw if not hasattr(self, "raw") else torch.cat([self.raw, raw], dim=-2)
         self.values = value_states if self.values is None else torch.cat([self.values, value_states], dim=-2)
         self.is_initialized = True
-        cos, sin = self.owner.cos_sin(torch.arange(self.raw.shape[-2]))
-        self.keys = self.raw * cos + rotate_half(self.raw) * sin
+        self.keys = self.owner.rotate(self.raw, torch.arange(self.raw.shape[-2]), self.index)
         return self.keys, self.values
 
     def drop(self, start, count):
@@ -62,21 +60,73 @@ class ReferenceLayer(DynamicLayer):
         self.keys = self.values  # only its length is read (mask sizes) until the next update
 
 
-class ReferenceSinkCache(Cache):
-    def __init__(self, model, sink, window):
-        super().__init__(layers=[ReferenceLayer(self) for _ in range(model.config.num_hidden_layers)])
-        self.model, self.sink, self.window, self.length = model, sink, window, 0
+class ReferenceSlidingLayer(DynamicSlidingWindowLayer):
+    """The model's own window over raw keys (transformers' layer, for its mask sizes): the newest key
+    sits at the query's place, every older one as many places before it as it is in the stream."""
 
-    def cos_sin(self, places):
-        inv_freq = self.model.base_model.rotary_emb.inv_freq.double()
-        freqs = places.double()[:, None] * inv_freq[None]
+    def __init__(self, owner, index, sliding_window):
+        super().__init__(sliding_window)
+        self.owner, self.index, self.raw = owner, index, None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raw = self.owner.rotate(key_states, self.owner.new_places, self.index, inverse=True)
+        raw = raw if self.raw is None else torch.cat([self.raw, raw], dim=-2)
+        values = value_states if self.values is None else torch.cat([self.values, value_states], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+        self.raw, self.values = raw[:, :, 1 - self.sliding_window:], values[:, :, 1 - self.sliding_window:]
+        self.is_initialized = True
+        places = self.owner.new_places[-1] - torch.arange(raw.shape[-2] - 1, -1, -1)
+        return self.owner.rotate(raw, places, self.index), values
+
+
+def position_free_layers(model):
+    """Per layer: True if a lone token's key is the same at positions 0 and 3 (a NoPE layer). A lone
+    token attends to itself only, so its hidden states never depend on its position: only RoPE does."""
+    keys = []
+    for position in (0, 3):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(torch.tensor([[5]]), position_ids=torch.tensor([[position]]), past_key_values=cache, use_cache=True)
+        keys.append([layer.keys for layer in cache.layers])
+    return [torch.equal(a, b) for a, b in zip(*keys)]
+
+
+class ReferenceSinkCache(Cache):
+    """Sinks + window on the full-attention layers, the model's own window on the sliding-window ones
+    (laid out as transformers lays out the model's DynamicCache); raw keys, all rotated in fp64 to
+    their places at every step: positions by place, no offsets."""
+
+    def __init__(self, model, sink, window):
+        dense = DynamicCache(config=model.config).layers
+        super().__init__(layers=[ReferenceSlidingLayer(self, i, layer.sliding_window)
+                                 if isinstance(layer, DynamicSlidingWindowLayer) else ReferenceLayer(self, i)
+                                 for i, layer in enumerate(dense)])
+        self.model, self.sink, self.window, self.length = model, sink, window, 0
+        self.nope = position_free_layers(model)
+
+    def rotate(self, x, places, index, inverse=False):
+        """x (B, H, n, D) rotated to ``places`` (n,) as layer ``index`` rotates its keys (llama layout,
+        full rotary, the rotary module's attention scaling included), or back from them."""
+        if self.nope[index]:
+            return x
+        rotary = self.model.base_model.rotary_emb
+        if isinstance(rotary.rope_type, dict):  # one RoPE per layer type (gemma3, olmo3)
+            kind = self.model.config.layer_types[index]
+            inv_freq, scale = getattr(rotary, f"{kind}_inv_freq"), getattr(rotary, f"{kind}_attention_scaling")
+        else:
+            inv_freq, scale = rotary.inv_freq, rotary.attention_scaling
+        freqs = places.double()[:, None] * inv_freq.double()[None]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos()[None, None], emb.sin()[None, None]
+        cos, sin = emb.cos()[None, None] * scale, emb.sin()[None, None] * scale
+        if inverse:  # the model's key is scale * R(place) raw
+            return (x * cos - rotate_half(x) * sin) / scale**2
+        return x * cos + rotate_half(x) * sin
 
     def step(self, model, token):
         if self.length + 1 > self.sink + self.window:  # evict the oldest window token
             for layer in self.layers:
-                layer.drop(self.sink, 1)
+                if isinstance(layer, ReferenceLayer):
+                    layer.drop(self.sink, 1)
             self.length -= 1
         self.new_places = torch.tensor([self.length])
         out = model(token, past_key_values=self, use_cache=True, position_ids=self.new_places[None])
@@ -228,8 +278,8 @@ def test_unsupported_models_and_inputs_are_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64))
     with pytest.raises(ValueError, match=r"RoPE and ALiBi models; 'gpt2' uses learned positions"):
         longctx.apply(gpt2, "streaming")
-    with pytest.raises(NotImplementedError, match="sliding"):
-        longctx.apply(tiny_model("gemma3_text"), "streaming")
+    with pytest.raises(ValueError, match=r"every layer of this 'mistral' model is a sliding-window layer"):
+        longctx.apply(tiny_model("mistral", sliding_window=16), "streaming")
     model = tiny_model("llama")
     with longctx.applied(model, "streaming", sink_size=2, window_size=8):
         ids = ids_for(5, batch=2)
@@ -429,3 +479,145 @@ def test_left_padded_batch_equals_each_row_alone(family, impl, dtype, tol):
             assert torch.equal(out.sequences[r, L:], alone.sequences[0, len(row):])
             torch.testing.assert_close(torch.stack(out.scores)[:, r], torch.stack(alone.scores)[:, 0],
                                        rtol=tol, atol=tol)
+
+
+# -- models with sliding-window layers: the full layers get the sinks, the sliding ones keep their window ----
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from conftest import _COMMON  # noqa: E402
+from longctx.arch import rope_layers  # noqa: E402
+
+SLIDING = 6  # the tiny models' sliding window: far shorter than the streams
+MIXED = {
+    "gemma2": dict(head_dim=16),  # sliding and full layers alternating, one RoPE
+    "gemma3_text": dict(head_dim=16, layer_types=["sliding_attention", "full_attention"] * 2),  # local RoPE base
+    "cohere2": dict(layer_types=["sliding_attention", "full_attention"] * 2),  # interleaved RoPE, NoPE full layers
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,  # learned sinks, YaRN
+                    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0,
+                                         beta_slow=1.0, original_max_position_embeddings=16)),
+    "qwen2": dict(use_sliding_window=True, max_window_layers=2),  # two full layers, then two sliding
+    "olmo3": dict(),  # three sliding layers to one full, RoPE per layer type
+    "exaone4": dict(sliding_window_pattern=2),  # NoPE full layers
+    "smollm3": dict(),  # no sliding layers (use_sliding_window is off), but a NoPE layer in four
+}
+LLAMA_LAYOUT = ["gemma2", "gemma3_text", "gpt_oss", "qwen2", "olmo3", "exaone4", "smollm3"]  # llama-layout RoPE
+
+
+def mixed_model(family, sliding_window=SLIDING, **overrides):
+    config = AutoConfig.for_model(family, **{**_COMMON, "num_hidden_layers": 4, "num_key_value_heads": 2,
+                                             "sliding_window": sliding_window, **MIXED[family], **overrides})
+    torch.manual_seed(0)
+    experts = {"experts_implementation": "eager"} if family == "gpt_oss" else {}  # grouped_mm has no fp64
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **experts).double().eval()
+
+
+@pytest.mark.parametrize("family", MIXED)
+def test_rope_layers_match_the_models_own_keys(family):
+    model = mixed_model(family)
+    assert rope_layers(model) == [not nope for nope in position_free_layers(model)]
+
+
+@pytest.mark.parametrize("family", MIXED)
+def test_mixed_window_covering_the_stream_equals_dense_decoding(family):
+    """No eviction: the streaming patch decodes exactly as the model's own DynamicCache, whose sliding
+    layers bound themselves, over a stream far longer than the sliding window."""
+    model = mixed_model(family)
+    ids = ids_for(40, batch=2)
+    dense = decode(model, ids, DynamicCache(config=model.config))
+    with longctx.applied(model, "streaming", sink_size=4, window_size=40) as patch:
+        cache = patch.new_cache()
+        got = decode(model, ids, cache)
+    assert torch.equal(got, dense)
+    layout = [SLIDING - 1 if isinstance(layer, DynamicSlidingWindowLayer) else 40
+              for layer in DynamicCache(config=model.config).layers]
+    assert [layer.keys.shape[-2] for layer in cache.layers] == layout
+
+
+@pytest.mark.parametrize("family", LLAMA_LAYOUT)
+@pytest.mark.parametrize("sliding_window", [SLIDING, 16])  # 16: longer than the sink cache (11)
+def test_mixed_stream_agrees_with_reference_through_offset_resets(family, sliding_window, monkeypatch):
+    """Token by token over 3x the sink cache, against positions by place recomputed in fp64 at every
+    step. The offset scheme (b grows, returns to 0) only changes fp32 rotation rounding."""
+    model = mixed_model(family, sliding_window)
+    sink, window = 3, 8
+    ids = ids_for(3 * (sink + window) + 5)
+    ref = ReferenceSinkCache(model, sink, window)
+    with torch.no_grad():
+        want = torch.cat([ref.step(model, ids[:, t:t + 1]) for t in range(ids.shape[1])], dim=1)
+    moves, move = [], SinkCache._move_sliding
+    monkeypatch.setattr(SinkCache, "_move_sliding", lambda self, shift: moves.append(shift) or move(self, shift))
+    with longctx.applied(model, "streaming", sink_size=sink, window_size=window):
+        for max_position in (None, 16):  # None: b only grows; 16: b returns to 0 every 5 evictions
+            got = decode(model, ids, SinkCache(model, sink, window, max_position=max_position))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert len(moves) >= 4
+        # and the moves matter: sliding keys left where they were disagree with the queries after a reset
+        monkeypatch.setattr(SinkCache, "_move_sliding", lambda self, shift: None)
+        stale = decode(model, ids, SinkCache(model, sink, window, max_position=16))
+    if "sliding_attention" in model.config.layer_types:
+        assert not torch.allclose(stale, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "cohere2", "gpt_oss"])
+@pytest.mark.parametrize("sliding_window", [SLIDING, 16])
+def test_mixed_cache_stays_bounded_and_sliding_keys_sit_at_stream_distances(family, sliding_window):
+    """Every layer kind stays within its bound, and every key a sliding layer holds sits exactly
+    (integer positions) as far before the newest query as its token is in the stream, resets included."""
+    model = mixed_model(family, sliding_window)
+    sink, window = 3, 8
+    ids = ids_for(3 * (sink + window) + 5)
+    given = []  # the position the hook gave each token
+    with longctx.applied(model, "streaming", sink_size=sink, window_size=window), torch.no_grad():
+        cache = SinkCache(model, sink, window, max_position=16)
+        for t in range(ids.shape[1]):
+            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            given.append(int(cache.places[0, -1]))
+            for layer in cache.sink_layers:
+                assert layer.keys.shape[-2] == layer.orig_keys.shape[-2] == layer.values.shape[-2] == min(t + 1, 11)
+            for layer in cache.sliding_layers:
+                held = min(t + 1, sliding_window - 1)
+                assert layer.keys.shape[-2] == layer.orig_keys.shape[-2] == layer.values.shape[-2] == held
+                assert layer.get_seq_length() == t + 1  # transformers' sliding mask counts the stream
+                tokens = torch.arange(t + 1 - held, t + 1)
+                assert torch.equal(torch.tensor(given)[tokens] + layer.shift[0], given[-1] - (t - tokens))
+    assert cache.get_seq_length() == sink + window and cache.seen_tokens == ids.shape[1]
+    assert sum(b < a for a, b in zip(given, given[1:])) >= 4  # the offset returned to 0 that often
+
+
+def test_mixed_generate_with_a_long_prompt_stays_bounded():
+    model = mixed_model("gemma3_text")
+    sink, window = 2, 10
+    ids = ids_for(30)
+    with longctx.applied(model, "streaming", sink_size=sink, window_size=window) as patch:
+        with pytest.warns(UserWarning, match="prefilled in chunks"):
+            out = model.generate(ids, max_new_tokens=50, min_new_tokens=50, do_sample=False,
+                                 return_dict_in_generate=True)
+        cache = out.past_key_values
+        assert isinstance(cache, SinkCache) and cache.get_seq_length() == sink + window
+        assert [layer.keys.shape[-2] for layer in cache.sliding_layers] == [SLIDING - 1] * 2
+        manual = patch.new_cache()  # the same stream by hand: chunks of window_size, then greedy steps
+        with torch.no_grad():
+            logits = prefill(model, ids, manual).logits
+            seq = [ids]
+            for _ in range(50):
+                seq.append(logits[:, -1:].argmax(-1))
+                logits = model(seq[-1], past_key_values=manual, use_cache=True).logits
+        assert torch.equal(out.sequences, torch.cat(seq, dim=1))
+
+
+def test_sliding_models_refuse_what_is_not_supported():
+    all_sliding = mixed_model("gemma3_text", layer_types=["sliding_attention"] * 4)
+    with pytest.raises(ValueError, match=r"every layer of this 'gemma3_text' model is a sliding-window layer "
+                                         r"\(sliding_window=6\) .* attention sinks\s+would apply to no layer"):
+        longctx.apply(all_sliding, "streaming")
+    chunked = tiny_model("llama", layer_types=["full_attention", "chunked_attention"], attention_chunk_size=4)
+    with pytest.raises(NotImplementedError, match=r"layer types \['chunked_attention'\] are not supported"):
+        longctx.apply(chunked, "streaming")
+    model = mixed_model("gemma2")
+    with longctx.applied(model, "streaming", sink_size=2, window_size=8):
+        ids = ids_for(5, batch=2)
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0  # left padding
+        with pytest.raises(NotImplementedError, match="padded batches on models with sliding-window layers"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)  # an all-ones mask is fine

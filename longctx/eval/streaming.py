@@ -80,7 +80,7 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
                 logits = model(x[None, :-1], past_key_values=cache, use_cache=True).logits[0]  # (c, V)
                 nll += F.cross_entropy(logits.float(), x[1:], reduction="sum").double()
                 scored += len(x) - 1
-                max_cache = max(max_cache, cache.layers[0].keys.shape[-2])
+                max_cache = max(max_cache, *(layer.keys.shape[-2] for layer in cache.layers))  # longest layer
                 bar.update(len(x) - 1)
                 curve = _curve(curve, curve_every, scored, nll, max_cache, device)
         finally:

@@ -23,8 +23,9 @@ from its original once (eagerly, outside the graph), so positions stay in the tr
 
 On CUDA (``cuda_graph=None`` means "if the device is CUDA"), after two eager warm-up steps the
 whole step (b, positions, sink rotation, the model's forward, the ring pointer) is captured once
-and replayed. RoPE models only; no pad slots may remain; dynamic RoPE types (whose rotary module
-reads positions on the host) run eagerly.
+and replayed. RoPE models only, without sliding-window layers (gemma2/3, cohere2, gpt_oss: decode those
+with the SinkCache itself); no pad slots may remain; dynamic RoPE types (whose rotary module reads
+positions on the host) run eagerly.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..arch import rotary_module
-from .streaming import STATIC_ROPE_TYPES, SinkCache
+from .streaming import SinkCache, rope_cos_sin, static_rope
 
 
 class _RingLayer(CacheLayerMixin):
@@ -76,6 +77,13 @@ class SinkDecoder:
         if not cache.rope:
             raise NotImplementedError("SinkDecoder: ALiBi models bias keys by slot index, which a ring buffer "
                                       "reorders; decode them with the SinkCache itself")
+        if cache.sliding_layers:
+            raise NotImplementedError(f"SinkDecoder: models with sliding-window layers "
+                                      f"({cache._model.config.model_type!r}) are not supported; decode them with "
+                                      f"the SinkCache itself (the streaming patch's forwards)")
+        if not all(layer.rope for layer in cache.layers):
+            raise NotImplementedError(f"SinkDecoder: models with NoPE layers ({cache._model.config.model_type!r}) "
+                                      f"are not supported; decode them with the SinkCache itself")
         if cache._slots() != cache.capacity or cache._reorder or cache._max_pads:
             raise ValueError(f"SinkDecoder needs a full cache without pad slots ({cache._slots()} of "
                              f"{cache.capacity} slots held, pads {cache._max_pads}); prefill it first")
@@ -88,7 +96,7 @@ class SinkDecoder:
         device, self.dtype = first.device, first.dtype
         _, _, self.rotary = rotary_module(cache._model, "streaming")
         # RoPE types whose rotary module reads the positions on the host (dynamic, longrope) cannot be captured
-        static = getattr(self.rotary, "rope_type", "default") in STATIC_ROPE_TYPES
+        static = static_rope(self.rotary)
         self.use_graph = (device.type == "cuda" if cuda_graph is None else cuda_graph) and static
         if self.use_graph and device.type != "cuda":
             raise ValueError("SinkDecoder: cuda_graph=True needs a CUDA device")
@@ -115,10 +123,9 @@ class SinkDecoder:
     # -- the step ----------------------------------------------------------------------------------
     def _rotate(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """R(delta) orig in fp32; orig (..., B, H, n, D), delta (B, n)."""
-        cos, sin = self.rotary(torch.zeros((), dtype=torch.float32, device=orig.device), position_ids=delta)
-        scale = float(getattr(self.rotary, "attention_scaling", 1.0))  # carried by the rotary output: undo
+        cos, sin = rope_cos_sin(self.rotary, delta, "full_attention")
         k = orig.float()
-        return self.cache._apply_rotary(k, k, cos / scale, sin / scale)[1].to(orig.dtype)
+        return self.cache._apply_rotary(k, k, cos, sin)[1].to(orig.dtype)
 
     def _advance(self) -> torch.Tensor:
         """Everything one step does on the device (captured as the graph)."""

@@ -28,9 +28,23 @@ cache, which is its place.
 Left-padded batches: each row's sinks are its first real tokens and its places count its real
 tokens only, so every row streams as it would alone (see ``SinkCache``).
 
+Models mixing full-attention and sliding-window layers (gemma2, gemma3, cohere2, gpt_oss, olmo3,
+exaone4, qwen2/3 with ``use_sliding_window``; the layout is the one transformers' ``DynamicCache``
+gives them): only the full-attention layers get the sinks and the window. Sliding-window layers
+already bound their cache and keep their own behaviour: the last ``sliding_window`` tokens, the
+mask transformers builds for them (``SlidingLayer``). Their keys follow the positions above, which
+advance by one per token, so they stay consistent; when b returns to 0 every key they hold is
+moved down by b as well, from its original, with the model's rotary module of that layer type
+(gemma3 and olmo3 have a separate local RoPE). NoPE layers (cohere2's and hybrid exaone4's global
+layers, smollm3's ``no_rope_layers``) are never rotated. Learned sinks (gpt_oss) live in the
+attention itself and need nothing. A model whose every layer is a sliding-window layer (mistral
+with ``sliding_window`` set) is refused: its own cache is bounded already and the sinks would
+apply to no layer.
+
 Not yet supported (clear errors): right padding, padding after the first forward, padded
-batches on mpt (its ALiBi ignores the mask), models with sliding-window or per-layer-type RoPE
-layers, learned absolute positions (gpt2, opt). A forward with more tokens than the
+batches on mpt (its ALiBi ignores the mask) and on models with sliding-window layers, layer types
+other than full and sliding attention (chunked, linear), learned absolute positions (gpt2, opt);
+``SinkDecoder`` on models with sliding-window or NoPE layers. A forward with more tokens than the
 window (a long prompt) is prefilled in window-sized chunks by the hook itself; its outputs then
 cover the last ``window_size`` tokens only (``generate`` needs no more; a warning says so once).
 """
@@ -42,9 +56,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicSlidingWindowLayer
+from transformers.cache_utils import get_layer_types_and_kwargs
 
-from ..arch import arch_of, rotary_module
+from ..arch import arch_of, rope_layers, rotary_module
 from ..registry import Options, Patch, check_positive, register
 
 
@@ -62,8 +77,9 @@ class SinkLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self):
+    def __init__(self, rope: bool = True):
         super().__init__()
+        self.rope = rope  # False: a NoPE layer, whose keys are never rotated
         self.orig_keys: torch.Tensor | None = None
         self.pending: tuple[int, int, torch.Tensor | None] | None = None  # (start, count, new sink keys)
 
@@ -114,6 +130,59 @@ class SinkLayer(CacheLayerMixin):
         self.is_initialized = False
 
 
+class SlidingLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer of a mixed model: it keeps the model's own window, exactly as
+    transformers' ``DynamicSlidingWindowLayer`` does (the last ``sliding_window - 1`` tokens are
+    stored, each forward sees them plus its new tokens, and ``get_mask_sizes`` / ``get_seq_length``
+    count the whole stream, so transformers builds the same sliding mask as for the dense cache).
+
+    Only the positions follow the sink cache: new keys arrive rotated at the positions the cache
+    gives (places + offset b), which advance by one per token, so the keys held agree with each
+    other; when b returns to 0, every position moves down by b, and so does every key held here
+    (``SinkCache._move_sliding``). Each key is kept as produced (``orig_keys``), with ``shift``
+    (B, slots), how far it has moved since: the key attention sees is its original rotated once by
+    ``shift`` (fp32, the model's rotary code for this layer type), so moves never stack.
+    """
+
+    is_croppable = False
+
+    def __init__(self, sliding_window: int, rope: bool = True, layer_type: str = "sliding_attention"):
+        super().__init__(sliding_window)
+        self.rope = rope  # False: a NoPE layer, whose keys are never rotated
+        self.layer_type = layer_type
+        self.orig_keys: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.orig_keys, self.values = key_states[:, :, :0], key_states[:, :, :0], value_states[:, :, :0]
+        self.shift = torch.zeros(key_states.shape[0], 0, dtype=torch.long, device=key_states.device)
+        self._sliding_window_tensor = self._sliding_window_tensor.to(self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append (B, H, n, D) states; keep the last ``sliding_window - 1``; return stored + new."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        new_shift = self.shift.new_zeros(key_states.shape[0], key_states.shape[-2])  # rotated where they are
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        keep = self.sliding_window - 1
+        self.keys, self.values = keys[:, :, -keep:], values[:, :, -keep:]
+        self.orig_keys = torch.cat([self.orig_keys, key_states], dim=-2)[:, :, -keep:]
+        self.shift = torch.cat([self.shift, new_shift], dim=-1)[:, -keep:]
+        return keys, values
+
+    def activate_past_recording(self):
+        raise NotImplementedError("streaming: the sink cache cannot be rolled back (assisted or speculative "
+                                  "decoding); decode without an assistant model")
+
+    def reset(self) -> None:
+        super().reset()
+        self.orig_keys = self.shift = None
+
+
 class SinkCache(Cache):
     """A bounded cache: ``sink_size`` attention sinks plus a window of ``window_size`` recent tokens.
 
@@ -135,6 +204,11 @@ class SinkCache(Cache):
     after the sinks, so a row loses its pads before any real token, which is exactly what it would
     do streamed alone. Pads stay masked (``key_mask``) until they are gone; places count real
     tokens only, per row.
+
+    Models with sliding-window layers: those layers are ``SlidingLayer`` s (``sliding_layers``),
+    bounded by their own window; everything above (slots, places, eviction) is about the
+    full-attention layers (``sink_layers``). When b returns to 0, ``_move_sliding`` moves the
+    sliding layers' keys down by b too. Padded batches are refused on such models.
     """
 
     def __init__(self, model, sink_size: int = 4, window_size: int = 2044, max_position: int | None = None):
@@ -142,8 +216,12 @@ class SinkCache(Cache):
         self.sink_size, self.window_size = sink_size, window_size
         self._model = _check_model(model)
         self.rope = arch_of(self._model).positions == "rope"  # ALiBi: biases follow the slot index already
-        n_layers = self._model.config.num_hidden_layers
-        super().__init__(layers=[SinkLayer() for _ in range(n_layers)])
+        # full-attention layers hold the sinks + window; sliding-window layers keep their own window
+        windows, rotated = layer_windows(self._model), rope_layers(self._model)
+        super().__init__(layers=[SinkLayer(rope) if window is None else SlidingLayer(window, rope)
+                                 for window, rope in zip(windows, rotated)])
+        self.sink_layers = [layer for layer in self.layers if isinstance(layer, SinkLayer)]
+        self.sliding_layers = [layer for layer in self.layers if isinstance(layer, SlidingLayer)]
         self.max_position = max_position or self._default_max_position()
         self.places = None  # (B, slots): position each slot's original key was rotated at
         self.offset = None  # (B,): b per row
@@ -167,15 +245,20 @@ class SinkCache(Cache):
         trained = getattr(self._model.config, "max_position_embeddings", None)
         if not trained:
             return 2**62
-        if self.rope:
-            _, _, rotary = rotary_module(self._model, "streaming")
-            if getattr(rotary, "rope_type", "default") in STATIC_ROPE_TYPES:
-                return trained + self.capacity
+        if self.rope and static_rope(rotary_module(self._model, "streaming")[2]):
+            return trained + self.capacity
         return trained
 
     @property
     def capacity(self) -> int:
         return self.sink_size + self.window_size
+
+    def get_seq_length(self, layer_idx: int | None = None) -> int:
+        """Without ``layer_idx``: the slots held (the full-attention layers' count). With it: that
+        layer's own count (a sliding layer counts the whole stream, as transformers' masks expect)."""
+        if layer_idx is None:
+            return self.sink_layers[0].get_seq_length()
+        return super().get_seq_length(layer_idx)
 
     def _slots(self) -> int:
         return 0 if self.places is None else self.places.shape[-1]
@@ -200,6 +283,10 @@ class SinkCache(Cache):
             if self._slots():
                 raise NotImplementedError("streaming: padding is supported in the first forward only (left "
                                           "padding of the prompt)")
+            if self.sliding_layers:
+                raise NotImplementedError("streaming: padded batches on models with sliding-window layers "
+                                          "(their masks count stream positions, the sinks' count slots); "
+                                          "stream rows alone")
             if int((n - pads).min()) < self.sink_size:
                 raise NotImplementedError(f"streaming: every padded row needs at least sink_size={self.sink_size} "
                                           f"real tokens in its first forward")
@@ -208,9 +295,11 @@ class SinkCache(Cache):
         slots = self._slots()
         real = slots - self.pads  # (B,) real tokens held
         if self.rope and self._top + n > self.max_position:  # stay in the trained range (_top >= real + b)
+            shift = -self.offset  # (B,): every position moves down by b
             self.offset = torch.zeros_like(self.offset)
             self._top = slots
             self._rerotate(0)
+            self._move_sliding(shift)
         step = torch.arange(n, device=self.places.device)[None]
         new = (real + self.offset)[:, None] + step  # real tokens count from the row's first one
         if slots == 0:
@@ -239,7 +328,7 @@ class SinkCache(Cache):
         p = self.pads[:, None]
         index = torch.where(i < s, i + p, torch.where(i < s + p, i - s, i))  # (B, n) source slot
         self.places = self.places.gather(1, index)
-        for layer in self.layers:
+        for layer in self.sink_layers:
             if layer.is_initialized:
                 layer.flush()
                 idx = index.to(layer.keys.device)[:, None, :, None]
@@ -265,12 +354,14 @@ class SinkCache(Cache):
             self.pads = (self.pads - drop).clamp(min=0)
             self._max_pads = max(0, self._max_pads - drop)
             self.offset = self.offset + real_dropped  # the window moved left as many places: positions unchanged
-            layers = [layer for layer in self.layers if layer.is_initialized]
-            sinks = [None] * len(layers)
-            if self.rope and start and layers:  # the sinks stay in their slots: re-rotated to j + b
-                sinks = self._rotated(self._sink_keys(layers, start), *self._rotation(0, start)).unbind(0)
-            for layer, sink_keys in zip(layers, sinks):
-                layer.evict(start, drop, sink_keys)
+            layers = [layer for layer in self.sink_layers if layer.is_initialized]
+            rotating = [layer for layer in layers if layer.rope] if self.rope and start else []
+            sinks = {}
+            if rotating:  # the sinks stay in their slots: re-rotated to j + b
+                rotated = self._rotated(self._sink_keys(rotating, start), *self._rotation(0, start))
+                sinks = dict(zip(rotating, rotated.unbind(0)))
+            for layer in layers:
+                layer.evict(start, drop, sinks.get(layer))
         return drop
 
     def _targets(self, start: int, stop: int) -> torch.Tensor:
@@ -283,12 +374,9 @@ class SinkCache(Cache):
     def _rotation(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, n, rot_dim) in fp32 turning slots [start, stop) from their original positions to
         their targets: R(target - original), unscaled."""
-        device = self.layers[0].orig_keys.device
+        device = self.sink_layers[0].orig_keys.device
         delta = (self._targets(start, stop) - self.places[:, start:stop]).to(device)
-        _, _, rotary = rotary_module(self._model, "streaming")
-        cos, sin = rotary(torch.zeros((), dtype=torch.float32, device=device), position_ids=delta)
-        scale = float(getattr(rotary, "attention_scaling", 1.0))  # rotary output carries it: undo
-        return cos / scale, sin / scale
+        return rope_cos_sin(rotary_module(self._model, "streaming")[2], delta, "full_attention")
 
     def _sink_keys(self, layers, start: int) -> torch.Tensor:
         """(L, B, H, start, D) original keys of the sink slots of all layers, stacked once and kept
@@ -303,16 +391,27 @@ class SinkCache(Cache):
         return self._apply_rotary(k, k, cos, sin)[1].to(orig_keys.dtype)
 
     def _rerotate(self, start: int) -> None:
-        """keys[start:] = R(target - original position) orig_keys[start:], for every layer."""
-        layer0 = self.layers[0]
+        """keys[start:] = R(target - original position) orig_keys[start:], for every full-attention layer."""
+        layer0 = self.sink_layers[0]
         if not layer0.is_initialized or self._slots() <= start:
             return
-        for layer in self.layers:
+        for layer in self.sink_layers:
             layer.flush()
         rotation = self._rotation(start, self._slots())
-        for layer in self.layers:
+        for layer in [layer for layer in self.sink_layers if layer.rope]:  # NoPE layers: never rotated
             layer.keys = torch.cat([layer.keys[:, :, :start], self._rotated(layer.orig_keys[:, :, start:], *rotation)],
                                    dim=-2)
+
+    def _move_sliding(self, shift: torch.Tensor) -> None:
+        """Move every key the sliding-window layers hold by ``shift`` (B,) positions: each is its
+        original rotated once by all the moves since it was made (R(layer.shift) orig_keys, fp32)."""
+        rotary = rotary_module(self._model, "streaming")[2]
+        for layer in self.sliding_layers:
+            if not layer.rope or not layer.is_initialized or layer.keys.shape[-2] == 0:
+                continue
+            layer.shift = layer.shift + shift.to(layer.shift.device)[:, None]
+            cos, sin = rope_cos_sin(rotary, layer.shift, layer.layer_type)
+            layer.keys = self._rotated(layer.orig_keys, cos, sin)
 
     @property
     def _apply_rotary(self):
@@ -322,6 +421,40 @@ class SinkCache(Cache):
     def to_device(self, device) -> None:
         if self.places is not None:
             self.places, self.offset, self.pads = (t.to(device) for t in (self.places, self.offset, self.pads))
+
+
+def static_rope(rotary) -> bool:
+    """True if the frequencies of ``rotary`` (every layer type's) do not depend on the positions seen."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    return all(t in STATIC_ROPE_TYPES for t in types)
+
+
+def rope_cos_sin(rotary, delta: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, n, rot_dim) in fp32 rotating by ``delta`` (B, n) positions, from the model's own
+    rotary module, unscaled (the module's attention scaling undone). Modules with one RoPE per layer
+    type (gemma3, olmo3) give the one of ``layer_type``."""
+    probe = torch.zeros((), dtype=torch.float32, device=delta.device)
+    if isinstance(getattr(rotary, "rope_type", None), dict):  # per layer type
+        cos, sin = rotary(probe, position_ids=delta, layer_type=layer_type)
+        scale = getattr(rotary, f"{layer_type}_attention_scaling", 1.0)
+    else:
+        cos, sin = rotary(probe, position_ids=delta)
+        scale = getattr(rotary, "attention_scaling", 1.0)
+    scale = float(scale)  # the rotary output carries it: undo
+    return cos / scale, sin / scale
+
+
+def layer_windows(model) -> list[int | None]:
+    """Per decoder layer: None for full attention (the sink cache bounds it) or its sliding window
+    (it bounds itself), laid out as transformers' ``DynamicCache(config=...)`` lays out its layers."""
+    config = model.config.get_text_config(decoder=True)
+    layer_types, kwargs = get_layer_types_and_kwargs(config)
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise NotImplementedError(f"streaming: layer types {unknown} are not supported; supported layer types: "
+                                  f"full_attention, sliding_attention")
+    return [kw["sliding_window"] if kind == "sliding_attention" else None for kind, kw in zip(layer_types, kwargs)]
 
 
 def check_sizes(sink_size, window_size) -> None:
@@ -342,12 +475,13 @@ def _check_model(model):
     elif positions != "alibi":
         raise ValueError(f"streaming supports RoPE and ALiBi models; {config.model_type!r} uses {positions} "
                          f"positions")
-    if getattr(config, "layer_types", None) and set(config.layer_types) != {"full_attention"}:
-        raise NotImplementedError(f"streaming: models with layer types {sorted(set(config.layer_types))} "
-                                  f"(sliding-window layers) are not supported yet")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise NotImplementedError("streaming: models with sliding-window attention are not supported yet "
-                                  f"(config.sliding_window={config.sliding_window})")
+    windows = layer_windows(model)
+    if all(window is not None for window in windows):
+        sizes = ", ".join(map(str, sorted(set(windows))))
+        raise ValueError(f"streaming: every layer of this {config.model_type!r} model is a sliding-window layer "
+                         f"(sliding_window={sizes}) whose own cache keeps only its last tokens, so attention sinks "
+                         f"would apply to no layer; decode it with its own cache (DynamicCache), or load it with "
+                         f"full-attention layers (mistral-style configs: sliding_window=None) to stream it with sinks")
     return model
 
 
