@@ -4,6 +4,7 @@ window with recomputation, in one process.
     python benchmarks/streaming_decode.py --model smollm2-135m --caches 2048,4096 --out OUT.json
     python benchmarks/streaming_decode.py --llama2-7b-layers 32 --caches 2048,4096 --out OUT.json
     python benchmarks/streaming_decode.py --cpu-smoke
+    add --compile: also SinkDecoder(compile=True) and a compiled dense step (torch.compile in the graph)
 
 For each cache size C (sinks 4, window C - 4), the median latency of one decode step (CUDA events):
   sink@N        longctx's SinkDecoder (static ring buffers, the step replayed as one CUDA graph) after
@@ -140,6 +141,9 @@ def run(args):
         dense_step = dense = None  # free it
         if cuda:
             row["dense_ms"] = measure(graphed(dense_static_step(model, C, device)), args.steps)
+            if args.compile:
+                compiled = torch.compile(model, dynamic=False)
+                row["dense_compiled_ms"] = measure(graphed(dense_static_step(compiled, C, device)), args.steps)
         # recompute: a forward over C tokens per new token
         window_ids = torch.randint(0, vocab, (1, C), device=device)
         model(window_ids, use_cache=False)
@@ -163,6 +167,13 @@ def run(args):
                     row[f"sink_ms@{n}"] = measure(lambda: decoder.step(token), args.steps)
                     streamed += 3 + 2 * args.steps + 3
                 decoder = None  # its buffers and graph go: the next N starts from the cache alone
+                if args.compile:
+                    with SinkDecoder(model, cache, cuda_graph=cuda, compile=True) as decoder:
+                        for _ in range(3):
+                            decoder.step(token)
+                        row[f"sink_compiled_ms@{n}"] = measure(lambda: decoder.step(token), args.steps)
+                        streamed += 3 + args.steps
+                    decoder = None
                 if cuda:
                     row[f"peak_gib@{n}"] = torch.cuda.max_memory_allocated() / 2**30
                     row[f"allocated_gib@{n}"] = torch.cuda.memory_allocated() / 2**30
@@ -174,6 +185,11 @@ def run(args):
         eager = row[f"sink_eager_ms@{args.stream[-1]}"]
         row["eager_recompute_over_sink"] = row["recompute_ms"] / eager
         row["eager_dense_over_sink"] = row["dense_eager_ms"] / eager
+        if args.compile:
+            last = row[f"sink_compiled_ms@{args.stream[-1]}"]
+            row["compiled_recompute_over_sink"] = row["recompute_ms"] / last
+            if "dense_compiled_ms" in row:
+                row["compiled_dense_over_sink"] = row["dense_compiled_ms"] / last
         if cuda:
             peaks = [row[f"peak_gib@{n}"] for n in args.stream]
             row["peak_spread"] = max(peaks) / min(peaks) - 1
@@ -192,6 +208,8 @@ def main():
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--out")
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="also time SinkDecoder(compile=True) and a compiled dense step (torch.compile inside the graph)")
     args = p.parse_args()
     if args.cpu_smoke:
         args.device, args.caches, args.stream, args.steps, args.dtype = "cpu", "32,64", "200,1000", 5, "fp32"
@@ -218,6 +236,15 @@ def main():
     for r in rows:
         print(f"| {r['cache']} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
               + f" | {r['dense_eager_ms']:.3f} | {r['eager_recompute_over_sink']:.1f}x | {r['eager_dense_over_sink']:.2f} |")
+    if args.compile:
+        cols = [f"sink_compiled_ms@{n}" for n in args.stream]
+        print("\ntorch.compile + CUDA graph steps:")
+        print("| cache | " + " | ".join(cols) + " | dense ms | recompute/sink | dense/sink |")
+        print("|---" * (len(cols) + 4) + "|")
+        for r in rows:
+            print(f"| {r['cache']} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
+                  + f" | {r.get('dense_compiled_ms', float('nan')):.3f} | {r['compiled_recompute_over_sink']:.1f}x"
+                  + f" | {r.get('compiled_dense_over_sink', float('nan')):.2f} |")
     if any("peak_gib@" + str(n) in r for r in rows for n in args.stream):
         print("\npeak GiB after N tokens: " + "; ".join(
             f"C={r['cache']}: " + ", ".join(f"{r[f'peak_gib@{n}']:.3f}" for n in args.stream) for r in rows))

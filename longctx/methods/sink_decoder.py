@@ -23,7 +23,8 @@ from its original once (eagerly, outside the graph), so positions stay in the tr
 
 On CUDA (``cuda_graph=None`` means "if the device is CUDA"), after two eager warm-up steps the
 whole step (b, positions, sink rotation, the model's forward, the ring pointer) is captured once
-and replayed. RoPE models only, without sliding-window layers (gemma2/3, cohere2, gpt_oss: decode those
+and replayed. ``compile=True`` runs the model's forward through ``torch.compile`` (fused kernels,
+one graph for the fixed shapes; compiled in the warm-up) inside that capture. RoPE models only, without sliding-window layers (gemma2/3, cohere2, gpt_oss: decode those
 with the SinkCache itself); no pad slots may remain; dynamic RoPE types (whose rotary module reads
 positions on the host) run eagerly.
 """
@@ -71,7 +72,8 @@ class _RingLayer(CacheLayerMixin):
 class SinkDecoder:
     """One-token steps on a full ``SinkCache`` (see the module docstring)."""
 
-    def __init__(self, model, cache: SinkCache, cuda_graph: bool | None = None, warmup: int = 2):
+    def __init__(self, model, cache: SinkCache, cuda_graph: bool | None = None, warmup: int = 2,
+                 compile: bool = False):
         if not isinstance(cache, SinkCache):
             raise TypeError(f"SinkDecoder needs a longctx.SinkCache, got {type(cache).__name__}")
         if not cache.rope:
@@ -119,6 +121,9 @@ class SinkDecoder:
         self.ring = Cache(layers=[_RingLayer(self.keys[i], self.orig_keys[i], self.values[i], self.slot,
                                              self.capacity - 1) for i in range(len(cache.layers))])
         self.warmup, self.graph, self.logits = warmup, None, None
+        # compile: the model's forward through torch.compile (fused kernels; static shapes, one graph),
+        # compiled during the warm-up steps and then captured like the eager one
+        self.forward = torch.compile(model, dynamic=False) if compile else model
 
     # -- the step ----------------------------------------------------------------------------------
     def _rotate(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -135,7 +140,7 @@ class SinkDecoder:
         if self.sink:  # sinks to j + b, from their originals, every layer at once
             delta = self.b[:, None] + self.sink_index - self.places[:, :self.sink]  # (B, sink)
             self.keys[..., :self.sink, :].copy_(self._rotate(self.orig_keys[..., :self.sink, :], delta))
-        out = self.model(self.ids, position_ids=self.pos, past_key_values=self.ring, use_cache=True)
+        out = self.forward(self.ids, position_ids=self.pos, past_key_values=self.ring, use_cache=True)
         self.slot.copy_((self.slot - self.sink + 1) % self.window + self.sink)
         return out.logits
 
