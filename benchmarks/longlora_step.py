@@ -17,7 +17,8 @@ Models:
 Attention, in one process on the same model:
   full        transformers' SDPA attention under each SDPA kernel alone (cuDNN, flash, efficient; via
               torch.nn.attention.sdpa_kernel); the fastest is the reference
-  s2          longctx.apply(model, "s2attn", group_size_ratio=0.25): flex backend on CUDA (sdpa on CPU)
+  s2          longctx.apply(model, "s2attn", group_size_ratio=0.25), one case per --s2-backends entry
+              (auto: flex on CUDA, sdpa on CPU); the sdpa backend runs under each SDPA kernel alone
 Each case: --warmup steps first (excluded: flex compilation, allocator growth, optimizer state creation),
 then the median of --steps steps (CUDA events; benchmarks/timing.py). Peak memory:
 torch.cuda.max_memory_allocated over the measured steps (reset after warm-up). The RoPE scaling of the
@@ -93,6 +94,7 @@ def prepare(model):
 
 # -- one case ----------------------------------------------------------------------------------------
 KERNELS = ("cudnn", "flash", "efficient")
+S2_BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 
 def sdpa_kernels(device, wanted) -> dict:
@@ -125,7 +127,7 @@ def make_step(model, x, autocast_dtype, device):
     return step, optimizer
 
 
-def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype) -> dict:
+def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype, s2_backend="auto") -> dict:
     """Warm-up, then the median step time and the peak memory of ``attention`` at ``T`` tokens."""
     from torch.nn.attention import sdpa_kernel
 
@@ -133,7 +135,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
     x = torch.randint(3, vocab, (1, T), device=device, generator=torch.Generator(device).manual_seed(T))
     patch = None
     if attention == "s2":  # on the model inside the peft wrapper, like the recipe (there before LoRA)
-        patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend=args.s2_backend)
+        patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend=s2_backend)
     step = optimizer = None
     try:
         with sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext():
@@ -175,12 +177,19 @@ def run_model(name: str, args, device, autocast_dtype) -> list[dict]:
     rows = []
     for T in args.lengths:
         kernels = sdpa_kernels(device, args.kernels).items() if "full" in args.attention else []
-        cases = [("full", k, kernel) for k, kernel in kernels]
-        cases += [("s2", None, None)] if "s2" in args.attention else []
-        for attention, kname, kernel in cases:
+        cases = [("full", k, kernel, None) for k, kernel in kernels]
+        if "s2" in args.attention:
+            for b in args.s2_backends:  # S2 through sdpa: under each SDPA kernel alone, as full attention
+                if b == "sdpa" and device.type == "cuda":
+                    cases += [("s2", k, kernel, b) for k, kernel in sdpa_kernels(device, args.kernels).items()]
+                else:
+                    cases.append(("s2", None, None, b))
+        for attention, kname, kernel, backend in cases:
             row = dict(model=label, T=T, attention=attention, kernel=kname, weights=weights,
                        trainable=counts["trainable"], params=counts["total"], model_gib=weights_gib)
-            row.update(run_case(model, T, attention, kernel, args, device, autocast_dtype))
+            if backend is not None:
+                row["s2_backend"] = backend  # as asked; run_case replaces "auto" by what it resolved to
+            row.update(run_case(model, T, attention, kernel, args, device, autocast_dtype, backend or "auto"))
             print(json.dumps(row), flush=True)
             rows.append(row)
     del model
@@ -208,7 +217,7 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| model | T | attention | kernel | step ms | tokens/s | peak GiB | S2 / full (fastest) |",
              "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        kernel = r["kernel"] or r.get("s2_backend", "-")
+        kernel = "/".join(x for x in (r.get("s2_backend"), r["kernel"]) if x) or "-"
         if "error" in r:
             lines.append(f"| {r['model']} | {r['T']} | {r['attention']} | {kernel} | {r['error'][:60]} | | | |")
             continue
@@ -242,8 +251,9 @@ def parse_args(argv=None):
     ap.add_argument("--attention", default="full,s2", help=f"comma-separated, of: {', '.join(ATTENTIONS)}")
     ap.add_argument("--kernels", default=",".join(KERNELS),
                     help="SDPA kernels tried for full attention, each alone (the fastest is the reference)")
-    ap.add_argument("--s2-backend", default="auto", choices=["auto", "sdpa", "flex", "flash"],
-                    help="s2attn backend (auto: flex on CUDA, sdpa on CPU)")
+    ap.add_argument("--s2-backends", default="auto",
+                    help="comma-separated s2attn backends, each a case (auto: flex on CUDA, sdpa on CPU); "
+                         "on CUDA, sdpa runs once under each of --kernels")
     ap.add_argument("--warmup", type=int, default=2, help="steps before timing (flex compiles in the first)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -259,6 +269,10 @@ def parse_args(argv=None):
     bad = [k for k in args.kernels if k not in KERNELS]
     if bad:
         ap.error(f"--kernels: unknown {bad}; allowed: {', '.join(KERNELS)}")
+    args.s2_backends = [b.strip() for b in args.s2_backends.split(",")]
+    bad = [b for b in args.s2_backends if b not in S2_BACKENDS]
+    if bad:
+        ap.error(f"--s2-backends: unknown {bad}; allowed: {', '.join(S2_BACKENDS)}")
     args.models = [m.strip() for m in args.models.split(",")]
     bad = [m for m in args.models if m not in MODELS]
     if bad:
@@ -283,7 +297,7 @@ def main(argv=None) -> dict:
     env = environment(device)
     meta = {**env, "autocast": "bf16" if autocast_dtype else "none (fp32)", "micro_batch": 1,
             "gradient_checkpointing": True, "lora": {"r": 8, "alpha": 16, "trainable": ["embed", "norm"]},
-            "s2attn": {"group_size_ratio": 0.25, "backend": args.s2_backend}, "warmup": args.warmup,
+            "s2attn": {"group_size_ratio": 0.25, "backends": args.s2_backends}, "warmup": args.warmup,
             "steps": args.steps, "target": f"S2 tokens/s >= {TARGET_SPEEDUP}x full attention at {TARGET_LENGTH}",
             "wall_s": round(time.perf_counter() - started, 1)}
     if args.out:

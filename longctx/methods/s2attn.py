@@ -203,14 +203,21 @@ class _Constraints:
         return vis.reshape(batch * nG, *vis.shape[2:])
 
 
-def _kv_heads(k, v, h0: int, h1: int, rep: int, allow_gqa: bool):
-    """K/V for query heads [h0, h1): (k, v, enable_gqa)."""
+def _kv_split(k, v, sizes: list[int], rep: int, allow_gqa: bool):
+    """K/V for consecutive query-head blocks of ``sizes``: [(k, v, enable_gqa)] per block. With
+    grouped-query attention the blocks split the K/V heads when they can (``split``: its backward
+    is one ``cat``), else K/V heads are repeated per query head (``index_select``)."""
     if rep == 1:
-        return k[:, h0:h1], v[:, h0:h1], False
-    if allow_gqa and h0 % rep == 0 and h1 % rep == 0:
-        return k[:, h0 // rep:h1 // rep], v[:, h0 // rep:h1 // rep], True
-    idx = torch.arange(h0, h1, device=k.device) // rep
-    return k.index_select(1, idx), v.index_select(1, idx), False
+        return [(kh, vh, False) for kh, vh in zip(k.split(sizes, 1), v.split(sizes, 1))]
+    if allow_gqa and all(n % rep == 0 for n in sizes):
+        kv = [n // rep for n in sizes]
+        return [(kh, vh, True) for kh, vh in zip(k.split(kv, 1), v.split(kv, 1))]
+    out, h0 = [], 0
+    for n in sizes:
+        idx = torch.arange(h0, h0 + n, device=k.device) // rep
+        out.append((k.index_select(1, idx), v.index_select(1, idx), False))
+        h0 += n
+    return out
 
 
 def _attend(q, k, v, mask, scale, dropout, softcap, gqa):
@@ -268,19 +275,22 @@ def _segments(T: int, G: int, shift: int) -> list[tuple[int, int, int]]:
 
 
 def _sdpa_backend(q, k, v, G, n_shift, cons, scale, dropout, softcap):
+    """(B, H, T, D) inputs -> (B, T, H, D). The heads are cut into the unshifted and the shifted block,
+    each block's tokens into runs of whole groups (``_segments``), all with ``split``: in the backward
+    the pieces' gradients are joined by one ``cat`` per level instead of a zero-filled full-size
+    gradient per slice (what indexing costs), which was most of the overhead around the kernels."""
     B, H, T, D = q.shape
     rep = H // k.shape[1]
+    blocks = [(h0, h1, shift) for h0, h1, shift in ((0, H - n_shift, 0), (H - n_shift, H, G // 2)) if h1 > h0]
+    sizes = [h1 - h0 for h0, h1, _ in blocks]
+    kvs = _kv_split(k, v, sizes, rep, allow_gqa=cons.empty and softcap is None)
     parts = []
-    for h0, h1, shift in ((0, H - n_shift, 0), (H - n_shift, H, G // 2)):
-        if h1 <= h0:
-            continue
-        qh = q[:, h0:h1]
-        kh, vh, gqa = _kv_heads(k, v, h0, h1, rep, allow_gqa=cons.empty and softcap is None)
-        pieces = []
-        for start, n, glen in _segments(T, G, shift):
-            s = slice(start, start + n)
-            pieces.append(_groups_sdpa(qh[:, :, s], kh[:, :, s], vh[:, :, s], start, glen, h0, h1, cons,
-                                       scale, dropout, softcap, gqa))
+    for (h0, h1, shift), qh, (kh, vh, gqa) in zip(blocks, q.split(sizes, 1), kvs):
+        segs = _segments(T, G, shift)
+        lens = [n for _, n, _ in segs]
+        pieces = [_groups_sdpa(qs, ks, vs, start, glen, h0, h1, cons, scale, dropout, softcap, gqa)
+                  for (start, _, glen), qs, ks, vs in zip(segs, qh.split(lens, 2), kh.split(lens, 2),
+                                                           vh.split(lens, 2))]
         parts.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
