@@ -24,6 +24,7 @@ peak memory constant, recompute/sink >= 20x at C=4096, dense/sink >= 0.9.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -80,6 +81,19 @@ def graphed(fn, warmup: int = 3):
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+# torch.compile settings (keyword arguments) that --compile-variants can time
+COMPILE_VARIANTS = {
+    "default": {},
+    "cdt": {"options": {"coordinate_descent_tuning": True}},  # tuned launch configs of the fused kernels
+    "autotune": {"mode": "max-autotune-no-cudagraphs"},  # Triton matmul templates against cuBLAS
+}
+
+
+def suffix(variant: str) -> str:
+    """Row-key infix of a compile variant ("" for the default, so older results read the same)."""
+    return "" if variant == "default" else f"_{variant}"
 
 
 def dense_static_step(model, C, device):
@@ -142,9 +156,11 @@ def run(args):
         dense_step = dense = None  # free it
         if cuda:
             row["dense_ms"] = measure(graphed(dense_static_step(model, C, device)), args.steps)
-            if args.compile:
-                compiled = torch.compile(model, dynamic=False)
-                row["dense_compiled_ms"] = measure(graphed(dense_static_step(compiled, C, device)), args.steps)
+            for v in args.compile_variants:
+                compiled = torch.compile(model, **{"dynamic": False, **COMPILE_VARIANTS[v]})
+                row[f"dense_compiled{suffix(v)}_ms"] = measure(graphed(dense_static_step(compiled, C, device)),
+                                                              args.steps)
+                compiled = None
         # recompute: a forward over C tokens per new token
         window_ids = torch.randint(0, vocab, (1, C), device=device)
         model(window_ids, use_cache=False)
@@ -168,13 +184,14 @@ def run(args):
                     row[f"sink_ms@{n}"] = measure(lambda: decoder.step(token), args.steps)
                     streamed += 3 + 2 * args.steps + 3
                 decoder = None  # its buffers and graph go: the next N starts from the cache alone
-                if args.compile and n == args.stream[-1]:  # one compile per cache size: after the longest stream
-                    with SinkDecoder(model, cache, cuda_graph=cuda, compile=True) as decoder:
+                for v in args.compile_variants if n == args.stream[-1] else ():  # after the longest stream
+                    with SinkDecoder(model, cache, cuda_graph=cuda, compile=COMPILE_VARIANTS[v]) as decoder:
                         for _ in range(3):
                             decoder.step(token)
-                        row[f"sink_compiled_ms@{n}"] = measure(lambda: decoder.step(token), args.steps)
+                        row[f"sink_compiled{suffix(v)}_ms@{n}"] = measure(lambda: decoder.step(token), args.steps)
                         streamed += 3 + args.steps
                     decoder = None
+                gc.collect()  # the graphs of this N's decoders go before memory is read
                 if cuda:
                     row[f"peak_gib@{n}"] = torch.cuda.max_memory_allocated() / 2**30
                     row[f"allocated_gib@{n}"] = torch.cuda.memory_allocated() / 2**30
@@ -186,11 +203,11 @@ def run(args):
         eager = row[f"sink_eager_ms@{args.stream[-1]}"]
         row["eager_recompute_over_sink"] = row["recompute_ms"] / eager
         row["eager_dense_over_sink"] = row["dense_eager_ms"] / eager
-        if args.compile:
-            last = row[f"sink_compiled_ms@{args.stream[-1]}"]
-            row["compiled_recompute_over_sink"] = row["recompute_ms"] / last
-            if "dense_compiled_ms" in row:
-                row["compiled_dense_over_sink"] = row["dense_compiled_ms"] / last
+        for v in args.compile_variants:
+            last = row[f"sink_compiled{suffix(v)}_ms@{args.stream[-1]}"]
+            row[f"compiled{suffix(v)}_recompute_over_sink"] = row["recompute_ms"] / last
+            if f"dense_compiled{suffix(v)}_ms" in row:
+                row[f"compiled{suffix(v)}_dense_over_sink"] = row[f"dense_compiled{suffix(v)}_ms"] / last
         if cuda:
             peaks = [row[f"peak_gib@{n}"] for n in args.stream]
             row["peak_spread"] = max(peaks) / min(peaks) - 1
@@ -211,12 +228,20 @@ def main():
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="also time SinkDecoder(compile=True) and a compiled dense step (torch.compile inside the graph)")
+    p.add_argument("--compile-variants", default=None,
+                   help=f"comma-separated torch.compile settings to time, of: {', '.join(COMPILE_VARIANTS)} "
+                        f"(--compile alone: default)")
     args = p.parse_args()
     if args.cpu_smoke:
         args.device, args.caches, args.stream, args.steps, args.dtype = "cpu", "32,64", "200,1000", 5, "fp32"
     else:
         args.device = "cuda"
     args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    args.compile_variants = (args.compile_variants.split(",") if args.compile_variants
+                             else ["default"] if args.compile else [])
+    bad = [v for v in args.compile_variants if v not in COMPILE_VARIANTS]
+    if bad:
+        p.error(f"--compile-variants: unknown {bad}; allowed: {', '.join(COMPILE_VARIANTS)}")
     args.caches = [int(x) for x in args.caches.split(",")]
     args.stream = [int(x) for x in args.stream.split(",")]
     name, rows = run(args)
@@ -237,15 +262,18 @@ def main():
     for r in rows:
         print(f"| {r['cache']} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
               + f" | {r['dense_eager_ms']:.3f} | {r['eager_recompute_over_sink']:.1f}x | {r['eager_dense_over_sink']:.2f} |")
-    if args.compile:
-        cols = [f"sink_compiled_ms@{args.stream[-1]}"]  # compiled once per cache size, after the longest stream
-        print("\ntorch.compile + CUDA graph steps:")
-        print("| cache | " + " | ".join(cols) + " | dense ms | recompute/sink | dense/sink |")
-        print("|---" * (len(cols) + 4) + "|")
+    if args.compile_variants:  # compiled once per cache size and variant, after the longest stream
+        n = args.stream[-1]
+        print(f"\ntorch.compile + CUDA graph steps (after {n} tokens):")
+        print("| cache | compile | sink ms | dense ms | recompute/sink | dense/sink |")
+        print("|---|---|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['cache']} | " + " | ".join(f"{r[c]:.3f}" for c in cols)
-                  + f" | {r.get('dense_compiled_ms', float('nan')):.3f} | {r['compiled_recompute_over_sink']:.1f}x"
-                  + f" | {r.get('compiled_dense_over_sink', float('nan')):.2f} |")
+            for v in args.compile_variants:
+                x = suffix(v)
+                print(f"| {r['cache']} | {v} | {r[f'sink_compiled{x}_ms@{n}']:.3f} | "
+                      f"{r.get(f'dense_compiled{x}_ms', float('nan')):.3f} | "
+                      f"{r[f'compiled{x}_recompute_over_sink']:.1f}x | "
+                      f"{r.get(f'compiled{x}_dense_over_sink', float('nan')):.2f} |")
     if any("peak_gib@" + str(n) in r for r in rows for n in args.stream):
         print("\npeak GiB after N tokens: " + "; ".join(
             f"C={r['cache']}: " + ", ".join(f"{r[f'peak_gib@{n}']:.3f}" for n in args.stream) for r in rows))

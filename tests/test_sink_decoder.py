@@ -113,3 +113,14 @@ def test_compiled_decoder_equals_eager():
             with SinkDecoder(model, cache, cuda_graph=False, compile=compile) as dec:
                 got.append(torch.cat([dec.step(steps[:, t:t + 1]).clone() for t in range(steps.shape[1])], 1))
     torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_option_checked():
+    model = tiny_model("llama")
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6), torch.no_grad():
+        cache = SinkCache(model, 2, 6)
+        prefill(model, ids_for(10), cache)
+        with pytest.raises(TypeError, match="option 'compile' must be True, False or a dict"):
+            SinkDecoder(model, cache, cuda_graph=False, compile="yes")
+        assert not cache.held  # refused before taking the cache
+

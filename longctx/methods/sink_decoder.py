@@ -24,7 +24,8 @@ from its original once (eagerly, outside the graph), so positions stay in the tr
 On CUDA (``cuda_graph=None`` means "if the device is CUDA"), after two eager warm-up steps the
 whole step (b, positions, sink rotation, the model's forward, the ring pointer) is captured once
 and replayed. ``compile=True`` runs the model's forward through ``torch.compile`` (fused kernels,
-one graph for the fixed shapes; compiled in the warm-up) inside that capture. RoPE models only, without sliding-window layers (gemma2/3, cohere2, gpt_oss: decode those
+one graph for the fixed shapes; compiled in the warm-up) inside that capture; a dict gives
+torch.compile's keyword arguments (``{"mode": "max-autotune-no-cudagraphs"}``: autotuned matmuls). RoPE models only, without sliding-window layers (gemma2/3, cohere2, gpt_oss: decode those
 with the SinkCache itself); no pad slots may remain; dynamic RoPE types (whose rotary module reads
 positions on the host) run eagerly.
 """
@@ -73,7 +74,11 @@ class SinkDecoder:
     """One-token steps on a full ``SinkCache`` (see the module docstring)."""
 
     def __init__(self, model, cache: SinkCache, cuda_graph: bool | None = None, warmup: int = 2,
-                 compile: bool = False):
+                 compile: bool | dict = False):
+        if not (isinstance(compile, (bool, dict))):
+            raise TypeError(f"SinkDecoder: option 'compile' must be True, False or a dict of torch.compile keyword "
+                            f"arguments, got {compile!r}")
+        compile_kw = compile if isinstance(compile, dict) else {}
         if not isinstance(cache, SinkCache):
             raise TypeError(f"SinkDecoder needs a longctx.SinkCache, got {type(cache).__name__}")
         if not cache.rope:
@@ -123,7 +128,8 @@ class SinkDecoder:
         self.warmup, self.graph, self.logits = warmup, None, None
         # compile: the model's forward through torch.compile (fused kernels; static shapes, one graph),
         # compiled during the warm-up steps and then captured like the eager one
-        self.forward = torch.compile(model, dynamic=False) if compile else model
+        # (a dict: keyword arguments for torch.compile, e.g. {"mode": "max-autotune-no-cudagraphs"})
+        self.forward = model if compile is False else torch.compile(model, **{"dynamic": False, **compile_kw})
 
     # -- the step ----------------------------------------------------------------------------------
     def _rotate(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -450,6 +450,8 @@ def layer_windows(model) -> list[int | None]:
     (it bounds itself), laid out as transformers' ``DynamicCache(config=...)`` lays out its layers."""
     config = model.config.get_text_config(decoder=True)
     layer_types, kwargs = get_layer_types_and_kwargs(config)
+    if isinstance(kwargs, dict):  # transformers < 5.2x: one kwargs dict for every layer
+        kwargs = [kwargs] * len(layer_types)
     unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unknown:
         raise NotImplementedError(f"streaming: layer types {unknown} are not supported; supported layer types: "
