@@ -88,7 +88,6 @@ COMPILE_VARIANTS = {
     "default": {},
     "cdt": {"options": {"coordinate_descent_tuning": True}},  # tuned launch configs of the fused kernels
     "autotune": {"mode": "max-autotune-no-cudagraphs"},  # Triton matmul templates against cuBLAS
-    "autotune_cdt": {"options": {"max_autotune": True, "coordinate_descent_tuning": True}},  # both
 }
 
 

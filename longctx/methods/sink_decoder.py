@@ -129,18 +129,14 @@ class SinkDecoder:
         # compile: the model's forward through torch.compile (fused kernels; static shapes, one graph),
         # compiled during the warm-up steps and then captured like the eager one
         # (a dict: keyword arguments for torch.compile, e.g. {"mode": "max-autotune-no-cudagraphs"})
-        self.apply_rotary = cache._apply_rotary  # the model family's apply_rotary_pos_emb
-        # compiled: the whole device step (sink rotation, the forward, the ring pointer), so the small
-        # ops around the forward are fused too
-        self.advance = (self._advance if compile is False
-                        else torch.compile(self._advance, **{"dynamic": False, **compile_kw}))
+        self.forward = model if compile is False else torch.compile(model, **{"dynamic": False, **compile_kw})
 
     # -- the step ----------------------------------------------------------------------------------
     def _rotate(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """R(delta) orig in fp32; orig (..., B, H, n, D), delta (B, n)."""
         cos, sin = rope_cos_sin(self.rotary, delta, "full_attention")
         k = orig.float()
-        return self.apply_rotary(k, k, cos, sin)[1].to(orig.dtype)
+        return self.cache._apply_rotary(k, k, cos, sin)[1].to(orig.dtype)
 
     def _advance(self) -> torch.Tensor:
         """Everything one step does on the device (captured as the graph)."""
@@ -150,7 +146,7 @@ class SinkDecoder:
         if self.sink:  # sinks to j + b, from their originals, every layer at once
             delta = self.b[:, None] + self.sink_index - self.places[:, :self.sink]  # (B, sink)
             self.keys[..., :self.sink, :].copy_(self._rotate(self.orig_keys[..., :self.sink, :], delta))
-        out = self.model(self.ids, position_ids=self.pos, past_key_values=self.ring, use_cache=True)
+        out = self.forward(self.ids, position_ids=self.pos, past_key_values=self.ring, use_cache=True)
         self.slot.copy_((self.slot - self.sink + 1) % self.window + self.sink)
         return out.logits
 
@@ -177,16 +173,16 @@ class SinkDecoder:
         elif self.use_graph and self.steps >= self.warmup:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self.advance()
+                self.logits = self._advance()
             self.graph.replay()  # capture records only: run it
         elif self.use_graph:  # warm-up on a side stream, as CUDA graph capture wants
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self.logits = self.advance()
+                self.logits = self._advance()
             torch.cuda.current_stream().wait_stream(stream)
         else:
-            self.logits = self.advance()
+            self.logits = self._advance()
         self.oldest = (self.oldest - self.sink + 1) % self.window + self.sink
         self.next_position += 1
         self.steps += 1
