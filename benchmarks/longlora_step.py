@@ -17,6 +17,8 @@ Models:
 Attention, in one process on the same model:
   full        transformers' SDPA attention under each SDPA kernel alone (cuDNN, flash, efficient; via
               torch.nn.attention.sdpa_kernel); the fastest is the reference
+  none        (the bound, --attention full,s2,none) an attention function returning each token's own value:
+              the step with attention that costs nothing; none / full = the most any S2 kernel could give
   s2          longctx.apply(model, "s2attn", group_size_ratio=0.25), one case per --s2-backends entry
               (auto: flex on CUDA, sdpa on CPU); the sdpa backend runs under each SDPA kernel alone
 Each case: --warmup steps first (excluded: flex compilation, allocator growth, optimizer state creation),
@@ -49,7 +51,7 @@ from longctx import lora, train  # noqa: E402
 from longctx.estimate import PRESETS  # noqa: E402
 
 MODELS = ("smollm2", "llama2-7b")
-ATTENTIONS = ("full", "s2")
+ATTENTIONS = ("full", "s2", "none")
 TARGET_SPEEDUP, TARGET_LENGTH = 1.8, 32768
 TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=64)
@@ -93,6 +95,20 @@ def prepare(model):
 
 
 # -- one case ----------------------------------------------------------------------------------------
+def _no_attention(module, query, key, value, attention_mask=None, **kwargs):
+    """(B, H, T, D) -> (B, T, H, D): every token gets its own value (its K/V head's), no scores. Not a
+    model: the time of a step whose attention is free, i.e. the floor any attention kernel leaves."""
+    rep = query.shape[1] // value.shape[1]
+    out = value.repeat_interleave(rep, 1) if rep > 1 else value
+    return out.transpose(1, 2), None
+
+
+def no_attention_name() -> str:
+    from transformers import AttentionInterface
+    AttentionInterface.register("longctx_bench_no_attention", _no_attention)
+    return "longctx_bench_no_attention"
+
+
 KERNELS = ("cudnn", "flash", "efficient")
 S2_BACKENDS = ("auto", "sdpa", "flex", "flash")
 
@@ -133,7 +149,11 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
 
     vocab = model.config.vocab_size
     x = torch.randint(3, vocab, (1, T), device=device, generator=torch.Generator(device).manual_seed(T))
-    patch = None
+    patch, restore = None, None
+    if attention == "none":  # the bound: the same step with attention that costs nothing
+        base = model.get_base_model()
+        restore = base.config._attn_implementation
+        base.set_attn_implementation(no_attention_name())
     if attention == "s2":  # on the model inside the peft wrapper, like the recipe (there before LoRA)
         patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend=s2_backend)
     step = optimizer = None
@@ -162,6 +182,8 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
     finally:
         if patch is not None:
             patch.remove()
+        if restore is not None:
+            model.get_base_model().set_attn_implementation(restore)
         del step, optimizer, x
         model.zero_grad(set_to_none=True)
         gc.collect()
@@ -178,6 +200,7 @@ def run_model(name: str, args, device, autocast_dtype) -> list[dict]:
     for T in args.lengths:
         kernels = sdpa_kernels(device, args.kernels).items() if "full" in args.attention else []
         cases = [("full", k, kernel, None) for k, kernel in kernels]
+        cases += [("none", None, None, None)] if "none" in args.attention else []
         if "s2" in args.attention:
             for b in args.s2_backends:  # S2 through sdpa: under each SDPA kernel alone, as full attention
                 if b == "sdpa" and device.type == "cuda":
@@ -201,15 +224,16 @@ def run_model(name: str, args, device, autocast_dtype) -> list[dict]:
 
 # -- report ------------------------------------------------------------------------------------------
 def add_speedups(rows: list[dict]) -> None:
-    """S2 rows get ``speedup`` = S2 tokens/s / the fastest full-attention tokens/s (same model and T)."""
+    """S2 rows get ``speedup`` = S2 tokens/s / the fastest full-attention tokens/s (same model and T);
+    the "none" row (attention that costs nothing) gets the same ratio: the most any attention could give."""
     for r in rows:
-        if r["attention"] != "s2" or "tokens_per_s" not in r:
+        if r["attention"] not in ("s2", "none") or "tokens_per_s" not in r:
             continue
         full = [f["tokens_per_s"] for f in rows if f["model"] == r["model"] and f["T"] == r["T"]
                 and f["attention"] == "full" and "tokens_per_s" in f]
         if full:
             r["speedup"] = r["tokens_per_s"] / max(full)
-            if r["T"] == TARGET_LENGTH:
+            if r["T"] == TARGET_LENGTH and r["attention"] == "s2":
                 r["target_met"] = r["speedup"] >= TARGET_SPEEDUP
 
 
