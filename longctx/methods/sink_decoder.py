@@ -70,6 +70,17 @@ class _RingLayer(CacheLayerMixin):
         return -1
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device) -> "torch.cuda.Stream":
+    """One warm-up stream per device, shared by all decoders: every new stream that runs a matmul gets
+    its own cuBLAS workspace (tens of MiB, kept for the life of the process)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class SinkDecoder:
     """One-token steps on a full ``SinkCache`` (see the module docstring)."""
 
@@ -176,7 +187,7 @@ class SinkDecoder:
                 self.logits = self._advance()
             self.graph.replay()  # capture records only: run it
         elif self.use_graph:  # warm-up on a side stream, as CUDA graph capture wants
-            stream = torch.cuda.Stream()
+            stream = _side_stream(self.ids.device)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self.logits = self._advance()
