@@ -206,18 +206,18 @@ class _Constraints:
 def _kv_split(k, v, sizes: list[int], rep: int, allow_gqa: bool):
     """K/V for consecutive query-head blocks of ``sizes``: [(k, v, enable_gqa)] per block. With
     grouped-query attention the blocks split the K/V heads when they can (``split``: its backward
-    is one ``cat``), else each K/V head is repeated for its query heads (``expand``: its backward is a
-    sum, deterministic, where ``index_select``'s would be an atomic ``index_add``) and then split."""
+    is one ``cat``), else K/V heads are repeated per query head (``index_select``)."""
     if rep == 1:
         return [(kh, vh, False) for kh, vh in zip(k.split(sizes, 1), v.split(sizes, 1))]
     if allow_gqa and all(n % rep == 0 for n in sizes):
         kv = [n // rep for n in sizes]
         return [(kh, vh, True) for kh, vh in zip(k.split(kv, 1), v.split(kv, 1))]
-    def per_query_head(x):  # (B, Hk, T, D) -> (B, Hk * rep, T, D)
-        B, Hk, T, D = x.shape
-        return x[:, :, None].expand(B, Hk, rep, T, D).reshape(B, Hk * rep, T, D)
-
-    return [(kh, vh, False) for kh, vh in zip(per_query_head(k).split(sizes, 1), per_query_head(v).split(sizes, 1))]
+    out, h0 = [], 0
+    for n in sizes:
+        idx = torch.arange(h0, h0 + n, device=k.device) // rep
+        out.append((k.index_select(1, idx), v.index_select(1, idx), False))
+        h0 += n
+    return out
 
 
 def _attend(q, k, v, mask, scale, dropout, softcap, gqa):
