@@ -621,3 +621,23 @@ def test_sliding_models_refuse_what_is_not_supported():
         with pytest.raises(NotImplementedError, match="padded batches on models with sliding-window layers"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2)
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)  # an all-ones mask is fine
+
+
+def test_layer_windows_older_transformers(monkeypatch):
+    """transformers 5.17 returns one kwargs dict for all layers (5.2x: one per layer); both lay out the
+    same windows. On 5.17 the per-layer reading once gave no layers at all, so every model was refused."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+    from longctx.methods import streaming
+
+    model = tiny_model("mistral", sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    new = streaming.layer_windows(model)
+
+    def old_style(config):
+        types, kwargs = get_layer_types_and_kwargs(config)
+        merged = {k: v for kw in kwargs for k, v in kw.items()}
+        return types, merged
+
+    monkeypatch.setattr(streaming, "get_layer_types_and_kwargs", old_style)
+    assert streaming.layer_windows(model) == new == [8, None]
+    plain = tiny_model("llama")
+    assert streaming.layer_windows(plain) == [None] * plain.config.num_hidden_layers
