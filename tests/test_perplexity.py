@@ -221,3 +221,22 @@ def test_other_families_use_split_path(docs, family, extra):
         cls = getattr(T, family + "ForCausalLM")
     m = cls(cfg).eval()
     check(_no_warning_run(m, docs, 16)[16], *ref(m, chunk_windows(docs, 16)))
+
+
+def test_split_check_runs_once_per_model():
+    """The probe that checks head(body(x)) == model(x).logits runs on the first call only; a new
+    output embedding makes it run again."""
+    model = tiny_llama(seed=3)
+    calls = []
+    model.model.register_forward_hook(lambda *a: calls.append(1))
+    doc = torch.randint(0, V, (64,))
+    first = perplexity(model, [doc], [16], progress=False)
+    n_first = len(calls)
+    calls.clear()
+    second = perplexity(model, [doc], [16], progress=False)
+    assert len(calls) == n_first - 2 == 4  # 4 windows; the probe's two body forwards are gone
+    assert second == first
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, V, bias=False)  # a new head: re-checked
+    calls.clear()
+    perplexity(model, [doc], [16], progress=False)
+    assert len(calls) == n_first

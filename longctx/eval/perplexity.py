@@ -11,6 +11,7 @@ import json
 import math
 import platform
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -144,13 +145,20 @@ def _windows(docs, L, mode, stride, score, tail_fraction):
     return specs, dropped
 
 
+# model -> (what the check depended on, its verdict): the probe's two forwards run once per model,
+# not once per call (on a GPU they are launch-bound and cost tens of ms, a few % of a 32k window)
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _make_scorer(model, probe):
     """Pick how to turn a (B, L) batch into a summed NLL: body + chunked head when that reproduces
-    model(probe).logits, else the model's own forward with logits_to_keep (the fallback)."""
+    model(probe).logits, else the model's own forward with logits_to_keep (the fallback). The verdict
+    is kept per model while its class, body, output embedding and logit scalings stay the same."""
     body, head = model.base_model, model.get_output_embeddings()
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     scale, div = getattr(cfg, "logit_scale", None), getattr(cfg, "logits_scaling", None)
     cap = getattr(cfg, "final_logit_softcapping", None)
+    key = (type(model), id(body), id(head), id(getattr(head, "weight", None)), scale, div, cap)
 
     def to_logits(h):                                   # (c, D) hidden -> (c, V) fp32 logits
         logits = head(h).float()
@@ -180,19 +188,39 @@ def _make_scorer(model, probe):
                    for b, f in enumerate(firsts))
 
     try:
+        known = _CHECKED.get(model)
+    except TypeError:  # not weak-referenceable
+        known = None
+    if known is not None and known[0] == key:
+        why = known[1]
+        if why is None:
+            return split
+    else:
+        why = _check_split(model, body, head, to_logits, probe)
+        try:
+            _CHECKED[model] = (key, why)
+        except TypeError:  # not weak-referenceable: check every call
+            pass
+        if why is None:
+            return split
+    warnings.warn(f"perplexity: {type(model).__name__}: using model(..., logits_to_keep=...) "
+                  f"(more memory): {why}")
+    return fallback
+
+
+def _check_split(model, body, head, to_logits, probe) -> str | None:
+    """None if head(body(probe)) reproduces model(probe).logits, else why not."""
+    try:
         if head is None or body is model:
             raise TypeError("no separate body/output embedding")
         ref = model(input_ids=probe, use_cache=False).logits.float()               # (1, P, V)
         ours = to_logits(_hidden(body(input_ids=probe, use_cache=False))[0])[None]
         tol = max(4 * torch.finfo(head.weight.dtype).eps, 1e-4)               # bf16: 0.03 of max |logit|
         if ours.shape == ref.shape and (ours - ref).abs().max() <= tol * ref.abs().max().clamp(min=1):
-            return split
-        why = "body + output embedding does not reproduce model(x).logits"
+            return None
+        return "body + output embedding does not reproduce model(x).logits"
     except (TypeError, AttributeError, ValueError, NotImplementedError) as err:
-        why = f"{type(err).__name__}: {err}"
-    warnings.warn(f"perplexity: {type(model).__name__}: using model(..., logits_to_keep=...) "
-                  f"(more memory): {why}")
-    return fallback
+        return f"{type(err).__name__}: {err}"
 
 
 def _hidden(out):
