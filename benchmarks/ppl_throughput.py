@@ -139,7 +139,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results.json")
     p.add_argument("--tokens-from", choices=["random", "corpus"], default="random")
-    p.add_argument("--variants", default="batch1,cudnn,flash", help="variants of (b), comma-separated ('' for none)")
+    p.add_argument("--variants", default="batch1,cudnn,flash",
+                   help="variants of (b), comma-separated ('' for none): batch1 (one window per forward), "
+                        "cudnn / flash (SDPA kernel forced), compile (perplexity(..., compile=True))")
     p.add_argument("--attn", default="sdpa", help="attn_implementation passed to load_model ('' to let it pick)")
     args = p.parse_args()
 
@@ -156,7 +158,7 @@ def main():
           f"{W} x {L} tokens ({args.tokens_from}) | load {time.perf_counter() - t_start:.1f}s")
 
     def b(variant):
-        opts = {"batch_tokens": L} if variant == "batch1" else {}
+        opts = {"batch_tokens": L} if variant == "batch1" else {"compile": True} if variant == "compile" else {}
         def run(Xs):
             with sdpa_context(variant):
                 return perplexity(model, [Xs.flatten()], [L], mode="chunks", score="all", progress=False,
@@ -169,11 +171,11 @@ def main():
     methods |= {f"(b) {v}": b(v) for v in filter(None, args.variants.split(","))}
     errors, runs = {}, {name: [] for name in methods}
 
-    # warm-up: every method once on one window (kernels, allocator, cuDNN plans); a forced SDPA
-    # backend that cannot run here fails now and is left out of the timed runs
+    # warm-up: every method once on all windows, the timed shapes (kernels, allocator, cuDNN plans,
+    # torch.compile); a forced SDPA backend that cannot run here fails now and is left out of the timed runs
     for name, fn in list(methods.items()):
         try:
-            fn(X[:1])
+            fn(X)
         except RuntimeError as err:
             errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             print(f"{name}: skipped ({errors[name]})")

@@ -95,7 +95,7 @@ def cmd_ppl(args) -> int:
         patch = None if name == "none" else registry.apply(model, name, **options)
         try:
             results[label] = perplexity(model, ids, args.lengths, mode=args.mode, stride=args.stride,
-                                        score=args.score, tail_fraction=args.tail_fraction)
+                                        score=args.score, tail_fraction=args.tail_fraction, compile=args.compile)
         finally:
             if patch is not None:
                 patch.remove()
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="sliding mode: window step (default length/2)")
     p.add_argument("--score", choices=["all", "tail"], default="all")
     p.add_argument("--tail-fraction", type=float, default=0.25, help="score=tail: scored fraction of each window")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model body through torch.compile (compiles once per length; faster on a GPU)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--out", help="write the results and settings as JSON here")

@@ -240,3 +240,32 @@ def test_split_check_runs_once_per_model():
     calls.clear()
     perplexity(model, [doc], [16], progress=False)
     assert len(calls) == n_first
+
+
+def test_compiled_body_equals_eager(docs):
+    model = tiny_llama(seed=4)
+    eager = perplexity(model, docs, [16, 32], progress=False)
+    compiled = perplexity(model, docs, [16, 32], progress=False, compile=True)
+    again = perplexity(model, docs, [16, 32], progress=False, compile=True)  # the same compiled wrapper
+    for L in (16, 32):
+        assert compiled[L]["tokens"] == eager[L]["tokens"]
+        assert abs(compiled[L]["nll"] - eager[L]["nll"]) < 1e-5 * abs(eager[L]["nll"])
+        assert again[L]["nll"] == compiled[L]["nll"]
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        perplexity(model, docs, [16], progress=False, compile="yes")
+
+
+def test_compiled_body_follows_rope_patches(docs):
+    """The compiled body is kept per model: applying and removing a RoPE method afterwards must
+    still give the eager numbers (dynamo's guards see the patched rotary module)."""
+    import longctx
+    model = tiny_llama(seed=5)
+    base = perplexity(model, docs, [32], progress=False, compile=True)[32]["nll"]
+    for method, opts in (("yarn", {"factor": 4.0}), ("linear", {"factor": 2.0}), ("abf", {"rope_theta": 1e6})):
+        with longctx.applied(model, method, **opts):
+            eager = perplexity(model, docs, [32], progress=False)[32]["nll"]
+            compiled = perplexity(model, docs, [32], progress=False, compile=True)[32]["nll"]
+            assert abs(compiled - eager) < 1e-5 * abs(eager), method
+            assert abs(compiled - base) > 1e-4, method  # the patch did change the numbers
+    after = perplexity(model, docs, [32], progress=False, compile=True)[32]["nll"]
+    assert abs(after - base) < 1e-6 * abs(base)

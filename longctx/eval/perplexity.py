@@ -23,7 +23,7 @@ SCORES = ("all", "tail")
 
 
 def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *, tail_fraction=0.25,
-               batch_tokens=None, logits_chunk=4096, progress=True) -> dict[int, dict]:
+               batch_tokens=None, logits_chunk=4096, progress=True, compile=False) -> dict[int, dict]:
     """Perplexity of `model` on `docs` (1-D token-id tensors or lists) for each window length L.
 
     mode="chunks": each document is cut into non-overlapping windows of exactly L tokens from 0;
@@ -61,9 +61,13 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     logits_chunk: rows of hidden states turned into fp32 logits at once.
     How: the body (`model.base_model`) runs with use_cache=False, its hidden states at the scored
     positions go through `model.get_output_embeddings()` (plus logit_scale / logits_scaling /
-    final_logit_softcapping from the config) in chunks. This is checked once per call against
+    final_logit_softcapping from the config) in chunks. This is checked once per model against
     model(probe).logits on the first 64 tokens; if it does not match, the model's own forward with
     logits_to_keep is used instead (more memory) and a warning says so.
+    compile: run the body (the model, in that fallback) through ``torch.compile(dynamic=False)``:
+    fused norms, RoPE and activations; compiled once per batch shape (tens of seconds on a GPU),
+    kept per model across calls. Results equal the eager ones to float rounding (kernels fused in
+    a different order). Off by default.
     Returns {L: {"ppl", "nll" (mean per token), "tokens", "windows", "dropped_tokens"}}; a length
     with no full window gives tokens 0 and ppl/nll None (with a warning).
     """
@@ -76,6 +80,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
                          "already scores only its tail, the last `stride` tokens (lower stride instead)")
     if mode == "chunks" and stride is not None:
         raise ValueError("stride only applies to mode='sliding' (chunks never overlap)")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     if logits_chunk < 1 or (batch_tokens is not None and batch_tokens < 1):
         raise ValueError("logits_chunk and batch_tokens must be >= 1")
     lengths = [int(L) for L in lengths]
@@ -103,7 +109,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
                     results[L] = {"ppl": None, "nll": None, "tokens": 0, "windows": 0, "dropped_tokens": dropped}
                     continue
                 if scorer is None:  # decided once, on the first real window
-                    scorer = _make_scorer(model, docs[specs[0][0]][specs[0][1]:][:64].to(device)[None])
+                    scorer = _make_scorer(model, docs[specs[0][0]][specs[0][1]:][:64].to(device)[None],
+                                          compile)
                 budget = batch_tokens or (65536 if device.type == "cuda" else L)
                 B = max(1, budget // L)                                # windows per forward
                 nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -150,7 +157,7 @@ def _windows(docs, L, mode, stride, score, tail_fraction):
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _make_scorer(model, probe):
+def _make_scorer(model, probe, compile=False):
     """Pick how to turn a (B, L) batch into a summed NLL: body + chunked head when that reproduces
     model(probe).logits, else the model's own forward with logits_to_keep (the fallback). The verdict
     is kept per model while its class, body, output embedding and logit scalings stay the same."""
@@ -171,7 +178,8 @@ def _make_scorer(model, probe):
         return logits
 
     def split(x, firsts, chunk):
-        h = _hidden(body(input_ids=x, use_cache=False))                            # (B, L, D)
+        run = _compiled(body) if compile else body
+        h = _hidden(run(input_ids=x, use_cache=False))                             # (B, L, D)
         L = x.shape[1]
         rows = torch.cat([h[b, f - 1:L - 1] for b, f in enumerate(firsts)])        # (M, D)
         tgt = torch.cat([x[b, f:] for b, f in enumerate(firsts)])                  # (M,)
@@ -182,7 +190,8 @@ def _make_scorer(model, probe):
     def fallback(x, firsts, chunk):
         L = x.shape[1]
         kw = {"logits_to_keep": L - min(firsts) + 1} if takes_keep else {}
-        logits = model(input_ids=x, use_cache=False, **kw).logits                  # (B, K, V)
+        run = _compiled(model) if compile else model
+        logits = run(input_ids=x, use_cache=False, **kw).logits                    # (B, K, V)
         off = L - logits.shape[1]                                                  # position of row 0
         return sum(_chunked_nll(logits[b, f - 1 - off:L - 1 - off], x[b, f:], lambda r: r.float(), chunk)
                    for b, f in enumerate(firsts))
@@ -206,6 +215,18 @@ def _make_scorer(model, probe):
     warnings.warn(f"perplexity: {type(model).__name__}: using model(..., logits_to_keep=...) "
                   f"(more memory): {why}")
     return fallback
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(module):
+    """torch.compile(module, dynamic=False), one wrapper per module for its lifetime (so dynamo's
+    compiled code is reused across calls; a new shape compiles once more)."""
+    fn = _COMPILED.get(module)
+    if fn is None:
+        fn = _COMPILED[module] = torch.compile(module, dynamic=False)
+    return fn
 
 
 def _check_split(model, body, head, to_logits, probe) -> str | None:
