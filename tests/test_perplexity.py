@@ -269,3 +269,18 @@ def test_compiled_body_follows_rope_patches(docs):
             assert abs(compiled - base) > 1e-4, method  # the patch did change the numbers
     after = perplexity(model, docs, [32], progress=False, compile=True)[32]["nll"]
     assert abs(after - base) < 1e-6 * abs(base)
+
+
+def test_compiled_body_neither_recompiles_nor_leaks(docs):
+    import gc
+    import weakref
+    from torch._dynamo.utils import counters
+    model = tiny_llama(seed=6)
+    perplexity(model, docs, [16], progress=False, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    perplexity(model, docs, [16], progress=False, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs  # same shapes: the compiled code is reused
+    body = weakref.ref(model.model)
+    del model
+    gc.collect()
+    assert body() is None  # nothing of longctx's keeps the model (or its body) alive

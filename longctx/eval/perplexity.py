@@ -65,8 +65,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     model(probe).logits on the first 64 tokens; if it does not match, the model's own forward with
     logits_to_keep is used instead (more memory) and a warning says so.
     compile: run the body (the model, in that fallback) through ``torch.compile(dynamic=False)``:
-    fused norms, RoPE and activations; compiled once per batch shape (tens of seconds on a GPU),
-    kept per model across calls. Results equal the eager ones to float rounding (kernels fused in
+    fused norms, RoPE and activations; compiled once per batch shape (tens of seconds on a GPU);
+    a later call with the same shapes reuses the compiled code. Results equal the eager ones to float rounding (kernels fused in
     a different order). Off by default.
     Returns {L: {"ppl", "nll" (mean per token), "tokens", "windows", "dropped_tokens"}}; a length
     with no full window gives tokens 0 and ppl/nll None (with a warning).
@@ -177,9 +177,13 @@ def _make_scorer(model, probe, compile=False):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    # compile: one wrapper per call (a cache holding it would keep the module alive); dynamo keeps the
+    # compiled code with the module's forward, so a later call with the same shapes does not recompile
+    run_body = torch.compile(body, dynamic=False) if compile else body
+    run_model = torch.compile(model, dynamic=False) if compile else model
+
     def split(x, firsts, chunk):
-        run = _compiled(body) if compile else body
-        h = _hidden(run(input_ids=x, use_cache=False))                             # (B, L, D)
+        h = _hidden(run_body(input_ids=x, use_cache=False))                             # (B, L, D)
         L = x.shape[1]
         rows = torch.cat([h[b, f - 1:L - 1] for b, f in enumerate(firsts)])        # (M, D)
         tgt = torch.cat([x[b, f:] for b, f in enumerate(firsts)])                  # (M,)
@@ -190,8 +194,7 @@ def _make_scorer(model, probe, compile=False):
     def fallback(x, firsts, chunk):
         L = x.shape[1]
         kw = {"logits_to_keep": L - min(firsts) + 1} if takes_keep else {}
-        run = _compiled(model) if compile else model
-        logits = run(input_ids=x, use_cache=False, **kw).logits                    # (B, K, V)
+        logits = run_model(input_ids=x, use_cache=False, **kw).logits                    # (B, K, V)
         off = L - logits.shape[1]                                                  # position of row 0
         return sum(_chunked_nll(logits[b, f - 1 - off:L - 1 - off], x[b, f:], lambda r: r.float(), chunk)
                    for b, f in enumerate(firsts))
@@ -215,18 +218,6 @@ def _make_scorer(model, probe, compile=False):
     warnings.warn(f"perplexity: {type(model).__name__}: using model(..., logits_to_keep=...) "
                   f"(more memory): {why}")
     return fallback
-
-
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _compiled(module):
-    """torch.compile(module, dynamic=False), one wrapper per module for its lifetime (so dynamo's
-    compiled code is reused across calls; a new shape compiles once more)."""
-    fn = _COMPILED.get(module)
-    if fn is None:
-        fn = _COMPILED[module] = torch.compile(module, dynamic=False)
-    return fn
 
 
 def _check_split(model, body, head, to_logits, probe) -> str | None:
