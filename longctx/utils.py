@@ -16,3 +16,14 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def recompile_room(limit: int = 64):
+    """A context raising dynamo's per-code-object limit of compiled variants (8 by default; past it
+    torch.compile silently runs eager) to at least ``limit``, for calls that compile one variant per
+    shape or per patch: perplexity over many lengths, a SinkDecoder per cache size."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(getattr(cfg, name), limit)})

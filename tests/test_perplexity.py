@@ -284,3 +284,19 @@ def test_compiled_body_neither_recompiles_nor_leaks(docs):
     del model
     gc.collect()
     assert body() is None  # nothing of longctx's keeps the model (or its body) alive
+
+
+@pytest.mark.slow
+def test_compiled_many_lengths_stay_compiled():
+    """More shapes than dynamo's default 8 variants per function: each length still gets compiled
+    code (past the limit torch.compile would quietly run eager)."""
+    from torch._dynamo.utils import counters
+    model = tiny_llama(seed=7)
+    doc = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(2))
+    lengths = list(range(4, 13))  # 9 shapes
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = perplexity(model, [doc], lengths, progress=False, compile=True)
+    assert counters["stats"]["unique_graphs"] - graphs >= len(lengths)
+    eager = perplexity(model, [doc], lengths, progress=False)
+    for L in lengths:
+        assert abs(compiled[L]["nll"] - eager[L]["nll"]) < 1e-5 * abs(eager[L]["nll"])

@@ -123,4 +123,7 @@ def test_compile_option_checked():
         with pytest.raises(TypeError, match="option 'compile' must be True, False or a dict"):
             SinkDecoder(model, cache, cuda_graph=False, compile="yes")
         assert not cache.held  # refused before taking the cache
+        with pytest.raises(ValueError, match="captures its own CUDA graphs"):
+            SinkDecoder(model, cache, cuda_graph=False, compile={"mode": "reduce-overhead"})
+        assert not cache.held
 

@@ -6,6 +6,7 @@ log-softmax. Here the model body (decoder + final norm) runs once, the hidden st
 scored positions are kept, and the output embedding is applied `logits_chunk` rows at a time.
 """
 
+import contextlib
 import inspect
 import json
 import math
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from ..utils import recompile_room
 
 MODES = ("chunks", "sliding")
 SCORES = ("all", "tail")
@@ -165,7 +168,8 @@ def _make_scorer(model, probe, compile=False):
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     scale, div = getattr(cfg, "logit_scale", None), getattr(cfg, "logits_scaling", None)
     cap = getattr(cfg, "final_logit_softcapping", None)
-    key = (type(model), id(body), id(head), id(getattr(head, "weight", None)), scale, div, cap)
+    key = (type(model), scale, div, cap)
+    parts = (body, head, getattr(head, "weight", None))  # compared by identity (weak references)
 
     def to_logits(h):                                   # (c, D) hidden -> (c, V) fp32 logits
         logits = head(h).float()
@@ -181,9 +185,11 @@ def _make_scorer(model, probe, compile=False):
     # compiled code with the module's forward, so a later call with the same shapes does not recompile
     run_body = torch.compile(body, dynamic=False) if compile else body
     run_model = torch.compile(model, dynamic=False) if compile else model
+    room = recompile_room if compile else contextlib.nullcontext  # one compiled variant per shape
 
     def split(x, firsts, chunk):
-        h = _hidden(run_body(input_ids=x, use_cache=False))                             # (B, L, D)
+        with room():
+            h = _hidden(run_body(input_ids=x, use_cache=False))                             # (B, L, D)
         L = x.shape[1]
         rows = torch.cat([h[b, f - 1:L - 1] for b, f in enumerate(firsts)])        # (M, D)
         tgt = torch.cat([x[b, f:] for b, f in enumerate(firsts)])                  # (M,)
@@ -194,7 +200,8 @@ def _make_scorer(model, probe, compile=False):
     def fallback(x, firsts, chunk):
         L = x.shape[1]
         kw = {"logits_to_keep": L - min(firsts) + 1} if takes_keep else {}
-        logits = run_model(input_ids=x, use_cache=False, **kw).logits                    # (B, K, V)
+        with room():
+            logits = run_model(input_ids=x, use_cache=False, **kw).logits                    # (B, K, V)
         off = L - logits.shape[1]                                                  # position of row 0
         return sum(_chunked_nll(logits[b, f - 1 - off:L - 1 - off], x[b, f:], lambda r: r.float(), chunk)
                    for b, f in enumerate(firsts))
@@ -203,14 +210,15 @@ def _make_scorer(model, probe, compile=False):
         known = _CHECKED.get(model)
     except TypeError:  # not weak-referenceable
         known = None
-    if known is not None and known[0] == key:
+    if known is not None and known[0] == key and all(r() is x for r, x in zip(known[2], parts)):
         why = known[1]
         if why is None:
             return split
     else:
         why = _check_split(model, body, head, to_logits, probe)
         try:
-            _CHECKED[model] = (key, why)
+            _CHECKED[model] = (key, why, tuple(weakref.ref(x) if x is not None else (lambda: None)
+                                                for x in parts))
         except TypeError:  # not weak-referenceable: check every call
             pass
         if why is None:

@@ -32,10 +32,13 @@ positions on the host) run eagerly.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..arch import rotary_module
+from ..utils import recompile_room
 from .streaming import SinkCache, rope_cos_sin, static_rope
 
 
@@ -90,6 +93,9 @@ class SinkDecoder:
             raise TypeError(f"SinkDecoder: option 'compile' must be True, False or a dict of torch.compile keyword "
                             f"arguments, got {compile!r}")
         compile_kw = compile if isinstance(compile, dict) else {}
+        if compile_kw.get("mode") in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"SinkDecoder: compile mode {compile_kw['mode']!r} captures its own CUDA graphs inside "
+                             f"the decoder's; allowed modes: 'default', 'max-autotune-no-cudagraphs'")
         if not isinstance(cache, SinkCache):
             raise TypeError(f"SinkDecoder needs a longctx.SinkCache, got {type(cache).__name__}")
         if not cache.rope:
@@ -141,6 +147,7 @@ class SinkDecoder:
         # compiled during the warm-up steps and then captured like the eager one
         # (a dict: keyword arguments for torch.compile, e.g. {"mode": "max-autotune-no-cudagraphs"})
         self.forward = model if compile is False else torch.compile(model, **{"dynamic": False, **compile_kw})
+        self.room = contextlib.nullcontext if compile is False else recompile_room
 
     # -- the step ----------------------------------------------------------------------------------
     def _rotate(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -157,7 +164,8 @@ class SinkDecoder:
         if self.sink:  # sinks to j + b, from their originals, every layer at once
             delta = self.b[:, None] + self.sink_index - self.places[:, :self.sink]  # (B, sink)
             self.keys[..., :self.sink, :].copy_(self._rotate(self.orig_keys[..., :self.sink, :], delta))
-        out = self.forward(self.ids, position_ids=self.pos, past_key_values=self.ring, use_cache=True)
+        with self.room():  # compiled: one variant per decoder shape, past dynamo's default limit of 8
+            out = self.forward(self.ids, position_ids=self.pos, past_key_values=self.ring, use_cache=True)
         self.slot.copy_((self.slot - self.sink + 1) % self.window + self.sink)
         return out.logits
 

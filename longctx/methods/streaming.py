@@ -456,7 +456,8 @@ def layer_windows(model) -> list[int | None]:
     if unknown:
         raise NotImplementedError(f"streaming: layer types {unknown} are not supported; supported layer types: "
                                   f"full_attention, sliding_attention")
-    return [kw["sliding_window"] if kind == "sliding_attention" else None for kind, kw in zip(layer_types, kwargs)]
+    return [kw.get("sliding_window", getattr(config, "sliding_window", None)) if kind == "sliding_attention" else None
+            for kind, kw in zip(layer_types, kwargs)]
 
 
 def check_sizes(sink_size, window_size) -> None:
