@@ -3,6 +3,7 @@
     python benchmarks/longlora_step.py --models smollm2 --out benchmarks/results/longlora_step_smollm2_h100.json
     python benchmarks/longlora_step.py --models smollm2 --smollm2-random        # same config, random weights, no GGUF
     python benchmarks/longlora_step.py --models llama2-7b --llama2-7b-layers 32 --lengths 32768
+    python benchmarks/longlora_step.py --models smollm2 --smollm2-random --compile eager,layers --kernels cudnn
     python benchmarks/longlora_step.py --cpu-smoke                              # CPU, tiny random llama, seconds
 
 The step is the recipe's (recipes/longlora_finetune.py), micro batch 1:
@@ -21,11 +22,16 @@ Attention, in one process on the same model:
               the step with attention that costs nothing; none / full = the most any S2 kernel could give
   s2          longctx.apply(model, "s2attn", group_size_ratio=0.25), one case per --s2-backends entry
               (auto: flex on CUDA, sdpa on CPU); the sdpa backend runs under each SDPA kernel alone
+Compilation (--compile, each variant a case of every attention above):
+  eager       the recipe's default
+  layers      longctx.train.compile_layers(model): every decoder layer's attention module, MLP and norms
+              through torch.compile (the recipe's train.compile: true); S2's attention stays outside the
+              graphs. Each case compiles afresh (torch._dynamo.reset(), inside its SDPA kernel choice)
 Each case: --warmup steps first (excluded: flex compilation, allocator growth, optimizer state creation),
 then the median of --steps steps (CUDA events; benchmarks/timing.py). Peak memory:
 torch.cuda.max_memory_allocated over the measured steps (reset after warm-up). The RoPE scaling of the
 recipe (linear x4) is left out: it changes no compute. A case that runs out of memory is reported as OOM.
-Target (issue 4): S2 tokens/s >= 1.8 x full attention (fastest kernel) at 32k. Prints a Markdown table;
+Target (issue 4): S2 tokens/s >= 1.8 x full attention (fastest kernel, same compilation) at 32k. Prints a Markdown table;
 --out writes JSON with the GPU name and library versions.
 """
 
@@ -84,11 +90,12 @@ def build_model(name: str, args, device):
     raise ValueError(f"--models: unknown model {name!r}; allowed: {', '.join(MODELS)}")
 
 
-def prepare(model):
+def prepare(model, checkpointing: bool = True):
     """LoRA+ as the recipe: LoRA r=8 on q/k/v/o, embedding and norms trainable (fp32), checkpointing."""
     model = lora.prepare(model, r=8, alpha=16, dropout=0.0, trainable=("embed", "norm"), verbose=False)
     lora.upcast_trainable(model)  # fp32 master copies of the trained tensors (the recipe under bf16)
-    train.enable_activation_checkpointing(model)
+    if checkpointing:
+        train.enable_activation_checkpointing(model)
     model.config.use_cache = False
     model.train()
     return model
@@ -110,6 +117,7 @@ def no_attention_name() -> str:
 
 
 KERNELS = ("cudnn", "flash", "efficient")
+COMPILES = ("eager", "layers")
 S2_BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 
@@ -143,7 +151,8 @@ def make_step(model, x, autocast_dtype, device):
     return step, optimizer
 
 
-def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype, s2_backend="auto") -> dict:
+def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype, s2_backend="auto",
+             compile="eager") -> dict:
     """Warm-up, then the median step time and the peak memory of ``attention`` at ``T`` tokens."""
     from torch.nn.attention import sdpa_kernel
 
@@ -157,6 +166,9 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
     if attention == "s2":  # on the model inside the peft wrapper, like the recipe (there before LoRA)
         patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend=s2_backend)
     step = optimizer = None
+    if compile == "layers":
+        torch._dynamo.reset()  # trace afresh under this case's attention and SDPA kernel
+        train.compile_layers(model)
     try:
         with sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext():
             step, optimizer = make_step(model, x, autocast_dtype, device)
@@ -184,6 +196,8 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
             patch.remove()
         if restore is not None:
             model.get_base_model().set_attn_implementation(restore)
+        if compile != "eager":
+            train.uncompile_layers(model)
         del step, optimizer, x
         model.zero_grad(set_to_none=True)
         gc.collect()
@@ -193,7 +207,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
 
 def run_model(name: str, args, device, autocast_dtype) -> list[dict]:
     model, label, weights = build_model(name, args, device)
-    model = prepare(model)
+    model = prepare(model, checkpointing=not args.no_checkpointing)
     counts = lora.trainable_summary(model)
     weights_gib = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
     rows = []
@@ -207,14 +221,16 @@ def run_model(name: str, args, device, autocast_dtype) -> list[dict]:
                     cases += [("s2", k, kernel, b) for k, kernel in sdpa_kernels(device, args.kernels).items()]
                 else:
                     cases.append(("s2", None, None, b))
-        for attention, kname, kernel, backend in cases:
-            row = dict(model=label, T=T, attention=attention, kernel=kname, weights=weights,
-                       trainable=counts["trainable"], params=counts["total"], model_gib=weights_gib)
-            if backend is not None:
-                row["s2_backend"] = backend  # as asked; run_case replaces "auto" by what it resolved to
-            row.update(run_case(model, T, attention, kernel, args, device, autocast_dtype, backend or "auto"))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+        for compile in args.compile:
+            for attention, kname, kernel, backend in cases:
+                row = dict(model=label, T=T, attention=attention, kernel=kname, compile=compile, weights=weights,
+                           trainable=counts["trainable"], params=counts["total"], model_gib=weights_gib)
+                if backend is not None:
+                    row["s2_backend"] = backend  # as asked; run_case replaces "auto" by what it resolved to
+                row.update(run_case(model, T, attention, kernel, args, device, autocast_dtype, backend or "auto",
+                                    compile))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     del model
     gc.collect()
     if device.type == "cuda":
@@ -224,12 +240,13 @@ def run_model(name: str, args, device, autocast_dtype) -> list[dict]:
 
 # -- report ------------------------------------------------------------------------------------------
 def add_speedups(rows: list[dict]) -> None:
-    """S2 rows get ``speedup`` = S2 tokens/s / the fastest full-attention tokens/s (same model and T);
+    """S2 rows get ``speedup`` = S2 tokens/s / the fastest full-attention tokens/s (same model, T, compile);
     the "none" row (attention that costs nothing) gets the same ratio: the most any attention could give."""
     for r in rows:
         if r["attention"] not in ("s2", "none") or "tokens_per_s" not in r:
             continue
         full = [f["tokens_per_s"] for f in rows if f["model"] == r["model"] and f["T"] == r["T"]
+                and f.get("compile", "eager") == r.get("compile", "eager")
                 and f["attention"] == "full" and "tokens_per_s" in f]
         if full:
             r["speedup"] = r["tokens_per_s"] / max(full)
@@ -238,18 +255,19 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | T | attention | kernel | step ms | tokens/s | peak GiB | S2 / full (fastest) |",
-             "|---|---:|---|---|---:|---:|---:|---:|"]
+    lines = ["| model | T | compile | attention | kernel | step ms | tokens/s | peak GiB | S2 / full (fastest) |",
+             "|---|---:|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         kernel = "/".join(x for x in (r.get("s2_backend"), r["kernel"]) if x) or "-"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['T']} | {r['attention']} | {kernel} | {r['error'][:60]} | | | |")
+            lines.append(f"| {r['model']} | {r['T']} | {r.get('compile', 'eager')} | {r['attention']} | {kernel} | "
+                         f"{r['error'][:60]} | | | |")
             continue
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
         ratio = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         if "target_met" in r:
             ratio += f" (target >= {TARGET_SPEEDUP}x: {'met' if r['target_met'] else '**missed**'})"
-        lines.append(f"| {r['model']} | {r['T']} | {r['attention']} | {kernel} | {r['ms']:.1f} | "
+        lines.append(f"| {r['model']} | {r['T']} | {r.get('compile', 'eager')} | {r['attention']} | {kernel} | {r['ms']:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {peak} | {ratio} |")
     return "\n".join(lines)
 
@@ -278,6 +296,10 @@ def parse_args(argv=None):
     ap.add_argument("--s2-backends", default="auto",
                     help="comma-separated s2attn backends, each a case (auto: flex on CUDA, sdpa on CPU); "
                          "on CUDA, sdpa runs once under each of --kernels")
+    ap.add_argument("--compile", default="eager",
+                    help=f"comma-separated, of: {', '.join(COMPILES)} (layers: longctx.train.compile_layers)")
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="no activation checkpointing (the recipe's train.gradient_checkpointing: false)")
     ap.add_argument("--warmup", type=int, default=2, help="steps before timing (flex compiles in the first)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -297,6 +319,10 @@ def parse_args(argv=None):
     bad = [b for b in args.s2_backends if b not in S2_BACKENDS]
     if bad:
         ap.error(f"--s2-backends: unknown {bad}; allowed: {', '.join(S2_BACKENDS)}")
+    args.compile = [c.strip() for c in args.compile.split(",")]
+    bad = [c for c in args.compile if c not in COMPILES]
+    if bad:
+        ap.error(f"--compile: unknown {bad}; allowed: {', '.join(COMPILES)}")
     args.models = [m.strip() for m in args.models.split(",")]
     bad = [m for m in args.models if m not in MODELS]
     if bad:
@@ -320,15 +346,17 @@ def main(argv=None) -> dict:
     add_speedups(rows)
     env = environment(device)
     meta = {**env, "autocast": "bf16" if autocast_dtype else "none (fp32)", "micro_batch": 1,
-            "gradient_checkpointing": True, "lora": {"r": 8, "alpha": 16, "trainable": ["embed", "norm"]},
-            "s2attn": {"group_size_ratio": 0.25, "backends": args.s2_backends}, "warmup": args.warmup,
+            "gradient_checkpointing": not args.no_checkpointing, "lora": {"r": 8, "alpha": 16, "trainable": ["embed", "norm"]},
+            "s2attn": {"group_size_ratio": 0.25, "backends": args.s2_backends}, "compile": args.compile,
+            "warmup": args.warmup,
             "steps": args.steps, "target": f"S2 tokens/s >= {TARGET_SPEEDUP}x full attention at {TARGET_LENGTH}",
             "wall_s": round(time.perf_counter() - started, 1)}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"\n{env['device']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-          + f"; autocast {meta['autocast']}, micro batch 1, gradient checkpointing, LoRA+ r=8")
+          + f"; autocast {meta['autocast']}, micro batch 1, gradient checkpointing "
+          + ("off" if args.no_checkpointing else "on") + ", LoRA+ r=8")
     print(f"Target (issue 4): S2 >= {TARGET_SPEEDUP}x the tokens/s of full attention (fastest kernel) at "
           f"{TARGET_LENGTH}" + ("" if TARGET_LENGTH in args.lengths else " (not in this run's lengths)"))
     print()

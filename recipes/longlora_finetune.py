@@ -75,6 +75,9 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
     optimizer = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"],
                                   weight_decay=t["weight_decay"])
     scheduler = train.make_scheduler(optimizer, t["lr_scheduler"], t["warmup_steps"], t["steps"])
+    if t["compile"]:  # fused kernels for each decoder layer's parts (s2attn's attention stays outside)
+        train.check_compile(accelerator)
+        train.compile_layers(model, t["compile"])
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
     state = train.TrainState()

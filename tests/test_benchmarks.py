@@ -23,4 +23,4 @@ def test_longlora_step_cpu_smoke(tmp_path):
     assert all(r["attn_implementation"] == "sdpa" for r in rows if r["attention"] == "full")
     assert all("speedup" in r for r in rows if r["attention"] == "s2")
     assert data["meta"]["versions"]["torch"] == __import__("torch").__version__
-    assert "| model | T | attention |" in proc.stdout and "Target (issue 4)" in proc.stdout
+    assert "| model | T | compile | attention |" in proc.stdout and "Target (issue 4)" in proc.stdout

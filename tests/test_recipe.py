@@ -239,3 +239,32 @@ def test_eval_config_errors(tiny):
     cfg = train.load_config(CONFIG, [f"data.corpus={tiny / 'corpus.jsonl'}", "data.holdout=[Emma]"])
     with pytest.raises(ValueError, match="'Emma'.*Alpha"):
         train.load_heldout(cfg, None, train.eval_settings(cfg))
+
+
+def test_compile_layers_trains_like_eager(tiny):
+    """train.compile: the decoder layers' parts compiled (CPU inductor), S2 attention outside the graphs:
+    the same losses as eager, within float tolerance, and the compiled graphs were really used."""
+    import torch._dynamo.utils
+
+    steps = ("train.steps=3", "train.checkpoint_every=100", "s2attn.enabled=true")
+    eager = [r["loss"] for r in train_rows(finetune(tiny, tiny / "eager", *steps))]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run = finetune(tiny, tiny / "compiled", *steps, "train.compile=true")
+    compiled = [r["loss"] for r in train_rows(run)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # attention (split at S2), MLP, norm
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    train.uncompile_layers(run["model"])
+    torch._dynamo.reset()
+
+
+def test_compile_refused_with_sharding():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(ValueError, match="train.compile is supported on one GPU and with DDP"):
+        train.check_compile(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    train.check_compile(SimpleNamespace(distributed_type=DistributedType.NO))
+    with pytest.raises(TypeError, match="train.compile must be true, false or a dict"):
+        train.compile_layers(torch.nn.Linear(2, 2), "yes")

@@ -625,6 +625,14 @@ class _State:
                   and getattr(getattr(module, "config", None), "is_causal", True) is not False)
         if not (self.enabled() and causal and key.shape[-2] == T):
             return self.original_attention(module)(module, query, key, value, attention_mask, **kwargs)
+        return self._s2_attention(query, key, value, attention_mask, kwargs)
+
+    # Outside any torch.compile graph (a compiled decoder layer breaks its graph here): the padding and
+    # document checks depend on tensor values, the flex BlockMask cache on object identity, and the flex
+    # kernel is compiled on its own.
+    @torch.compiler.disable
+    def _s2_attention(self, query, key, value, attention_mask, kwargs):
+        T = query.shape[-2]
         if kwargs.get("s_aux") is not None:
             raise NotImplementedError("s2attn does not support attention sinks (s_aux)")
         B = query.shape[0]
