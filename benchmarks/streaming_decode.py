@@ -89,6 +89,10 @@ COMPILE_VARIANTS = {
     "default": {},
     "cdt": {"options": {"coordinate_descent_tuning": True}},  # tuned launch configs of the fused kernels
     "autotune": {"mode": "max-autotune-no-cudagraphs"},  # Triton matmul templates against cuBLAS
+    # freezing: weights become constants, so inductor concatenates the linears that share an input
+    # (q/k/v, gate/up) into one matmul each; costs a concatenated copy of those weights
+    "freeze": {"options": {"freezing": True}},
+    "freeze_autotune": {"options": {"freezing": True, "max_autotune": True}},  # (mode and options exclude each other)
 }
 
 

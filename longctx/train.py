@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import lora
+from .utils import compile_layers, uncompile_layers  # noqa: F401  (train.compile)
 
 # --------------------------------------------------------------------------------------- config
 DEFAULTS: dict = {
@@ -275,32 +276,6 @@ def enable_activation_checkpointing(model) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def compile_layers(model, options=True) -> int:
-    """``torch.compile`` the parts of every decoder layer of the transformers model inside ``model``, in
-    place (``nn.Module.compile`` on each child of each layer: attention module, MLP, norms; layers of one
-    class share their compiled graphs, as in torchtune). Projections with their LoRA, RoPE, norms and the
-    MLP get fused kernels. The children, not the layer, are compiled so that gradient checkpointing
-    (transformers puts it around the layer's forward or ``__call__``, depending on its version) stays
-    outside every graph, and a graph break in the attention function (s2attn's, by design: its flex
-    kernel is compiled on its own) splits only the attention module's graph. ``options``: True or a dict
-    of torch.compile keyword arguments. Returns the number of modules compiled (0: no decoder layer
-    found). Undo with ``uncompile_layers``."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    from .registry import unwrap_model
-
-    if options is True:
-        options = {}
-    if not isinstance(options, dict):
-        raise TypeError(f"train.compile must be true, false or a dict of torch.compile keyword arguments, "
-                        f"got {options!r}")
-    layers = [m for m in unwrap_model(model).modules() if isinstance(m, GradientCheckpointingLayer)]
-    parts = [child for layer in layers for child in layer.children()]
-    for part in parts:
-        part.compile(**options)
-    return len(parts)
-
-
 def check_compile(accelerator) -> None:
     """``train.compile`` is for one process or DDP: FSDP and DeepSpeed re-wrap the layers it compiled."""
     from accelerate.utils import DistributedType
@@ -308,12 +283,6 @@ def check_compile(accelerator) -> None:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(f"train.compile is supported on one GPU and with DDP, not with "
                          f"{accelerator.distributed_type.value}; set train.compile=false")
-
-
-def uncompile_layers(model) -> None:
-    """Undo ``compile_layers``: every module runs eagerly again."""
-    for m in model.modules():
-        m._compiled_call_impl = None
 
 
 def model_device(accelerator):

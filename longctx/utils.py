@@ -1,7 +1,8 @@
-"""Small shared helpers: the user cache folder and option checking."""
+"""Small shared helpers: the user cache folder, dynamo's recompile limit, compiled decoder layers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,3 +28,57 @@ def recompile_room(limit: int = 64):
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     return cfg.patch(**{name: max(getattr(cfg, name), limit)})
+
+
+def _layer_parts(model) -> list:
+    """The children (attention module, MLP, norms) of every decoder layer of the transformers model
+    inside ``model`` (a peft wrapper is looked through)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from .registry import unwrap_model
+
+    layers = [m for m in unwrap_model(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [child for layer in layers for child in layer.children()]
+
+
+def compile_layers(model, options=True) -> int:
+    """``torch.compile`` the parts of every decoder layer in place (``nn.Module.compile`` on each child
+    of each layer: attention module, MLP, norms; layers of one class share their compiled graphs, as in
+    torchtune). Projections with their LoRA, RoPE, norms and the MLP get fused kernels.
+
+    Why the parts and not the model: the attention mask is built outside the graphs, as in eager
+    mode. Under a whole-model torch.compile, transformers (with torch < 2.14) never skips the causal
+    mask, so SDPA gets a dense (T, T) mask and loses its causal kernels (measured on an H100:
+    perplexity at 32k 0.42x eager, +14 GiB). Why not the layer: gradient checkpointing (which
+    transformers puts around the layer's forward or ``__call__``, by version) stays outside every
+    graph, and a graph break in the attention function (s2attn's, by design) splits only the
+    attention module's graph. ``options``: True or a dict of torch.compile keyword arguments.
+    Returns the number of modules compiled (0: no decoder layer found). Undo: ``uncompile_layers``."""
+    if options is True:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(f"train.compile must be true, false or a dict of torch.compile keyword arguments, "
+                        f"got {options!r}")
+    parts = _layer_parts(model)
+    for part in parts:
+        part.compile(**options)
+    return len(parts)
+
+
+def uncompile_layers(model) -> None:
+    """Undo ``compile_layers``: the decoder layers' parts run eagerly again."""
+    for part in _layer_parts(model):
+        part._compiled_call_impl = None
+
+
+@contextlib.contextmanager
+def layers_compiled(model, options=True):
+    """``compile_layers`` for the duration of a block; afterwards every part is as it was before."""
+    parts = _layer_parts(model)
+    before = [part._compiled_call_impl for part in parts]
+    compile_layers(model, options)
+    try:
+        yield
+    finally:
+        for part, impl in zip(parts, before):
+            part._compiled_call_impl = impl

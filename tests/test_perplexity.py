@@ -300,3 +300,33 @@ def test_compiled_many_lengths_stay_compiled():
     eager = perplexity(model, [doc], lengths, progress=False)
     for L in lengths:
         assert abs(compiled[L]["nll"] - eager[L]["nll"]) < 1e-5 * abs(eager[L]["nll"])
+
+
+def test_compiled_layers_keep_the_causal_fast_path(docs):
+    """compile=True compiles the decoder layers' parts, not the model: the causal mask is still skipped
+    (SDPA gets attention_mask=None and is_causal), where a whole-model torch.compile (torch < 2.14)
+    would hand SDPA a dense (T, T) mask. Afterwards the layers run eagerly again."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    masks = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):  # runs while dynamo traces the graph
+        masks.append(attention_mask)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    model = tiny_llama(seed=8)
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register("sdpa", spy)
+    try:
+        torch._dynamo.reset()
+        compiled = perplexity(model, docs, [24], progress=False, compile=True)[24]["nll"]
+    finally:
+        AttentionInterface.register("sdpa", original)
+        torch._dynamo.reset()
+    assert masks and all(m is None for m in masks)
+    parts = [p for layer in model.model.layers for p in layer.children()]
+    assert parts and all(p._compiled_call_impl is None for p in parts)
+    eager = perplexity(model, docs, [24], progress=False)[24]["nll"]
+    assert abs(compiled - eager) < 1e-5 * abs(eager)

@@ -101,18 +101,20 @@ def test_decoder_refuses_sliding_and_nope_layers():
 
 
 def test_compiled_decoder_equals_eager():
-    # torch.compile of the model's forward on the ring cache: one graph, same logits (fp32)
+    # torch.compile of the model's forward on the ring cache: one graph, same logits (fp32); also with
+    # inductor's freezing (weights as constants: the ring buffers must stay graph inputs, not constants)
     model = tiny_model("llama")
     model.set_attn_implementation("sdpa")
     prompt, steps = ids_for(14), ids_for(12, seed=1)
     got = []
-    for compile in (False, True):
+    for compile in (False, True, {"options": {"freezing": True}}):
         with longctx.applied(model, "streaming", sink_size=3, window_size=9), torch.no_grad():
             cache = SinkCache(model, 3, 9, max_position=20)  # resets during the steps
             prefill(model, prompt, cache, chunk_size=4)
             with SinkDecoder(model, cache, cuda_graph=False, compile=compile) as dec:
                 got.append(torch.cat([dec.step(steps[:, t:t + 1]).clone() for t in range(steps.shape[1])], 1))
     torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], got[0], rtol=1e-5, atol=1e-5)
 
 
 def test_compile_option_checked():

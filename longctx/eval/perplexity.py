@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..utils import recompile_room
+from ..utils import layers_compiled, recompile_room
 
 MODES = ("chunks", "sliding")
 SCORES = ("all", "tail")
@@ -67,10 +67,12 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     final_logit_softcapping from the config) in chunks. This is checked once per model against
     model(probe).logits on the first 64 tokens; if it does not match, the model's own forward with
     logits_to_keep is used instead (more memory) and a warning says so.
-    compile: run the body (the model, in that fallback) through ``torch.compile(dynamic=False)``:
-    fused norms, RoPE and activations; compiled once per batch shape (tens of seconds on a GPU);
-    a later call with the same shapes reuses the compiled code. Results equal the eager ones to float rounding (kernels fused in
-    a different order). Off by default.
+    compile: during the call, every decoder layer's parts (attention module, MLP, norms) run through
+    ``torch.compile(dynamic=False)`` (``longctx.utils.layers_compiled``): fused norms, RoPE and
+    activations, while the attention mask is built eagerly, so SDPA keeps its causal kernels (a
+    whole-model compile loses them). Compiled once per batch shape (tens of seconds on a GPU); a
+    later call with the same shapes reuses the compiled code; afterwards the model is as before.
+    Results equal the eager ones to float rounding (kernels fused in a different order). Off by default.
     Returns {L: {"ppl", "nll" (mean per token), "tokens", "windows", "dropped_tokens"}}; a length
     with no full window gives tokens 0 and ppl/nll None (with a warning).
     """
@@ -103,7 +105,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     model.eval()
     results = {}
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), (layers_compiled(model, {"dynamic": False}) if compile
+                                      else contextlib.nullcontext()):
             scorer = None
             for L in lengths:
                 specs, dropped = _windows(docs, L, mode, L // 2 if stride is None else stride, score, tail_fraction)
@@ -181,15 +184,13 @@ def _make_scorer(model, probe, compile=False):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    # compile: one wrapper per call (a cache holding it would keep the module alive); dynamo keeps the
-    # compiled code with the module's forward, so a later call with the same shapes does not recompile
-    run_body = torch.compile(body, dynamic=False) if compile else body
-    run_model = torch.compile(model, dynamic=False) if compile else model
+    # compile: the decoder layers' parts are compiled for the call (perplexity's layers_compiled);
+    # dynamo keeps their compiled code, so a later call with the same shapes does not recompile
     room = recompile_room if compile else contextlib.nullcontext  # one compiled variant per shape
 
     def split(x, firsts, chunk):
         with room():
-            h = _hidden(run_body(input_ids=x, use_cache=False))                             # (B, L, D)
+            h = _hidden(body(input_ids=x, use_cache=False))                                 # (B, L, D)
         L = x.shape[1]
         rows = torch.cat([h[b, f - 1:L - 1] for b, f in enumerate(firsts)])        # (M, D)
         tgt = torch.cat([x[b, f:] for b, f in enumerate(firsts)])                  # (M,)
@@ -201,7 +202,7 @@ def _make_scorer(model, probe, compile=False):
         L = x.shape[1]
         kw = {"logits_to_keep": L - min(firsts) + 1} if takes_keep else {}
         with room():
-            logits = run_model(input_ids=x, use_cache=False, **kw).logits                    # (B, K, V)
+            logits = model(input_ids=x, use_cache=False, **kw).logits                        # (B, K, V)
         off = L - logits.shape[1]                                                  # position of row 0
         return sum(_chunked_nll(logits[b, f - 1 - off:L - 1 - off], x[b, f:], lambda r: r.float(), chunk)
                    for b, f in enumerate(firsts))
