@@ -276,6 +276,20 @@ def enable_activation_checkpointing(model) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def compile_setting(cfg: dict, accelerator=None) -> dict | None:
+    """``train.compile`` as torch.compile keyword arguments (true or a dict, ``{}`` included: on), or
+    None when off (false/null). Checked against the accelerator's distributed type when given."""
+    from .utils import compile_options
+
+    value = cfg["train"]["compile"]
+    if value is False or value is None:
+        return None
+    options = compile_options(value)
+    if accelerator is not None:
+        check_compile(accelerator)
+    return options
+
+
 def check_compile(accelerator) -> None:
     """``train.compile`` is for one process or DDP: FSDP and DeepSpeed re-wrap the layers it compiled."""
     from accelerate.utils import DistributedType
@@ -687,5 +701,5 @@ __all__ = ["DEFAULTS", "load_config", "select_documents", "pack_documents", "sam
            "model_device", "Tracker", "read_log", "TrainState", "save_checkpoint", "list_checkpoints",
            "load_checkpoint", "resume_folder", "save_artifact", "merge_artifact", "add_commands", "make_tiny",
            "rope_options", "s2attn_options", "make_scheduler", "enable_activation_checkpointing", "compile_layers",
-           "check_compile", "uncompile_layers", "eval_settings",
+           "compile_setting", "check_compile", "uncompile_layers", "eval_settings",
            "load_heldout", "preserve_rng", "HeldoutEval"]

@@ -41,6 +41,20 @@ def _layer_parts(model) -> list:
     return [child for layer in layers for child in layer.children()]
 
 
+def compile_options(options) -> dict:
+    """torch.compile keyword arguments from True or a dict; modes that capture CUDA graphs are refused
+    (the parts are re-entered under gradient checkpointing and by callers that capture their own)."""
+    if options is True:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"compile (train.compile) must be true, false or a dict of torch.compile keyword "
+                        f"arguments, got {options!r}")
+    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"compile (train.compile): mode {options['mode']!r} captures CUDA graphs; allowed modes: "
+                         f"'default', 'max-autotune-no-cudagraphs'")
+    return dict(options)
+
+
 def compile_layers(model, options=True) -> int:
     """``torch.compile`` the parts of every decoder layer in place (``nn.Module.compile`` on each child
     of each layer: attention module, MLP, norms; layers of one class share their compiled graphs, as in
@@ -53,13 +67,13 @@ def compile_layers(model, options=True) -> int:
     transformers puts around the layer's forward or ``__call__``, by version) stays outside every
     graph, and a graph break in the attention function (s2attn's, by design) splits only the
     attention module's graph. ``options``: True or a dict of torch.compile keyword arguments.
-    Returns the number of modules compiled (0: no decoder layer found). Undo: ``uncompile_layers``."""
-    if options is True:
-        options = {}
-    if not isinstance(options, dict):
-        raise TypeError(f"train.compile must be true, false or a dict of torch.compile keyword arguments, "
-                        f"got {options!r}")
+    Returns the number of modules compiled; a model without such layers is an error. Undo:
+    ``uncompile_layers``."""
+    options = compile_options(options)
     parts = _layer_parts(model)
+    if not parts:
+        raise ValueError(f"compile: {type(model).__name__} has no decoder layers to compile (transformers' "
+                         f"GradientCheckpointingLayer); run it without compile")
     for part in parts:
         part.compile(**options)
     return len(parts)

@@ -35,6 +35,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
     t = cfg["train"]
     train.eval_settings(cfg)  # a wrong eval section fails here, before the slow loads
     accelerator = train.make_accelerator(cfg)
+    compile_kw = train.compile_setting(cfg, accelerator)  # a wrong train.compile fails here, before the loads
     main_process = accelerator.is_main_process
     set_seed(t["seed"])
     if cfg["make_tiny"]:  # the tiny CPU config builds its random model and corpus
@@ -75,9 +76,8 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
     optimizer = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"],
                                   weight_decay=t["weight_decay"])
     scheduler = train.make_scheduler(optimizer, t["lr_scheduler"], t["warmup_steps"], t["steps"])
-    if t["compile"]:  # fused kernels for each decoder layer's parts (s2attn's attention stays outside)
-        train.check_compile(accelerator)
-        train.compile_layers(model, t["compile"])
+    if compile_kw is not None:  # fused kernels for each decoder layer's parts (s2attn's attention stays outside)
+        train.compile_layers(model, compile_kw)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
     state = train.TrainState()

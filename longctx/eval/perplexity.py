@@ -72,7 +72,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     activations, while the attention mask is built eagerly, so SDPA keeps its causal kernels (a
     whole-model compile loses them). Compiled once per batch shape (tens of seconds on a GPU); a
     later call with the same shapes reuses the compiled code; afterwards the model is as before.
-    Results equal the eager ones to float rounding (kernels fused in a different order). Off by default.
+    Results equal the eager ones to float rounding (kernels fused in a different order). Off by
+    default: on an H100 it measured slower than eager (SmolLM2 at 32k: 0.80x; benchmarks/README.md).
     Returns {L: {"ppl", "nll" (mean per token), "tokens", "windows", "dropped_tokens"}}; a length
     with no full window gives tokens 0 and ppl/nll None (with a warning).
     """
@@ -105,8 +106,10 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     model.eval()
     results = {}
     try:
-        with torch.inference_mode(), (layers_compiled(model, {"dynamic": False}) if compile
-                                      else contextlib.nullcontext()):
+        # compile: one compiled variant per shape; the room covers every compiled forward of the call
+        # (past dynamo's limit a code object is never compiled again in this process)
+        with torch.inference_mode(), (recompile_room() if compile else contextlib.nullcontext()), \
+                (layers_compiled(model, {"dynamic": False}) if compile else contextlib.nullcontext()):
             scorer = None
             for L in lengths:
                 specs, dropped = _windows(docs, L, mode, L // 2 if stride is None else stride, score, tail_fraction)
@@ -186,11 +189,9 @@ def _make_scorer(model, probe, compile=False):
 
     # compile: the decoder layers' parts are compiled for the call (perplexity's layers_compiled);
     # dynamo keeps their compiled code, so a later call with the same shapes does not recompile
-    room = recompile_room if compile else contextlib.nullcontext  # one compiled variant per shape
 
     def split(x, firsts, chunk):
-        with room():
-            h = _hidden(body(input_ids=x, use_cache=False))                                 # (B, L, D)
+        h = _hidden(body(input_ids=x, use_cache=False))                                     # (B, L, D)
         L = x.shape[1]
         rows = torch.cat([h[b, f - 1:L - 1] for b, f in enumerate(firsts)])        # (M, D)
         tgt = torch.cat([x[b, f:] for b, f in enumerate(firsts)])                  # (M,)
@@ -201,8 +202,7 @@ def _make_scorer(model, probe, compile=False):
     def fallback(x, firsts, chunk):
         L = x.shape[1]
         kw = {"logits_to_keep": L - min(firsts) + 1} if takes_keep else {}
-        with room():
-            logits = model(input_ids=x, use_cache=False, **kw).logits                        # (B, K, V)
+        logits = model(input_ids=x, use_cache=False, **kw).logits                            # (B, K, V)
         off = L - logits.shape[1]                                                  # position of row 0
         return sum(_chunked_nll(logits[b, f - 1 - off:L - 1 - off], x[b, f:], lambda r: r.float(), chunk)
                    for b, f in enumerate(firsts))
@@ -216,7 +216,8 @@ def _make_scorer(model, probe, compile=False):
         if why is None:
             return split
     else:
-        why = _check_split(model, body, head, to_logits, probe)
+        with _eager():  # the probe's own shape: not worth compiling
+            why = _check_split(model, body, head, to_logits, probe)
         try:
             _CHECKED[model] = (key, why, tuple(weakref.ref(x) if x is not None else (lambda: None)
                                                 for x in parts))
@@ -227,6 +228,12 @@ def _make_scorer(model, probe, compile=False):
     warnings.warn(f"perplexity: {type(model).__name__}: using model(..., logits_to_keep=...) "
                   f"(more memory): {why}")
     return fallback
+
+
+def _eager():
+    """Run compiled modules eagerly in this block (torch >= 2.6; else a no-op)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
 def _check_split(model, body, head, to_logits, probe) -> str | None:
