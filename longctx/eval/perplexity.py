@@ -73,7 +73,7 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     whole-model compile loses them). Compiled once per batch shape (tens of seconds on a GPU); a
     later call with the same shapes reuses the compiled code; afterwards the model is as before.
     Results equal the eager ones to float rounding (kernels fused in a different order). Off by
-    default: on an H100 it measured slower than eager (SmolLM2 at 32k: 0.80x; benchmarks/README.md).
+    default: on an H100 it measured slower than eager (SmolLM2 at 32k: 0.89x; benchmarks/README.md).
     Returns {L: {"ppl", "nll" (mean per token), "tokens", "windows", "dropped_tokens"}}; a length
     with no full window gives tokens 0 and ppl/nll None (with a warning).
     """
