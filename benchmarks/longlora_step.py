@@ -151,6 +151,26 @@ def make_step(model, x, autocast_dtype, device):
     return step, optimizer
 
 
+@contextlib.contextmanager
+def gc_watch(record: dict):
+    """Count Python's garbage collections (and their wall time, by generation) inside the block."""
+    started = {}
+
+    def callback(phase, info):
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            g = f"gen{info['generation']}"
+            record[f"gc_{g}_n"] = record.get(f"gc_{g}_n", 0) + 1
+            record[f"gc_{g}_ms"] = record.get(f"gc_{g}_ms", 0.0) + (time.perf_counter() - started.pop("t")) * 1e3
+
+    gc.callbacks.append(callback)
+    try:
+        yield record
+    finally:
+        gc.callbacks.remove(callback)
+
+
 def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype, s2_backend="auto",
              compile="eager") -> dict:
     """Warm-up, then the median step time and the peak memory of ``attention`` at ``T`` tokens."""
@@ -179,8 +199,12 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             warmup_s = time.perf_counter() - started
-            ms = median_ms(step, args.steps, device)
-        row = {"ms": ms, "tokens_per_s": T / (ms / 1e3), "warmup_s": warmup_s,
+            if args.gc_off:  # as the recipe's train.gc_every: no automatic collection inside the steps
+                gc.collect()
+                gc.disable()
+            with gc_watch({}) as collections:
+                ms = median_ms(step, args.steps, device)
+        row = {"ms": ms, "tokens_per_s": T / (ms / 1e3), "warmup_s": warmup_s, **collections,
                "attn_implementation": model.get_base_model().config._attn_implementation}
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -198,6 +222,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
             model.get_base_model().set_attn_implementation(restore)
         if compile != "eager":
             train.uncompile_layers(model)
+        gc.enable()
         del step, optimizer, x
         model.zero_grad(set_to_none=True)
         gc.collect()
@@ -298,6 +323,8 @@ def parse_args(argv=None):
                          "on CUDA, sdpa runs once under each of --kernels")
     ap.add_argument("--compile", default="eager",
                     help=f"comma-separated, of: {', '.join(COMPILES)} (layers: longctx.train.compile_layers)")
+    ap.add_argument("--gc-off", action="store_true",
+                    help="no automatic Python garbage collection during the timed steps (collected before)")
     ap.add_argument("--no-checkpointing", action="store_true",
                     help="no activation checkpointing (the recipe's train.gradient_checkpointing: false)")
     ap.add_argument("--warmup", type=int, default=2, help="steps before timing (flex compiles in the first)")
@@ -347,7 +374,7 @@ def main(argv=None) -> dict:
     env = environment(device)
     meta = {**env, "autocast": "bf16" if autocast_dtype else "none (fp32)", "micro_batch": 1,
             "gradient_checkpointing": not args.no_checkpointing, "lora": {"r": 8, "alpha": 16, "trainable": ["embed", "norm"]},
-            "s2attn": {"group_size_ratio": 0.25, "backends": args.s2_backends}, "compile": args.compile,
+            "s2attn": {"group_size_ratio": 0.25, "backends": args.s2_backends}, "compile": args.compile, "gc_off": args.gc_off,
             "warmup": args.warmup,
             "steps": args.steps, "target": f"S2 tokens/s >= {TARGET_SPEEDUP}x full attention at {TARGET_LENGTH}",
             "wall_s": round(time.perf_counter() - started, 1)}

@@ -36,6 +36,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
     train.eval_settings(cfg)  # a wrong eval section fails here, before the slow loads
     accelerator = train.make_accelerator(cfg)
     compile_kw = train.compile_setting(cfg, accelerator)  # a wrong train.compile fails here, before the loads
+    collector = train.ManualGC(t["gc_every"])  # and a wrong train.gc_every
     main_process = accelerator.is_main_process
     set_seed(t["seed"])
     if cfg["make_tiny"]:  # the tiny CPU config builds its random model and corpus
@@ -113,39 +114,41 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
     accumulation = accelerator.gradient_accumulation_steps
     bar = tqdm(total=t["steps"], initial=state.step, disable=not main_process, desc="train", dynamic_ncols=True)
     model.train()
-    while state.step < t["steps"]:
-        started, losses = time.time(), []
-        for _ in range(accumulation):
-            index = train.sample_indices(len(sequences), state.micro_step, accelerator.process_index,
-                                         accelerator.num_processes, t["micro_batch_size"], t["seed"])
-            batch = sequences[index].to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss = model(input_ids=batch, labels=batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t["max_grad_norm"]:
-                    accelerator.clip_grad_norm_(params, t["max_grad_norm"])
-                optimizer.step()
-                optimizer.zero_grad()
-            state.micro_step += 1
-            state.tokens += batch.numel() * accelerator.num_processes
-            losses.append(loss.detach().float())
-        scheduler.step()
-        state.step += 1
-        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        seconds = time.time() - started
-        tokens_per_s = accumulation * t["micro_batch_size"] * seq_len * accelerator.num_processes / seconds
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        if state.step % t["log_every"] == 0 or state.step == t["steps"]:
-            metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": state.tokens,
-                       "step_seconds": seconds, "tokens_per_s": tokens_per_s}
-            if torch.cuda.is_available():
-                metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            tracker.log(metrics, state.step)
-        if evaluator is not None and evaluator.due(state.step):
-            evaluate()
-        if state.step % t["checkpoint_every"] == 0 or state.step == t["steps"]:
-            train.save_checkpoint(accelerator, out, state, keep=t["keep_checkpoints"])
+    with collector:  # no automatic GC pauses inside the steps
+        while state.step < t["steps"]:
+            started, losses = time.time(), []
+            for _ in range(accumulation):
+                index = train.sample_indices(len(sequences), state.micro_step, accelerator.process_index,
+                                             accelerator.num_processes, t["micro_batch_size"], t["seed"])
+                batch = sequences[index].to(accelerator.device)
+                with accelerator.accumulate(model):
+                    loss = model(input_ids=batch, labels=batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t["max_grad_norm"]:
+                        accelerator.clip_grad_norm_(params, t["max_grad_norm"])
+                    optimizer.step()
+                    optimizer.zero_grad()
+                state.micro_step += 1
+                state.tokens += batch.numel() * accelerator.num_processes
+                losses.append(loss.detach().float())
+            scheduler.step()
+            state.step += 1
+            loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            seconds = time.time() - started
+            tokens_per_s = accumulation * t["micro_batch_size"] * seq_len * accelerator.num_processes / seconds
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if state.step % t["log_every"] == 0 or state.step == t["steps"]:
+                metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": state.tokens,
+                           "step_seconds": seconds, "tokens_per_s": tokens_per_s}
+                if torch.cuda.is_available():
+                    metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                tracker.log(metrics, state.step)
+            if evaluator is not None and evaluator.due(state.step):
+                evaluate()
+            if state.step % t["checkpoint_every"] == 0 or state.step == t["steps"]:
+                train.save_checkpoint(accelerator, out, state, keep=t["keep_checkpoints"])
+            collector.step(state.step)  # after the step's timing
     bar.close()
     tracker.close()
 

@@ -290,3 +290,35 @@ def test_compile_setting_checked_before_loading():
         train.compile_layers(plain)
     with pytest.raises(TypeError, match=r"compile \(train.compile\) must be true, false or a dict"):
         load_recipe().main(["--config", str(CONFIG), "--no-wandb", "train.compile=fast"])
+
+
+def test_manual_gc():
+    """train.gc_every: automatic collection off inside the block, a full one every N steps, the previous
+    state restored afterwards; 0 leaves Python's automatic GC alone."""
+    import gc
+
+    full = []
+
+    def count(phase, info):
+        if phase == "stop" and info["generation"] == 2:
+            full.append(1)
+
+    gc.callbacks.append(count)
+    try:
+        assert gc.isenabled()
+        with train.ManualGC(3) as collector:
+            assert not gc.isenabled()
+            full.clear()
+            for step in range(1, 10):
+                collector.step(step)
+            assert len(full) == 3  # steps 3, 6, 9
+        assert gc.isenabled()
+        with train.ManualGC(0) as collector:
+            assert gc.isenabled()
+            collector.step(1)
+    finally:
+        gc.callbacks.remove(count)
+        gc.enable()
+    for bad in (-1, 1.5, True, "50"):
+        with pytest.raises(ValueError, match="train.gc_every must be an integer >= 0"):
+            train.ManualGC(bad)
