@@ -154,6 +154,8 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
 
     # 6. The artifact: adapter + trained embedding/norms + the settings merge needs.
     model.eval()
+    if compile_kw is not None:
+        train.uncompile_layers(accelerator.unwrap_model(model))  # the returned model runs eagerly
     settings = artifact_settings(accelerator, model, state, **artifact_info, heldout=last_eval)
     artifact = train.save_artifact(accelerator, model, out / "final", settings)
     if main_process:

@@ -260,6 +260,8 @@ def test_compile_layers_trains_like_eager(tiny):
         # S2's attention runs outside the graphs, by design: the graph breaks there
         assert any("disable" in str(reason) for reason in counters["graph_break"]), dict(counters["graph_break"])
         assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+        parts = [p for layer in run["model"].get_base_model().model.layers for p in layer.children()]
+        assert parts and all(p._compiled_call_impl is None for p in parts)  # returned uncompiled
     finally:
         if run is not None:
             train.uncompile_layers(run["model"])
