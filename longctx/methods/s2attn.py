@@ -29,7 +29,10 @@ start of the sequence, so tokens there see the future; this implementation does 
   shifted head's first half group, are attended on their own (no padding, nothing dropped). Groups
   are counted by the row index in the (padded) batch, also for left-padded rows.
 - Heads: the last ``round(shifted_heads * num_heads)`` query heads are shifted (LongLoRA: half).
-  Grouped-query attention (fewer K/V heads) is supported; the module's ``scaling``, ``dropout``,
+  Grouped-query attention (fewer K/V heads) is supported. On the sdpa path, a split that falls inside
+  a K/V group (SmolLM2: 9 heads over 3 K/V heads, 4 shifted) repeats K/V per query head; a
+  ``shifted_heads`` that ends on a group boundary (1/3 or 2/3 there) keeps SDPA's GQA kernels, at
+  the cost of not shifting exactly half. The module's ``scaling``, ``dropout``,
   ``sliding_window`` and ``softcap`` are honoured (``softcap`` on the sdpa path by explicit math).
 - Padding: the 2-D ``attention_mask`` (left or right padding, or any holes) is respected: padded
   keys are never attended by real tokens. A padded query with no visible key gets a finite,
