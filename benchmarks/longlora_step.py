@@ -199,7 +199,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             warmup_s = time.perf_counter() - started
-            if args.gc_off:  # as the recipe's train.gc_every: no automatic collection inside the steps
+            if args.gc_off:  # no automatic collection inside the steps (the recipe's train.gc_every adds a young one per step)
                 gc.collect()
                 gc.disable()
             with gc_watch({}) as collections:

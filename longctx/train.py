@@ -53,7 +53,7 @@ DEFAULTS: dict = {
         "warmup_steps": 20, "lr_scheduler": "constant",  # constant or cosine (both after linear warmup)
         "max_grad_norm": 1.0,
         "gradient_checkpointing": True,
-        "gc_every": 50,  # Python's automatic GC off while training, a full collection every N steps; 0: automatic
+        "gc_every": 50,  # automatic GC off while training: young generations every step, all every N; 0: automatic
         "compile": False,  # true or a dict of torch.compile arguments: compile each decoder layer (GPU)
         "mixed_precision": "auto",  # auto: bf16 on a GPU that has it, else no; or no, bf16, fp16
         "seed": 42,
@@ -279,8 +279,10 @@ def enable_activation_checkpointing(model) -> None:
 
 
 class ManualGC:
-    """Python's automatic garbage collection off while training, a full ``gc.collect()`` every ``every``
-    optimizer steps (``train.gc_every``; 0 leaves the automatic one on), as torchtitan does. With
+    """Python's automatic garbage collection off while training: after every optimizer step a collection
+    of the young generations (cheap: what the step left behind, so a reference cycle holding tensors
+    lives one step at most), and a full ``gc.collect()`` every ``every`` steps (``train.gc_every``; 0
+    leaves the automatic collector on). torchtitan does much the same. With
     transformers, peft and compiled kernels loaded the heap holds about half a million objects, and an
     automatic full collection stops the host for a few hundred ms at a random point of a step; measured
     on the H100: 265 ms inside a 327 ms SmolLM2 step at 16k (benchmarks/README.md)."""
@@ -298,8 +300,8 @@ class ManualGC:
         return self
 
     def step(self, step: int) -> None:
-        if self.every and step % self.every == 0:
-            gc.collect()
+        if self.every:
+            gc.collect() if step % self.every == 0 else gc.collect(1)
 
     def __exit__(self, *exc) -> None:
         if self.every and self.was_enabled:

@@ -16,7 +16,7 @@ at step 0, every N steps and at the end (rows with ``heldout_ppl`` in OUTPUT_DIR
 not change the training. ``eval.keep_best: true`` also saves the best of those models to OUTPUT_DIR/best.
 ``train.compile: true`` compiles each decoder layer's parts (one GPU or DDP; 1.37x faster steps for
 SmolLM2 on an H100, experiments/longlora_compile). ``train.gc_every: N`` (default 50) keeps Python's
-automatic garbage collection out of the steps and collects every N steps instead.
+automatic garbage collection out of the steps: young generations after each step, all every N steps.
 """
 
 from __future__ import annotations

@@ -299,11 +299,11 @@ def test_manual_gc():
     state restored afterwards; 0 leaves Python's automatic GC alone."""
     import gc
 
-    full = []
+    full, young = [], []
 
     def count(phase, info):
-        if phase == "stop" and info["generation"] == 2:
-            full.append(1)
+        if phase == "stop":
+            (full if info["generation"] == 2 else young).append(1)
 
     gc.callbacks.append(count)
     try:
@@ -311,9 +311,10 @@ def test_manual_gc():
         with train.ManualGC(3) as collector:
             assert not gc.isenabled()
             full.clear()
+            young.clear()
             for step in range(1, 10):
                 collector.step(step)
-            assert len(full) == 3  # steps 3, 6, 9
+            assert len(full) == 3 and len(young) == 6  # all at steps 3, 6, 9; the young ones at the others
         assert gc.isenabled()
         with train.ManualGC(0) as collector:
             assert gc.isenabled()
