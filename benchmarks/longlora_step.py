@@ -186,6 +186,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
     if attention == "s2":  # on the model inside the peft wrapper, like the recipe (there before LoRA)
         patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend=s2_backend)
     step = optimizer = None
+    gc_was_enabled = gc.isenabled()
     if compile == "layers":
         torch._dynamo.reset()  # trace afresh under this case's attention and SDPA kernel
         train.compile_layers(model)
@@ -222,7 +223,8 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
             model.get_base_model().set_attn_implementation(restore)
         if compile != "eager":
             train.uncompile_layers(model)
-        gc.enable()
+        if gc_was_enabled:
+            gc.enable()
         del step, optimizer, x
         model.zero_grad(set_to_none=True)
         gc.collect()

@@ -279,20 +279,24 @@ def enable_activation_checkpointing(model) -> None:
 
 
 class ManualGC:
-    """Python's automatic garbage collection off while training: after every optimizer step a collection
-    of the young generations (cheap: what the step left behind, so a reference cycle holding tensors
-    lives one step at most), and a full ``gc.collect()`` every ``every`` steps (``train.gc_every``; 0
-    leaves the automatic collector on). torchtitan does much the same. With
-    transformers, peft and compiled kernels loaded the heap holds about half a million objects, and an
-    automatic full collection stops the host for a few hundred ms at a random point of a step; measured
-    on the H100: 265 ms inside a 327 ms SmolLM2 step at 16k (benchmarks/README.md)."""
+    """Python's automatic garbage collection off while training (``train.gc_every``): after every
+    optimizer step a collection of the young generations (cheap; a reference cycle that became garbage
+    during the step is freed at its end), and a full ``gc.collect()`` every ``every`` steps (anything
+    older). 0 leaves the collector as it was. torchtitan does much the same. Why: with transformers,
+    peft and compiled kernels loaded the heap holds about half a million objects, and an automatic full
+    collection stops the host for hundreds of ms. Measured on the H100 (benchmarks/README.md): one of
+    5 timed SmolLM2 steps at 16k (median 327 ms) held a 265 ms generation-2 collection. The effect on
+    the recipe's throughput is not measured. Written for CPython <= 3.13's generational collector
+    (3.14's incremental one also scans part of the old generation in ``gc.collect(1)``; untested)."""
 
     def __init__(self, every: int):
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"train.gc_every must be an integer >= 0 (0: Python's automatic GC), got {every!r}")
-        self.every, self.was_enabled = every, gc.isenabled()
+        self.every, self.was_enabled = every, None
 
     def __enter__(self) -> "ManualGC":
+        if self.was_enabled is not None:
+            raise RuntimeError("ManualGC is not reentrant")
         self.was_enabled = gc.isenabled()
         if self.every:
             gc.collect()
@@ -306,6 +310,7 @@ class ManualGC:
     def __exit__(self, *exc) -> None:
         if self.every and self.was_enabled:
             gc.enable()
+        self.was_enabled = None
 
 
 def compile_setting(cfg: dict, accelerator=None) -> dict | None:

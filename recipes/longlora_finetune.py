@@ -136,6 +136,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
                 losses.append(loss.detach().float())
             scheduler.step()
             state.step += 1
+            collector.step(state.step)  # inside the step's time (its logged seconds include the collection)
             loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
             seconds = time.time() - started
             tokens_per_s = accumulation * t["micro_batch_size"] * seq_len * accelerator.num_processes / seconds
@@ -151,7 +152,6 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
                 evaluate()
             if state.step % t["checkpoint_every"] == 0 or state.step == t["steps"]:
                 train.save_checkpoint(accelerator, out, state, keep=t["keep_checkpoints"])
-            collector.step(state.step)  # after the step's timing
     bar.close()
     tracker.close()
 

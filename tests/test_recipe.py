@@ -319,6 +319,20 @@ def test_manual_gc():
         with train.ManualGC(0) as collector:
             assert gc.isenabled()
             collector.step(1)
+        with pytest.raises(KeyError), train.ManualGC(5):  # an error inside: the collector comes back on
+            raise KeyError("x")
+        assert gc.isenabled()
+        gc.disable()  # the caller had it off: it stays off, the manual collections still run
+        full.clear()
+        with train.ManualGC(2) as collector:
+            collector.step(2)
+        assert not gc.isenabled() and len(full) == 2  # on entry and at step 2
+        gc.enable()
+        once = train.ManualGC(3)
+        with once, pytest.raises(RuntimeError, match="not reentrant"):
+            with once:
+                pass
+        assert gc.isenabled()
     finally:
         gc.callbacks.remove(count)
         gc.enable()
