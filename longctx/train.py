@@ -53,7 +53,7 @@ DEFAULTS: dict = {
         "warmup_steps": 20, "lr_scheduler": "constant",  # constant or cosine (both after linear warmup)
         "max_grad_norm": 1.0,
         "gradient_checkpointing": True,
-        "gc_every": 50,  # automatic GC off while training: young generations every step, all every N; 0: automatic
+        "gc_every": 0,  # N > 0: automatic GC off while training, young generations every step, all every N
         "compile": False,  # true or a dict of torch.compile arguments: compile each decoder layer (GPU)
         "mixed_precision": "auto",  # auto: bf16 on a GPU that has it, else no; or no, bf16, fp16
         "seed": 42,

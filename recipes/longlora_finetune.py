@@ -15,7 +15,7 @@ With ``eval.every: N`` the held-out perplexity (``data.holdout`` documents, full
 at step 0, every N steps and at the end (rows with ``heldout_ppl`` in OUTPUT_DIR/log.jsonl); it does
 not change the training. ``eval.keep_best: true`` also saves the best of those models to OUTPUT_DIR/best.
 ``train.compile: true`` compiles each decoder layer's parts (one GPU or DDP; 1.37x faster steps for
-SmolLM2 on an H100, experiments/longlora_compile). ``train.gc_every: N`` (default 50) keeps Python's
+SmolLM2 on an H100, experiments/longlora_compile). ``train.gc_every: N`` (default 0: off) keeps Python's
 automatic garbage collection out of the steps: young generations after each step, all every N steps.
 """
 
