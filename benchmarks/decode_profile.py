@@ -1,0 +1,204 @@
+"""Where the time of one batch-1 decode step goes (issue 3: recompute/sink >= 20x needs a faster step).
+
+    python benchmarks/decode_profile.py --llama2-7b-layers 32 --cache 4096 --out OUT.json
+    python benchmarks/decode_profile.py --cpu-smoke
+
+On one GPU, in one process:
+  bandwidth   the measured HBM read bandwidth (a sum over a 4 GiB tensor) and copy bandwidth
+  floor       (weights + cache bytes) / measured read bandwidth: the step if it only streamed memory
+  gemv        cuBLAS matmuls of one token against each distinct weight shape of a layer, every
+              layer's own weight (no L2 reuse), L of them captured in one CUDA graph: ms and GB/s
+  sdpa        one query against C cached keys (the decode attention), each SDPA kernel forced,
+              L calls (distinct caches) in one CUDA graph
+  step        the dense static-cache step of streaming_decode.py (C cached tokens, one new one), per
+              compile variant: median of its CUDA-graph replay, and the sum of its kernels' times
+              from torch.profiler (eager launches) grouped into matmul / attention / other, so that
+              step - kernel sum is the gaps between kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from streaming_decode import COMPILE_VARIANTS, dense_static_step, graphed  # noqa: E402
+from timing import median_ms  # noqa: E402
+
+from longctx.utils import recompile_room  # noqa: E402
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def kind(name: str) -> str:
+    """Kernel family from its CUDA name."""
+    n = name.lower()
+    if any(s in n for s in ("flash", "fmha", "cudnn", "attention", "sdpa", "attn")):
+        return "attention"
+    if any(s in n for s in ("gemm", "gemv", "cutlass", "xmma", "sm90_", "sm80_", "triton_tem", "splitk")):
+        return "matmul"
+    return "other"
+
+
+def read_bandwidth(device, gib: float = 4.0) -> dict:
+    x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    x.sum()
+    read = median_ms(lambda: x.sum(), 20, device)
+    copy = median_ms(lambda: y.copy_(x), 20, device)
+    nbytes = x.numel() * 2
+    return {"read_gbs": nbytes / read / 1e6, "copy_gbs": 2 * nbytes / copy / 1e6}
+
+
+def graph_ms(fn, n: int, device) -> float:
+    """Median ms of fn replayed as a CUDA graph (eager fn on CPU)."""
+    return median_ms(graphed(fn) if device.type == "cuda" else fn, n, device)
+
+
+def gemv_table(cfg, L, dtype, device, steps) -> list[dict]:
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    kvh = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    rows = []
+    for label, (n_out, n_in) in {"q/o (h x h)": (h, h), "k/v (kv x h)": (kvh, h), "gate/up (i x h)": (inter, h),
+                                 "down (h x i)": (h, inter), "qkv fused (h+2kv x h)": (h + 2 * kvh, h),
+                                 "gate+up fused (2i x h)": (2 * inter, h)}.items():
+        ws = [torch.randn(n_out, n_in, dtype=dtype, device=device) / n_in**0.5 for _ in range(L)]
+        x = torch.randn(1, 1, n_in, dtype=dtype, device=device)
+
+        def run():
+            for w in ws:
+                F.linear(x, w)
+        ms = graph_ms(run, steps, device)
+        nbytes = L * n_out * n_in * 2
+        rows.append({"matmul": label, "calls": L, "ms": ms, "per_call_us": 1e3 * ms / L, "gbs": nbytes / ms / 1e6})
+        ws = None
+    return rows
+
+
+def sdpa_table(cfg, L, C, dtype, device, steps) -> list[dict]:
+    H, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    q = torch.randn(1, H, 1, D, dtype=dtype, device=device)
+    kv = [(torch.randn(1, kvh, C, D, dtype=dtype, device=device), torch.randn(1, kvh, C, D, dtype=dtype, device=device))
+          for _ in range(L)]
+    rows = []
+    for name, backend in BACKENDS.items():
+        def run():
+            with sdpa_kernel(backend):
+                for k, v in kv:
+                    F.scaled_dot_product_attention(q, k, v, enable_gqa=kvh != H)
+        try:
+            ms = graph_ms(run, steps, device)
+        except RuntimeError as e:  # the kernel refuses this shape or device
+            rows.append({"backend": name, "error": str(e).splitlines()[0][:160]})
+            continue
+        nbytes = L * 2 * kvh * C * D * 2
+        rows.append({"backend": name, "calls": L, "ms": ms, "per_call_us": 1e3 * ms / L, "gbs": nbytes / ms / 1e6})
+    return rows
+
+
+def kernel_profile(fn, device, reps: int = 5) -> dict:
+    """Per-step device time of fn's kernels by family, from torch.profiler (eager launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    by = defaultdict(float)
+    count = defaultdict(int)
+    top = defaultdict(float)
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        us = e.time_range.elapsed_us()  # a kernel: its own span on the device
+        by[kind(e.name)] += us
+        count[kind(e.name)] += 1
+        top[e.name] += us
+    out = {f"{k}_ms": v / reps / 1e3 for k, v in by.items()}
+    out.update({f"{k}_kernels": c // reps for k, c in count.items()})
+    out["kernel_sum_ms"] = sum(by.values()) / reps / 1e3
+    out["top"] = [(n[:90], round(us / reps, 1)) for n, us in sorted(top.items(), key=lambda x: -x[1])[:12]]
+    return out
+
+
+@torch.inference_mode()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama2-7b-layers", type=int, default=32)
+    ap.add_argument("--cache", type=int, default=4096)
+    ap.add_argument("--variants", default="eager,default,autotune",
+                    help=f"step variants: eager and/or compile variants of streaming_decode.py ({', '.join(COMPILE_VARIANTS)})")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--out")
+    ap.add_argument("--cpu-smoke", action="store_true")
+    args = ap.parse_args(argv)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.cpu_smoke:
+        device, dtype, C, steps = torch.device("cpu"), torch.float32, 64, 3
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                          num_hidden_layers=2, vocab_size=256, max_position_embeddings=256)
+    else:
+        device, dtype, C, steps = torch.device("cuda"), torch.bfloat16, args.cache, args.steps
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                          num_hidden_layers=args.llama2_7b_layers, vocab_size=32000, max_position_embeddings=4096)
+    L = cfg.num_hidden_layers
+    cuda = device.type == "cuda"
+    res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "cache": C, "layers": L}
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    res["weight_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    res["cache_gb"] = 2 * L * cfg.num_key_value_heads * C * (cfg.hidden_size // cfg.num_attention_heads) * 2 / 1e9
+    if cuda:
+        res["bandwidth"] = read_bandwidth(device)
+        res["floor_ms"] = (res["weight_gb"] + res["cache_gb"]) / res["bandwidth"]["read_gbs"] * 1e3
+        print(json.dumps(res), file=sys.stderr)
+        res["gemv"] = gemv_table(cfg, L, dtype, device, steps)
+        res["sdpa"] = sdpa_table(cfg, L, C, dtype, device, steps)
+    res["steps"] = []
+    with recompile_room():
+        for v in args.variants.split(","):
+            m = model if v == "eager" else torch.compile(model, **{"dynamic": False, **COMPILE_VARIANTS[v]})
+            fn = dense_static_step(m, C, device)
+            row = {"variant": v, "step_ms": graph_ms(fn, steps, device)}
+            if cuda:
+                row.update(kernel_profile(fn, device))
+            res["steps"].append(row)
+            print(json.dumps(row), file=sys.stderr)
+    if cuda:
+        print(f"\n{res['gpu']}, torch {res['torch']}: Llama-2-7B shape x{L}, cache {C}, batch 1, bf16")
+        b = res["bandwidth"]
+        print(f"read {b['read_gbs']:.0f} GB/s, copy {b['copy_gbs']:.0f} GB/s; weights {res['weight_gb']:.2f} GB + "
+              f"cache {res['cache_gb']:.2f} GB -> floor {res['floor_ms']:.3f} ms")
+        print("\n| matmul | us/call | GB/s |\n|---|---:|---:|")
+        for r in res["gemv"]:
+            print(f"| {r['matmul']} | {r['per_call_us']:.1f} | {r['gbs']:.0f} |")
+        print("\n| sdpa decode | us/call | GB/s |\n|---|---:|---:|")
+        for r in res["sdpa"]:
+            print(f"| {r['backend']} | " + (f"{r['per_call_us']:.1f} | {r['gbs']:.0f} |" if "ms" in r else f"{r['error']} | |"))
+        print("\n| step | graph ms | kernel sum | matmul | attention | other | kernels |\n|---|---:|---:|---:|---:|---:|---:|")
+        for r in res["steps"]:
+            n = sum(v for k, v in r.items() if k.endswith("_kernels"))
+            print(f"| {r['variant']} | {r['step_ms']:.3f} | {r['kernel_sum_ms']:.3f} | {r.get('matmul_ms', 0):.3f} | "
+                  f"{r.get('attention_ms', 0):.3f} | {r.get('other_ms', 0):.3f} | {n} |")
+    else:
+        print(json.dumps(res["steps"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
