@@ -14,6 +14,7 @@ On one GPU, in one process:
               compile variant: median of its CUDA-graph replay, and the sum of its kernels' times
               from torch.profiler (eager launches) grouped into matmul / attention / other, so that
               step - kernel sum is the gaps between kernels
+  sink step   the same for longctx's SinkDecoder (4 sinks + C - 4 window, evicting every step)
 """
 
 from __future__ import annotations
@@ -90,6 +91,17 @@ def sdpa_table(cfg, L, C, dtype, device, steps) -> list[dict]:
     kv = [(torch.randn(1, kvh, C, D, dtype=dtype, device=device), torch.randn(1, kvh, C, D, dtype=dtype, device=device))
           for _ in range(L)]
     rows = []
+    if device.type == "cuda":  # FlexAttention without a mask: under torch.compile, q_len 1 runs its split-KV decode kernel
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def run():
+            for k, v in kv:
+                flex(q, k, v, enable_gqa=kvh != H)
+        ms = graph_ms(run, steps, device)
+        rows.append({"backend": "flex (compiled)", "calls": L, "ms": ms, "per_call_us": 1e3 * ms / L,
+                     "gbs": L * 2 * kvh * C * D * 2 / ms / 1e6})
     for name, backend in BACKENDS.items():
         def run():
             with sdpa_kernel(backend):
@@ -133,6 +145,34 @@ def kernel_profile(fn, device, reps: int = 5) -> dict:
     return out
 
 
+def sink_rows(model, C, variants, device, steps) -> list[dict]:
+    """The same model's SinkDecoder step (4 sinks + C - 4 window, full and evicting): CUDA-graph median and
+    kernel profile (a second decoder without the graph), per variant."""
+    import longctx
+    from longctx.methods.sink_decoder import SinkDecoder
+    from longctx.methods.streaming import prefill
+
+    cuda = device.type == "cuda"
+    vocab = model.config.vocab_size
+    token = torch.randint(0, vocab, (1, 1), device=device)
+    rows = []
+    with longctx.applied(model, "streaming", sink_size=4, window_size=C - 4) as patch:
+        cache = patch.new_cache()
+        prefill(model, torch.randint(0, vocab, (1, C + 100), device=device), cache, chunk_size=C - 4)
+        for v in variants:
+            kw = False if v == "eager" else COMPILE_VARIANTS[v]
+            with SinkDecoder(model, cache, cuda_graph=cuda, compile=kw) as decoder:
+                for _ in range(3):
+                    decoder.step(token)
+                row = {"variant": v, "step_ms": median_ms(lambda: decoder.step(token), steps, device)}
+            if cuda:
+                with SinkDecoder(model, cache, cuda_graph=False, compile=kw) as decoder:
+                    row.update(kernel_profile(lambda: decoder.step(token), device))
+            rows.append(row)
+            print(json.dumps({"sink": row}), file=sys.stderr)
+    return rows
+
+
 @torch.inference_mode()
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +180,7 @@ def main(argv=None):
     ap.add_argument("--cache", type=int, default=4096)
     ap.add_argument("--variants", default="eager,default,autotune",
                     help=f"step variants: eager and/or compile variants of streaming_decode.py ({', '.join(COMPILE_VARIANTS)})")
+    ap.add_argument("--sink-variants", default="eager,default,autotune", help="the same, for SinkDecoder steps")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out")
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -178,6 +219,7 @@ def main(argv=None):
                 row.update(kernel_profile(fn, device))
             res["steps"].append(row)
             print(json.dumps(row), file=sys.stderr)
+        res["sink_steps"] = sink_rows(model, C, args.sink_variants.split(","), device, steps) if args.sink_variants else []
     if cuda:
         print(f"\n{res['gpu']}, torch {res['torch']}: Llama-2-7B shape x{L}, cache {C}, batch 1, bf16")
         b = res["bandwidth"]
@@ -190,12 +232,12 @@ def main(argv=None):
         for r in res["sdpa"]:
             print(f"| {r['backend']} | " + (f"{r['per_call_us']:.1f} | {r['gbs']:.0f} |" if "ms" in r else f"{r['error']} | |"))
         print("\n| step | graph ms | kernel sum | matmul | attention | other | kernels |\n|---|---:|---:|---:|---:|---:|---:|")
-        for r in res["steps"]:
+        for r in res["steps"] + [dict(r, variant="sink " + r["variant"]) for r in res["sink_steps"]]:
             n = sum(v for k, v in r.items() if k.endswith("_kernels"))
             print(f"| {r['variant']} | {r['step_ms']:.3f} | {r['kernel_sum_ms']:.3f} | {r.get('matmul_ms', 0):.3f} | "
                   f"{r.get('attention_ms', 0):.3f} | {r.get('other_ms', 0):.3f} | {n} |")
     else:
-        print(json.dumps(res["steps"]))
+        print(json.dumps(res["steps"] + res["sink_steps"]))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
 
