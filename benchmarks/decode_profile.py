@@ -14,7 +14,8 @@ On one GPU, in one process:
               compile variant: median of its CUDA-graph replay, and the sum of its kernels' times
               from torch.profiler (eager launches) grouped into matmul / attention / other, so that
               step - kernel sum is the gaps between kernels
-  sink step   the same for longctx's SinkDecoder (4 sinks + C - 4 window, evicting every step)
+  sink step   the same for longctx's SinkDecoder (--sinks sinks + the rest window, evicting every step),
+              plus its bare graph replay and the kernels the profiler sees inside the graph
 """
 
 from __future__ import annotations
@@ -145,9 +146,10 @@ def kernel_profile(fn, device, reps: int = 5) -> dict:
     return out
 
 
-def sink_rows(model, C, variants, device, steps) -> list[dict]:
-    """The same model's SinkDecoder step (4 sinks + C - 4 window, full and evicting): CUDA-graph median and
-    kernel profile (a second decoder without the graph), per variant."""
+def sink_rows(model, C, variants, device, steps, sinks=(4,)) -> list[dict]:
+    """The same model's SinkDecoder step (``sink`` sinks + C - sink window, full and evicting), per sink
+    count and variant: the median of ``decoder.step`` and of its bare graph replay, the kernel profile of
+    the graph replay (the kernels inside the graph) and of a second decoder without the graph."""
     import longctx
     from longctx.methods.sink_decoder import SinkDecoder
     from longctx.methods.streaming import prefill
@@ -156,20 +158,25 @@ def sink_rows(model, C, variants, device, steps) -> list[dict]:
     vocab = model.config.vocab_size
     token = torch.randint(0, vocab, (1, 1), device=device)
     rows = []
-    with longctx.applied(model, "streaming", sink_size=4, window_size=C - 4) as patch:
-        cache = patch.new_cache()
-        prefill(model, torch.randint(0, vocab, (1, C + 100), device=device), cache, chunk_size=C - 4)
-        for v in variants:
-            kw = False if v == "eager" else COMPILE_VARIANTS[v]
-            with SinkDecoder(model, cache, cuda_graph=cuda, compile=kw) as decoder:
-                for _ in range(3):
-                    decoder.step(token)
-                row = {"variant": v, "step_ms": median_ms(lambda: decoder.step(token), steps, device)}
-            if cuda:
-                with SinkDecoder(model, cache, cuda_graph=False, compile=kw) as decoder:
-                    row.update(kernel_profile(lambda: decoder.step(token), device))
-            rows.append(row)
-            print(json.dumps({"sink": row}), file=sys.stderr)
+    for sink in sinks:
+        with longctx.applied(model, "streaming", sink_size=sink, window_size=C - sink) as patch:
+            cache = patch.new_cache()
+            prefill(model, torch.randint(0, vocab, (1, C + 100), device=device), cache, chunk_size=C - 4)
+            for v in variants:
+                kw = False if v == "eager" else COMPILE_VARIANTS[v]
+                row = {"variant": v, "sink": sink}
+                with SinkDecoder(model, cache, cuda_graph=cuda, compile=kw) as decoder:
+                    for _ in range(3):
+                        decoder.step(token)
+                    row["step_ms"] = median_ms(lambda: decoder.step(token), steps, device)
+                    if cuda:
+                        row["replay_ms"] = median_ms(decoder.graph.replay, steps, device)
+                        row["graph"] = kernel_profile(decoder.graph.replay, device)
+                if cuda:
+                    with SinkDecoder(model, cache, cuda_graph=False, compile=kw) as decoder:
+                        row.update(kernel_profile(lambda: decoder.step(token), device))
+                rows.append(row)
+                print(json.dumps({"sink": row}), file=sys.stderr)
     return rows
 
 
@@ -181,6 +188,7 @@ def main(argv=None):
     ap.add_argument("--variants", default="eager,default,autotune",
                     help=f"step variants: eager and/or compile variants of streaming_decode.py ({', '.join(COMPILE_VARIANTS)})")
     ap.add_argument("--sink-variants", default="eager,default,autotune", help="the same, for SinkDecoder steps")
+    ap.add_argument("--sinks", default="4", help="sink counts of the SinkDecoder rows (0: window only, no sink rotation)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out")
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -219,7 +227,8 @@ def main(argv=None):
                 row.update(kernel_profile(fn, device))
             res["steps"].append(row)
             print(json.dumps(row), file=sys.stderr)
-        res["sink_steps"] = sink_rows(model, C, args.sink_variants.split(","), device, steps) if args.sink_variants else []
+        res["sink_steps"] = sink_rows(model, C, args.sink_variants.split(","), device, steps,
+                                     [int(x) for x in args.sinks.split(",")]) if args.sink_variants else []
     if cuda:
         print(f"\n{res['gpu']}, torch {res['torch']}: Llama-2-7B shape x{L}, cache {C}, batch 1, bf16")
         b = res["bandwidth"]
@@ -232,10 +241,16 @@ def main(argv=None):
         for r in res["sdpa"]:
             print(f"| {r['backend']} | " + (f"{r['per_call_us']:.1f} | {r['gbs']:.0f} |" if "ms" in r else f"{r['error']} | |"))
         print("\n| step | graph ms | kernel sum | matmul | attention | other | kernels |\n|---|---:|---:|---:|---:|---:|---:|")
-        for r in res["steps"] + [dict(r, variant="sink " + r["variant"]) for r in res["sink_steps"]]:
+        for r in res["steps"] + [dict(r, variant=f"sink{r['sink']} {r['variant']}") for r in res["sink_steps"]]:
             n = sum(v for k, v in r.items() if k.endswith("_kernels"))
             print(f"| {r['variant']} | {r['step_ms']:.3f} | {r['kernel_sum_ms']:.3f} | {r.get('matmul_ms', 0):.3f} | "
                   f"{r.get('attention_ms', 0):.3f} | {r.get('other_ms', 0):.3f} | {n} |")
+        if res["sink_steps"]:
+            print("\n| SinkDecoder | step ms | graph replay ms | kernels in the graph, sum ms | count |\n|---|---:|---:|---:|---:|")
+            for r in res["sink_steps"]:
+                g = r["graph"]
+                print(f"| sink {r['sink']}, {r['variant']} | {r['step_ms']:.3f} | {r['replay_ms']:.3f} | "
+                      f"{g['kernel_sum_ms']:.3f} | {sum(v for k, v in g.items() if k.endswith('_kernels'))} |")
     else:
         print(json.dumps(res["steps"] + res["sink_steps"]))
     if args.out:
