@@ -132,9 +132,14 @@ def kernel_profile(fn, device, reps: int = 5) -> dict:
     by = defaultdict(float)
     count = defaultdict(int)
     top = defaultdict(float)
-    for e in prof.events():
-        if e.device_type.name != "CUDA":
-            continue
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    # idle device time between one kernel's end and the next one's start, by the pair of kernels around it
+    gaps = defaultdict(float)
+    for a, b in zip(events, events[1:]):
+        gap = b.time_range.start - a.time_range.end
+        if 0 < gap < 1000:  # within a step (steps are separated by host synchronisation)
+            gaps[f"{a.name[:60]} -> {b.name[:60]}"] += gap
+    for e in events:
         us = e.time_range.elapsed_us()  # a kernel: its own span on the device
         by[kind(e.name)] += us
         count[kind(e.name)] += 1
@@ -143,6 +148,8 @@ def kernel_profile(fn, device, reps: int = 5) -> dict:
     out.update({f"{k}_kernels": c // reps for k, c in count.items()})
     out["kernel_sum_ms"] = sum(by.values()) / reps / 1e3
     out["top"] = [(n[:90], round(us / reps, 1)) for n, us in sorted(top.items(), key=lambda x: -x[1])[:12]]
+    out["gap_ms"] = sum(gaps.values()) / reps / 1e3
+    out["top_gaps"] = [(n, round(us / reps, 1)) for n, us in sorted(gaps.items(), key=lambda x: -x[1])[:10]]
     return out
 
 
