@@ -149,6 +149,16 @@ def kernel_profile(fn, device, reps: int = 5) -> dict:
     out["kernel_sum_ms"] = sum(by.values()) / reps / 1e3
     out["top"] = [(n[:90], round(us / reps, 1)) for n, us in sorted(top.items(), key=lambda x: -x[1])[:12]]
     out["gap_ms"] = sum(gaps.values()) / reps / 1e3
+    # per rep: first kernel start to last kernel end (a graph replay's span, without its launch)
+    spans, start = [], None
+    for a, b in zip(events, events[1:] + [None]):
+        start = a.time_range.start if start is None else start
+        if b is None or b.time_range.start - a.time_range.end >= 1000:
+            spans.append(a.time_range.end - start)
+            start = None
+    out["span_ms"] = sorted(spans)[len(spans) // 2] / 1e3
+    out["memcpy_nodes"] = sum("memcpy" in e.name.lower() or "memset" in e.name.lower() for e in events) // reps
+    out["first_kernels"] = [e.name[:50] for e in events[:8]]
     out["top_gaps"] = [(n, round(us / reps, 1)) for n, us in sorted(gaps.items(), key=lambda x: -x[1])[:10]]
     return out
 
@@ -232,6 +242,7 @@ def main(argv=None):
             row = {"variant": v, "step_ms": graph_ms(fn, steps, device)}
             if cuda:
                 row.update(kernel_profile(fn, device))
+                row["graph"] = kernel_profile(graphed(fn), device)
             res["steps"].append(row)
             print(json.dumps(row), file=sys.stderr)
         res["sink_steps"] = sink_rows(model, C, args.sink_variants.split(","), device, steps,
