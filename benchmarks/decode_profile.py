@@ -158,7 +158,7 @@ def kernel_profile(fn, device, reps: int = 5) -> dict:
             start = None
     out["span_ms"] = sorted(spans)[len(spans) // 2] / 1e3
     out["memcpy_nodes"] = sum("memcpy" in e.name.lower() or "memset" in e.name.lower() for e in events) // reps
-    out["first_kernels"] = [e.name[:50] for e in events[:8]]
+    out["first_events"] = [e.name[:50] for e in events[:8]]
     out["top_gaps"] = [(n, round(us / reps, 1)) for n, us in sorted(gaps.items(), key=lambda x: -x[1])[:10]]
     return out
 
@@ -247,6 +247,8 @@ def main(argv=None):
             print(json.dumps(row), file=sys.stderr)
         res["sink_steps"] = sink_rows(model, C, args.sink_variants.split(","), device, steps,
                                      [int(x) for x in args.sinks.split(",")]) if args.sink_variants else []
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
     if cuda:
         print(f"\n{res['gpu']}, torch {res['torch']}: Llama-2-7B shape x{L}, cache {C}, batch 1, bf16")
         b = res["bandwidth"]
@@ -271,8 +273,6 @@ def main(argv=None):
                       f"{g['kernel_sum_ms']:.3f} | {sum(v for k, v in g.items() if k.endswith('_kernels'))} |")
     else:
         print(json.dumps(res["steps"] + res["sink_steps"]))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
