@@ -158,15 +158,18 @@ class SinkDecoder:
 
     def _advance(self) -> torch.Tensor:
         """Everything one step does on the device (captured as the graph)."""
+        # every write below is a kernel into a static buffer: a same-dtype ``copy_`` between contiguous
+        # tensors would be a memcpy node, and the two such nodes this step had cost 0.3-0.6 ms per replay
+        # on the H100 (7B shape; benchmarks/decode_profile.py)
         self.b += 1
-        self.pos.copy_(self.b[:, None] + (self.capacity - 1))
+        torch.add(self.b[:, None], self.capacity - 1, out=self.pos)
         self.places.index_copy_(1, self.slot, self.pos)
         if self.sink:  # sinks to j + b, from their originals, every layer at once
             delta = self.b[:, None] + self.sink_index - self.places[:, :self.sink]  # (B, sink)
             self.keys[..., :self.sink, :].copy_(self._rotate(self.orig_keys[..., :self.sink, :], delta))
         with self.room():  # compiled: one variant per decoder shape, past dynamo's default limit of 8
             out = self.forward(self.ids, position_ids=self.pos, past_key_values=self.ring, use_cache=True)
-        self.slot.copy_((self.slot - self.sink + 1) % self.window + self.sink)
+        self.slot.sub_(self.sink - 1).remainder_(self.window).add_(self.sink)  # (slot - sink + 1) % window + sink
         return out.logits
 
     def _rerotate_all(self) -> None:
