@@ -118,6 +118,39 @@ def sdpa_table(cfg, L, C, dtype, device, steps) -> list[dict]:
     return rows
 
 
+def launch_profile(fn, reps: int = 20) -> dict:
+    """fn run alone (synchronised after each call), as median_ms times it: the host time of its
+    cudaGraphLaunch / kernel launches, the delay from fn's first launch call to its first kernel,
+    and its kernels' span (first start to last end)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            with torch.profiler.record_function("rep"):
+                fn()
+            torch.cuda.synchronize()
+    ev = prof.events()
+    reps_ = sorted((e for e in ev if e.name == "rep"), key=lambda e: e.time_range.start)
+    kernels = sorted((e for e in ev if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    launches = sorted((e for e in ev if e.device_type.name == "CPU" and e.name.startswith("cuda")
+                       and ("Launch" in e.name or "Memcpy" in e.name)), key=lambda e: e.time_range.start)
+    rows = []
+    for r in reps_:
+        k = [e for e in kernels if e.time_range.start >= r.time_range.start]
+        k = [e for e in k if e.time_range.start < (k[0].time_range.start + 1e5)] if k else []
+        lc = [e for e in launches if r.time_range.start <= e.time_range.start <= r.time_range.end]
+        if not k or not lc:
+            continue
+        span = max(e.time_range.end for e in k) - k[0].time_range.start
+        rows.append((lc[0].time_range.start, k[0].time_range.start - lc[0].time_range.start, span,
+                     sum(e.time_range.elapsed_us() for e in lc), r.time_range.elapsed_us()))
+    med = lambda i: sorted(x[i] for x in rows)[len(rows) // 2] / 1e3 if rows else float("nan")  # noqa: E731
+    return {"first_kernel_delay_ms": med(1), "span_ms": med(2), "launch_host_ms": med(3), "host_ms": med(4),
+            "launch_calls": sorted({e.name for e in launches})}
+
+
 def kernel_profile(fn, device, reps: int = 5) -> dict:
     """Per-step device time of fn's kernels by family, from torch.profiler (eager launches)."""
     from torch.profiler import ProfilerActivity, profile
@@ -189,6 +222,8 @@ def sink_rows(model, C, variants, device, steps, sinks=(4,)) -> list[dict]:
                     if cuda:
                         row["replay_ms"] = median_ms(decoder.graph.replay, steps, device)
                         row["graph"] = kernel_profile(decoder.graph.replay, device)
+                        row["graph_alone"] = launch_profile(decoder.graph.replay)
+                        row["step_alone"] = launch_profile(lambda: decoder.step(token))
                 if cuda:
                     with SinkDecoder(model, cache, cuda_graph=False, compile=kw) as decoder:
                         row.update(kernel_profile(lambda: decoder.step(token), device))
@@ -242,7 +277,9 @@ def main(argv=None):
             row = {"variant": v, "step_ms": graph_ms(fn, steps, device)}
             if cuda:
                 row.update(kernel_profile(fn, device))
-                row["graph"] = kernel_profile(graphed(fn), device)
+                replay = graphed(fn)
+                row["graph"] = kernel_profile(replay, device)
+                row["graph_alone"] = launch_profile(replay)
             res["steps"].append(row)
             print(json.dumps(row), file=sys.stderr)
         res["sink_steps"] = sink_rows(model, C, args.sink_variants.split(","), device, steps,
