@@ -213,9 +213,12 @@ def sink_rows(model, C, variants, device, steps, sinks=(4,)) -> list[dict]:
             cache = patch.new_cache()
             prefill(model, torch.randint(0, vocab, (1, C + 100), device=device), cache, chunk_size=C - 4)
             for v in variants:
-                kw = False if v == "eager" else COMPILE_VARIANTS[v]
+                base, _, flag = v.partition("/")  # "default/eagerpos": the step's bookkeeping left eager
+                kw = False if base == "eager" else COMPILE_VARIANTS[base]
                 row = {"variant": v, "sink": sink}
                 with SinkDecoder(model, cache, cuda_graph=cuda, compile=kw) as decoder:
+                    if flag == "eagerpos":
+                        decoder.positions = decoder._positions
                     for _ in range(3):
                         decoder.step(token)
                     row["step_ms"] = median_ms(lambda: decoder.step(token), steps, device)
@@ -226,6 +229,8 @@ def sink_rows(model, C, variants, device, steps, sinks=(4,)) -> list[dict]:
                         row["step_alone"] = launch_profile(lambda: decoder.step(token))
                 if cuda:
                     with SinkDecoder(model, cache, cuda_graph=False, compile=kw) as decoder:
+                        if flag == "eagerpos":
+                            decoder.positions = decoder._positions
                         row.update(kernel_profile(lambda: decoder.step(token), device))
                 rows.append(row)
                 print(json.dumps({"sink": row}), file=sys.stderr)
@@ -239,7 +244,9 @@ def main(argv=None):
     ap.add_argument("--cache", type=int, default=4096)
     ap.add_argument("--variants", default="eager,default,autotune",
                     help=f"step variants: eager and/or compile variants of streaming_decode.py ({', '.join(COMPILE_VARIANTS)})")
-    ap.add_argument("--sink-variants", default="eager,default,autotune", help="the same, for SinkDecoder steps")
+    ap.add_argument("--sink-variants", default="eager,default,autotune",
+                    help="the same, for SinkDecoder steps; VARIANT/eagerpos leaves the step's position bookkeeping "
+                         "(SinkDecoder._positions) uncompiled")
     ap.add_argument("--sinks", default="4", help="sink counts of the SinkDecoder rows (0: window only, no sink rotation)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out")

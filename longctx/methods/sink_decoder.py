@@ -148,6 +148,7 @@ class SinkDecoder:
         # (a dict: keyword arguments for torch.compile, e.g. {"mode": "max-autotune-no-cudagraphs"})
         self.forward = model if compile is False else torch.compile(model, **{"dynamic": False, **compile_kw})
         self.room = contextlib.nullcontext if compile is False else recompile_room
+        self.positions = self._positions if compile is False else torch.compile(self._positions, dynamic=False)
 
     # -- the step ----------------------------------------------------------------------------------
     def _rotate(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -156,18 +157,22 @@ class SinkDecoder:
         k = orig.float()
         return self.cache._apply_rotary(k, k, cos, sin)[1].to(orig.dtype)
 
-    def _advance(self) -> torch.Tensor:
-        """Everything one step does on the device (captured as the graph)."""
-        # every write below is a kernel into a static buffer: a same-dtype ``copy_`` between contiguous
-        # tensors would be a memcpy node, and the two such nodes this step had cost 0.3-0.6 ms per replay
-        # on the H100 (7B shape; benchmarks/decode_profile.py)
+    def _positions(self) -> None:
+        """The step's bookkeeping before the forward: b, the new token's position, its slot's place, and
+        the sinks re-rotated to j + b. Compiled with the forward (a few fused kernels instead of ~30
+        small eager ones: fewer graph nodes, each of which costs launch time at every replay)."""
         self.b += 1
         torch.add(self.b[:, None], self.capacity - 1, out=self.pos)
         self.places.index_copy_(1, self.slot, self.pos)
         if self.sink:  # sinks to j + b, from their originals, every layer at once
             delta = self.b[:, None] + self.sink_index - self.places[:, :self.sink]  # (B, sink)
             self.keys[..., :self.sink, :].copy_(self._rotate(self.orig_keys[..., :self.sink, :], delta))
+
+    def _advance(self) -> torch.Tensor:
+        """Everything one step does on the device (captured as the graph). Every write is a kernel into a
+        static buffer: a same-dtype ``copy_`` between contiguous tensors would be a memcpy node."""
         with self.room():  # compiled: one variant per decoder shape, past dynamo's default limit of 8
+            self.positions()
             out = self.forward(self.ids, position_ids=self.pos, past_key_values=self.ring, use_cache=True)
         self.slot.sub_(self.sink - 1).remainder_(self.window).add_(self.sink)  # (slot - sink + 1) % window + sink
         return out.logits
