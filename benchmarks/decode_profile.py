@@ -137,9 +137,9 @@ def launch_profile(fn, reps: int = 20) -> dict:
     launches = sorted((e for e in ev if e.device_type.name == "CPU" and e.name.startswith("cuda")
                        and ("Launch" in e.name or "Memcpy" in e.name)), key=lambda e: e.time_range.start)
     rows = []
-    for r in reps_:
-        k = [e for e in kernels if e.time_range.start >= r.time_range.start]
-        k = [e for e in k if e.time_range.start < (k[0].time_range.start + 1e5)] if k else []
+    for r, nxt in zip(reps_, reps_[1:] + [None]):  # a rep's kernels: those starting before the next rep starts
+        end = nxt.time_range.start if nxt is not None else float("inf")
+        k = [e for e in kernels if r.time_range.start <= e.time_range.start < end]
         lc = [e for e in launches if r.time_range.start <= e.time_range.start <= r.time_range.end]
         if not k or not lc:
             continue
