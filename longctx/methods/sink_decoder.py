@@ -159,8 +159,9 @@ class SinkDecoder:
 
     def _positions(self) -> None:
         """The step's bookkeeping before the forward: b, the new token's position, its slot's place, and
-        the sinks re-rotated to j + b. Compiled with the forward (a few fused kernels instead of ~30
-        small eager ones: fewer graph nodes, each of which costs launch time at every replay)."""
+        the sinks re-rotated to j + b. With ``compile``, compiled too: a few fused kernels instead of
+        about 20 small eager ones, which made the 7B-shape step (C=4096, H100) 7.40 ms instead of 7.68
+        (benchmarks/README.md, decode_profile.py)."""
         self.b += 1
         torch.add(self.b[:, None], self.capacity - 1, out=self.pos)
         self.places.index_copy_(1, self.slot, self.pos)
