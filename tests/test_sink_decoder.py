@@ -129,3 +129,55 @@ def test_compile_option_checked():
             SinkDecoder(model, cache, cuda_graph=False, compile={"mode": "reduce-overhead"})
         assert not cache.held
 
+
+
+# -- stream_generate: the generate path that hands a full cache to a SinkDecoder ---------------------------
+@pytest.mark.parametrize("prompt_len", [5, 14])  # shorter than the cache (steps fill it first) / longer
+def test_stream_generate_equals_model_generate(prompt_len, monkeypatch):
+    from longctx.chat import stream_generate
+
+    model = tiny_model("llama").double()
+    model.set_attn_implementation("sdpa")
+    ids, n = ids_for(prompt_len), 30
+    decoded = []
+    step = SinkDecoder.step
+    monkeypatch.setattr(SinkDecoder, "step", lambda self, x: decoded.append(1) or step(self, x))
+    with longctx.applied(model, "streaming", sink_size=3, window_size=9):
+        # no eos: min_new_tokens would instead mask it out of generate's logits
+        want = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None)[0, prompt_len:].tolist()
+        assert len(want) == n
+        assert list(stream_generate(model, ids, n)) == want and not decoded
+        assert list(stream_generate(model, ids, n, decoder=True)) == want
+        # the decoder takes over once the 12 slots are full and feeds every token but the last
+        assert len(decoded) == n - 1 - max(0, 12 - prompt_len)
+        k = next(i for i in range(1, n) if want[i] not in want[:i])  # a token not generated before
+        assert list(stream_generate(model, ids, n, eos_token_id=want[k])) == want[:k]  # stops before eos
+
+
+def test_stream_generate_errors():
+    from longctx.chat import stream_generate
+    from test_streaming import alibi_model
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="needs the streaming patch"):
+        next(stream_generate(model, ids_for(4), 3))
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        with pytest.raises(ValueError, match="pass decoder=True"):
+            next(stream_generate(model, ids_for(4), 3, compile=True))
+        with pytest.raises(ValueError, match=r"shape \(1, n\)"):
+            next(stream_generate(model, ids_for(4, batch=2), 3))
+    bloom = alibi_model("bloom")
+    with longctx.applied(bloom, "streaming", sink_size=2, window_size=6):
+        with pytest.raises(NotImplementedError, match="ALiBi"):  # before any token is generated
+            next(stream_generate(bloom, ids_for(4), 3, decoder=True))
+        assert len(list(stream_generate(bloom, ids_for(4), 3))) == 3  # the SinkCache path works
+
+
+def test_generate_cli_decoder_option():
+    from longctx.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "--method", "streaming", "--decoder", "compile"]).decoder == "compile"
+    assert parser.parse_args(["generate"]).decoder is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--decoder", "fast"])

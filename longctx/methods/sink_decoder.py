@@ -73,6 +73,28 @@ class _RingLayer(CacheLayerMixin):
         return -1
 
 
+def check_supported(cache) -> None:
+    """Raise unless a SinkDecoder can take over ``cache`` once it is full (a RoPE model without
+    sliding-window or NoPE layers): a clear error before any decoding, not in the middle of it."""
+    if not isinstance(cache, SinkCache):
+        raise TypeError(f"SinkDecoder needs a longctx.SinkCache, got {type(cache).__name__}")
+    if not cache.rope:
+        raise NotImplementedError("SinkDecoder: ALiBi models bias keys by slot index, which a ring buffer "
+                                  "reorders; decode them with the SinkCache itself")
+    if cache.sliding_layers:
+        raise NotImplementedError(f"SinkDecoder: models with sliding-window layers "
+                                  f"({cache._model.config.model_type!r}) are not supported; decode them with "
+                                  f"the SinkCache itself (the streaming patch's forwards)")
+    if not all(layer.rope for layer in cache.layers):
+        raise NotImplementedError(f"SinkDecoder: models with NoPE layers ({cache._model.config.model_type!r}) "
+                                  f"are not supported; decode them with the SinkCache itself")
+
+
+def is_full(cache) -> bool:
+    """Whether a SinkDecoder can take ``cache`` over now: every slot holds a token, none is padding."""
+    return cache._slots() == cache.capacity and not cache._reorder and not cache._max_pads
+
+
 _SIDE_STREAMS: dict = {}
 
 
@@ -96,19 +118,8 @@ class SinkDecoder:
         if compile_kw.get("mode") in ("reduce-overhead", "max-autotune"):
             raise ValueError(f"SinkDecoder: compile mode {compile_kw['mode']!r} captures its own CUDA graphs inside "
                              f"the decoder's; allowed modes: 'default', 'max-autotune-no-cudagraphs'")
-        if not isinstance(cache, SinkCache):
-            raise TypeError(f"SinkDecoder needs a longctx.SinkCache, got {type(cache).__name__}")
-        if not cache.rope:
-            raise NotImplementedError("SinkDecoder: ALiBi models bias keys by slot index, which a ring buffer "
-                                      "reorders; decode them with the SinkCache itself")
-        if cache.sliding_layers:
-            raise NotImplementedError(f"SinkDecoder: models with sliding-window layers "
-                                      f"({cache._model.config.model_type!r}) are not supported; decode them with "
-                                      f"the SinkCache itself (the streaming patch's forwards)")
-        if not all(layer.rope for layer in cache.layers):
-            raise NotImplementedError(f"SinkDecoder: models with NoPE layers ({cache._model.config.model_type!r}) "
-                                      f"are not supported; decode them with the SinkCache itself")
-        if cache._slots() != cache.capacity or cache._reorder or cache._max_pads:
+        check_supported(cache)
+        if not is_full(cache):
             raise ValueError(f"SinkDecoder needs a full cache without pad slots ({cache._slots()} of "
                              f"{cache.capacity} slots held, pads {cache._max_pads}); prefill it first")
         self.model, self.cache = model, cache
