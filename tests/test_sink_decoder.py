@@ -152,6 +152,11 @@ def test_stream_generate_equals_model_generate(prompt_len, monkeypatch):
         assert len(decoded) == n - 1 - max(0, 12 - prompt_len)
         k = next(i for i in range(1, n) if want[i] not in want[:i])  # a token not generated before
         assert list(stream_generate(model, ids, n, eos_token_id=want[k])) == want[:k]  # stops before eos
+        # ignore_eos: eos is never sampled, as with generate's min_new_tokens
+        kept = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=want[k])
+        kept = kept[0, prompt_len:].tolist()
+        assert want[k] not in kept and kept[:k] == want[:k]
+        assert list(stream_generate(model, ids, n, eos_token_id=want[k], ignore_eos=True, decoder=True)) == kept
 
 
 def test_stream_generate_errors():
