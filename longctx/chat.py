@@ -93,8 +93,8 @@ def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperatur
     through the SinkCache, as ``model.generate`` does. With ``decoder=True``, once the cache is full
     the steps go through a ``SinkDecoder`` (static ring buffers, one CUDA graph per step on CUDA;
     ``compile``: also torch.compile, see SinkDecoder): the same tokens, faster on a GPU. Per token on the
-    H100 (7B shape, cache 4096, benchmarks/README.md): 21-48 ms through the SinkCache, 9.0-9.2 ms as a
-    graph, 7.0 ms compiled; SmolLM2 with a 1024-token cache: 3.4 ms against 25 ms
+    H100 (7B shape, cache 4096, benchmarks/README.md): 21-48 ms through the SinkCache, 9.0-9.3 ms as a
+    graph, 6.96-7.16 ms compiled; SmolLM2-135M with a 1024-token cache: 3.4 ms against 25 ms
     (experiments/streaming_generate). Tokens decoded before the cache is full go through the SinkCache.
     """
     from .methods.sink_decoder import SinkDecoder, check_supported, is_full

@@ -288,7 +288,8 @@ class ManualGC:
     5 timed SmolLM2 steps at 16k (median 327 ms) held a 265 ms generation-2 collection. In the SmolLM2
     recipe (32k, 20 steps, experiments/longlora_gc) it changed nothing measurable: median step 1.506 s
     with ``gc_every: 10`` against 1.496 s with automatic GC, the same losses; each full collection took
-    about 0.3 s (steps 10 and 20), much like the automatic one it replaces (step 13). Off by default. Written for CPython <= 3.13's generational collector
+    about 0.3 s (steps 10 and 20); with automatic GC one step (13) took 0.5 s longer than the median,
+    likely a collection. Off by default. Written for CPython <= 3.13's generational collector
     (3.14's incremental one also scans part of the old generation in ``gc.collect(1)``; untested)."""
 
     def __init__(self, every: int):
