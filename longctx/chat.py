@@ -79,25 +79,28 @@ class StreamingSession:
         self._feed_text(self.tokenizer.apply_chat_template(self.messages, tokenize=False))
 
 
-@torch.inference_mode()
 def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-                    generator=None, eos_token_id: int | None = None, ignore_eos: bool = False,
+                    generator=None, eos_token_id: int | list[int] | None = None, ignore_eos: bool = False,
                     decoder: bool = False, compile: bool | dict = False) -> Iterator[int]:
     """Generate from ``ids`` (1, n) on a model with the ``streaming`` patch: yields the new token ids.
 
     The prompt goes into a fresh sink cache in chunks as ``model.generate`` feeds it under the patch
-    (window-sized chunks, the last ``window_size`` tokens as one), then tokens are sampled
-    (``sample``: greedy at temperature 0) and fed one at a time; generation stops after
-    ``max_new_tokens`` or at ``eos_token_id`` (not yielded; with ``ignore_eos`` it is never sampled
-    instead, as ``min_new_tokens`` does in ``model.generate``). With ``decoder=False`` every step goes
-    through the SinkCache, as ``model.generate`` does. With ``decoder=True``, once the cache is full
-    the steps go through a ``SinkDecoder`` (static ring buffers, one CUDA graph per step on CUDA;
-    ``compile``: also torch.compile, see SinkDecoder): the same tokens, faster on a GPU. Per token on the
-    H100 (7B shape, cache 4096, benchmarks/README.md): 21-48 ms through the SinkCache, 9.0-9.3 ms as a
-    graph, 6.96-7.16 ms compiled; SmolLM2-135M with a 1024-token cache: 3.4 ms against 25 ms
-    (experiments/streaming_generate). Tokens decoded before the cache is full go through the SinkCache.
+    (window-sized chunks, the last ``window_size`` tokens as one), then tokens are sampled (``sample``:
+    greedy at temperature 0, else nucleus sampling with ``top_p``) and fed one at a time. Generation
+    stops after ``max_new_tokens`` or at an ``eos_token_id`` (an id or a list; not yielded). With
+    ``ignore_eos`` those ids are never sampled instead, as ``min_new_tokens`` does in ``model.generate``.
+    No logits processor of ``model.generation_config`` (repetition penalty, top-k, ...) is applied: with
+    greedy decoding and a neutral generation config the tokens are ``model.generate``'s (tested).
+
+    With ``decoder=False`` every step goes through the SinkCache, as ``model.generate`` does. With
+    ``decoder=True``, once the cache is full the steps go through a ``SinkDecoder`` (static ring
+    buffers, one CUDA graph per step on CUDA; ``compile``: also torch.compile, see SinkDecoder): the same
+    tokens, faster on a GPU. Per token on the H100 (7B shape, cache 4096, benchmarks/README.md): 21-48 ms
+    through the SinkCache, 9.0-9.3 ms as a graph, 6.96-7.16 ms compiled; SmolLM2-135M with a 1024-token
+    cache: 3.4 ms against 25 ms (experiments/streaming_generate). Tokens decoded before the cache is full
+    go through the SinkCache. Arguments are checked when this is called, before the first token.
     """
-    from .methods.sink_decoder import SinkDecoder, check_supported, is_full
+    from .methods.sink_decoder import check_compile, check_supported
     from .registry import active_patches
 
     patch = next((p for p in active_patches(model) if p.method == "streaming"), None)
@@ -107,33 +110,39 @@ def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperatur
         raise ValueError(f"stream_generate: ids must have shape (1, n), got {tuple(ids.shape)}")
     if compile is not False and not decoder:
         raise ValueError("stream_generate: compile applies to the SinkDecoder; pass decoder=True with it")
+    check_compile(compile)
     cache = patch.new_cache()
     if decoder:
         check_supported(cache)
+    eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    return _stream(model, cache, ids, max_new_tokens, temperature, top_p, generator, eos, ignore_eos, decoder, compile)
+
+
+@torch.inference_mode()
+def _stream(model, cache, ids, max_new_tokens, temperature, top_p, generator, eos, ignore_eos, decoder, compile):
+    from .methods.sink_decoder import SinkDecoder, is_full
+
     device = next(model.parameters()).device
     ids = ids.to(device)
     head = max(0, ids.shape[1] - cache.window_size)  # chunked as the patch chunks a long prompt in generate
     if head:
         prefill(model, ids[:, :head], cache)
     logits, dec = model(ids[:, head:], past_key_values=cache, use_cache=True).logits[0, -1], None
-    try:
-        for i in range(max_new_tokens):
-            if ignore_eos and eos_token_id is not None:
-                logits = logits.clone()
-                logits[eos_token_id] = float("-inf")
-            token = sample(logits, temperature, top_p, generator)
-            if token == eos_token_id:
-                return
-            yield token
-            if i == max_new_tokens - 1:
-                return  # the last token is not fed (as in model.generate)
-            x = torch.tensor([[token]], device=device)
-            if decoder and dec is None and is_full(cache):
-                dec = SinkDecoder(model, cache, compile=compile)
-            logits = (dec.step(x) if dec is not None else model(x, past_key_values=cache, use_cache=True).logits)[0, -1]
-    finally:
-        if dec is not None:
-            dec.close()
+    for i in range(max_new_tokens):
+        if ignore_eos and eos:
+            logits = logits.clone()  # (the decoder's logits are its static output buffer)
+            logits[list(eos)] = float("-inf")
+        token = sample(logits, temperature, top_p, generator)
+        if token in eos:
+            return
+        yield token
+        if i == max_new_tokens - 1:
+            return  # the last token is not fed (as in model.generate)
+        x = torch.tensor([[token]], device=device)
+        if decoder and dec is None and is_full(cache):
+            # the cache is this function's own: the decoder is dropped at the end, never handed back
+            dec = SinkDecoder(model, cache, compile=compile)
+        logits = (dec.step(x) if dec is not None else model(x, past_key_values=cache, use_cache=True).logits)[0, -1]
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:
@@ -161,24 +170,42 @@ def _load(args):
     return model, tokenizer
 
 
+# generation_config settings that model.generate applies and stream_generate does not
+_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+               "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None}
+
+
 def cmd_generate(args) -> int:
+    if args.decoder and not any(spec.split(":")[0] == "streaming" for spec in args.method or []):
+        raise SystemExit("longctx generate: --decoder needs --method streaming[:sink_size=N:window_size=M]")
     model, tokenizer = _load(args)
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    config = model.generation_config
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_set = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     start = time.perf_counter()
     if args.decoder:  # the streaming patch's sink cache, decoded through a SinkDecoder once full
+        active = {k: getattr(config, k, None) for k, neutral in _PROCESSORS.items()
+                  if getattr(config, k, None) not in (None, neutral)}
+        if active:
+            print(f"longctx generate: --decoder applies none of the model's generation_config processors "
+                  f"({active}); model.generate (no --decoder) would", file=sys.stderr)
         compile = {"mode": "max-autotune-no-cudagraphs"} if args.decoder == "autotune" else args.decoder == "compile"
         new = list(stream_generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                   eos_token_id=tokenizer.eos_token_id, ignore_eos=args.ignore_eos, decoder=True,
+                                   eos_token_id=list(eos_set), ignore_eos=args.ignore_eos, decoder=True,
                                    compile=compile))
-    else:
+    else:  # top_k=0: only --temperature and --top-p shape the sampling, as on the --decoder path
         new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                              do_sample=args.temperature > 0, temperature=args.temperature or None,
-                             top_p=args.top_p, pad_token_id=tokenizer.pad_token_id,
+                             top_p=args.top_p, top_k=0, pad_token_id=tokenizer.pad_token_id,
                              min_new_tokens=args.max_new_tokens if args.ignore_eos else None)[0, ids.shape[1]:].tolist()
+        if new and new[-1] in eos_set:
+            new = new[:-1]  # counted and printed like the --decoder path, which never yields it
     seconds = time.perf_counter() - start
     print(tokenizer.decode(new, skip_special_tokens=True))
     print(f"[{ids.shape[1]} prompt tokens, {len(new)} new in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s, "
@@ -222,7 +249,9 @@ def add_commands(sub) -> None:
     p.add_argument("--decoder", choices=["graph", "compile", "autotune"], default=None,
                    help="with --method streaming: once the cache is full, decode through longctx.SinkDecoder "
                         "(static ring buffers, a CUDA graph per step on CUDA; compile: plus torch.compile; "
-                        "autotune: torch.compile mode max-autotune-no-cudagraphs). Default: model.generate")
+                        "autotune: torch.compile mode max-autotune-no-cudagraphs). Default: model.generate. "
+                        "Greedy tokens are the same; generation_config's processors (repetition penalty ...) "
+                        "are not applied")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="multi-turn chat on a bounded sink cache (StreamingSession)")

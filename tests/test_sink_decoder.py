@@ -151,30 +151,59 @@ def test_stream_generate_equals_model_generate(prompt_len, monkeypatch):
         # the decoder takes over once the 12 slots are full and feeds every token but the last
         assert len(decoded) == n - 1 - max(0, 12 - prompt_len)
         k = next(i for i in range(1, n) if want[i] not in want[:i])  # a token not generated before
-        assert list(stream_generate(model, ids, n, eos_token_id=want[k])) == want[:k]  # stops before eos
-        # ignore_eos: eos is never sampled, as with generate's min_new_tokens
         kept = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=want[k])
         kept = kept[0, prompt_len:].tolist()
         assert want[k] not in kept and kept[:k] == want[:k]
-        assert list(stream_generate(model, ids, n, eos_token_id=want[k], ignore_eos=True, decoder=True)) == kept
+        for dec in (False, True):
+            assert list(stream_generate(model, ids, n, eos_token_id=want[k], decoder=dec)) == want[:k]  # stops
+            assert list(stream_generate(model, ids, n, eos_token_id=[999, want[k]], decoder=dec)) == want[:k]
+            # ignore_eos: eos is never sampled, as with generate's min_new_tokens
+            assert list(stream_generate(model, ids, n, eos_token_id=want[k], ignore_eos=True, decoder=dec)) == kept
+        assert list(stream_generate(model, ids, 0, decoder=True)) == []
+        assert list(stream_generate(model, ids, 1, decoder=True)) == want[:1]
+
+
+def test_stream_generate_sampling_and_compile():
+    # nucleus sampling with a seeded generator: the decoder draws the same tokens as the SinkCache steps
+    # (fp64: the same probabilities); and the compiled decoder gives the greedy tokens
+    from longctx.chat import stream_generate
+
+    model = tiny_model("llama").double()
+    model.set_attn_implementation("sdpa")
+    ids = ids_for(6)
+    with longctx.applied(model, "streaming", sink_size=3, window_size=9):
+        runs = [list(stream_generate(model, ids, 25, temperature=0.8, top_p=0.9, decoder=dec,
+                                     generator=torch.Generator().manual_seed(3))) for dec in (False, True)]
+        assert runs[0] == runs[1]
+        other = list(stream_generate(model, ids, 25, temperature=0.8, top_p=0.9,
+                                     generator=torch.Generator().manual_seed(4)))
+        assert other != runs[0]  # the seed matters: the comparison above is not trivially equal
+        greedy = list(stream_generate(model, ids, 25))
+        torch._dynamo.utils.counters.clear()
+        assert list(stream_generate(model, ids, 25, decoder=True, compile=True)) == greedy
+        assert not torch._dynamo.utils.counters["graph_break"]  # forward and position bookkeeping: whole graphs
 
 
 def test_stream_generate_errors():
     from longctx.chat import stream_generate
     from test_streaming import alibi_model
 
-    model = tiny_model("llama")
+    model = tiny_model("llama")  # every error is raised by the call itself, before any token
     with pytest.raises(ValueError, match="needs the streaming patch"):
-        next(stream_generate(model, ids_for(4), 3))
+        stream_generate(model, ids_for(4), 3)
     with longctx.applied(model, "streaming", sink_size=2, window_size=6):
         with pytest.raises(ValueError, match="pass decoder=True"):
-            next(stream_generate(model, ids_for(4), 3, compile=True))
+            stream_generate(model, ids_for(4), 3, compile=True)
+        with pytest.raises(TypeError, match="option 'compile' must be True, False or a dict"):
+            stream_generate(model, ids_for(4), 3, decoder=True, compile="yes")
+        with pytest.raises(ValueError, match="allowed modes"):
+            stream_generate(model, ids_for(4), 3, decoder=True, compile={"mode": "reduce-overhead"})
         with pytest.raises(ValueError, match=r"shape \(1, n\)"):
-            next(stream_generate(model, ids_for(4, batch=2), 3))
+            stream_generate(model, ids_for(4, batch=2), 3)
     bloom = alibi_model("bloom")
     with longctx.applied(bloom, "streaming", sink_size=2, window_size=6):
-        with pytest.raises(NotImplementedError, match="ALiBi"):  # before any token is generated
-            next(stream_generate(bloom, ids_for(4), 3, decoder=True))
+        with pytest.raises(NotImplementedError, match="ALiBi"):
+            stream_generate(bloom, ids_for(4), 3, decoder=True)
         assert len(list(stream_generate(bloom, ids_for(4), 3))) == 3  # the SinkCache path works
 
 
@@ -186,3 +215,47 @@ def test_generate_cli_decoder_option():
     assert parser.parse_args(["generate"]).decoder is None
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--decoder", "fast"])
+
+
+def test_generate_command(monkeypatch, capsys):
+    # cmd_generate with a stub loader: --decoder without streaming fails before loading; --decoder runs
+    # stream_generate and prints the same text as the model.generate path; --ignore-eos keeps eos out
+    import longctx.chat as chat
+    from longctx.cli import build_parser
+
+    model = tiny_model("llama").double()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = None
+
+    class Tok:
+        eos_token_id, pad_token_id = None, 0
+
+        def __call__(self, text, add_special_tokens=False, return_tensors=None):
+            return {"input_ids": ids_for(7)}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    loads = []
+
+    def fake_load(args):
+        loads.append(args)
+        longctx.apply(model, "streaming", sink_size=3, window_size=9)
+        return model, Tok()
+
+    monkeypatch.setattr(chat, "_load", fake_load)
+    parser = build_parser()
+    with pytest.raises(SystemExit, match="--decoder needs --method streaming"):
+        chat.cmd_generate(parser.parse_args(["generate", "--prompt", "x", "--decoder", "graph"]))
+    assert not loads
+    texts = []
+    for extra in ([], ["--decoder", "graph"]):
+        args = parser.parse_args(["generate", "--method", "streaming", "--prompt", "x", "--max-new-tokens", "20",
+                                  *extra])
+        assert chat.cmd_generate(args) == 0
+        out = capsys.readouterr()
+        texts.append(out.out)
+        assert "20 new in" in out.err
+        for p in longctx.registry.active_patches(model):
+            p.remove()
+    assert texts[0] == texts[1] and len(texts[0].split()) == 20

@@ -90,6 +90,18 @@ def check_supported(cache) -> None:
                                   f"are not supported; decode them with the SinkCache itself")
 
 
+def check_compile(compile) -> dict:
+    """The torch.compile keyword arguments of SinkDecoder's ``compile`` option; clear errors for bad values."""
+    if not (isinstance(compile, (bool, dict))):
+        raise TypeError(f"SinkDecoder: option 'compile' must be True, False or a dict of torch.compile keyword "
+                        f"arguments, got {compile!r}")
+    compile_kw = compile if isinstance(compile, dict) else {}
+    if compile_kw.get("mode") in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"SinkDecoder: compile mode {compile_kw['mode']!r} captures its own CUDA graphs inside "
+                         f"the decoder's; allowed modes: 'default', 'max-autotune-no-cudagraphs'")
+    return compile_kw
+
+
 def is_full(cache) -> bool:
     """Whether a SinkDecoder can take ``cache`` over now: every slot holds a token, none is padding."""
     return cache._slots() == cache.capacity and not cache._reorder and not cache._max_pads
@@ -111,13 +123,7 @@ class SinkDecoder:
 
     def __init__(self, model, cache: SinkCache, cuda_graph: bool | None = None, warmup: int = 2,
                  compile: bool | dict = False):
-        if not (isinstance(compile, (bool, dict))):
-            raise TypeError(f"SinkDecoder: option 'compile' must be True, False or a dict of torch.compile keyword "
-                            f"arguments, got {compile!r}")
-        compile_kw = compile if isinstance(compile, dict) else {}
-        if compile_kw.get("mode") in ("reduce-overhead", "max-autotune"):
-            raise ValueError(f"SinkDecoder: compile mode {compile_kw['mode']!r} captures its own CUDA graphs inside "
-                             f"the decoder's; allowed modes: 'default', 'max-autotune-no-cudagraphs'")
+        compile_kw = check_compile(compile)
         check_supported(cache)
         if not is_full(cache):
             raise ValueError(f"SinkDecoder needs a full cache without pad slots ({cache._slots()} of "
@@ -130,6 +136,8 @@ class SinkDecoder:
         first = cache.layers[0].keys
         device, self.dtype = first.device, first.dtype
         _, _, self.rotary = rotary_module(cache._model, "streaming")
+        # looked up once: the cache's property imports the modeling module, which would break the compiled graph
+        self.apply_rotary = cache._apply_rotary
         # RoPE types whose rotary module reads the positions on the host (dynamic, longrope) cannot be captured
         static = static_rope(self.rotary)
         self.use_graph = (device.type == "cuda" if cuda_graph is None else cuda_graph) and static
@@ -166,13 +174,14 @@ class SinkDecoder:
         """R(delta) orig in fp32; orig (..., B, H, n, D), delta (B, n)."""
         cos, sin = rope_cos_sin(self.rotary, delta, "full_attention")
         k = orig.float()
-        return self.cache._apply_rotary(k, k, cos, sin)[1].to(orig.dtype)
+        return self.apply_rotary(k, k, cos, sin)[1].to(orig.dtype)
 
     def _positions(self) -> None:
         """The step's bookkeeping before the forward: b, the new token's position, its slot's place, and
-        the sinks re-rotated to j + b. With ``compile``, compiled too: a few fused kernels instead of
-        about 20 small eager ones, which made the 7B-shape step (C=4096, H100) 7.40 ms instead of 7.68
-        (benchmarks/README.md, decode_profile.py)."""
+        the sinks re-rotated to j + b. With ``compile``, compiled too: fused kernels instead of about 20
+        small eager ones, which made the 7B-shape step (C=4096, H100) 7.40 ms instead of 7.68
+        (benchmarks/README.md, decode_profile.py). That measurement had the rotation split into three
+        graphs (a module lookup broke it); it is one graph now, not yet measured on a GPU."""
         self.b += 1
         torch.add(self.b[:, None], self.capacity - 1, out=self.pos)
         self.places.index_copy_(1, self.slot, self.pos)
@@ -222,10 +231,14 @@ class SinkDecoder:
             torch.cuda.current_stream().wait_stream(stream)
         else:
             self.logits = self._advance()
+        self._stepped()
+        return self.logits
+
+    def _stepped(self) -> None:
+        """The host's side of a step that ran: the ring pointer and the position count move on."""
         self.oldest = (self.oldest - self.sink + 1) % self.window + self.sink
         self.next_position += 1
         self.steps += 1
-        return self.logits
 
     # -- handing the cache back --------------------------------------------------------------------
     def close(self) -> SinkCache:
