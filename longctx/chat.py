@@ -106,6 +106,8 @@ def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperatur
     patch = next((p for p in active_patches(model) if p.method == "streaming"), None)
     if patch is None:
         raise ValueError("stream_generate needs the streaming patch: longctx.apply(model, 'streaming', ...)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"stream_generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if ids.dim() != 2 or ids.shape[0] != 1:
         raise ValueError(f"stream_generate: ids must have shape (1, n), got {tuple(ids.shape)}")
     if compile is not False and not decoder:

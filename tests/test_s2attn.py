@@ -197,23 +197,31 @@ def test_registered_function_with_transformers_masks(backend, pad):
 
 
 def test_mask_forms_passed_by_transformers():
-    """Active: None without padding, the 2-D bool padding mask with it. Inactive: the original's mask."""
+    """Active: None without padding, the 2-D bool padding mask with it. Inactive: the original's mask.
+    Seen by the first decoder layer during real forwards; a mask built outside the model's forward
+    (here: by hand) is always the original's."""
     from transformers.masking_utils import create_causal_mask
 
     model = tiny_model("llama")
     longctx.apply(model, "s2attn", group_size=8)
-    emb = torch.zeros(2, 12, 64)
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")),
+                                                    with_kwargs=True)
     am = torch.ones(2, 12, dtype=torch.long)
     am[0, :3] = 0
-    make = lambda a: create_causal_mask(config=model.config, inputs_embeds=emb, attention_mask=a,  # noqa: E731
-                                        past_key_values=None, position_ids=torch.arange(12)[None])
+    x = torch.randint(3, 100, (2, 12))
     model.train()
-    assert make(None) is None
-    m = make(am)
-    assert m.shape == (2, 12) and m.dtype == torch.bool and torch.equal(m, am.bool())
+    model(x)
+    model(x, attention_mask=am)
+    assert seen[0] is None
+    assert seen[1].shape == (2, 12) and seen[1].dtype == torch.bool and torch.equal(seen[1], am.bool())
     model.eval()  # original implementation (eager): a 4-D float mask
-    m = make(am)
-    assert m.shape == (2, 1, 12, 12) and m.dtype == torch.float32
+    model(x, attention_mask=am)
+    assert seen[2].shape == (2, 1, 12, 12) and seen[2].dtype == torch.float32
+    model.train()
+    by_hand = create_causal_mask(config=model.config, inputs_embeds=torch.zeros(2, 12, 64), attention_mask=am,
+                                 past_key_values=None, position_ids=torch.arange(12)[None])
+    assert by_hand.shape == (2, 1, 12, 12)
 
 
 @pytest.mark.parametrize("family", ROPE_FAMILIES)
@@ -486,3 +494,64 @@ def test_decoding_delegates(ids):
     with torch.no_grad():
         step = model(x[:, 19:], past_key_values=copy.deepcopy(cache)).logits
     assert torch.equal(step, ref)
+
+
+# -- the patch acts for its own model instance and its own inputs ----------------------------------------
+def test_position_ids_buffer_refilled_in_place():
+    # a training loop that refills one position_ids buffer: the document boundaries follow its contents
+    model = tiny_model("llama").train()
+    longctx.apply(model, "s2attn", group_size=8)
+    x = torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+    buf = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    packed = logits(model, x, position_ids=buf.clone())
+    assert not torch.equal(logits(model, x, position_ids=buf), logits(model, x, position_ids=torch.arange(24)[None]))
+    buf.copy_(torch.arange(24)[None])
+    torch.testing.assert_close(logits(model, x, position_ids=buf), logits(model, x, position_ids=torch.arange(24)[None]),
+                               rtol=0, atol=0)
+    buf.copy_(torch.cat([torch.arange(10), torch.arange(14)])[None])
+    with torch.inference_mode():  # inference tensors track no version: the per-forward reset covers them
+        inf = buf.clone()
+        a = model(x, position_ids=inf).logits
+        inf.copy_(torch.arange(24)[None])
+        b = model(x, position_ids=inf).logits
+    torch.testing.assert_close(a, packed, rtol=0, atol=0)
+    torch.testing.assert_close(b, logits(model, x, position_ids=torch.arange(24)[None]), rtol=0, atol=0)
+
+
+def test_copies_and_shared_configs_are_not_patched():
+    # the registered name travels with the config: a deepcopy, or a model sharing the config object,
+    # calls the patch's functions too, and must behave as the unpatched model whatever the modes
+    import copy
+
+    model = tiny_model("llama")
+    twin = type(model)(model.config)  # shares the config object
+    twin.load_state_dict(model.state_dict())
+    x = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(2, 24, dtype=torch.long)
+    am[1, :5] = 0
+    full = logits(model.eval(), x, attention_mask=am)
+    longctx.apply(model, "s2attn", group_size=8)
+    dup = copy.deepcopy(model)
+    s2 = logits(model.train(), x, attention_mask=am)
+    assert (s2 - full)[am.bool()].abs().max() > 1e-3  # S2 is active in the patched model
+    for other in (dup, twin):
+        for model_mode, other_mode in ((True, False), (False, True), (True, True)):
+            model.train(model_mode)
+            other.train(other_mode)
+            got = logits(other, x, attention_mask=am)
+            torch.testing.assert_close(got[am.bool()], full[am.bool()], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(model.train(), x, attention_mask=am), s2, rtol=0, atol=0)
+
+
+def test_group_size_and_shifted_heads_arithmetic():
+    import numpy as np
+
+    assert [group_size_for(100, 0.14), group_size_for(50, 0.28), group_size_for(25, 0.56)] == [14, 14, 14]
+    assert group_size_for(101, 0.14) == 16  # 14.14 rounds up to even
+    assert longctx.apply(tiny_model("llama"), "s2attn", group_size=np.int64(8)).options.group_size == 8
+    assert [shifted_head_count(9, 0.5), shifted_head_count(4, 0.25), shifted_head_count(1, 1.0)] == [4, 1, 1]
+    for heads, frac in ((1, 0.5), (4, 0.1), (4, 0.9)):
+        with pytest.raises(ValueError, match="option 'shifted_heads'=.* must leave at least one shifted and one"):
+            shifted_head_count(heads, frac)
+    with pytest.raises(ValueError, match="option 'shifted_heads'"):  # checked when applied, before any forward
+        longctx.apply(tiny_model("llama"), "s2attn", shifted_heads=0.1)

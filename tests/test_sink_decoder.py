@@ -200,6 +200,8 @@ def test_stream_generate_errors():
             stream_generate(model, ids_for(4), 3, decoder=True, compile={"mode": "reduce-overhead"})
         with pytest.raises(ValueError, match=r"shape \(1, n\)"):
             stream_generate(model, ids_for(4, batch=2), 3)
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+            stream_generate(model, ids_for(4), -1)
     bloom = alibi_model("bloom")
     with longctx.applied(bloom, "streaming", sink_size=2, window_size=6):
         with pytest.raises(NotImplementedError, match="ALiBi"):

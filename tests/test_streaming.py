@@ -152,6 +152,24 @@ def test_token_by_token_agrees_with_reference_over_3x_window(max_position):
     assert not torch.allclose(got, decode(model, ids, DynamicCache(config=model.config)), atol=1e-3)
 
 
+@pytest.mark.parametrize("family", STREAM_FAMILIES)
+def test_chunk_that_evicts_every_slot(family):
+    # no sinks and a chunk of window_size tokens: every slot is evicted, the cache holds only the chunk,
+    # so what follows equals a cache that started with that chunk (positions keep counting from b)
+    model = tiny_model(family).double()
+    ids = ids_for(20)
+    with longctx.applied(model, "streaming", sink_size=0, window_size=8), torch.no_grad():
+        full = SinkCache(model, 0, 8)
+        model(ids[:, :1], past_key_values=full, use_cache=True)
+        model(ids[:, 1:9], past_key_values=full, use_cache=True)  # evicts the one slot held
+        got = decode(model, ids[:, 9:], full)
+        fresh = SinkCache(model, 0, 8)
+        model(ids[:, 1:9], past_key_values=fresh, use_cache=True)
+        want = decode(model, ids[:, 9:], fresh)
+        assert torch.equal(full.places.diff(), torch.ones(1, 7, dtype=torch.long))  # consecutive places
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_default_max_position_and_rare_full_rerotation(monkeypatch):
     model = tiny_model("llama")
     assert SinkCache(model, 4, 60).max_position == 64 + 64  # static RoPE: trained length + capacity
@@ -270,6 +288,17 @@ def test_plain_forward_without_cache_is_untouched():
 def test_bad_sizes(options, match):
     with pytest.raises(ValueError, match=match):
         longctx.apply(tiny_model("llama"), "streaming", **options)
+    with pytest.raises(ValueError, match=match):  # the perplexity tool checks them first too, any policy
+        from longctx.eval import streaming_perplexity
+        streaming_perplexity(tiny_model("llama"), ids_for(8)[0], **{"sink_size": 4, "window_size": 8, **options},
+                             policy="dense", progress=False)
+
+
+@pytest.mark.parametrize("max_position", [0, -5, 10, 2.5, True])  # capacity 4 + 8 = 12
+def test_bad_max_position(max_position):
+    with pytest.raises(ValueError, match=r"option 'max_position' must be None \(the default\) or an integer >= "
+                                         r"sink_size \+ window_size \(12\)"):
+        SinkCache(tiny_model("llama"), 4, 8, max_position=max_position)
 
 
 def test_unsupported_models_and_inputs_are_refused():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from ..methods.streaming import check_sizes
 from ..registry import applied
 
 POLICIES = ("sinks", "window", "dense", "recompute")
@@ -37,6 +38,7 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
     lists (tokens so far, running ppl, cached tokens, CUDA memory allocated) every ``curve_every``."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    check_sizes(sink_size, window_size)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if policy != "dense" and chunk_size > window_size:

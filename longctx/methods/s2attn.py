@@ -28,7 +28,8 @@ start of the sequence, so tokens there see the future; this implementation does 
   r=1/4 at T=32768 is G=8192. Lengths not divisible by G are exact: the partial last group, and a
   shifted head's first half group, are attended on their own (no padding, nothing dropped). Groups
   are counted by the row index in the (padded) batch, also for left-padded rows.
-- Heads: the last ``round(shifted_heads * num_heads)`` query heads are shifted (LongLoRA: half).
+- Heads: the last ``round(shifted_heads * num_heads)`` query heads are shifted (LongLoRA: half). A
+  fraction strictly between 0 and 1 that would shift no head or every head is an error (at apply).
   Grouped-query attention (fewer K/V heads) is supported. On the sdpa path, a split that falls inside
   a K/V group (SmolLM2: 9 heads over 3 K/V heads, 4 shifted) repeats K/V per query head; a
   ``shifted_heads`` that ends on a group boundary (1/3 or 2/3 there) keeps SDPA's GQA kernels, at
@@ -49,7 +50,13 @@ start of the sequence, so tokens there see the future; this implementation does 
 
 Mechanism: the patch registers an attention function (``transformers.AttentionInterface``) and a
 mask function (``masking_utils.AttentionMaskInterface``) under a name unique to the patch and
-switches the model with ``model.set_attn_implementation(name)``; ``remove()`` switches back. No
+switches the model with ``model.set_attn_implementation(name)``; ``remove()`` switches back. The
+name travels with the config, so a ``deepcopy`` of the model, or a model sharing its config object,
+calls these functions too: they act as the original implementation for anything but this instance
+(masks are S2's only inside its base model's forward, counted by two forward hooks; attention only in
+its own modules, whose own ``training`` flag decides). Values derived from the inputs (document ids,
+the flex BlockMask) are cached within one forward and keyed by the tensors' identity and version, so
+a ``position_ids`` buffer refilled in place is read afresh. No
 transformers class or forward is touched. What the attention function receives as
 ``attention_mask``: while S2 is inactive, exactly what the original implementation's mask
 function builds (sdpa: None or a 4-D bool mask; eager: a 4-D float mask; ...). While active, for a
@@ -80,6 +87,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import sys
 import warnings
 import weakref
@@ -111,15 +119,16 @@ class S2AttnOptions(Options):
             self.group_size_ratio = 0.25
         if self.group_size is not None:
             g = self.group_size
-            if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2:
+            if isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 2 or g % 2:
                 raise ValueError(f"option 'group_size' must be an even integer >= 2, got {g!r}")
+            self.group_size = int(g)
         else:
             r = self.group_size_ratio
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 < r <= 1:
                 raise ValueError(f"option 'group_size_ratio' must be a number in (0, 1], got {r!r}")
             self.group_size_ratio = float(r)
         s = self.shifted_heads
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 1:
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 <= s <= 1:
             raise ValueError(f"option 'shifted_heads' must be a fraction in [0, 1], got {s!r}")
         self.shifted_heads = float(s)
         if not isinstance(self.train_only, bool):
@@ -131,12 +140,24 @@ def group_size_for(length: int, group_size_ratio: float | None = None, group_siz
     """G for a sequence of ``length`` tokens: ``group_size``, or ratio*length rounded up to even (>= 2)."""
     if group_size is not None:
         return int(group_size)
-    return max(2, 2 * math.ceil(group_size_ratio * length / 2))
+    x = group_size_ratio * length
+    if abs(x - round(x)) <= 1e-9 * max(1.0, x):  # an integer but for float error (0.14 * 100): not rounded up
+        x = round(x)
+    return max(2, 2 * math.ceil(x / 2))
 
 
 def shifted_head_count(num_heads: int, shifted_heads: float) -> int:
-    """How many query heads (the last ones) use shifted groups."""
-    return int(round(shifted_heads * num_heads))
+    """How many query heads (the last ones) use shifted groups: ``round(shifted_heads * num_heads)``.
+    A fraction strictly between 0 and 1 must leave at least one head of each kind (else no information
+    would flow between groups, or no head would keep the unshifted groups): a clear error otherwise."""
+    n = int(round(shifted_heads * num_heads))
+    if 0 < shifted_heads < 1 and n in (0, num_heads):
+        hint = (f"or a fraction that rounds to 1..{num_heads - 1} heads" if num_heads > 1
+                else "(one head cannot be split)")
+        raise ValueError(f"option 'shifted_heads'={shifted_heads} shifts {n} of {num_heads} query heads; a fraction "
+                         f"in (0, 1) must leave at least one shifted and one unshifted head. Use 0 or 1 to "
+                         f"shift none or all, {hint}")
+    return n
 
 
 def flash_available() -> bool:
@@ -356,7 +377,7 @@ def _flex_backend(q, k, v, G, n_shift, cons, scale, softcap, cache):
     B, H, T, D = q.shape
     per_batch = cons.valid is not None or cons.doc is not None or (cons.dense is not None and cons.dense.shape[0] > 1)
     key = ("block_mask", B if per_batch else None, H, T, G, n_shift, cons.window, q.device,
-           id(cons.valid), id(cons.doc), id(cons.dense))
+           _ident(cons.valid), _ident(cons.doc), _ident(cons.dense))
     block_mask = cache.get(key)
     if block_mask is None:
         block_mask = _create_block_mask(s2_mask_mod(T, G, H, n_shift, cons), B if per_batch else None, H, T,
@@ -470,6 +491,18 @@ def s2_attention(query, key, value, *, group_size: int, n_shift: int, scale: flo
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def _ident(t):
+    """A cache key for a tensor object: its id and, where tracked, its version, which in-place writes bump
+    (a position_ids buffer refilled with ``copy_`` is not the same input). The patch also clears the caches
+    at every forward of the model, which covers inference tensors (they track no version)."""
+    if not torch.is_tensor(t):
+        return id(t)
+    try:
+        return id(t), t._version
+    except RuntimeError:
+        return id(t), None
+
+
 class _Cache:
     """One-entry caches (per patch) of values derived from per-forward inputs, keyed by their ids."""
 
@@ -491,7 +524,7 @@ def _doc_ids(position_ids, B: int, T: int, cache: _Cache):
     """(B, T) document ids from packed position_ids (a new document wherever they do not go up by 1)."""
     if not torch.is_tensor(position_ids) or position_ids.ndim != 2 or position_ids.shape[-1] != T:
         return None
-    key = ("doc", id(position_ids), B, T)
+    key = ("doc", _ident(position_ids), B, T)
     hit = cache.get(key)
     if hit is not None:
         return hit[0]
@@ -505,7 +538,7 @@ def _doc_ids(position_ids, B: int, T: int, cache: _Cache):
 
 
 def _valid_keys(mask2d, T: int, cache: _Cache):
-    key = ("valid", id(mask2d), T)
+    key = ("valid", _ident(mask2d), T)
     hit = cache.get(key)
     if hit is not None:
         return hit[0]
@@ -535,8 +568,14 @@ class S2AttnPatch(Patch):
         original = model.config._attn_implementation or "eager"
         if original.startswith("longctx_s2attn"):
             raise ValueError("this model already runs an s2attn attention function")
+        shifted_head_count(getattr(model.config, "num_attention_heads", 2) or 2, o.shifted_heads)  # error now
         name = f"longctx_s2attn_{next(_NAMES)}"
         state = _State(model, original, o)
+        # the registered functions act for this instance only: masks inside its forwards (copies and models
+        # sharing its config get the original's), attention in its own modules
+        base = model.base_model
+        self._hooks = (base.register_forward_pre_hook(state.enter), base.register_forward_hook(state.exit,
+                                                                                                 always_call=True))
         AttentionInterface.register(name, state.attention)
         AttentionMaskInterface.register(name, state.mask)
         model.set_attn_implementation(name)
@@ -546,6 +585,8 @@ class S2AttnPatch(Patch):
         self._state, self._name, self._original = state, name, original
 
     def _detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
         self.model.set_attn_implementation(self._original)
         self._state.detach()  # the registered entries stay (no unregister API) but become inert
         del self._state
@@ -556,20 +597,41 @@ class S2AttnPatch(Patch):
 
 
 class _State:
-    """What the registered functions hold: options, the original implementation's name, a weak
-    reference to the model, and per-forward caches."""
+    """What the registered functions hold: options, the original implementation's name, weak references
+    to the model, its base model and its modules, how deep the base model's forward is entered, and
+    per-forward caches.
+
+    The functions are registered under a name that the model's config carries, so a ``deepcopy`` of the
+    model, or another model sharing its config object, calls them too. S2 is active only for this
+    instance: the mask function only inside its base model's forward (the hooks count it), the
+    attention function only for its own modules, and training mode is read from the module called."""
 
     def __init__(self, model, original: str, options: S2AttnOptions):
         self.model_ref = weakref.ref(model)
+        self.base_ref = weakref.ref(model.base_model)
+        self.members = weakref.WeakSet(model.modules())
+        self.depth = 0  # > 0 inside the patched base model's forward
         self.original = original
         self.options = options
         self.cache = _Cache()
         self._originals: dict[type, Callable] = {}
 
     def detach(self):
-        self.model_ref = lambda: None
+        self.model_ref = self.base_ref = lambda: None
+        self.members = weakref.WeakSet()
         self.cache.clear()
         self._originals.clear()
+
+    # forward hooks of the patched base model (a copy's hooks are copies: they check the module too)
+    def enter(self, module, args):
+        if module is self.base_ref():
+            if self.depth == 0:
+                self.cache.clear()  # a new forward: nothing derived from the last one's inputs is reused
+            self.depth += 1
+
+    def exit(self, module, args, output):
+        if module is self.base_ref():
+            self.depth = max(0, self.depth - 1)
 
     # which function the model would call without the patch
     def original_attention(self, module) -> Callable:
@@ -585,11 +647,12 @@ class _State:
             self._originals[type(module)] = fn
         return fn
 
-    def enabled(self) -> bool:
-        model = self.model_ref()
-        if model is None:
-            return False
-        return (not self.options.train_only) or model.training
+    def enabled(self, module=None) -> bool:
+        """S2 for a call from ``module`` (the attention function), or for a mask built now (no module)."""
+        if module is None:
+            base = self.base_ref()
+            return base is not None and self.depth > 0 and ((not self.options.train_only) or base.training)
+        return module in self.members and ((not self.options.train_only) or module.training)
 
     def backend(self, device, dropout: float, dense) -> str:
         b = self.options.backend
@@ -626,7 +689,7 @@ class _State:
         T = query.shape[-2]
         causal = (getattr(module, "is_causal", True) is not False and kwargs.get("is_causal", True) is not False
                   and getattr(getattr(module, "config", None), "is_causal", True) is not False)
-        if not (self.enabled() and causal and key.shape[-2] == T):
+        if not (self.enabled(module) and causal and key.shape[-2] == T):
             return self.original_attention(module)(module, query, key, value, attention_mask, **kwargs)
         return self._s2_attention(query, key, value, attention_mask, kwargs)
 

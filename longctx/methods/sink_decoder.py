@@ -124,6 +124,8 @@ class SinkDecoder:
     def __init__(self, model, cache: SinkCache, cuda_graph: bool | None = None, warmup: int = 2,
                  compile: bool | dict = False):
         compile_kw = check_compile(compile)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"SinkDecoder: option 'warmup' must be an integer >= 0, got {warmup!r}")
         check_supported(cache)
         if not is_full(cache):
             raise ValueError(f"SinkDecoder needs a full cache without pad slots ({cache._slots()} of "

@@ -222,7 +222,11 @@ class SinkCache(Cache):
                                  for window, rope in zip(windows, rotated)])
         self.sink_layers = [layer for layer in self.layers if isinstance(layer, SinkLayer)]
         self.sliding_layers = [layer for layer in self.layers if isinstance(layer, SlidingLayer)]
-        self.max_position = max_position or self._default_max_position()
+        if max_position is not None and (isinstance(max_position, bool) or not isinstance(max_position, int)
+                                         or max_position < self.capacity):
+            raise ValueError(f"option 'max_position' must be None (the default) or an integer >= sink_size + "
+                             f"window_size ({self.capacity}), got {max_position!r}")
+        self.max_position = max_position if max_position is not None else self._default_max_position()
         self.places = None  # (B, slots): position each slot's original key was rotated at
         self.offset = None  # (B,): b per row
         self.pads = None  # (B,): pad slots per row (after the sinks once reordered)
@@ -302,8 +306,8 @@ class SinkCache(Cache):
             self._move_sliding(shift)
         step = torch.arange(n, device=self.places.device)[None]
         new = (real + self.offset)[:, None] + step  # real tokens count from the row's first one
-        if slots == 0:
-            new = (step - self.pads[:, None]).clamp(min=0)  # pads (masked) sit at 0
+        if slots == 0:  # the first forward (pads, masked, sit at b = 0), or everything was just evicted
+            new = (step - self.pads[:, None]).clamp(min=0) + self.offset[:, None]
         self.places = torch.cat([self.places, new], dim=-1)
         self.seen_tokens += n
         self._top += n
