@@ -85,6 +85,25 @@ def trainable_base_names(model: nn.Module, trainable=("embed", "norm")) -> list[
     return [n for n, p in model.named_parameters() if id(p) in chosen]
 
 
+def _check_targets(base: nn.Module, targets: list, trainable: tuple, names: list[str]) -> None:
+    """Refuse what would train but not merge: LoRA on a tied embedding (its delta would be merged into
+    the one shared matrix, changing both ends), and ``trainable`` parameters inside a module that LoRA
+    wraps (peft renames them, so the artifact's names would not be the base model's)."""
+    wrapped = [n for n, _ in base.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
+    if _tied(base):
+        ends = {id(base.get_input_embeddings()), id(base.get_output_embeddings())}
+        hit = [n for n, m in base.named_modules() if n in wrapped and id(m) in ends]
+        if hit:
+            raise ValueError(f"lora target_modules={targets} put LoRA on {hit}, but the input and output embeddings "
+                             f"are tied: merging would change both. Leave them out of target_modules (train the "
+                             f"embedding with trainable=('embed',)) or untie them first")
+    inside = [p for p in names if any(p.startswith(m + ".") for m in wrapped)]
+    if inside:
+        raise ValueError(f"lora trainable={list(trainable)} selects {inside[:3]}{' ...' if len(inside) > 3 else ''} "
+                         f"inside modules that target_modules={targets} wraps with LoRA; peft renames them, so the "
+                         f"artifact could not be merged. Remove those entries from trainable or target_modules")
+
+
 def prepare(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=None,
             trainable=("embed", "norm"), quantize_4bit: bool = False, verbose: bool = True):
     """Wrap ``model`` (a transformers causal LM, changed in place) in a peft ``PeftModel`` with LoRA
@@ -100,11 +119,13 @@ def prepare(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.
     base = unwrap_model(model)
     if hasattr(model, "peft_config"):
         raise ValueError("this model already has peft adapters; prepare() takes a plain transformers model")
-    targets = list(target_modules) if target_modules else target_modules_for(base)
+    targets = ([target_modules] if isinstance(target_modules, str) else list(target_modules)) if target_modules \
+        else target_modules_for(base)
     trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable or ())
+    names = trainable_base_names(base, trainable)  # before peft renames the modules
+    _check_targets(base, targets, trainable, names)
     if quantize_4bit:
         _quantize_4bit(base)
-    names = trainable_base_names(base, trainable)  # before peft renames the modules
     params = dict(base.named_parameters())
     chosen = [params[n] for n in names]
 

@@ -98,7 +98,60 @@ def load_config(path: str | os.PathLike | None, overrides=()) -> dict:
         for parent in reversed(parents):
             patch = {parent: patch}
         _update(cfg, patch, "")
+    check_config(cfg)
     return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_config(cfg: dict) -> None:
+    """Types and ranges of the settings, before anything is loaded: errors name the key and what it allows.
+    A single string where a list is expected (``data.holdout=Emma``) becomes a one-item list."""
+    def need(ok: bool, key: str, allowed: str, value) -> None:
+        if not ok:
+            raise ValueError(f"config key {key!r} must be {allowed}, got {value!r}")
+
+    t, d, lo = cfg["train"], cfg["data"], cfg["lora"]
+    for key in ("steps", "micro_batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
+        need(_is_int(t[key]) and t[key] >= 1, f"train.{key}", "an integer >= 1", t[key])
+    for key in ("warmup_steps", "keep_checkpoints", "gc_every"):
+        need(_is_int(t[key]) and t[key] >= 0, f"train.{key}", "an integer >= 0" +
+             (" (0: keep all)" if key == "keep_checkpoints" else ""), t[key])
+    need(t["global_batch_size"] is None or (_is_int(t["global_batch_size"]) and t["global_batch_size"] >= 1),
+         "train.global_batch_size", "null or an integer >= 1", t["global_batch_size"])
+    need(_is_int(t["seed"]), "train.seed", "an integer", t["seed"])
+    need(_is_real(t["lr"]) and t["lr"] > 0, "train.lr", "a number > 0", t["lr"])
+    for key in ("weight_decay", "eps", "max_grad_norm"):
+        need(_is_real(t[key]) and t[key] >= 0, f"train.{key}", "a number >= 0", t[key])
+    b = t["betas"]
+    need(isinstance(b, (list, tuple)) and len(b) == 2 and all(_is_real(x) and 0 <= x < 1 for x in b),
+         "train.betas", "two numbers in [0, 1), e.g. [0.9, 0.95]", b)
+    need(isinstance(t["gradient_checkpointing"], bool), "train.gradient_checkpointing", "true or false",
+         t["gradient_checkpointing"])
+    need(_is_int(cfg["target_length"]) and cfg["target_length"] >= 2, "target_length", "an integer >= 2",
+         cfg["target_length"])
+    need(d["seq_len"] is None or (_is_int(d["seq_len"]) and d["seq_len"] >= 2), "data.seq_len",
+         "null (target_length) or an integer >= 2", d["seq_len"])
+    for section, key in (("data", "corpus"), ("data", "holdout"), ("lora", "trainable"), ("lora", "target_modules")):
+        value = cfg[section][key]
+        if isinstance(value, str):
+            cfg[section][key] = value = [value]
+        need(value is None and key == "target_modules" or isinstance(value, (list, tuple))
+             and all(isinstance(x, str) for x in value), f"{section}.{key}",
+             "a list of strings" + (" or null" if key == "target_modules" else ""), value)
+    need(_is_int(lo["r"]) and lo["r"] >= 1, "lora.r", "an integer >= 1", lo["r"])
+    need(_is_real(lo["alpha"]) and lo["alpha"] > 0, "lora.alpha", "a number > 0", lo["alpha"])
+    need(_is_real(lo["dropout"]) and 0 <= lo["dropout"] < 1, "lora.dropout", "a number in [0, 1)", lo["dropout"])
+    need(isinstance(lo["quantize_4bit"], bool), "lora.quantize_4bit", "true or false", lo["quantize_4bit"])
+    need(isinstance(cfg["resume"], bool), "resume", "true or false", cfg["resume"])
+    enabled = cfg["s2attn"].get("enabled", "auto")
+    need(isinstance(enabled, bool) or enabled == "auto", "s2attn.enabled", "true, false or auto", enabled)
 
 
 def _update(cfg: dict, new: dict, where: str) -> None:
@@ -109,18 +162,22 @@ def _update(cfg: dict, new: dict, where: str) -> None:
         if isinstance(cfg.get(key), dict) and isinstance(value, dict):
             _update(cfg[key], value, f"{name}.")
         else:
-            cfg[key] = _as_number(name, value, cfg.get(key))
+            cfg[key] = _as_number(name, value, cfg.get(key), bool(where) and where.rstrip(".") in _OPEN_SECTIONS)
 
 
-def _as_number(name: str, value, default):
-    """YAML reads ``5e-5`` (no dot) as a string: where the default is a number, read strings as one."""
-    if not isinstance(value, str) or isinstance(default, bool) or not isinstance(default, (int, float)):
+def _as_number(name: str, value, default, open_section: bool = False):
+    """YAML reads ``5e-5`` or ``1e1`` (no dot) as a string: where the default is a number, or in an open
+    section (rope, s2attn options), a string that reads as a number is one (an integer if it is one)."""
+    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if not isinstance(value, str) or not (numeric_default or open_section):
         return value
-    kind = float if isinstance(default, float) else int
     try:
-        return kind(value)
+        number = float(value)
     except ValueError:
-        raise ValueError(f"config key {name!r} must be a {kind.__name__}, got {value!r}") from None
+        if open_section:
+            return value
+        raise ValueError(f"config key {name!r} must be a number, got {value!r}") from None
+    return int(number) if number.is_integer() and isinstance(default, int) else number
 
 
 # ------------------------------------------------------------------- methods, schedule

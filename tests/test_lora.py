@@ -111,3 +111,20 @@ def test_upcast_trainable_keeps_tie():
     assert base.model.embed_tokens.weight.dtype == torch.float32 and base.lm_head.weight is base.model.embed_tokens.weight
     assert base.model.norm.weight.dtype == torch.float32
     assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16  # frozen: untouched
+
+
+def test_prepare_refuses_what_could_not_be_merged():
+    from longctx import lora
+
+    tied = tiny_model("llama", tie_word_embeddings=True)
+    assert tied.get_input_embeddings().weight is tied.get_output_embeddings().weight
+    for targets in (["q_proj", "lm_head"], ["q_proj", "embed_tokens"]):
+        with pytest.raises(ValueError, match=r"input and output embeddings are tied: merging would change both"):
+            lora.prepare(tiny_model("llama", tie_word_embeddings=True), target_modules=targets, trainable=("norm",),
+                         verbose=False)
+    untied = tiny_model("llama", tie_word_embeddings=False)
+    lora.prepare(untied, target_modules=["q_proj", "lm_head"], trainable=("norm",), verbose=False)  # fine
+    with pytest.raises(ValueError, match=r"selects \['model.layers.0.self_attn.o_proj.weight'.* inside modules that"):
+        lora.prepare(tiny_model("llama"), trainable=("embed", "o_proj"), verbose=False)
+    prepared = lora.prepare(tiny_model("llama"), target_modules="q_proj", verbose=False)  # one name, not letters
+    assert prepared.longctx_lora["target_modules"] == ["q_proj"]

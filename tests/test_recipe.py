@@ -70,8 +70,38 @@ def test_numbers_yaml_reads_as_strings():
     # YAML 1.1 reads 5e-5 (no dot) as a string; the first GPU run of this config crashed in AdamW on it
     assert train.load_config(CONFIG, ["train.lr=5e-5"])["train"]["lr"] == 5e-5
     assert train.load_config(CONFIG, ["train.steps=12"])["train"]["steps"] == 12
-    with pytest.raises(ValueError, match="'train.lr' must be a float, got 'fast'"):
+    with pytest.raises(ValueError, match="'train.lr' must be a number, got 'fast'"):
         train.load_config(CONFIG, ["train.lr=fast"])
+    assert train.load_config(CONFIG, ["rope.factor=1e1"])["rope"]["factor"] == 10.0  # open sections too
+    assert train.load_config(CONFIG, ["lora.alpha=1.5e1"])["lora"]["alpha"] == 15.0
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.checkpoint_every=0", "'train.checkpoint_every' must be an integer >= 1, got 0"),
+    ("train.log_every=0", "'train.log_every' must be an integer >= 1"),
+    ("train.micro_batch_size=0", "'train.micro_batch_size' must be an integer >= 1"),
+    ("train.gradient_accumulation_steps=0", "'train.gradient_accumulation_steps' must be an integer >= 1"),
+    ("train.steps=2.5", "'train.steps' must be an integer >= 1, got 2.5"),
+    ("train.steps=true", "'train.steps' must be an integer >= 1, got True"),
+    ("train.steps=-1", "'train.steps' must be an integer >= 1"),
+    ("train.keep_checkpoints=-1", r"'train.keep_checkpoints' must be an integer >= 0 \(0: keep all\)"),
+    ("train.betas=0.9", r"'train.betas' must be two numbers in \[0, 1\)"),
+    ("train.global_batch_size=4e0", "'train.global_batch_size' must be null or an integer >= 1, got '4e0'"),
+    ("data.seq_len=-5", "'data.seq_len' must be null"),
+    ("target_length=true", "'target_length' must be an integer >= 2"),
+    ("s2attn.enabled=maybe", "'s2attn.enabled' must be true, false or auto"),
+    ("resume=maybe", "'resume' must be true or false"),
+    ("lora.dropout=1", r"'lora.dropout' must be a number in \[0, 1\)"),
+])
+def test_config_values_checked_before_loading(override, match):
+    with pytest.raises(ValueError, match=match):
+        train.load_config(CONFIG, [override])
+
+
+def test_single_strings_where_lists_are_expected():
+    cfg = train.load_config(CONFIG, ["data.holdout=Alpha", "lora.target_modules=q_proj", "lora.trainable=embed"])
+    assert (cfg["data"]["holdout"], cfg["lora"]["target_modules"], cfg["lora"]["trainable"]) == \
+        (["Alpha"], ["q_proj"], ["embed"])
 
 
 def test_packing_and_holdout(tiny):
