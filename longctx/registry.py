@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 import dataclasses
 import weakref
 from dataclasses import dataclass
@@ -109,7 +111,9 @@ def make_options(method: Method, **options: Any) -> Options:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers PreTrainedModel inside ``model`` (a peft PeftModel is unwrapped)."""
+    """The transformers PreTrainedModel inside ``model`` (torch.compile's wrapper and a peft PeftModel
+    are unwrapped)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model)
     if hasattr(model, "get_base_model") and callable(model.get_base_model):
         model = model.get_base_model()
     if not hasattr(model, "config"):
@@ -147,7 +151,10 @@ class Patch:
     # -- life cycle ----------------------------------------------------------------------------
     def attach(self) -> "Patch":
         patches = _ACTIVE.setdefault(self.model, [])
-        for other in patches:
+        # also patches on another handle of the same model (its base model) or on a model sharing its
+        # config object: RoPE patches change that config, s2attn sets its attention implementation
+        sharing = [p for m, ps in list(_ACTIVE.items()) if m.config is self.model.config for p in ps]
+        for other in sharing:
             if other.slot == self.slot:
                 raise ValueError(
                     f"cannot apply {self.method!r}: {other.method!r} is already applied to this model "
@@ -167,6 +174,17 @@ class Patch:
         self._record(add=False)
         _ACTIVE[self.model].remove(self)
         self.active = False
+
+    def _check_saved(self) -> None:
+        """Refuse a model whose config says (``config.longctx``, saved with it) that a method of this slot
+        was applied before it was saved, and is not active now: its config already carries that change."""
+        active = {p.method for p in active_patches(self.model)}
+        saved = [e.get("method") for e in getattr(self.model.config, "longctx", None) or []
+                 if e.get("method") in _slot_methods(self.slot) and e.get("method") not in active]
+        if saved:
+            raise ValueError(f"cannot apply {self.method!r}: this model was saved after longctx applied "
+                             f"{saved[0]!r} (config.longctx), so its config already carries that scaling; "
+                             f"load the original model to apply another")
 
     def _record(self, add: bool) -> None:
         """Keep ``model.config.longctx`` (saved with the model) listing the applied methods."""
@@ -192,6 +210,10 @@ class Patch:
         return f"<{type(self).__name__} {self.method}({opts}) {state}>"
 
 
+def _slot_methods(slot: str) -> set[str]:
+    return {name for name, m in _METHODS.items() if m.patch.slot == slot}
+
+
 def apply(model: nn.Module, method: str, **options: Any) -> Patch:
     """Attach ``method`` to this model instance and return the Patch (``patch.remove()`` undoes it).
 
@@ -215,12 +237,15 @@ def applied(model: nn.Module, method: str, **options: Any) -> Iterator[Patch]:
 
 # -- small option checks shared by the methods ----------------------------------------------------
 def check_positive(name: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> None:
+    """A finite number > 0 (numpy scalars included), or an integer > 0; None only with ``allow_none``."""
     if value is None and allow_none:
         return
-    kind = int if integer else (int, float)
+    kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
         what = "a positive integer" if integer else "a number > 0"
         raise ValueError(f"option {name!r} must be {what}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"option {name!r} must be a finite number > 0, got {value!r}")
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_model
 from longctx.eval.perplexity import format_table, perplexity, save_json
 
 V = 97
@@ -332,3 +333,31 @@ def test_compiled_layers_keep_the_causal_fast_path(docs):
     assert parts and all(p._compiled_call_impl is None for p in parts)
     eager = perplexity(model, docs, [24], progress=False)[24]["nll"]
     assert abs(compiled - eager) < 1e-5 * abs(eager)
+
+
+def test_peft_model_and_argument_types():
+    # a peft-wrapped model (as lora.load(merge=False) returns) scores like its merged equivalent
+    from longctx import lora
+
+    model = tiny_model("llama")
+    doc = torch.randint(3, 100, (40,), generator=torch.Generator().manual_seed(0))
+    peft_model = lora.prepare(model, verbose=False)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    got = perplexity(peft_model, [doc], [16], progress=False)[16]
+    want = perplexity(peft_model.merge_and_unload(), [doc], [16], progress=False)[16]
+    assert got["tokens"] == want["tokens"] and abs(got["nll"] - want["nll"]) < 1e-5
+    with pytest.raises(TypeError, match="got one 1-D tensor: pass \\[ids\\]"):
+        perplexity(model, doc, [16], progress=False)
+    with pytest.raises(TypeError, match="integer token ids"):
+        perplexity(model, [doc.float()], [16], progress=False)
+    for kwargs, match in (({"lengths": [16.9]}, "every entry of lengths must be an integer"),
+                          ({"lengths": ["16"]}, "every entry of lengths"),
+                          ({"mode": "sliding", "stride": True}, "stride must be an integer >= 1"),
+                          ({"logits_chunk": 2.5}, "logits_chunk must be an integer >= 1"),
+                          ({"score": "tail", "tail_fraction": "x"}, "tail_fraction must be a number")):
+        args = {"lengths": [16], **kwargs}
+        with pytest.raises(ValueError, match=match):
+            perplexity(model, [doc], progress=False, **args)
+    assert perplexity(model, [doc], 16, progress=False)[16]["tokens"] > 0  # one length as a number

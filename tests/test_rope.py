@@ -260,3 +260,54 @@ def test_phi3_static_methods_are_written_as_longrope(method, ids):
 def test_phi3_refuses_dynamic_ntk():
     with pytest.raises(ValueError, match=r"accepts only rope types default, longrope"):
         longctx.apply(tiny_model("phi3"), "dynamic_ntk", factor=2)
+
+
+# -- one model, several handles; failures leave nothing behind; saved scaling is not compounded -------------
+def test_other_handles_and_shared_configs_cannot_stack_patches():
+    model = tiny_model("llama")
+    theta = model.config.rope_parameters["rope_theta"]
+    longctx.apply(model, "ntk", factor=4)
+    for handle in (model.model, torch.compile(model, backend="eager")):
+        with pytest.raises(ValueError, match="'ntk' is already applied to this model"):
+            longctx.apply(handle, "ntk", factor=4)
+    sharing = type(model)(model.config)  # another model on the same config object
+    with pytest.raises(ValueError, match="already applied"):
+        longctx.apply(sharing, "yarn", factor=2)
+    longctx.active_patches(model)[0].remove()
+    assert model.config.rope_parameters["rope_theta"] == theta
+
+
+def test_failed_attach_leaves_the_model_unchanged(monkeypatch):
+    model = tiny_model("llama")
+    before = (copy.deepcopy(model.config.rope_parameters), model.config.max_position_embeddings)
+    rotary_cls = type(model.model.rotary_emb)
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("rotary module failed")
+    with monkeypatch.context() as m:
+        m.setattr(rotary_cls, "__init__", broken)
+        with pytest.raises(RuntimeError, match="rotary module failed"):
+            longctx.apply(model, "yarn", factor=2)
+    assert (model.config.rope_parameters, model.config.max_position_embeddings) == before
+    assert not longctx.active_patches(model) and not hasattr(model.config, "longctx")
+    longctx.apply(model, "yarn", factor=2).remove()  # and the model takes a method afterwards
+    with pytest.raises(ValueError, match="option 'beta_fast' must be a finite number > 0, got inf"):
+        longctx.apply(model, "yarn", factor=2, beta_fast=float("inf"))
+
+
+def test_saved_scaling_is_not_compounded(tmp_path):
+    model = tiny_model("llama")
+    longctx.apply(model, "ntk", factor=4)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for method, options in (("ntk", {"factor": 4}), ("abf", {"rope_theta": 1e6}), ("linear", {"factor": 2})):
+        with pytest.raises(ValueError, match="saved after longctx applied 'ntk'"):
+            longctx.apply(reloaded, method, **options)
+    longctx.apply(reloaded, "streaming", sink_size=2, window_size=8).remove()  # other slots are fine
+    assert reloaded.config.longctx[0]["method"] == "ntk"  # the saved record stays
+
+
+def test_layer_types_checked():
+    for bad in (5, (), ("full_attention", "full_attention")):
+        with pytest.raises(ValueError, match="option 'layer_types'"):
+            longctx.apply(tiny_model("llama"), "ntk", factor=2, layer_types=bad)

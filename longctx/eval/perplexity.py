@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import json
 import math
+import numbers
 import platform
 import warnings
 import weakref
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..registry import unwrap_model
 from ..utils import layers_compiled, recompile_room
 
 MODES = ("chunks", "sliding")
@@ -88,9 +90,23 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
         raise ValueError("stride only applies to mode='sliding' (chunks never overlap)")
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {compile!r}")
-    if logits_chunk < 1 or (batch_tokens is not None and batch_tokens < 1):
-        raise ValueError("logits_chunk and batch_tokens must be >= 1")
+    def positive_int(name, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
+    positive_int("logits_chunk", logits_chunk)
+    positive_int("batch_tokens", batch_tokens, allow_none=True)
+    positive_int("stride", stride, allow_none=True)
+    if isinstance(lengths, (int, numbers.Integral)) and not isinstance(lengths, bool):
+        lengths = [lengths]
+    for L in lengths:
+        positive_int("every entry of lengths", L)
     lengths = [int(L) for L in lengths]
+    if torch.is_tensor(docs) and docs.dim() == 1:
+        raise TypeError("docs must be a list of documents (token id sequences); got one 1-D tensor: pass [ids]")
+    if isinstance(tail_fraction, bool) or not isinstance(tail_fraction, numbers.Real):
+        raise ValueError(f"tail_fraction must be a number in (0, 1], got {tail_fraction!r}")
     for L in lengths:
         if L < 2:
             raise ValueError(f"lengths must be >= 2 (one token of context, one to predict), got {L}")
@@ -100,7 +116,12 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
             raise ValueError(f"tail_fraction must be in (0, 1] with int(L * tail_fraction) >= 1, "
                              f"got {tail_fraction} for L={L}")
 
-    docs = [torch.as_tensor(d, dtype=torch.long).flatten().cpu() for d in docs]
+    docs = [torch.as_tensor(d).flatten().cpu() for d in docs]
+    bad = [i for i, d in enumerate(docs) if d.is_floating_point() or d.is_complex() or d.dtype == torch.bool]
+    if bad:
+        raise TypeError(f"docs must hold integer token ids; document {bad[0]} is {docs[bad[0]].dtype}")
+    docs = [d.long() for d in docs]
+    model = unwrap_model(model)  # a peft model: the transformers model inside (its LoRA layers included)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

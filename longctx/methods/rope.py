@@ -39,6 +39,12 @@ class RopeOptions(Options):
         if self.layer_types is not None:
             if isinstance(self.layer_types, str):
                 self.layer_types = (self.layer_types,)
+            if not isinstance(self.layer_types, (tuple, list)) or not self.layer_types \
+                    or not all(isinstance(t, str) for t in self.layer_types):
+                raise ValueError(f"option 'layer_types' must be a layer type name or a non-empty list of them "
+                                 f"(e.g. ['full_attention']), got {self.layer_types!r}")
+            if len(set(self.layer_types)) != len(self.layer_types):
+                raise ValueError(f"option 'layer_types' lists a layer type twice: {list(self.layer_types)}")
             self.layer_types = tuple(self.layer_types)
 
 
@@ -88,6 +94,7 @@ class RopePatch(Patch):
         raise NotImplementedError
 
     def _attach(self) -> None:
+        self._check_saved()
         parent, attr, old = rotary_module(self.model, self.method)
         config = old.config  # the (text) config the rotary module was built from
         params = copy.deepcopy(config.rope_parameters)
@@ -126,10 +133,15 @@ class RopePatch(Patch):
                 params[layer_type] = entry
             new_len = max(new_len, entry_len)
 
-        self._saved = (config, config.rope_parameters, config.max_position_embeddings, parent, attr, old)
+        saved = (config, config.rope_parameters, config.max_position_embeddings, parent, attr, old)
         config.rope_parameters = params
         config.max_position_embeddings = new_len
-        new = type(old)(config=config)
+        try:
+            new = type(old)(config=config)
+        except Exception:  # the config is left as it was: nothing half-applied
+            config.rope_parameters, config.max_position_embeddings = saved[1], saved[2]
+            raise
+        self._saved = saved
         # follow the old module's device (and dtype, if someone cast the buffers)
         buf = next(old.buffers())
         new.to(device=buf.device)
