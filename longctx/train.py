@@ -626,9 +626,40 @@ def _only_trainable(models, weights, output_dir) -> None:
         weights[i] = {k: v for k, v in state.items() if k in keep}
 
 
-def save_checkpoint(accelerator, output_dir, state: TrainState, keep: int | None = None) -> Path:
+RUN_CONFIG = "run_config.json"
+# what a resumed run must share with the run that wrote its checkpoint (train.steps, logging,
+# checkpointing, evaluation, wandb and output may change)
+RESUME_KEYS = ("model", "dtype", "attn_implementation", "target_length", "rope", "s2attn", "lora", "data", "make_tiny",
+               "train.micro_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size", "train.lr",
+               "train.weight_decay", "train.betas", "train.eps", "train.warmup_steps", "train.lr_scheduler",
+               "train.max_grad_norm", "train.seed", "train.mixed_precision", "train.gradient_checkpointing")
+
+
+def check_resume(folder, cfg: dict) -> None:
+    """Refuse to resume from ``folder`` with settings that differ (``RESUME_KEYS``) from those the
+    checkpoint was written with: optimizer and scheduler state would quietly keep the old ones, or
+    the data and model would no longer match. Checkpoints without a saved config are not checked."""
+    path = Path(folder) / RUN_CONFIG
+    if not path.is_file():
+        return
+    saved, now = json.loads(path.read_text()), json.loads(json.dumps(cfg, default=str))
+
+    def get(c, key):
+        for part in key.split("."):
+            c = c.get(part) if isinstance(c, dict) else None
+        return c
+    diffs = [f"{key}: {get(saved, key)!r} -> {get(now, key)!r}" for key in RESUME_KEYS if get(saved, key) != get(now, key)]
+    if diffs:
+        raise ValueError(f"resume: settings differ from the run that wrote {folder}: {'; '.join(diffs)}. Resume with "
+                         f"the same settings (train.steps, logging, checkpointing, eval and wandb may change) "
+                         f"or start a new output_dir")
+
+
+def save_checkpoint(accelerator, output_dir, state: TrainState, keep: int | None = None,
+                    config: dict | None = None) -> Path:
     """``output_dir/checkpoints/step_NNNNNN``: accelerate state (model trainables, optimizer,
-    scheduler, RNG of every process) + ``trainer_state.json``. Keeps the newest ``keep``."""
+    scheduler, RNG of every process) + ``trainer_state.json`` (+ the run's ``config``, which
+    ``check_resume`` compares). Keeps the newest ``keep``."""
     from accelerate.utils import DistributedType
 
     root = Path(output_dir) / "checkpoints"
@@ -641,6 +672,8 @@ def save_checkpoint(accelerator, output_dir, state: TrainState, keep: int | None
         kwargs["exclude_frozen_parameters"] = True
     accelerator.save_state(str(folder), **kwargs)
     if accelerator.is_main_process:
+        if config is not None:
+            (folder / RUN_CONFIG).write_text(json.dumps(config, default=str, indent=1) + "\n")
         (folder / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")  # written last: complete
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
@@ -796,7 +829,7 @@ def make_tiny(model_dir, corpus_file, *, seed: int = 0, hidden_size: int = 64, l
 
 __all__ = ["DEFAULTS", "load_config", "select_documents", "pack_documents", "sample_indices", "make_accelerator",
            "model_device", "Tracker", "read_log", "TrainState", "save_checkpoint", "list_checkpoints",
-           "load_checkpoint", "resume_folder", "save_artifact", "merge_artifact", "add_commands", "make_tiny",
+           "load_checkpoint", "resume_folder", "check_resume", "save_artifact", "merge_artifact", "add_commands", "make_tiny",
            "rope_options", "s2attn_options", "make_scheduler", "enable_activation_checkpointing", "compile_layers",
            "compile_setting", "ManualGC", "check_compile", "uncompile_layers", "eval_settings",
            "load_heldout", "preserve_rng", "HeldoutEval"]

@@ -88,6 +88,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
     state = train.TrainState()
     checkpoint = train.resume_folder(cfg)
     if checkpoint is not None:
+        train.check_resume(checkpoint, cfg)
         state = train.load_checkpoint(accelerator, checkpoint)
         if main_process:
             print(f"resumed from {checkpoint} at step {state.step}", file=sys.stderr)
@@ -152,7 +153,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
             if evaluator is not None and evaluator.due(state.step):
                 evaluate()
             if state.step % t["checkpoint_every"] == 0 or state.step == t["steps"]:
-                train.save_checkpoint(accelerator, out, state, keep=t["keep_checkpoints"])
+                train.save_checkpoint(accelerator, out, state, keep=t["keep_checkpoints"], config=cfg)
     bar.close()
     tracker.close()
 

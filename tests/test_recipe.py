@@ -184,6 +184,10 @@ def test_resume_is_exact(tiny, full_run):
     more = finetune(tiny, tiny / "resumed", "resume=true", "train.steps=22")  # resume=true: the latest one
     assert [r["step"] for r in train_rows(more)] == list(range(11, 23)) and more["state"].step == 22
     assert [r["step"] for r in eval_rows(more)] == [15, 20, 22]  # the log up to step 20 kept, then the end
+    # settings the optimizer state or the data depend on cannot change on resume (steps, eval, ... can)
+    with pytest.raises(ValueError, match=r"resume: settings differ .*lora: .*'r': 8.* -> .*'r': 4.*; "
+                                         r"train\.lr: 0\.005 -> 1\.0\. Resume"):
+        finetune(tiny, tiny / "resumed", "resume=true", "train.lr=1.0", "lora.r=4")
 
 
 def test_merge_cli_reloads_without_longctx(tiny, full_run):
