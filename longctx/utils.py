@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 
@@ -49,9 +50,22 @@ def compile_options(options) -> dict:
     if not isinstance(options, dict):
         raise TypeError(f"compile (train.compile) must be true, false or a dict of torch.compile keyword "
                         f"arguments, got {options!r}")
+    import torch
+
+    allowed = [k for k in inspect.signature(torch.compile).parameters if k != "model"]
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise ValueError(f"compile (train.compile): unknown torch.compile arguments {unknown}; allowed: "
+                         f"{', '.join(allowed)}")
     if options.get("mode") in ("reduce-overhead", "max-autotune"):
         raise ValueError(f"compile (train.compile): mode {options['mode']!r} captures CUDA graphs; allowed modes: "
                          f"'default', 'max-autotune-no-cudagraphs'")
+    from torch._inductor import list_mode_options
+
+    modes = [m for m in list_mode_options() if m not in ("reduce-overhead", "max-autotune")]
+    if options.get("mode") not in (None, *modes):
+        raise ValueError(f"compile (train.compile): unknown mode {options['mode']!r}; allowed modes: "
+                         f"{', '.join(repr(m) for m in modes)}")
     return dict(options)
 
 

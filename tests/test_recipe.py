@@ -317,6 +317,10 @@ def test_compile_setting_checked_before_loading():
         train.compile_setting(cfg("yes"))
     with pytest.raises(ValueError, match="mode 'reduce-overhead' captures CUDA graphs"):
         train.compile_setting(cfg({"mode": "reduce-overhead"}))
+    with pytest.raises(ValueError, match=r"unknown torch.compile arguments \['bogus'\]; allowed: fullgraph, dynamic"):
+        train.compile_setting(cfg({"bogus": 1}))
+    with pytest.raises(ValueError, match="unknown mode 'bogus'; allowed modes: 'default'"):
+        train.compile_setting(cfg({"mode": "bogus"}))
     with pytest.raises(ValueError, match="train.compile is supported on one GPU and with DDP"):
         train.compile_setting(cfg(True), SimpleNamespace(distributed_type=DistributedType.FSDP))
     assert train.compile_setting(cfg(True), SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)) == {}
