@@ -50,23 +50,26 @@ def compile_options(options) -> dict:
     if not isinstance(options, dict):
         raise TypeError(f"compile (train.compile) must be true, false or a dict of torch.compile keyword "
                         f"arguments, got {options!r}")
+    check_compile_kwargs(options, "compile (train.compile)")
+    return dict(options)
+
+
+def check_compile_kwargs(options: dict, where: str) -> None:
+    """torch.compile keyword arguments: known names only, and no mode that captures CUDA graphs (the
+    callers compile parts that are re-entered, or capture graphs of their own)."""
     import torch
+    from torch._inductor import list_mode_options
 
     allowed = [k for k in inspect.signature(torch.compile).parameters if k != "model"]
     unknown = [k for k in options if k not in allowed]
     if unknown:
-        raise ValueError(f"compile (train.compile): unknown torch.compile arguments {unknown}; allowed: "
-                         f"{', '.join(allowed)}")
-    if options.get("mode") in ("reduce-overhead", "max-autotune"):
-        raise ValueError(f"compile (train.compile): mode {options['mode']!r} captures CUDA graphs; allowed modes: "
-                         f"'default', 'max-autotune-no-cudagraphs'")
-    from torch._inductor import list_mode_options
-
+        raise ValueError(f"{where}: unknown torch.compile arguments {unknown}; allowed: {', '.join(allowed)}")
     modes = [m for m in list_mode_options() if m not in ("reduce-overhead", "max-autotune")]
-    if options.get("mode") not in (None, *modes):
-        raise ValueError(f"compile (train.compile): unknown mode {options['mode']!r}; allowed modes: "
+    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"{where}: mode {options['mode']!r} captures CUDA graphs; allowed modes: "
                          f"{', '.join(repr(m) for m in modes)}")
-    return dict(options)
+    if options.get("mode") not in (None, *modes):
+        raise ValueError(f"{where}: unknown mode {options['mode']!r}; allowed modes: {', '.join(repr(m) for m in modes)}")
 
 
 def compile_layers(model, options=True) -> int:

@@ -198,6 +198,8 @@ def test_stream_generate_errors():
             stream_generate(model, ids_for(4), 3, decoder=True, compile="yes")
         with pytest.raises(ValueError, match="allowed modes"):
             stream_generate(model, ids_for(4), 3, decoder=True, compile={"mode": "reduce-overhead"})
+        with pytest.raises(ValueError, match=r"unknown torch.compile arguments \['bogus'\]"):
+            stream_generate(model, ids_for(4), 3, decoder=True, compile={"bogus": 1})
         with pytest.raises(ValueError, match=r"shape \(1, n\)"):
             stream_generate(model, ids_for(4, batch=2), 3)
         with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):

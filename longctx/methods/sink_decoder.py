@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..arch import rotary_module
-from ..utils import recompile_room
+from ..utils import check_compile_kwargs, recompile_room
 from .streaming import SinkCache, rope_cos_sin, static_rope
 
 
@@ -96,9 +96,7 @@ def check_compile(compile) -> dict:
         raise TypeError(f"SinkDecoder: option 'compile' must be True, False or a dict of torch.compile keyword "
                         f"arguments, got {compile!r}")
     compile_kw = compile if isinstance(compile, dict) else {}
-    if compile_kw.get("mode") in ("reduce-overhead", "max-autotune"):
-        raise ValueError(f"SinkDecoder: compile mode {compile_kw['mode']!r} captures its own CUDA graphs inside "
-                         f"the decoder's; allowed modes: 'default', 'max-autotune-no-cudagraphs'")
+    check_compile_kwargs(compile_kw, "SinkDecoder option 'compile' (the decoder captures its own CUDA graphs)")
     return compile_kw
 
 
