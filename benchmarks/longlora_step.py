@@ -21,7 +21,8 @@ Attention, in one process on the same model:
   none        (the bound, --attention full,s2,none) an attention function returning each token's own value:
               the step with attention that costs nothing; none / full = the most any S2 kernel could give
   s2          longctx.apply(model, "s2attn", group_size_ratio=0.25), one case per --s2-backends entry
-              (auto: flex on CUDA, sdpa on CPU); the sdpa backend runs under each SDPA kernel alone
+              (auto: flex on CUDA, sdpa on CPU); the sdpa backend runs under each SDPA kernel alone;
+              flex-autotune: flex with flex_mode="max-autotune-no-cudagraphs" (block sizes tuned per shape)
 Compilation (--compile, each variant a case of every attention above):
   eager       the recipe's default
   layers      longctx.train.compile_layers(model): every decoder layer's attention module, MLP and norms
@@ -118,7 +119,7 @@ def no_attention_name() -> str:
 
 KERNELS = ("cudnn", "flash", "efficient")
 COMPILES = ("eager", "layers")
-S2_BACKENDS = ("auto", "sdpa", "flex", "flash")
+S2_BACKENDS = ("auto", "sdpa", "flex", "flash", "flex-autotune")  # flex-autotune: flex_mode max-autotune-no-cudagraphs
 
 
 def sdpa_kernels(device, wanted) -> dict:
@@ -184,7 +185,9 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
         restore = base.config._attn_implementation
         base.set_attn_implementation(no_attention_name())
     if attention == "s2":  # on the model inside the peft wrapper, like the recipe (there before LoRA)
-        patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend=s2_backend)
+        extra = {"backend": "flex", "flex_mode": "max-autotune-no-cudagraphs"} if s2_backend == "flex-autotune" \
+            else {"backend": s2_backend}
+        patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, **extra)
     step = optimizer = None
     gc_was_enabled = gc.isenabled()
     if compile == "layers":
@@ -210,7 +213,8 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if patch is not None:
-            row["s2_backend"] = patch._state.backend(device, 0.0, None)
+            row["s2_backend"] = patch._state.backend(device, 0.0, None) + (
+                "-autotune" if patch.options.flex_mode else "")
         return row
     except torch.OutOfMemoryError:
         return {"error": "OOM"}
@@ -322,7 +326,8 @@ def parse_args(argv=None):
                     help="SDPA kernels tried for full attention, each alone (the fastest is the reference)")
     ap.add_argument("--s2-backends", default="auto",
                     help="comma-separated s2attn backends, each a case (auto: flex on CUDA, sdpa on CPU); "
-                         "on CUDA, sdpa runs once under each of --kernels")
+                         "on CUDA, sdpa runs once under each of --kernels; flex-autotune: flex with "
+                         "flex_mode='max-autotune-no-cudagraphs'")
     ap.add_argument("--compile", default="eager",
                     help=f"comma-separated, of: {', '.join(COMPILES)} (layers: longctx.train.compile_layers)")
     ap.add_argument("--gc-off", action="store_true",

@@ -70,6 +70,21 @@ def timer(fn, device, warmup, target_s, min_rep, max_rep):
     return statistics.median(times), min_rep
 
 
+def parse_flex_variant(text):
+    """'default' -> ("", {}); 'autotune' -> flex_mode max-autotune-no-cudagraphs; 'K=V,...' -> kernel options."""
+    text = text.strip()
+    if text in ("", "default"):
+        return "", {}
+    if text == "autotune":
+        return "autotune", {"flex_mode": "max-autotune-no-cudagraphs"}
+    opts = {}
+    for item in text.split(","):
+        k, _, v = item.partition("=")
+        opts[k.strip()] = v.strip() in ("1", "true", "True") if k.strip().isupper() and not k.strip().startswith(
+            ("BLOCK", "fwd_", "bwd_")) else int(v)
+    return text, {"flex_kernel_options": opts}
+
+
 def pairs_causal(n):
     return n * (n + 1) // 2
 
@@ -94,6 +109,10 @@ def main():
     ap.add_argument("--shifted-heads", type=float, default=0.5)
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--backends", default="sdpa,flex,flash", help="S2 backends to try (those available run)")
+    ap.add_argument("--flex-variants", default="default",
+                    help="';'-separated flex settings, each 'default', 'autotune' (flex_mode="
+                         "'max-autotune-no-cudagraphs') or kernel options 'BLOCK_M=64,BLOCK_N=128,num_warps=4'")
+    ap.add_argument("--dense-kernels", default=None, help="SDPA kernels for dense (default: all), e.g. cudnn")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--target-s", type=float, default=1.0, help="time spent per measurement (GPU)")
     ap.add_argument("--min-rep", type=int, default=5)
@@ -121,7 +140,9 @@ def main():
                    or (b == "flash" and flash_available() and device.type == "cuda")]
     skipped = sorted(set(wanted) - set(s2_backends))
     kernels = sdpa_backends(device)
+    dense_kernels = {k: v for k, v in kernels.items() if args.dense_kernels is None or k in args.dense_kernels.split(",")}
     from torch.nn.attention import sdpa_kernel
+    flex_variants = [parse_flex_variant(x) for x in args.flex_variants.split(";")]
 
     def measure(fn):
         return timer(fn, device, args.warmup, args.target_s, args.min_rep, args.max_rep)
@@ -148,7 +169,7 @@ def main():
         dense_fwd = lambda: F.scaled_dot_product_attention(  # noqa: E731
             q, k, v, is_causal=True, **({"enable_gqa": True} if gqa else {})).transpose(1, 2)
         rows = []
-        for kname, kernel in kernels.items():
+        for kname, kernel in dense_kernels.items():
             try:
                 with sdpa_kernel([kernel]):
                     ms, n = measure(step(dense_fwd))
@@ -161,15 +182,16 @@ def main():
         dense_ms = min(r["ms"] for r in ok) if ok else float("nan")
 
         outputs = {}
-        for backend in s2_backends:
+        for backend, (flabel, fopts) in [(b, f) for b in s2_backends for f in (flex_variants if b == "flex" else [("", {})])]:
             cache = _Cache()
-            fwd = lambda b=backend, c=cache: s2_attention(q, k, v, group_size=G, n_shift=n_shift,  # noqa: E731
-                                                          backend=b, cache=c)
+            fwd = lambda b=backend, c=cache, o=fopts: s2_attention(q, k, v, group_size=G, n_shift=n_shift,  # noqa: E731
+                                                                   backend=b, cache=c, **o)
             variants = kernels.items() if backend == "sdpa" else [(backend, None)]
             # FlexAttention has no backward on CPU: the smoke run times its forward only
             fwd_only = backend == "flex" and device.type != "cuda"
             for kname, kernel in variants:
-                label = f"sdpa/{kname}" if backend == "sdpa" else backend + (" (fwd only)" if fwd_only else "")
+                label = f"sdpa/{kname}" if backend == "sdpa" else backend + (f"[{flabel}]" if flabel else "") + (
+                    " (fwd only)" if fwd_only else "")
                 if fwd_only:
                     fwd = torch.no_grad()(fwd)
                 run = fwd if fwd_only else step(fwd)
@@ -181,8 +203,8 @@ def main():
                     else:
                         ms, n = measure(run)
                         out = fwd().detach()
-                    if backend not in outputs:
-                        outputs[backend] = out
+                    if label not in outputs:
+                        outputs[label] = out
                     row = dict(T=T, G=G, method="s2", backend=label, ms=ms, reps=n,
                                tflops=flops_s2 / (3.5 if fwd_only else 1) / ms / 1e9)
                     if not fwd_only:
@@ -196,7 +218,7 @@ def main():
         for other in names[1:]:
             diff = (outputs[other].float() - outputs[names[0]].float()).abs().max().item()
             for r in rows:
-                if r["method"] == "s2" and r["backend"].split("/")[0] == other:
+                if r["method"] == "s2" and r["backend"] == other:
                     r[f"max_abs_diff_vs_{names[0]}"] = diff
         results.extend(rows)
         for r in rows:

@@ -17,6 +17,9 @@ For each cache size C (sinks 4, window C - 4), the median latency of one decode 
                 DynamicCache of C tokens, eager)
   recompute     a fresh forward over the last C tokens per new token (the paper's sliding window with
                 recomputation baseline; eager, as in the paper)
+With --loop, each step kind is also timed inside the generation loop that longctx.chat.stream_generate
+runs for greedy decoding (``greedy_loop``: the argmax is fed back on the device and the next step is
+queued before the host reads the token), as wall time per token over the loop (*_loop_ms).
 and peak memory after each N. Targets (issue 3): sink latency flat within 10% from 10k to 1M,
 peak memory constant, recompute/sink >= 20x at C=4096, dense/sink >= 0.9.
 """
@@ -27,12 +30,14 @@ import argparse
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import longctx  # noqa: E402
+from longctx.chat import greedy_loop  # noqa: E402
 from longctx.methods.sink_decoder import SinkDecoder  # noqa: E402
 from longctx.methods.streaming import prefill  # noqa: E402
 from longctx.utils import recompile_room  # noqa: E402
@@ -70,8 +75,9 @@ class DenseStaticLayer(CacheLayerMixin):
         return -1
 
 
-def graphed(fn, warmup: int = 3):
-    """fn captured as a CUDA graph (after warm-up on a side stream); returns its replay."""
+def graphed(fn, warmup: int = 3, outputs: list | None = None):
+    """fn captured as a CUDA graph (after warm-up on a side stream); returns its replay. ``outputs``: a
+    list that receives the captured call's output (static tensors that each replay rewrites)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -80,7 +86,9 @@ def graphed(fn, warmup: int = 3):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        out = fn()
+    if outputs is not None:
+        outputs.append(out)
     return graph.replay
 
 
@@ -113,7 +121,36 @@ def dense_static_step(model, C, device):
     cache = Cache(layers=[DenseStaticLayer(keys[i], values[i], slot) for i in range(shape[0])])
     ids = torch.randint(0, cfg.vocab_size, (1, 1), device=device)
     pos = torch.full((1, 1), C - 1, device=device)
-    return lambda: model(ids, position_ids=pos, past_key_values=cache, use_cache=True)
+    step = lambda: model(ids, position_ids=pos, past_key_values=cache, use_cache=True)  # noqa: E731
+    step.ids = ids  # the static input a loop writes its token into
+    return step
+
+
+def loop_ms(logits, feed, n: int, device) -> float:
+    """Milliseconds per token of longctx's greedy generation loop (``chat.greedy_loop``, what
+    ``stream_generate`` runs): argmax on the device, fed back without a host round trip, the next step
+    queued before the host reads the token. n + 1 tokens, n steps, wall time over the whole loop."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in greedy_loop(logits, feed, n + 1):
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def dense_loop(model, C, device, n):
+    """The graphed dense step inside the generation loop: ms per token."""
+    step, out = dense_static_step(model, C, device), []
+    replay = graphed(step, outputs=out)
+
+    def feed(token):
+        step.ids.copy_(token)
+        replay()
+        return out[0].logits[0, -1]
+    replay()
+    return loop_ms(out[0].logits[0, -1], feed, n, device)
 
 
 def load(args):
@@ -161,15 +198,27 @@ def run(args):
         dense_step = dense = None  # free it
         if cuda:
             row["dense_ms"] = measure(graphed(dense_static_step(model, C, device)), args.steps)
+            if args.loop:
+                row["dense_loop_ms"] = dense_loop(model, C, device, args.steps)
             for v in args.compile_variants:
                 compiled = torch.compile(model, **{"dynamic": False, **COMPILE_VARIANTS[v]})
                 row[f"dense_compiled{suffix(v)}_ms"] = measure(graphed(dense_static_step(compiled, C, device)),
                                                               args.steps)
+                if args.loop:
+                    row[f"dense_compiled{suffix(v)}_loop_ms"] = dense_loop(compiled, C, device, args.steps)
                 compiled = None
         # recompute: a forward over C tokens per new token
         window_ids = torch.randint(0, vocab, (1, C), device=device)
         model(window_ids, use_cache=False)
         row["recompute_ms"] = measure(lambda: model(window_ids, use_cache=False), max(3, args.steps // 10))
+        if args.loop:  # the same forward in the generation loop: the window slides on the device
+            ring = [window_ids]
+
+            def recompute_feed(token):
+                ring[0] = torch.cat([ring[0][:, 1:], token], dim=1)
+                return model(ring[0], use_cache=False).logits[0, -1]
+            row["recompute_loop_ms"] = loop_ms(model(window_ids, use_cache=False).logits[0, -1], recompute_feed,
+                                               max(3, args.steps // 10), device)
         # sink cache after N streamed tokens
         with longctx.applied(model, "streaming", sink_size=sink, window_size=window) as patch:
             cache, streamed = patch.new_cache(), 0
@@ -188,6 +237,10 @@ def run(args):
                         decoder.step(token)
                     row[f"sink_ms@{n}"] = measure(lambda: decoder.step(token), args.steps)
                     streamed += 3 + 2 * args.steps + 3
+                    if args.loop:
+                        row[f"sink_loop_ms@{n}"] = loop_ms(decoder.step(token)[0, -1],
+                                                           lambda t: decoder.step(t)[0, -1], args.steps, device)
+                        streamed += args.steps + 1
                 decoder = None  # its buffers and graph go: the next N starts from the cache alone
                 gc.collect()
                 if cuda:  # memory along the stream, before any compiled decoder (compile/autotune memory)
@@ -199,6 +252,10 @@ def run(args):
                             decoder.step(token)
                         row[f"sink_compiled{suffix(v)}_ms@{n}"] = measure(lambda: decoder.step(token), args.steps)
                         streamed += 3 + args.steps
+                        if args.loop:
+                            row[f"sink_compiled{suffix(v)}_loop_ms@{n}"] = loop_ms(
+                                decoder.step(token)[0, -1], lambda t: decoder.step(t)[0, -1], args.steps, device)
+                            streamed += args.steps + 1
                     decoder = None
                 gc.collect()  # this N's decoders and their graphs go
                 assert cache.layers[0].keys.shape[-2] <= C
@@ -209,6 +266,16 @@ def run(args):
         eager = row[f"sink_eager_ms@{args.stream[-1]}"]
         row["eager_recompute_over_sink"] = row["recompute_ms"] / eager
         row["eager_dense_over_sink"] = row["dense_eager_ms"] / eager
+        if args.loop:
+            last = row[f"sink_loop_ms@{args.stream[-1]}"]
+            row["loop_recompute_over_sink"] = row["recompute_loop_ms"] / last
+            if "dense_loop_ms" in row:
+                row["loop_dense_over_sink"] = row["dense_loop_ms"] / last
+            for v in args.compile_variants:
+                last = row[f"sink_compiled{suffix(v)}_loop_ms@{args.stream[-1]}"]
+                row[f"compiled{suffix(v)}_loop_recompute_over_sink"] = row["recompute_loop_ms"] / last
+                if f"dense_compiled{suffix(v)}_loop_ms" in row:
+                    row[f"compiled{suffix(v)}_loop_dense_over_sink"] = row[f"dense_compiled{suffix(v)}_loop_ms"] / last
         for v in args.compile_variants:
             last = row[f"sink_compiled{suffix(v)}_ms@{args.stream[-1]}"]
             row[f"compiled{suffix(v)}_recompute_over_sink"] = row["recompute_ms"] / last
@@ -237,6 +304,9 @@ def main():
     p.add_argument("--compile-variants", default=None,
                    help=f"comma-separated torch.compile settings to time, of: {', '.join(COMPILE_VARIANTS)} "
                         f"(--compile alone: default)")
+    p.add_argument("--loop", action="store_true",
+                   help="also time each step kind inside longctx's greedy generation loop (chat.greedy_loop: "
+                        "tokens fed back on the device, the next step queued before the host reads a token)")
     args = p.parse_args()
     if args.cpu_smoke:
         args.device, args.caches, args.stream, args.steps, args.dtype = "cpu", "32,64", "200,1000", 5, "fp32"
@@ -283,6 +353,18 @@ def main():
                       f"{r.get(f'dense_compiled{x}_ms', float('nan')):.3f} | "
                       f"{r[f'compiled{x}_recompute_over_sink']:.1f}x | "
                       f"{r.get(f'compiled{x}_dense_over_sink', float('nan')):.2f} |")
+    if args.loop:
+        n = args.stream[-1]
+        print(f"\nPer token in the generation loop (greedy_loop; after {n} tokens), ms:")
+        print("| cache | step | sink | dense | recompute | recompute/sink | dense/sink |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            for v in ["graph"] + args.compile_variants:
+                x = "" if v == "graph" else f"_compiled{suffix(v)}"
+                pre = "loop" if v == "graph" else f"compiled{suffix(v)}_loop"
+                print(f"| {r['cache']} | {v} | {r[f'sink{x}_loop_ms@{n}']:.3f} | "
+                      f"{r.get(f'dense{x}_loop_ms', float('nan')):.3f} | {r['recompute_loop_ms']:.2f} | "
+                      f"{r[f'{pre}_recompute_over_sink']:.1f}x | {r.get(f'{pre}_dense_over_sink', float('nan')):.2f} |")
     if any("peak_gib@" + str(n) in r for r in rows for n in args.stream):
         print("\npeak GiB after N tokens: " + "; ".join(
             f"C={r['cache']}: " + ", ".join(f"{r[f'peak_gib@{n}']:.3f}" for n in args.stream) for r in rows))

@@ -130,21 +130,63 @@ def _stream(model, cache, ids, max_new_tokens, temperature, top_p, generator, eo
     if head:
         prefill(model, ids[:, :head], cache)
     logits, dec = model(ids[:, head:], past_key_values=cache, use_cache=True).logits[0, -1], None
+
+    def feed(x):  # (1, 1) token on the device -> the next logits (vocab,)
+        nonlocal dec
+        if decoder and dec is None and is_full(cache):
+            # the cache is this function's own: the decoder is dropped at the end, never handed back
+            dec = SinkDecoder(model, cache, compile=compile)
+        return (dec.step(x) if dec is not None else model(x, past_key_values=cache, use_cache=True).logits)[0, -1]
+
+    ban = sorted(eos) if ignore_eos else []
+    if temperature <= 0:
+        yield from greedy_loop(logits, feed, max_new_tokens, eos=eos, ban=ban)
+        return
     for i in range(max_new_tokens):
-        if ignore_eos and eos:
+        if ban:
             logits = logits.clone()  # (the decoder's logits are its static output buffer)
-            logits[list(eos)] = float("-inf")
+            logits[ban] = float("-inf")
         token = sample(logits, temperature, top_p, generator)
         if token in eos:
             return
         yield token
         if i == max_new_tokens - 1:
             return  # the last token is not fed (as in model.generate)
-        x = torch.tensor([[token]], device=device)
-        if decoder and dec is None and is_full(cache):
-            # the cache is this function's own: the decoder is dropped at the end, never handed back
-            dec = SinkDecoder(model, cache, compile=compile)
-        logits = (dec.step(x) if dec is not None else model(x, past_key_values=cache, use_cache=True).logits)[0, -1]
+        logits = feed(torch.tensor([[token]], device=device))
+
+
+def greedy_loop(logits: torch.Tensor, feed, n: int, eos=(), ban=()) -> Iterator[int]:
+    """Greedy decoding from ``logits`` (vocab,), pipelined: yields up to ``n`` token ids (ints); stops
+    before an id in ``eos``; ids in ``ban`` are never chosen. ``feed(token)`` takes a (1, 1) token on the
+    device and returns the next logits (vocab,).
+
+    The token never goes through the host on its way back in: its argmax is fed on the device, and the
+    next step is queued *before* the host reads the token (a non-blocking copy into pinned memory,
+    waited for by an event). So the GPU always has the next step queued while the host checks eos and
+    yields, and a CUDA graph's launch time overlaps the previous step. When eos comes, that one step
+    ran for nothing (its result is dropped). The tokens are those of the plain loop: feed, sync, read."""
+    if n <= 0:
+        return
+    device = logits.device
+    cuda = device.type == "cuda"
+    ban_idx = torch.tensor(list(ban), dtype=torch.long, device=device) if len(ban) else None
+    host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
+    done = torch.cuda.Event() if cuda else None
+    for i in range(n):
+        if ban_idx is not None:
+            logits = logits.index_fill(0, ban_idx, float("-inf"))  # a copy: the decoder's logits are its buffer
+        token = logits.argmax().view(1, 1)
+        host.copy_(token.view(1), non_blocking=cuda)
+        if cuda:
+            done.record()
+        if i < n - 1:
+            logits = feed(token)  # queued before the host waits for this token
+        if cuda:
+            done.synchronize()
+        t = int(host[0])
+        if t in eos:
+            return
+        yield t
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:

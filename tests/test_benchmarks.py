@@ -24,3 +24,28 @@ def test_longlora_step_cpu_smoke(tmp_path):
     assert all("speedup" in r for r in rows if r["attention"] == "s2")
     assert data["meta"]["versions"]["torch"] == __import__("torch").__version__
     assert "| model | T | compile | attention |" in proc.stdout and "Target (issue 4)" in proc.stdout
+
+
+def _smoke(tmp_path, script, *extra):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--cpu-smoke", *extra, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_streaming_decode_cpu_smoke_with_generation_loop(tmp_path):
+    data, stdout = _smoke(tmp_path, "streaming_decode.py", "--loop")
+    rows = data["rows"]
+    assert [r["cache"] for r in rows] == [32, 64]
+    for r in rows:  # every step kind also timed inside the generation loop
+        assert r["recompute_loop_ms"] > 0 and all(r[f"sink_loop_ms@{n}"] > 0 for n in (200, 1000))
+        assert r["loop_recompute_over_sink"] == r["recompute_loop_ms"] / r["sink_loop_ms@1000"]
+    assert "Per token in the generation loop" in stdout
+
+
+def test_s2attn_cpu_smoke_flex_variants(tmp_path):
+    data, stdout = _smoke(tmp_path, "s2attn.py", "--flex-variants", "default;BLOCK_M=64,BLOCK_N=32")
+    labels = {r["backend"] for r in data["results"] if r["method"] == "s2"}
+    assert {"flex (fwd only)", "flex[BLOCK_M=64,BLOCK_N=32] (fwd only)"} <= labels
+    assert all("error" not in r for r in data["results"])

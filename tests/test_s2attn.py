@@ -1,6 +1,8 @@
 """S2-Attn (LongLoRA shifted sparse attention): the attention function against a dense reference built
 from the rule, strict causality, exact eval/removal, model-level parity on several families, errors."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -410,6 +412,14 @@ def test_peft_model(ids):
     (dict(shifted_heads=1.5), r"'shifted_heads' must be a fraction in \[0, 1\]"),
     (dict(train_only="yes"), "'train_only' must be True or False"),
     (dict(backend="triton"), "'backend' must be one of 'auto', 'sdpa', 'flex', 'flash'"),
+    (dict(flex_mode="max-autotune"), "'flex_mode': mode 'max-autotune' captures CUDA graphs"),
+    (dict(flex_mode="fast"), "'flex_mode': unknown mode 'fast'; allowed modes: .*'max-autotune-no-cudagraphs'"),
+    (dict(flex_kernel_options={"BLOCK_M": 48}), "BLOCK_M must be a power of two >= 16"),
+    (dict(flex_kernel_options={"num_warps": 0}), "num_warps must be a positive integer"),
+    (dict(flex_kernel_options={"PRESCALE_QK": 1}), "PRESCALE_QK must be True or False"),
+    (dict(flex_kernel_options={"BLOCK_K": 64}), "unknown key 'BLOCK_K'; allowed: BLOCK_M, BLOCK_N"),
+    (dict(flex_kernel_options=[("BLOCK_M", 64)]), "'flex_kernel_options' must be a dict or None"),
+    (dict(backend="sdpa", flex_kernel_options={"BLOCK_M": 64}), "act on the flex backend only, but backend='sdpa'"),
 ])
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
@@ -424,6 +434,20 @@ def test_default_options_and_slot():
     with pytest.raises(ValueError, match="already applied"):
         longctx.apply(model, "s2attn", group_size=8)
     assert patch._state.backend(torch.device("cpu"), 0.0, None) == "sdpa"
+
+
+def test_flex_settings_not_used_are_reported():
+    # flex_mode / flex_kernel_options tune the compiled CUDA flex kernel: a run on another backend says so (once)
+    model = tiny_model("llama").train()
+    patch = longctx.apply(model, "s2attn", group_size=8, flex_kernel_options={"BLOCK_M": 64, "num_warps": 4})
+    ids = torch.randint(0, 100, (1, 24))
+    with pytest.warns(UserWarning, match="flex_mode/flex_kernel_options are not used: this call runs the 'sdpa' "
+                                         "backend on cpu"):
+        model(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids)  # once only
+    patch.remove()
 
 
 def test_flash_backend_needs_flash_attn():

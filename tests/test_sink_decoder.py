@@ -163,6 +163,40 @@ def test_stream_generate_equals_model_generate(prompt_len, monkeypatch):
         assert list(stream_generate(model, ids, 1, decoder=True)) == want[:1]
 
 
+def test_greedy_loop_queues_the_next_step_before_reading_a_token():
+    # pipelined greedy decoding: the step after token t is fed (queued) before t is read and yielded,
+    # the last token is not fed, eos stops before it is yielded, banned ids are never chosen
+    from longctx.chat import greedy_loop
+
+    want = [3, 5, 7, 2, 9, 4]
+    second = {i: (t + 1) % 10 for i, t in enumerate(want)}  # each step's runner-up
+
+    def logits(i):
+        x = torch.zeros(10)
+        x[want[i]], x[second[i]] = 2.0, 1.0
+        return x
+
+    fed = []
+
+    def feed(token):
+        assert token.shape == (1, 1)
+        fed.append(int(token))
+        return logits(len(fed))
+
+    out = []
+    for t in greedy_loop(logits(0), feed, 4):
+        assert len(fed) == len(out) + 1 or len(out) == 3  # the next step was queued first (none after the last)
+        out.append(t)
+    assert out == want[:4] and fed == want[:3]
+    fed.clear()
+    assert list(greedy_loop(logits(0), feed, 6, eos={9})) == want[:4]  # stops at eos (its step already queued)
+    fed.clear()
+    assert list(greedy_loop(logits(0), feed, 3, ban=[5])) == [3, second[1], 7]
+    assert fed == [3, second[1]]
+    fed.clear()
+    assert list(greedy_loop(logits(0), feed, 0)) == [] and list(greedy_loop(logits(0), feed, 1)) == [3] and not fed
+
+
 def test_stream_generate_sampling_and_compile():
     # nucleus sampling with a seeded generator: the decoder draws the same tokens as the SinkCache steps
     # (fp64: the same probabilities); and the compiled decoder gives the greedy tokens

@@ -111,6 +111,10 @@ class S2AttnOptions(Options):
     shifted_heads: float = 0.5  # fraction of the query heads whose groups are shifted by G/2
     train_only: bool = True  # S2 only while model.training; False: also in eval (ablations)
     backend: str = "auto"  # "auto" | "sdpa" | "flex" | "flash"
+    # flex only: torch.compile mode for flex_attention ("max-autotune-no-cudagraphs" tries Triton block
+    # configs for the forward and backward once per shape), and fixed kernel_options (e.g. BLOCK_M)
+    flex_mode: str | None = None
+    flex_kernel_options: dict | None = None
 
     def validate(self) -> None:
         if self.group_size_ratio is not None and self.group_size is not None:
@@ -134,6 +138,10 @@ class S2AttnOptions(Options):
         if not isinstance(self.train_only, bool):
             raise ValueError(f"option 'train_only' must be True or False, got {self.train_only!r}")
         check_choice("backend", self.backend, BACKENDS)
+        check_flex_settings(self.flex_mode, self.flex_kernel_options)
+        if (self.flex_mode is not None or self.flex_kernel_options) and self.backend not in ("auto", "flex"):
+            raise ValueError(f"options 'flex_mode' and 'flex_kernel_options' act on the flex backend only, "
+                             f"but backend={self.backend!r}")
 
 
 def group_size_for(length: int, group_size_ratio: float | None = None, group_size: int | None = None) -> int:
@@ -320,17 +328,44 @@ def _sdpa_backend(q, k, v, G, n_shift, cons, scale, dropout, softcap):
 
 
 # -- flex -----------------------------------------------------------------------------------------
-_FLEX_COMPILED = None
+_FLEX_COMPILED: dict = {}  # torch.compile mode -> compiled flex_attention
+FLEX_KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2",
+                       "BLOCK_N2", "fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_warps", "fwd_num_stages",
+                       "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2", "bwd_num_warps",
+                       "bwd_num_stages", "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS")
 
 
-def _flex_fn(device):
+def check_flex_settings(mode, kernel_options) -> None:
+    """``flex_mode``: None or a torch.compile mode that captures no CUDA graphs; ``flex_kernel_options``:
+    None or a dict of the tuning knobs in ``FLEX_KERNEL_OPTIONS`` (block sizes: powers of two >= 16)."""
+    if mode is not None:
+        from ..utils import check_compile_kwargs
+        if not isinstance(mode, str):
+            raise ValueError(f"option 'flex_mode' must be a torch.compile mode name or None, got {mode!r}")
+        check_compile_kwargs({"mode": mode}, "option 'flex_mode'")
+    if kernel_options is None:
+        return
+    if not isinstance(kernel_options, dict):
+        raise ValueError(f"option 'flex_kernel_options' must be a dict or None, got {kernel_options!r}")
+    for k, v in kernel_options.items():
+        if k not in FLEX_KERNEL_OPTIONS:
+            raise ValueError(f"option 'flex_kernel_options': unknown key {k!r}; allowed: {', '.join(FLEX_KERNEL_OPTIONS)}")
+        if k.isupper() and k.startswith(("PRESCALE", "ROWS", "BLOCKS_ARE")):
+            if not isinstance(v, bool):
+                raise ValueError(f"option 'flex_kernel_options': {k} must be True or False, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 or (
+                "BLOCK" in k and (v < 16 or v & (v - 1))):
+            what = "a power of two >= 16" if "BLOCK" in k else "a positive integer"
+            raise ValueError(f"option 'flex_kernel_options': {k} must be {what}, got {v!r}")
+
+
+def _flex_fn(device, mode=None):
     from torch.nn.attention.flex_attention import flex_attention
-    global _FLEX_COMPILED
     if device.type != "cuda":
         return flex_attention  # eager: materializes the scores (CPU tests), no fused CPU kernel compile
-    if _FLEX_COMPILED is None:
-        _FLEX_COMPILED = torch.compile(flex_attention)
-    return _FLEX_COMPILED
+    if mode not in _FLEX_COMPILED:
+        _FLEX_COMPILED[mode] = torch.compile(flex_attention, **({"mode": mode} if mode else {}))
+    return _FLEX_COMPILED[mode]
 
 
 def s2_mask_mod(T: int, G: int, num_heads: int, n_shift: int, cons: _Constraints | None = None) -> Callable:
@@ -373,7 +408,7 @@ def _create_block_mask(mask_mod, B, H, T, device):
     return create_block_mask(mask_mod, B, H, T, T, device=device)
 
 
-def _flex_backend(q, k, v, G, n_shift, cons, scale, softcap, cache):
+def _flex_backend(q, k, v, G, n_shift, cons, scale, softcap, cache, mode=None, kernel_options=None):
     B, H, T, D = q.shape
     per_batch = cons.valid is not None or cons.doc is not None or (cons.dense is not None and cons.dense.shape[0] > 1)
     key = ("block_mask", B if per_batch else None, H, T, G, n_shift, cons.window, q.device,
@@ -402,8 +437,9 @@ def _flex_backend(q, k, v, G, n_shift, cons, scale, softcap, cache):
         q, k, v = q.detach(), k.detach(), v.detach()
     with warnings.catch_warnings():  # off CUDA, flex runs unfused (tests): do not warn about it
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                 enable_gqa=k.shape[1] != H)
+        kw = {"kernel_options": dict(kernel_options)} if kernel_options and q.device.type == "cuda" else {}
+        out = _flex_fn(q.device, mode)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                       enable_gqa=k.shape[1] != H, **kw)
     return out.transpose(1, 2)
 
 
@@ -463,12 +499,14 @@ def _flash_backend(q, k, v, G, n_shift, cons, scale, dropout, softcap):
 # -- the attention function --------------------------------------------------------------------------
 def s2_attention(query, key, value, *, group_size: int, n_shift: int, scale: float | None = None,
                  dropout: float = 0.0, valid=None, doc=None, window: int | None = None, dense=None,
-                 softcap: float | None = None, backend: str = "sdpa", cache=None):
+                 softcap: float | None = None, backend: str = "sdpa", cache=None, flex_mode: str | None = None,
+                 flex_kernel_options: dict | None = None):
     """S2 attention of (B, Hq, T, D) queries on (B, Hkv, T, D) keys/values; returns (B, T, Hq, D).
 
     ``valid``: (B, T) bool, False = padded key; ``doc``: (B, T) document ids; ``window``: sliding
     window; ``dense``: a (B|1, 1|Hq, T, T) mask, bool (True = visible) or float (additive).
-    ``backend``: "sdpa", "flex" or "flash" (no "auto" here).
+    ``backend``: "sdpa", "flex" or "flash" (no "auto" here). ``flex_mode`` / ``flex_kernel_options``: how
+    flex_attention is compiled and tuned (see ``S2AttnOptions``; CUDA only, ignored by the CPU reference path).
     """
     B, H, T, D = query.shape
     if key.shape[-2] != T:
@@ -485,7 +523,9 @@ def s2_attention(query, key, value, *, group_size: int, n_shift: int, scale: flo
     if backend == "flex":
         if dropout:
             raise RuntimeError("s2attn backend 'flex' has no attention dropout; use backend='sdpa' (or 'auto')")
-        return _flex_backend(query, key, value, G, n_shift, cons, scale, softcap, cache or _Cache())
+        check_flex_settings(flex_mode, flex_kernel_options)
+        return _flex_backend(query, key, value, G, n_shift, cons, scale, softcap, cache or _Cache(), flex_mode,
+                             flex_kernel_options)
     if backend == "flash":
         return _flash_backend(query, key, value, G, n_shift, cons, scale, dropout, softcap)
     raise ValueError(f"unknown backend {backend!r}")
@@ -615,6 +655,7 @@ class _State:
         self.options = options
         self.cache = _Cache()
         self._originals: dict[type, Callable] = {}
+        self.warned_flex = False
 
     def detach(self):
         self.model_ref = self.base_ref = lambda: None
@@ -656,11 +697,15 @@ class _State:
 
     def backend(self, device, dropout: float, dense) -> str:
         b = self.options.backend
-        if b != "auto":
-            return b
-        if device.type == "cuda" and flex_available() and not dropout:
-            return "flex"
-        return "sdpa"
+        if b == "auto":
+            b = "flex" if device.type == "cuda" and flex_available() and not dropout else "sdpa"
+        o = self.options
+        if (o.flex_mode is not None or o.flex_kernel_options) and not (b == "flex" and device.type == "cuda") \
+                and not self.warned_flex:
+            self.warned_flex = True
+            warnings.warn(f"s2attn: flex_mode/flex_kernel_options are not used: this call runs the {b!r} backend "
+                          f"on {device.type} (they act on flex on CUDA only)", stacklevel=2)
+        return b
 
     # registered in AttentionMaskInterface
     def mask(self, *args, **kwargs):
@@ -722,5 +767,6 @@ class _State:
         out = s2_attention(query, key, value, group_size=G, n_shift=n_shift, scale=kwargs.get("scaling"),
                            dropout=dropout, valid=valid, doc=doc, window=kwargs.get("sliding_window"),
                            dense=dense, softcap=kwargs.get("softcap"),
-                           backend=self.backend(query.device, dropout, dense), cache=self.cache)
+                           backend=self.backend(query.device, dropout, dense), cache=self.cache,
+                           flex_mode=o.flex_mode, flex_kernel_options=o.flex_kernel_options)
         return out.contiguous(), None
