@@ -579,3 +579,25 @@ def test_group_size_and_shifted_heads_arithmetic():
             shifted_head_count(heads, frac)
     with pytest.raises(ValueError, match="option 'shifted_heads'"):  # checked when applied, before any forward
         longctx.apply(tiny_model("llama"), "s2attn", shifted_heads=0.1)
+
+
+def test_compiled_layers_do_not_recompile_per_layer():
+    # train.compile_layers + s2attn: the attention function is traced once for every layer. (Checking the
+    # patch's modules by WeakSet membership guarded each module's identity: one recompile per layer, so past
+XX
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from longctx import train
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=10, vocab_size=128, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    patch = longctx.apply(model, "s2attn", group_size=16, backend="sdpa")
+    train.compile_layers(model)
+    model.train()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            model(torch.randint(0, 128, (1, 64)), use_cache=False).logits.sum().backward()
+    train.uncompile_layers(model)
+    patch.remove()
+    assert not any("_longctx_s2attn_member" in m.__dict__ for m in model.modules())  # the marks go with the patch

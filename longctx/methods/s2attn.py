@@ -100,6 +100,7 @@ import torch.nn.functional as F
 from ..registry import Options, Patch, check_choice, register
 
 BACKENDS = ("auto", "sdpa", "flex", "flash")
+_MARK = "_longctx_s2attn_member"  # attribute of the patched instance's modules while the patch is on
 _NAMES = itertools.count()
 
 
@@ -650,6 +651,12 @@ class _State:
         self.model_ref = weakref.ref(model)
         self.base_ref = weakref.ref(model.base_model)
         self.members = weakref.WeakSet(model.modules())
+        # this instance's modules carry ``marker`` (a deepcopy gets a copy of it, not it): the attention function
+        # checks it by identity, which torch.compile guards as one value for every layer (membership in the
+        # WeakSet guarded each module's identity: a recompile per layer, past dynamo's limit of 8)
+        self.marker = object()
+        for m in self.members:
+            m.__dict__[_MARK] = self.marker
         self.depth = 0  # > 0 inside the patched base model's forward
         self.original = original
         self.options = options
@@ -659,6 +666,9 @@ class _State:
 
     def detach(self):
         self.model_ref = self.base_ref = lambda: None
+        for m in list(self.members):
+            if m.__dict__.get(_MARK) is self.marker:
+                del m.__dict__[_MARK]
         self.members = weakref.WeakSet()
         self.cache.clear()
         self._originals.clear()
@@ -693,7 +703,7 @@ class _State:
         if module is None:
             base = self.base_ref()
             return base is not None and self.depth > 0 and ((not self.options.train_only) or base.training)
-        return module in self.members and ((not self.options.train_only) or module.training)
+        return getattr(module, _MARK, None) is self.marker and ((not self.options.train_only) or module.training)
 
     def backend(self, device, dropout: float, dense) -> str:
         b = self.options.backend
