@@ -10,8 +10,12 @@ for the prompt plus ``max_new_tokens`` so that nothing is evicted while the repl
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 import sys
 import time
+import warnings
 from typing import Iterator
 
 import torch
@@ -28,6 +32,12 @@ class StreamingSession:
         self.fed_text = ""  # the rendered conversation whose tokens are in the cache (or evicted)
         self.last_logits: torch.Tensor | None = None
 
+    def eos_ids(self) -> set[int]:
+        """Ids that end a reply: the tokenizer's eos and the model's generation_config eos ids (end-of-turn
+        tokens such as Phi-3's <|end|> or Gemma's <end_of_turn> are often declared only there)."""
+        config = getattr(self.model, "generation_config", None)
+        return eos_set(self.tokenizer.eos_token_id) | eos_set(getattr(config, "eos_token_id", None))
+
     @torch.inference_mode()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed token ids (1, n) in window-sized pieces; returns the logits of the last token (V,)."""
@@ -42,9 +52,22 @@ class StreamingSession:
             self.last_logits = out.logits[0, -1]
         return self.last_logits
 
+    def _new_text(self, rendered: str) -> str:
+        """The part of ``rendered`` (the whole conversation as the template renders it now) that the cache
+        does not hold yet: what follows the longest common prefix with the text fed so far. Templates may
+        render earlier turns differently from what was fed (``content | trim`` drops a reply's trailing
+        newline, Qwen3 drops earlier reasoning); the cache keeps what was fed (the model's own text) and
+        only the rest is fed, never the whole conversation again."""
+        fed = self.fed_text
+        k = len(os.path.commonprefix([fed, rendered]))
+        if k < len(fed) and fed[k:].strip():
+            warnings.warn(f"StreamingSession: the chat template renders the conversation differently from what "
+                          f"the cache holds ({len(fed) - k} characters from character {k} differ); the cache "
+                          f"keeps what was fed and gets the rest of the conversation from there", stacklevel=3)
+        return rendered[k:]
+
     def _feed_text(self, rendered: str) -> None:
-        new = rendered[len(self.fed_text):] if rendered.startswith(self.fed_text) else rendered
-        ids = self.tokenizer(new, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = self.tokenizer(self._new_text(rendered), add_special_tokens=False, return_tensors="pt")["input_ids"]
         if ids.shape[1]:
             self.feed(ids)
         self.fed_text = rendered
@@ -52,17 +75,21 @@ class StreamingSession:
     def chat(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
         """Add a user turn and stream the reply's text as it is generated."""
+        check_sampling(max_new_tokens, temperature, top_p, "StreamingSession.chat")
+        prompt = self.tokenizer.apply_chat_template(self.messages + [{"role": "user", "content": message}],
+                                                    add_generation_prompt=True, tokenize=False)
         self.messages.append({"role": "user", "content": message})
-        prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
-        new = prompt[len(self.fed_text):] if prompt.startswith(self.fed_text) else prompt
-        n_new = len(self.tokenizer(new, add_special_tokens=False)["input_ids"])
-        self.cache.reserve(n_new + max_new_tokens)  # evict up front: nothing is evicted mid-reply
+        n_new = len(self.tokenizer(self._new_text(prompt), add_special_tokens=False)["input_ids"])
+        # evict up front: nothing is evicted mid-reply while prompt + reply fit the window (beyond it, the
+        # window slides during the reply as in any streaming generation)
+        self.cache.reserve(n_new + max_new_tokens)
         self._feed_text(prompt)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = self.eos_ids()
         reply_ids, shown = [], ""
         for _ in range(max_new_tokens):
             token = sample(self.last_logits, temperature, top_p, generator)
-            if token == self.tokenizer.eos_token_id:
+            if token in eos:
                 break
             reply_ids.append(token)
             text = self.tokenizer.decode(reply_ids)  # exactly what the cache holds
@@ -106,17 +133,20 @@ def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperatur
     patch = next((p for p in active_patches(model) if p.method == "streaming"), None)
     if patch is None:
         raise ValueError("stream_generate needs the streaming patch: longctx.apply(model, 'streaming', ...)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"stream_generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if ids.dim() != 2 or ids.shape[0] != 1:
-        raise ValueError(f"stream_generate: ids must have shape (1, n), got {tuple(ids.shape)}")
+    check_sampling(max_new_tokens, temperature, top_p, "stream_generate")
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise ValueError(f"stream_generate: ids must have shape (1, n) with n >= 1, got {tuple(ids.shape)}")
     if compile is not False and not decoder:
         raise ValueError("stream_generate: compile applies to the SinkDecoder; pass decoder=True with it")
     check_compile(compile)
     cache = patch.new_cache()
     if decoder:
         check_supported(cache)
-    eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    eos = eos_set(eos_token_id, "stream_generate: eos_token_id")
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    if ignore_eos and vocab is not None and any(not 0 <= t < vocab for t in eos):
+        raise ValueError(f"stream_generate: with ignore_eos, eos_token_id must be token ids in [0, {vocab}), "
+                         f"got {sorted(eos)}")
     return _stream(model, cache, ids, max_new_tokens, temperature, top_p, generator, eos, ignore_eos, decoder, compile)
 
 
@@ -189,6 +219,29 @@ def greedy_loop(logits: torch.Tensor, feed, n: int, eos=(), ban=()) -> Iterator[
         yield t
 
 
+def eos_set(eos, what: str = "eos_token_id") -> set[int]:
+    """An eos id, a list/tuple/set of them, a tensor or numpy array of them, or None -> a set of ints."""
+    if eos is None:
+        return set()
+    if torch.is_tensor(eos) or type(eos).__module__ == "numpy":
+        eos = eos.tolist()
+    items = eos if isinstance(eos, (list, tuple, set, frozenset)) else [eos]
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in items):
+        raise TypeError(f"{what} must be a token id or a list of them, got {eos!r}")
+    return {int(t) for t in items}
+
+
+def check_sampling(max_new_tokens, temperature, top_p, where: str) -> None:
+    """max_new_tokens an integer >= 0, temperature a finite number >= 0 (0: greedy), top_p in (0, 1]."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"{where}: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"{where}: temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ValueError(f"{where}: top_p must be a number in (0, 1], got {top_p!r}")
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:
     """Greedy for temperature 0, else nucleus sampling."""
     if temperature <= 0:
@@ -257,7 +310,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def chat_sizes(args) -> tuple[int, int]:
+    """The session's cache sizes: --sink-size/--window-size, or the options of a ``--method streaming:...``
+    (which the session's own cache replaces: it is taken out of args.method); both at once must agree."""
+    from .cli import parse_method
+
+    specs = [m for m in args.method or [] if m.split(":")[0] == "streaming"]
+    args.method = [m for m in args.method or [] if m.split(":")[0] != "streaming"]
+    sizes = {"sink_size": args.sink_size, "window_size": args.window_size}
+    for spec in specs:
+        options = parse_method(spec, None)[2]
+        unknown = sorted(set(options) - set(sizes))
+        if unknown:
+            raise SystemExit(f"longctx chat: --method streaming takes sink_size and window_size here, got {unknown}")
+        for key, value in options.items():
+            if sizes[key] is not None and sizes[key] != value:
+                raise SystemExit(f"longctx chat: {key} is {sizes[key]} from one option and {value} from another")
+            sizes[key] = value
+    return (4 if sizes["sink_size"] is None else sizes["sink_size"],
+            2044 if sizes["window_size"] is None else sizes["window_size"])
+
+
 def cmd_chat(args) -> int:
+    sink_size, window_size = chat_sizes(args)
+    args.sink_size, args.window_size = sink_size, window_size
     model, tokenizer = _load(args)
     session = StreamingSession(model, tokenizer, args.sink_size, args.window_size, system=args.system)
     print(f"longctx chat: {args.model}, cache {args.sink_size} sinks + {args.window_size} window. "
@@ -300,7 +376,9 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("chat", help="multi-turn chat on a bounded sink cache (StreamingSession)")
     _common(p)
-    p.add_argument("--sink-size", type=int, default=4)
-    p.add_argument("--window-size", type=int, default=2044)
+    p.add_argument("--sink-size", type=int, default=None, help="attention sinks (default 4; or --method "
+                   "streaming:sink_size=N)")
+    p.add_argument("--window-size", type=int, default=None, help="recent-token window (default 2044; or --method "
+                   "streaming:window_size=N)")
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)

@@ -117,6 +117,37 @@ def test_compiled_decoder_equals_eager():
     torch.testing.assert_close(got[2], got[0], rtol=1e-5, atol=1e-5)
 
 
+def test_close_is_idempotent_and_ends_the_decoder():
+    # close() inside the with block, then chunks fed to the cache: __exit__ must not write the decoder's
+    # stale buffers back (the chunk was lost, seen_tokens counted twice); a closed decoder refuses steps;
+    # a cache held by one decoder refuses a second
+    model = tiny_model("llama").double()
+    model.set_attn_implementation("sdpa")
+    ids = ids_for(30)
+
+    def run(explicit_close):
+        with longctx.applied(model, "streaming", sink_size=2, window_size=6) as patch, torch.no_grad():
+            cache = patch.new_cache()
+            prefill(model, ids[:, :10], cache)
+            with SinkDecoder(model, cache, cuda_graph=False) as dec:
+                with pytest.raises(ValueError, match="held by another SinkDecoder"):
+                    SinkDecoder(model, cache, cuda_graph=False)
+                for t in range(10, 15):
+                    dec.step(ids[:, t:t + 1])
+                if explicit_close:
+                    assert dec.close() is cache
+                    model(ids[:, 15:18], past_key_values=cache, use_cache=True)
+                    with pytest.raises(RuntimeError, match="after close"):
+                        dec.step(ids[:, 18:19])
+            if not explicit_close:
+                model(ids[:, 15:18], past_key_values=cache, use_cache=True)
+            return model(ids[:, 18:19], past_key_values=cache, use_cache=True).logits, cache.seen_tokens
+
+    (a, seen_a), (b, seen_b) = run(False), run(True)
+    assert seen_a == seen_b == 19
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 def test_compile_option_checked():
     model = tiny_model("llama")
     with longctx.applied(model, "streaming", sink_size=2, window_size=6), torch.no_grad():

@@ -425,6 +425,95 @@ def test_session_reply_is_never_evicted_mid_generation(monkeypatch):
     assert evictions[0] > 0 and all(e == 0 for e in evictions[1:-1]) and len(evictions) >= 3
 
 
+def _scripted_replies(monkeypatch, tok, reply):
+    """Every reply is ``reply`` (words) followed by the tokenizer's eos: longctx.chat.sample is scripted."""
+    import longctx.chat as chat
+    ids = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    state = {"left": iter(())}
+
+    def sample(*args, **kwargs):
+        return next(state["left"])
+    monkeypatch.setattr(chat, "sample", sample)
+    return lambda: state.update(left=iter(ids))
+
+
+def test_session_does_not_refeed_when_the_template_rerenders_a_reply(monkeypatch):
+    # templates that re-render a reply differently from what was generated (Llama-3's `| trim`, Qwen3 dropping
+    # reasoning): the cache keeps the model's own text and gets only what follows the first difference. The
+    # old code fed the whole conversation again each turn (the context doubled)
+    from longctx.chat import StreamingSession
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    tok.chat_template = tok.chat_template.replace("{{ m['content'] }}", "{{ m['content'][:2] }}")  # "w5 w6" -> "w5"
+    next_reply = _scripted_replies(monkeypatch, tok, "w5 w6")
+    session = StreamingSession(model, tok, sink_size=2, window_size=200)
+    for turn in range(3):
+        next_reply()
+        with pytest.warns(UserWarning, match="renders the conversation differently"):
+            assert "".join(session.chat(f"w{turn + 1} w9", max_new_tokens=5)) == "w5 w6"
+        rendered = tok.apply_chat_template(session.messages, tokenize=False)
+        # the rendered conversation once, plus each reply's "w6" that the template does not render
+        assert session.cache.seen_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"]) + turn + 1
+
+
+def test_session_stops_at_generation_config_eos(monkeypatch):
+    # end-of-turn ids declared only in generation_config (Phi-3's <|end|>, Gemma's <end_of_turn>) end a reply
+    from longctx.chat import StreamingSession
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    end = tok.convert_tokens_to_ids("<end>")
+    model.generation_config.eos_token_id = [end]
+    next_reply = _scripted_replies(monkeypatch, tok, "w3 <end> w4 w5")
+    session = StreamingSession(model, tok, sink_size=2, window_size=50)
+    next_reply()
+    assert "".join(session.chat("w1 w2", max_new_tokens=8)) == "w3"
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        list(session.chat("w1", max_new_tokens=-4))
+
+
+def test_stream_generate_arguments():
+    import numpy as np
+    from longctx.chat import stream_generate
+
+    model = tiny_model("llama").double()
+    ids = ids_for(6)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        want = list(stream_generate(model, ids, 12))
+        k = next(i for i in range(1, 12) if want[i] not in want[:i])  # a token not generated before
+        for eos in (want[k], torch.tensor([want[k]]), torch.tensor(want[k]), np.int64(want[k]), [np.int64(want[k])]):
+            assert list(stream_generate(model, ids, 12, eos_token_id=eos)) == want[:k]  # stops like an int
+        for kwargs, match in [(dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+                              (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+                              (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+                              (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+                              (dict(eos_token_id=-1, ignore_eos=True), r"token ids in \[0, 128\)"),
+                              (dict(eos_token_id="</s>"), TypeError)]:
+            if match is TypeError:
+                with pytest.raises(TypeError, match="eos_token_id must be a token id"):
+                    stream_generate(model, ids, 3, **kwargs)
+            else:
+                with pytest.raises(ValueError, match=match):
+                    stream_generate(model, ids, 3, **kwargs)
+        with pytest.raises(ValueError, match=r"shape \(1, n\) with n >= 1"):
+            stream_generate(model, ids[:, :0], 3)
+
+
+def test_chat_command_takes_the_streaming_sizes():
+    # `longctx chat --method streaming:...` sized the session from --sink-size/--window-size alone (4 + 2044)
+    from longctx.chat import chat_sizes
+    from longctx.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["chat", "--method", "streaming:sink_size=2:window_size=10", "--method", "yarn:factor=2"])
+    assert chat_sizes(args) == (2, 10) and args.method == ["yarn:factor=2"]
+    assert chat_sizes(parser.parse_args(["chat"])) == (4, 2044)
+    assert chat_sizes(parser.parse_args(["chat", "--window-size", "30", "--method", "streaming:sink_size=1"])) == (1, 30)
+    with pytest.raises(SystemExit, match="window_size is 30 from one option and 10 from another"):
+        chat_sizes(parser.parse_args(["chat", "--window-size", "30", "--method", "streaming:window_size=10"]))
+    with pytest.raises(SystemExit, match=r"takes sink_size and window_size here, got \['max_position'\]"):
+        chat_sizes(parser.parse_args(["chat", "--method", "streaming:max_position=100"]))
+
+
 def test_cli_lists_streaming_commands():
     from longctx.cli import build_parser
 
@@ -670,3 +759,37 @@ def test_layer_windows_older_transformers(monkeypatch):
     assert streaming.layer_windows(model) == new == [8, None]
     plain = tiny_model("llama")
     assert streaming.layer_windows(plain) == [None] * plain.config.num_hidden_layers
+
+
+def _longrope_model():
+    from conftest import build, tiny_config
+    cfg = tiny_config("phi3", num_hidden_layers=1, max_position_embeddings=64, original_max_position_embeddings=32,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                       "short_factor": [1.0] * 6, "long_factor": [4.0 + i for i in range(6)],
+                                       "original_max_position_embeddings": 32})
+    model = build(cfg).double()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def test_longrope_positions_stay_in_the_short_factor_range():
+    # longrope (Phi-3-128k style, short != long factors): transformers picks the long factors once a call's
+    # largest position reaches original_max_position_embeddings. Positions by place must stay below it, or
+    # new keys get the long factors while cached keys and re-rotations keep the short ones (a 7e-3 logit
+    # error against both references with the old default of max_position_embeddings). One layer: exact.
+    model = _longrope_model()
+    s, w = 3, 9
+    ids = torch.randint(3, 128, (1, 120), generator=torch.Generator().manual_seed(0))
+    with longctx.applied(model, "streaming", sink_size=s, window_size=w), torch.no_grad():
+        cache = SinkCache(model, s, w)
+        assert cache.max_position == 32
+        prefill(model, ids[:, :20], cache)
+        for t in range(20, 120):
+            got = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            kept = torch.cat([ids[0, :s], ids[0, t + 1 - w:t + 1]])[None]
+            want = model(kept, position_ids=torch.arange(s + w)[None]).logits[0, -1]  # dense, positions by place
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match=r"original_max_position_embeddings \(32\).*at most 32"):
+            SinkCache(model, 4, 40)
+        with pytest.raises(ValueError, match=r"max_position=48: use a cache and max_position of at most 32"):
+            SinkCache(model, s, w, max_position=48)

@@ -125,6 +125,8 @@ class SinkDecoder:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"SinkDecoder: option 'warmup' must be an integer >= 0, got {warmup!r}")
         check_supported(cache)
+        if cache.held:
+            raise ValueError("SinkDecoder: this cache is held by another SinkDecoder; close that one first")
         if not is_full(cache):
             raise ValueError(f"SinkDecoder needs a full cache without pad slots ({cache._slots()} of "
                              f"{cache.capacity} slots held, pads {cache._max_pads}); prefill it first")
@@ -162,6 +164,7 @@ class SinkDecoder:
         self.ring = Cache(layers=[_RingLayer(self.keys[i], self.orig_keys[i], self.values[i], self.slot,
                                              self.capacity - 1) for i in range(len(cache.layers))])
         self.warmup, self.graph, self.logits = warmup, None, None
+        self.closed = False
         # compile: the model's forward through torch.compile (fused kernels; static shapes, one graph),
         # compiled during the warm-up steps and then captured like the eager one
         # (a dict: keyword arguments for torch.compile, e.g. {"mode": "max-autotune-no-cudagraphs"})
@@ -213,6 +216,9 @@ class SinkDecoder:
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed (B, 1) token ids; returns their logits (B, 1, vocab), a buffer the next step overwrites."""
+        if self.closed:
+            raise RuntimeError("SinkDecoder.step after close(): the cache was handed back; feed it directly "
+                               "or open a new SinkDecoder on it")
         if self.next_position > self.cache.max_position - 1:
             self._rerotate_all()
         self.ids.copy_(ids)
@@ -242,8 +248,12 @@ class SinkDecoder:
 
     # -- handing the cache back --------------------------------------------------------------------
     def close(self) -> SinkCache:
-        """Write the state back into the SinkCache (slots in place order) and return it."""
+        """Write the state back into the SinkCache (slots in place order) and return it. Closing again
+        (e.g. ``close()`` inside a ``with`` block) does nothing more."""
         cache = self.cache
+        if self.closed:
+            return cache
+        self.closed = True
         ring = (torch.arange(self.window, device=self.b.device) + self.oldest - self.sink) % self.window
         order = torch.cat([self.sink_index, self.sink + ring])  # slot of place 0, 1, ..., C - 1
         for i, layer in enumerate(cache.layers):

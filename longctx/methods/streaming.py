@@ -227,6 +227,14 @@ class SinkCache(Cache):
             raise ValueError(f"option 'max_position' must be None (the default) or an integer >= sink_size + "
                              f"window_size ({self.capacity}), got {max_position!r}")
         self.max_position = max_position if max_position is not None else self._default_max_position()
+        short = self._longrope_limit()
+        if short is not None and self.max_position > short:
+            raise ValueError(f"streaming on a longrope model: positions must stay below the model's "
+                             f"original_max_position_embeddings ({short}), where it uses its short factors; past it "
+                             f"transformers switches to the long factors for new tokens while the cached keys and "
+                             f"their re-rotations keep the short ones. Got sink_size + window_size = {self.capacity}"
+                             + (f" and max_position={max_position}" if max_position is not None else "")
+                             + f": use a cache and max_position of at most {short}")
         self.places = None  # (B, slots): position each slot's original key was rotated at
         self.offset = None  # (B,): b per row
         self.pads = None  # (B,): pad slots per row (after the sinks once reordered)
@@ -247,11 +255,34 @@ class SinkCache(Cache):
         every key once per ~4096 steps, not at every step. RoPE whose frequencies depend on the largest
         position (dynamic, longrope) and ALiBi: the trained length."""
         trained = getattr(self._model.config, "max_position_embeddings", None)
+        short = self._longrope_limit()
+        if short is not None:  # longrope: its short factors up to original_max_position_embeddings
+            return max(short, self.capacity)  # (a larger capacity is refused in __init__)
         if not trained:
             return 2**62
         if self.rope and static_rope(rotary_module(self._model, "streaming")[2]):
             return trained + self.capacity
         return trained
+
+    def _longrope_limit(self) -> int | None:
+        """For longrope models: the smallest original_max_position_embeddings over layer types. transformers'
+        rotary module uses the short factors while every position is below it and the long ones past it,
+        deciding per call from the largest position, so a stream must keep all its positions below it to
+        rotate queries, new keys and re-rotated keys with the same factors. None for other models."""
+        if not self.rope:
+            return None
+        rotary = rotary_module(self._model, "streaming")[2]
+        rope_type = getattr(rotary, "rope_type", "default")
+        types = rope_type if isinstance(rope_type, dict) else {None: rope_type}
+        params = getattr(self._model.config, "rope_parameters", None) or {}
+        limits = []
+        for layer_type, kind in types.items():
+            if "longrope" in str(kind):
+                p = params.get(layer_type, params) if layer_type is not None else params
+                limits.append(p.get("original_max_position_embeddings")
+                              or getattr(self._model.config, "original_max_position_embeddings", None))
+        limits = [x for x in limits if x]
+        return min(limits) if limits else None
 
     @property
     def capacity(self) -> int:
