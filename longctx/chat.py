@@ -123,9 +123,11 @@ def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperatur
     ``decoder=True``, once the cache is full the steps go through a ``SinkDecoder`` (static ring
     buffers, one CUDA graph per step on CUDA; ``compile``: also torch.compile, see SinkDecoder): the same
     tokens, faster on a GPU. Per token on the H100 (7B shape, cache 4096, benchmarks/README.md): 21-48 ms
-    through the SinkCache, 9.0-9.3 ms as a graph, 6.96-7.16 ms compiled; SmolLM2-135M with a 1024-token
-    cache: 3.4 ms against 25 ms (experiments/streaming_generate). Tokens decoded before the cache is full
-    go through the SinkCache. Arguments are checked when this is called, before the first token.
+    through the SinkCache, 9.0 ms as a graph, 6.9 ms compiled, 6.2 ms with ``compile={"mode":
+    "max-autotune-no-cudagraphs"}``; SmolLM2-135M with a 1024-token cache: 3.3 ms against 25-33 ms
+    (experiments/streaming_generate). Tokens decoded before the cache is full go through the SinkCache.
+    Greedy decoding is pipelined (``greedy_loop``): the next step is queued before the host reads a token.
+    Arguments are checked when this is called, before the first token.
     """
     from .methods.sink_decoder import check_compile, check_supported
     from .registry import active_patches
