@@ -583,8 +583,8 @@ def test_group_size_and_shifted_heads_arithmetic():
 
 def test_compiled_layers_do_not_recompile_per_layer():
     # train.compile_layers + s2attn: the attention function is traced once for every layer. (Checking the
-    # patch's modules by WeakSet membership guarded each module's identity: one recompile per layer, so past
-XX
+    # patch's modules by WeakSet membership guarded each module's identity: one recompile per layer, and
+    # past dynamo's limit of 8 the rest ran uncompiled; the compiled S2 step took 15 s on the H100.)
     from transformers import LlamaConfig, LlamaForCausalLM
     from longctx import train
 
