@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
 import sys
 import time
 
@@ -20,26 +21,38 @@ from . import registry
 
 
 def parse_method(spec: str, factor: float | None) -> tuple[str, str, dict]:
-    """``"yarn:factor=8:beta_fast=16"`` -> (label, name, options); label is what tables show."""
+    """``"yarn:factor=8:beta_fast=16"`` -> (label, name, options); label is what tables show. A value
+    reads as an int, a float, true/false (a bool) or none (None), case-insensitive; else a string."""
     name, *pairs = spec.split(":")
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--method {spec!r}: expected NAME:key=value, got {pair!r}")
-        options[key] = _number(value)
+        if key in options:
+            raise SystemExit(f"--method {spec!r}: option {key!r} is given twice")
+        options[key] = _value(value)
+    return method_label(name, options, factor, f"--method {spec!r}")
+
+
+def method_label(name: str, options: dict, factor: float | None, where: str) -> tuple[str, str, dict]:
+    """(label, name, options) for a method and its options, taken as they are; ``factor`` fills in the
+    factor of a method that takes one and was not given it. ``where`` starts the error messages."""
+    options = dict(options)
     if name == "none":
         if options:
-            raise SystemExit("--method none takes no options")
+            raise SystemExit(f"{where}: method none takes no options")
         return "none", name, {}
     method = registry.get_method(name)
     fields = {f.name for f in dataclasses.fields(method.options)}
     if "factor" in fields and "factor" not in options:
         if factor is None:
-            raise SystemExit(f"--method {name} needs a factor: --factor F or {name}:factor=F")
+            raise SystemExit(f"{where}: method {name} needs a factor: --factor F or {name}:factor=F")
         options["factor"] = factor
     label = name
     if "factor" in options:
+        if isinstance(options["factor"], bool) or not isinstance(options["factor"], numbers.Real):
+            raise SystemExit(f"{where}: option 'factor' must be a number, got {options['factor']!r}")
         label += f" x{options['factor']:g}"
     extra = {k: v for k, v in options.items() if k != "factor"}
     if extra:
@@ -47,7 +60,24 @@ def parse_method(spec: str, factor: float | None) -> tuple[str, str, dict]:
     return label, name, options
 
 
-def _number(text: str):
+def parse_methods(specs: list[str], factor: float | None) -> list[tuple[str, str, dict]]:
+    """Every --method value parsed; two with the same label (e.g. ``yarn:factor=2`` and ``yarn`` with
+    ``--factor 2``) are an error: their results would overwrite each other in the table and JSON."""
+    out = [parse_method(m, factor) for m in specs]
+    labels = [label for label, _, _ in out]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise SystemExit(f"--method: {', '.join(map(repr, twice))} given more than once (methods {labels}); "
+                         f"every method must be distinct")
+    return out
+
+
+_WORDS = {"true": True, "false": False, "none": None}
+
+
+def _value(text: str):
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
     for kind in (int, float):
         try:
             return kind(text)
@@ -58,6 +88,16 @@ def _number(text: str):
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def cmd_methods(args) -> int:
@@ -71,7 +111,7 @@ def cmd_ppl(args) -> int:
     from .data import encode_documents
     from .eval import format_table, perplexity, save_json
 
-    specs = [parse_method(m, args.factor) for m in (args.method or ["none"])]
+    specs = parse_methods(args.method or ["none"], args.factor)
     for _, name, options in specs:  # check every option before the slow loads
         if name != "none":
             registry.make_options(registry.get_method(name), **options)
@@ -128,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="alias, local folder, .gguf file or hub id")
     p.add_argument("--corpus", default="austen", help="austen, kjv, a local file/folder, or a datasets name")
     p.add_argument("--docs", help="comma-separated document names to keep, e.g. 'Pride and Prejudice,Emma'")
-    p.add_argument("--max-tokens", type=int, default=None, help="truncate each document to this many tokens")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="truncate each document to this many tokens")
     p.add_argument("--method", action="append", help="NAME or NAME:key=value:... (repeatable; 'none' = unpatched)")
     p.add_argument("--factor", type=float, help="factor for methods that take one")
     p.add_argument("--lengths", type=_ints, default=[2048, 8192, 16384, 32768], help="comma-separated")

@@ -25,6 +25,7 @@ chapter headings such as "CHAPTER 1" stay as paragraphs of their own.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import shutil
@@ -88,6 +89,9 @@ def load_corpus(name_or_path: str, *, split: str = "train", text_field: str = "t
 def encode_documents(tokenizer, docs, max_tokens: int | None = None) -> list[torch.Tensor]:
     """Tokenize each document (or string) as running text, without BOS/EOS, into a 1-D LongTensor
     truncated to ``max_tokens``."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
+                                   or max_tokens < 1):
+        raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
     out = []
     for doc in docs:
         text = doc.text if isinstance(doc, Document) else doc
@@ -98,22 +102,33 @@ def encode_documents(tokenizer, docs, max_tokens: int | None = None) -> list[tor
 
 # ----------------------------------------------------------------------------------- local files
 def _row_doc(row: dict, text_field: str, default_name: str, where: str) -> Document:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with a {text_field!r} field, got {type(row).__name__} "
+                         f"{str(row)[:40]!r}")
     if text_field not in row:
         raise KeyError(f"{where}: no field {text_field!r} (fields: {sorted(row)}); pass text_field=...")
+    text = row[text_field]
+    if not isinstance(text, str):  # null, NaN (a missing parquet value), a number, ...
+        raise ValueError(f"{where}: field {text_field!r} must be a string, got {text!r}")
     name = next((v for v in (row.get("name"), row.get("title")) if isinstance(v, str) and v), default_name)
-    return Document(name, row[text_field])
+    return Document(name, text)
 
 
 def _load_file(path: Path, text_field: str) -> list[Document]:
     suffix = path.suffix.lower()
+    # utf-8-sig: a byte order mark (as Windows editors write) is dropped, not read as U+FEFF
     if suffix == ".txt":
-        return [Document(path.stem, path.read_text(encoding="utf-8"))]
+        return [Document(path.stem, path.read_text(encoding="utf-8-sig"))]
     if suffix == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for i, line in enumerate(f, 1):
                 if line.strip():
-                    docs.append(_row_doc(json.loads(line), text_field, f"{path.stem}:{i}", f"{path}:{i}"))
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{i}: not a JSON line ({e.msg} at column {e.colno})") from None
+                    docs.append(_row_doc(row, text_field, f"{path.stem}:{i}", f"{path}:{i}"))
         return docs
     if suffix == ".parquet":
         try:

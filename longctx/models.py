@@ -177,7 +177,7 @@ def load_model(name_or_path: str, dtype=None, device=None, *, attn_implementatio
     path = Path(name).expanduser()
     if name in MODEL_ALIASES:
         path = _convert_alias(name, MODEL_ALIASES[name])
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":  # also SmolLM2.Q4_1.GGUF
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         model, tok = _load_gguf(path, **kwargs | {"dtype": dtype or torch.float32})

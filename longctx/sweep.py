@@ -16,6 +16,10 @@ The YAML::
     device: null                           # optional; default cuda when available
     wandb: {project: longctx, mode: offline}   # optional; only if wandb is importable
 
+A metric's settings may instead be a top-level block named after it (``metrics: [passkey]`` and
+``passkey: {trials: 2}``); settings in both places, or for a metric not run, are an error. A single
+value stands for a one-item list (``lengths: 2048``); a model or length listed twice is an error.
+
 Metric settings (defaults in ``METRICS``): ppl -> corpus, docs, max_tokens, mode, stride, score,
 tail_fraction (see ``longctx.eval.perplexity``); passkey/needle -> depths, trials, seed,
 max_new_tokens, and corpus for needle (see ``longctx.eval.passkey``).
@@ -43,8 +47,8 @@ import sys
 import time
 from pathlib import Path
 
-from .eval.passkey import DEPTHS, passkey_accuracy
-from .eval.perplexity import _fmt, perplexity
+from .eval.passkey import DEPTHS, check_settings, passkey_accuracy
+from .eval.perplexity import MODES, SCORES, _fmt, perplexity
 
 METRICS: dict[str, dict] = {
     "ppl": {"corpus": "austen", "docs": None, "max_tokens": None, "mode": "chunks", "stride": None,
@@ -65,18 +69,17 @@ def method_spec(entry) -> tuple[str, str, dict]:
     """A YAML methods entry ("none", "yarn:factor=4" or {name: yarn, factor: 4}) -> (label, name,
     options), validated against the registry."""
     from . import registry
-    from .cli import parse_method
+    from .cli import method_label, parse_method
 
-    if isinstance(entry, dict):
-        entry = dict(entry)
-        name = entry.pop("name", None) or entry.pop("method", None)
-        if not name:
-            raise ValueError(f"method entry {entry} needs a name")
-        spec = ":".join([str(name), *(f"{k}={v}" for k, v in entry.items())])
-    else:
-        spec = str(entry)
     try:
-        label, name, options = parse_method(spec, None)
+        if isinstance(entry, dict):  # the YAML values as they are (bools, null, lists: no round trip via text)
+            options = dict(entry)
+            name = options.pop("name", None) or options.pop("method", None)
+            if not name:
+                raise ValueError(f"method entry {entry} needs a name")
+            label, name, options = method_label(str(name), options, None, f"method entry {entry}")
+        else:
+            label, name, options = parse_method(str(entry), None)
     except SystemExit as err:  # the ppl CLI's parser exits; here it is a config error
         raise ValueError(str(err)) from None
     if name != "none":
@@ -84,28 +87,93 @@ def method_spec(entry) -> tuple[str, str, dict]:
     return label, name, options
 
 
-def _metric_settings(metrics, config) -> dict[str, dict]:
+def _metric_settings(metrics, config, lengths) -> dict[str, dict]:
+    """``metrics``: a name, a list of names, or names -> settings. A metric's settings may instead be a
+    top-level block named after it (``passkey: {trials: 2}``); in both places, or for a metric the
+    sweep does not run, they are an error."""
+    if metrics is None:
+        metrics = {}
     if isinstance(metrics, str):
         metrics = [metrics]
     if isinstance(metrics, list):
-        metrics = {m: config.get(m) or {} for m in metrics}
+        if not all(isinstance(m, str) for m in metrics):
+            raise ValueError(f"'metrics' as a list names metrics ({', '.join(METRICS)}), got {metrics}")
+        metrics = {m: None for m in metrics}
+    if not isinstance(metrics, dict):
+        raise ValueError(f"'metrics' must be a metric name, a list of them or names -> settings, got {metrics!r}")
     out = {}
-    for name, given in (metrics or {}).items():
+    for name, given in metrics.items():
         if name not in METRICS:
             raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
-        given = dict(given or {})
+        if given and name in config:
+            raise ValueError(f"{name} settings are given twice, under 'metrics' and as a top-level {name!r} "
+                             f"block: keep one")
+        given = given or config.get(name) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{name} settings must be a mapping of {', '.join(METRICS[name])}, got {given!r}")
         unknown = sorted(set(given) - set(METRICS[name]))
         if unknown:
             raise ValueError(f"unknown {name} setting(s) {unknown}; allowed: {', '.join(METRICS[name])}")
         s = {**METRICS[name], **given}
         if "docs" in s and isinstance(s["docs"], str):
             s["docs"] = [d.strip() for d in s["docs"].split(",") if d.strip()]
-        if "depths" in s:
-            s["depths"] = [float(d) for d in s["depths"]]
-        out[name] = s
+        out[name] = _check_settings(name, s, lengths)
+    unused = [m for m in METRICS if m in config and m not in out]
+    if unused:
+        raise ValueError(f"top-level settings {unused} are for metric(s) the sweep does not run: add them to "
+                         f"'metrics' or remove the block(s)")
     if not out:
         raise ValueError("the sweep has no metrics (metrics: [ppl, passkey, needle])")
     return out
+
+
+def _check_settings(name: str, s: dict, lengths: list[int]) -> dict:
+    """The checks a metric makes when its cell runs (maybe hours into the sweep), made when the config
+    loads, so that --dry-run reports them. Returns the settings normalized (depths as floats)."""
+    def bad(key, allowed):
+        return ValueError(f"{name} setting {key!r} must be {allowed}, got {s[key]!r}")
+
+    def integer(key, least=None, none_ok=False):
+        v = s[key]
+        if v is None and none_ok:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or (least is not None and v < least):
+            allowed = "an integer" + (f" >= {least}" if least is not None else "")
+            raise bad(key, allowed + (" or null" if none_ok else ""))
+
+    if "corpus" in s and (not isinstance(s["corpus"], str) or not s["corpus"]):
+        raise bad("corpus", "a corpus name or path")
+    if name != "ppl":
+        integer("seed")
+        depths = [s["depths"]] if isinstance(s["depths"], (int, float)) else s["depths"]
+        try:
+            return {**s, "depths": check_settings(depths, s["trials"], s["max_new_tokens"])}
+        except ValueError as e:
+            raise ValueError(f"{name} setting {e}") from None
+    if s["mode"] not in MODES:
+        raise bad("mode", " or ".join(MODES))
+    if s["score"] not in SCORES:
+        raise bad("score", " or ".join(SCORES))
+    integer("max_tokens", 1, none_ok=True)
+    integer("stride", 1, none_ok=True)
+    if s["mode"] == "chunks" and s["stride"] is not None:
+        raise ValueError("ppl setting 'stride' only applies to mode: sliding (chunks never overlap)")
+    if s["mode"] == "sliding" and s["score"] == "tail":
+        raise ValueError("ppl setting score: tail is only defined for mode: chunks (sliding windows score "
+                         "their last `stride` tokens)")
+    tail = s["tail_fraction"]
+    if isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0 < tail <= 1:
+        raise bad("tail_fraction", "a number in (0, 1]")
+    if s["docs"] is not None and (not isinstance(s["docs"], list) or not all(isinstance(d, str) for d in s["docs"])):
+        raise bad("docs", "a list of document names or null")
+    for L in lengths:
+        if L < 2:
+            raise ValueError(f"ppl needs lengths >= 2 (one token of context, one to predict), got {L}")
+        if s["stride"] is not None and s["stride"] > L:
+            raise bad("stride", f"at most every length (here {L})")
+        if s["score"] == "tail" and int(L * tail) < 1:
+            raise bad("tail_fraction", f"large enough to score a token of every length (here {L})")
+    return s
 
 
 def load_config(path) -> dict:
@@ -118,21 +186,38 @@ def load_config(path) -> dict:
                                  *METRICS})
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}")
-    models = raw.get("models")
-    if isinstance(models, str):
-        models = [models]
+
+    def as_list(key):  # a single value is a one-item list
+        value = raw.get(key)
+        return value if isinstance(value, list) else [] if value is None else [value]
+
+    def once(key, items):  # a repeat would run the same cells again and fill the table twice
+        twice = sorted({str(x) for x in items if items.count(x) > 1})
+        if twice:
+            raise ValueError(f"{path}: {key} {', '.join(twice)} listed more than once ({key}: {items}); "
+                             f"every entry must be distinct")
+
+    models = [str(m) for m in as_list("models")]
     if not models:
         raise ValueError(f"{path}: 'models' must list at least one model")
-    methods = raw.get("methods") or ["none"]
-    lengths = raw.get("lengths")
+    once("models", models)
+    methods = as_list("methods") or ["none"]
+    lengths = as_list("lengths")
     if not lengths:
         raise ValueError(f"{path}: 'lengths' must list at least one length")
+    if any(isinstance(L, bool) or not isinstance(L, int) or L < 1 for L in lengths):
+        raise ValueError(f"{path}: 'lengths' must be integers >= 1 (tokens), got {lengths}")
+    once("lengths", lengths)
     specs = [method_spec(m) for m in methods]
     labels = [s[0] for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"{path}: duplicate methods {labels}")
-    return {"name": raw.get("name") or path.stem, "models": [str(m) for m in models], "methods": specs,
-            "lengths": [int(L) for L in lengths], "metrics": _metric_settings(raw.get("metrics"), raw),
+    try:
+        metrics = _metric_settings(raw.get("metrics"), raw, lengths)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return {"name": raw.get("name") or path.stem, "models": models, "methods": specs,
+            "lengths": lengths, "metrics": metrics,
             "dtype": raw.get("dtype"), "device": raw.get("device"), "wandb": raw.get("wandb")}
 
 
@@ -258,10 +343,27 @@ def evaluate_cell(model, tokenizer, cell, data: _Data) -> tuple[dict, float | No
     return res, res["accuracy"]
 
 
-def _slug(model: str) -> str:
-    """A file-name part for a model: the last path component of a folder/file/hub id."""
-    text = Path(str(model).rstrip("/\\")).name or str(model)
+def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def _slugs(models) -> dict[str, str]:
+    """A distinct file-name part per model: the last path component of its folder/file/hub id, with as
+    many parent components as tell it from the others (run1/final, run2/final -> run1_final, run2_final)."""
+    parts = {m: [p for p in re.split(r"[/\\]+", str(m)) if p] or [str(m)] for m in models}
+    slugs = {}
+    for n in range(1, max((len(p) for p in parts.values()), default=0) + 1):
+        slugs = {m: _slug("_".join(p[-n:])) for m, p in parts.items()}
+        if len(set(slugs.values())) == len(slugs):
+            return slugs
+    used, out = set(), {}  # still equal (they differ in characters a file name drops): number them
+    for m, slug in slugs.items():
+        k, out[m] = 1, slug
+        while out[m] in used:
+            k += 1
+            out[m] = f"{slug}-{k}"
+        used.add(out[m])
+    return out
 
 
 def _wandb_start(cfg, grid, out):
@@ -307,6 +409,7 @@ def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:
     env = environment(device)
     wb = _wandb_start(grid["wandb"], grid, out)
     data = _Data()
+    slugs = _slugs(grid["models"])
     computed, n_todo = 0, len(todo)
     try:
         for model_name in grid["models"]:
@@ -336,7 +439,7 @@ def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:
                         print(f"[{computed}/{n_todo}] {model_name} | {label} | {c['metric']} | {c['length']}: "
                               f"{shown} ({row['seconds']:.0f}s)", file=sys.stderr)
                         if wb is not None:
-                            wb.log({f"{c['metric']}/{_slug(model_name)}/{label}/{c['length']}": value,
+                            wb.log({f"{c['metric']}/{slugs[model_name]}/{label}/{c['length']}": value,
                                     "metric": c["metric"], "method": label, "length": c["length"], "value": value})
                 finally:
                     if patch is not None:
@@ -407,6 +510,7 @@ def write_outputs(grid, all_cells, rows, out: Path, plots=True) -> list[Path]:
         print("sweep: matplotlib is not installed: plots skipped (pip install matplotlib)", file=sys.stderr)
         return written
     values = _grid_values(grid, all_cells, rows)
+    slugs = _slugs(grid["models"])
     for (model, metric), vals in values.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for label, _, _ in grid["methods"]:
@@ -427,7 +531,7 @@ def write_outputs(grid, all_cells, rows, out: Path, plots=True) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / f"{_slug(model)}_{metric}.png"
+        path = out / f"{slugs[model]}_{metric}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -25,6 +25,35 @@ def test_jsonl_names_and_text_field(tmp_path):
         load_corpus(str(f))
 
 
+def test_bad_jsonl_lines_name_the_file_and_line(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"text": "ok"}) + "\n\n\n{oops\n")
+    with pytest.raises(ValueError, match=re.escape(f"{f}:4: not a JSON line")):
+        load_corpus(str(tmp_path))                                 # also inside a folder
+    for row, match in [("just a string", "expected an object with a 'text' field, got str"),
+                       ([1, 2], "expected an object with a 'text' field, got list"),
+                       ({"text": None}, "field 'text' must be a string, got None"),
+                       ({"text": 5}, "field 'text' must be a string, got 5")]:
+        f.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"{f}:2: {match}")):
+            load_corpus(str(f))
+
+
+def test_parquet_missing_text_is_an_error(tmp_path, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"title": ["A", "B"], "text": ["alpha", None]})   # None reads back as NaN/None
+    monkeypatch.setattr(pd, "read_parquet", lambda path: frame)           # no pyarrow needed
+    (tmp_path / "t.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 't.parquet'} row 1: field 'text' must be a string")):
+        load_corpus(str(tmp_path / "t.parquet"))
+
+
+def test_utf8_bom_is_dropped(tmp_path):
+    (tmp_path / "b.txt").write_bytes("\ufeffHello\n".encode())
+    (tmp_path / "c.jsonl").write_bytes(("\ufeff" + json.dumps({"text": "x"}) + "\n").encode())
+    assert load_corpus(str(tmp_path)) == [Document("b", "Hello\n"), Document("c:1", "x")]
+
+
 def test_folder_sorted_recursive(tmp_path):
     (tmp_path / "b.txt").write_text("bee")
     (tmp_path / "sub").mkdir()
@@ -132,6 +161,9 @@ def test_encode_documents():
     assert all(t.dtype == torch.long and t.dim() == 1 for t in out)
     assert [t.tolist() for t in out] == [[3, 4, 5], [4, 3]]
     assert [t.tolist() for t in encode_documents(tok, ["abcd", "a"], max_tokens=2)] == [[3, 4], [3]]
+    for bad in (0, -5, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="max_tokens must be an integer >= 1 or None"):
+            encode_documents(tok, ["abcd"], max_tokens=bad)
 
 
 # -------------------------------------------------------------------------------------- built-ins

@@ -66,6 +66,23 @@ def test_missing_path(name):
         load_model(name)
 
 
+@pytest.mark.parametrize("suffix", [".gguf", ".GGUF", ".Gguf"])
+def test_gguf_suffix_any_case(tiny, tmp_path, monkeypatch, suffix):
+    folder, ref = tiny
+    loaded = []
+
+    def fake_gguf(path, **kwargs):  # what load_model hands to transformers' GGUF loader
+        loaded.append(path)
+        return ref, load_model(str(folder))[1]
+
+    monkeypatch.setattr(models, "_load_gguf", fake_gguf)
+    f = tmp_path / f"SmolLM2.Q4_1{suffix}"
+    f.write_bytes(b"GGUF")
+    assert load_model(str(f))[0] is ref and loaded == [f]
+    with pytest.raises(FileNotFoundError, match="GGUF file .* does not exist"):
+        load_model(str(tmp_path / f"missing{suffix}"))
+
+
 def test_unknown_name_offline(monkeypatch):
     import huggingface_hub.constants
 

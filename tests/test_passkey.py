@@ -80,7 +80,7 @@ def test_key_is_at_the_requested_depth(ctok, task, depth):
     p = pk.make_prompt(ctok, 3000, depth, 54321, task, haystack=TEXT)
     needle = (pk.PASSKEY_NEEDLE if task == "passkey" else pk.NEEDLE_NEEDLE).format(key="54321")
     assert p.text.count("54321") == (2 if task == "passkey" else 1)
-    assert ctok.decode(p.input_ids[p.needle_start:p.needle_end]).strip() == needle
+    assert ctok.decode(p.input_ids[p.needle_start:p.needle_end]) == needle
     # the filler around the needle: depth fraction of its tokens before it (one sentence of slack)
     assert abs(p.actual_depth - depth) < 0.04, p.actual_depth
     before = p.text[:p.text.index(needle)].rstrip()
@@ -93,6 +93,22 @@ def test_key_is_at_the_requested_depth(ctok, task, depth):
         assert p.text.startswith(intro + "\n" + needle)
     if depth == 1:
         assert p.text.endswith(needle + "\n" + question)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_token_positions_are_the_first_token_of_each_piece(kind, depth):
+    tok = TOKENIZERS[kind]()
+    p = pk.make_prompt(tok, 600, depth, 12345)
+    needle = pk.PASSKEY_NEEDLE.format(key="12345")
+    ids, dec = p.input_ids, tok.decode
+    assert dec(ids[:p.filler_start]) == pk.PASSKEY_INTRO + "\n"    # the "\n" after a piece is not the next one's
+    assert dec(ids[p.needle_start:p.needle_end]) == needle
+    assert dec(ids[p.question_start:]) == pk.PASSKEY_QUESTION
+    filler = dec(ids[p.filler_start:p.needle_start])             # the filler before the needle, and its "\n"
+    assert (filler == "") if depth == 0 else (filler.startswith("The grass") and filler.endswith("\n")
+                                               and not filler.endswith("\n\n"))
+    assert p.needle_start == len(tok(p.text[:p.text.index(needle)], add_special_tokens=False)["input_ids"])
 
 
 def test_passkey_text_is_the_landmark_prompt(ctok):
@@ -117,8 +133,9 @@ class Forced(nn.Module):
         self.w = nn.Parameter(torch.zeros(1))
         self.tok, self.right, self.calls = tokenizer, right, 0
 
-    def generate(self, input_ids, max_new_tokens, **kwargs):
+    def generate(self, input_ids, generation_config, **kwargs):
         self.calls += 1
+        max_new_tokens = generation_config.max_new_tokens
         text = self.tok.decode(input_ids[0])
         key = re.search(r"(?:pass key is|magic number is) (\d{5})", text).group(1)
         if not self.right:
@@ -178,6 +195,35 @@ def test_greedy_decode_matches_argmax_loop(ctok):
     assert new == ref
 
 
+def test_greedy_decode_ignores_the_checkpoints_generation_options(ctok):
+    model = tiny_llama(len(ctok))
+    ids = pk.make_prompt(ctok, 300, 0.5, 12345).input_ids
+    x, ref = torch.tensor([ids]), []
+    with torch.no_grad():
+        for _ in range(12):
+            t = model(x).logits[0, -1].argmax()
+            ref.append(int(t))
+            x = torch.cat([x, t.view(1, 1)], dim=1)
+    assert len(set(ref)) < len(ref) and model.config.eos_token_id not in ref  # repeats: penalties would bite
+    gc = model.generation_config  # as a checkpoint's generation_config.json may set them
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens = 1.3, 3, 12
+    gc.suppress_tokens = [ref[0]]
+    assert pk.greedy_decode(model, ids, 12, ctok) == ref
+    assert model.generation_config is gc and gc.repetition_penalty == 1.3  # the checkpoint's config is back
+
+
+def test_depths_are_checked_before_decoding(ctok):
+    model = Forced(ctok)
+    for depths, match in [([], "non-empty"), ([0.5, 0.5], "distinct"), ([0, 0.0], "distinct"),
+                          ([0.5, 1.5], r"in \[0, 1\]"), ([0.5, True], r"in \[0, 1\]"), (0.5, "list")]:
+        with pytest.raises(ValueError, match=match):
+            pk.passkey_accuracy(model, ctok, [300], depths=depths, trials=2, progress=False)
+    for trials, new in [(0, 12), (2.5, 12), (1, 0)]:
+        with pytest.raises(ValueError, match="trials" if new else "max_new_tokens"):
+            pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=trials, max_new_tokens=new, progress=False)
+    assert model.calls == 0
+
+
 def test_streaming_decode_equals_dense_when_the_window_holds_everything(ctok):
     if "streaming" not in longctx.methods():
         pytest.skip("no streaming method registered")
@@ -211,3 +257,20 @@ def test_cli(ctok, tmp_path, monkeypatch, capsys):
     assert set(saved["results"]) == {"none", "yarn x2"}
     assert saved["settings"]["depths"] == [0.0, 1.0] and saved["results"]["none"]["300"]["total"] == 2
     assert not longctx.active_patches(model)  # removed again
+
+
+def test_cli_refuses_duplicate_methods_and_bad_depths(ctok, monkeypatch):
+    import longctx.models
+
+    def boom(*a, **k):
+        raise AssertionError("checked before loading")
+
+    monkeypatch.setattr(longctx.models, "load_model", boom)
+    parser = argparse.ArgumentParser()
+    pk.add_commands(parser.add_subparsers(dest="command"))
+    for extra, match in [(["--method", "yarn:factor=2", "--method", "yarn", "--factor", "2"], "'yarn x2' given more"),
+                         (["--method", "none", "--method", "none"], "'none' given more"),
+                         (["--depths", "0.5,0.5"], "distinct"), (["--depths", "0,2"], r"\[0, 1\]")]:
+        args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", "300", *extra])
+        with pytest.raises((SystemExit, ValueError), match=match):
+            args.func(args)

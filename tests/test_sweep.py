@@ -169,6 +169,127 @@ def test_config_errors(tiny_dir, tmp_path):
     assert c["metrics"]["passkey"]["trials"] == 2 and c["metrics"]["passkey"]["seed"] == 0
 
 
+def test_method_options_keep_their_types(tiny_dir, tmp_path):
+    from longctx import registry
+    from longctx.cli import parse_method
+
+    for entry, label, options in [
+            ({"name": "s2attn", "train_only": False}, "s2attn (train_only=False)", {"train_only": False}),
+            ("s2attn:train_only=false", "s2attn (train_only=False)", {"train_only": False}),
+            ("s2attn:train_only=TRUE", "s2attn (train_only=True)", {"train_only": True}),
+            ({"name": "yarn", "factor": 4, "attention_factor": None}, "yarn x4 (attention_factor=None)",
+             {"factor": 4, "attention_factor": None}),
+            ("yarn:factor=4:attention_factor=None", "yarn x4 (attention_factor=None)",
+             {"factor": 4, "attention_factor": None}),
+            ({"name": "yarn", "factor": 4, "layer_types": ["full_attention"]},
+             "yarn x4 (layer_types=['full_attention'])", {"factor": 4, "layer_types": ["full_attention"]})]:
+        got = sweep.method_spec(entry)
+        assert got == (label, got[1], options) and type(got[2].get("train_only", False)) is bool
+        registry.make_options(registry.get_method(got[1]), **got[2])
+    # the YAML form and the CLI form are the same cell
+    a = sweep.load_config(write_yaml(tmp_path / "a.yaml", tiny_dir, methods=[{"name": "s2attn", "train_only": False}]))
+    b = sweep.load_config(write_yaml(tmp_path / "b.yaml", tiny_dir, methods=["s2attn:train_only=false"]))
+    assert [c["key"] for c in sweep.cells(a)] == [c["key"] for c in sweep.cells(b)]
+    for spec, match in [("yarn:factor=abc", "option 'factor' must be a number, got 'abc'"),
+                        ("yarn:factor=true", "option 'factor' must be a number, got True"),
+                        ("yarn:factor=4:factor=8", "option 'factor' is given twice"),
+                        ("yarn:factor=4:beta_fast=8:beta_fast=8", "option 'beta_fast' is given twice")]:
+        with pytest.raises(SystemExit, match=match):
+            parse_method(spec, None)
+        with pytest.raises(ValueError, match=match):
+            sweep.method_spec(spec)
+    with pytest.raises(ValueError, match="option 'factor' must be a number, got '4'"):
+        sweep.method_spec({"name": "yarn", "factor": "4"})      # a YAML string stays a string
+
+
+def test_ppl_cli_refuses_duplicate_methods_and_bad_max_tokens(monkeypatch, capsys):
+    import longctx.models
+    from longctx import cli
+
+    def boom(*a, **k):
+        raise AssertionError("checked before loading")
+
+    monkeypatch.setattr(longctx.models, "load_model", boom)
+    with pytest.raises(SystemExit, match="'yarn x2 \\(beta_fast=8\\)' given more than once"):
+        cli.main(["ppl", "--method", "yarn:factor=2:beta_fast=8", "--method", "yarn:beta_fast=8", "--factor", "2"])
+    with pytest.raises(SystemExit, match="'none' given more than once"):
+        cli.main(["ppl", "--method", "none", "--method", "none"])
+    for bad in ("-5", "0"):
+        with pytest.raises(SystemExit):
+            cli.main(["ppl", "--max-tokens", bad])
+        assert "--max-tokens: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_repeated_models_and_lengths_are_errors(tiny_dir, tmp_path):
+    model = str(tiny_dir / "tiny")
+    for over, match in [({"models": [model, model]}, "models .*tiny listed more than once"),
+                        ({"lengths": [300, 400, 300]}, "lengths 300 listed more than once"),
+                        ({"lengths": [300, 0]}, "'lengths' must be integers >= 1"),
+                        ({"lengths": [300, "x"]}, "'lengths' must be integers >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            sweep.load_config(write_yaml(tmp_path / "dup.yaml", tiny_dir, **over))
+
+
+def test_single_values_are_one_item_lists(tiny_dir, tmp_path):
+    grid = sweep.load_config(write_yaml(tmp_path / "one.yaml", tiny_dir, methods="yarn:factor=4", lengths=2048,
+                                        models=str(tiny_dir / "tiny"), metrics="passkey"))
+    assert grid["methods"] == [("yarn x4", "yarn", {"factor": 4})] and grid["lengths"] == [2048]
+    assert list(grid["metrics"]) == ["passkey"]
+    grid = sweep.load_config(write_yaml(tmp_path / "one.yaml", tiny_dir, methods={"name": "yarn", "factor": 2}))
+    assert [m[0] for m in grid["methods"]] == ["yarn x2"]
+    assert sweep.load_config(write_yaml(tmp_path / "one.yaml", tiny_dir, methods="none"))["methods"] == [
+        ("none", "none", {})]
+
+
+def test_top_level_metric_settings(tiny_dir, tmp_path):
+    c = sweep.load_config(write_yaml(tmp_path / "t.yaml", tiny_dir, metrics={"ppl": {"score": "tail"}, "passkey": None},
+                                     passkey={"trials": 1, "depths": [0.5]}))
+    assert c["metrics"]["passkey"] == {"depths": [0.5], "trials": 1, "seed": 0, "max_new_tokens": 12}
+    assert c["metrics"]["ppl"]["score"] == "tail"
+    with pytest.raises(ValueError, match="passkey settings are given twice"):
+        sweep.load_config(write_yaml(tmp_path / "t.yaml", tiny_dir, metrics={"passkey": {"trials": 2}},
+                                     passkey={"trials": 1}))
+    with pytest.raises(ValueError, match=r"top-level settings \['needle'\] are for metric\(s\) the sweep does not run"):
+        sweep.load_config(write_yaml(tmp_path / "t.yaml", tiny_dir, metrics=["ppl"], needle={"trials": 1}))
+
+
+def test_metric_settings_checked_at_load(tiny_dir, tmp_path):
+    corpus = str(tiny_dir / "corpus.txt")
+    for metrics, match in [({"ppl": {"corpus": corpus, "stride": 64}}, "'stride' only applies to mode: sliding"),
+                           ({"ppl": {"corpus": corpus, "score": "bogus"}}, "'score' must be all or tail"),
+                           ({"ppl": {"corpus": corpus, "mode": "windows"}}, "'mode' must be chunks or sliding"),
+                           ({"ppl": {"corpus": corpus, "mode": "sliding", "score": "tail"}}, "only defined for mode"),
+                           ({"ppl": {"corpus": corpus, "mode": "sliding", "stride": 500}}, "'stride' must be at most"),
+                           ({"ppl": {"corpus": corpus, "max_tokens": -5}}, "'max_tokens' must be an integer >= 1"),
+                           ({"ppl": {"corpus": corpus, "tail_fraction": 0}}, r"'tail_fraction' must be a number in"),
+                           ({"ppl": {"corpus": corpus, "docs": [1]}}, "'docs' must be a list of document names"),
+                           ({"passkey": {"depths": [2]}}, r"passkey setting depths must be .* in \[0, 1\]"),
+                           ({"passkey": {"depths": [0.5, 0.5]}}, "distinct"),
+                           ({"passkey": {"trials": 0}}, "passkey setting trials must be an integer >= 1"),
+                           ({"needle": {"max_new_tokens": 0}}, "needle setting max_new_tokens must be"),
+                           ({"needle": {"seed": "x"}}, "'seed' must be an integer"),
+                           ({"needle": {"corpus": None}}, "'corpus' must be a corpus name or path")]:
+        cfg = write_yaml(tmp_path / "s.yaml", tiny_dir, metrics=metrics)
+        with pytest.raises(ValueError, match=match):
+            sweep.run(cfg, dry_run=True)                         # --dry-run reports them
+    grid = sweep.load_config(write_yaml(tmp_path / "s.yaml", tiny_dir, metrics={"passkey": {"depths": 0.5}}))
+    assert grid["metrics"]["passkey"]["depths"] == [0.5]
+
+
+def test_plots_of_models_with_the_same_folder_name(tiny_dir, tmp_path):
+    import shutil
+
+    for run in ("run1", "run2"):
+        shutil.copytree(tiny_dir / "tiny", tmp_path / run / "final")
+    models = [str(tmp_path / "run1" / "final"), str(tmp_path / "run2" / "final")]
+    cfg = write_yaml(tmp_path / "g.yaml", tiny_dir, models=models, methods=["none"], lengths=[300])
+    sweep.run(cfg)
+    assert sorted(p.name for p in (tmp_path / "g").glob("*.png")) == ["run1_final_ppl.png", "run2_final_ppl.png"]
+    assert sweep._slugs(["org/model", "other/model", "x"]) == {"org/model": "org_model", "other/model": "other_model",
+                                                               "x": "x"}
+    assert sweep._slugs(["a b", "a_b", "/m/a b"]) == {"a b": "a_b", "a_b": "a_b-2", "/m/a b": "m_a_b"}
+
+
 def test_cli_and_shipped_configs(tiny_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     sweep.add_commands(parser.add_subparsers(dest="command"))

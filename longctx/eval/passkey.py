@@ -19,7 +19,8 @@ tokens; the filler is cut at a word, so it falls short by less than one word's t
 needle goes at the sentence boundary of the filler closest to ``depth * (filler words)`` (0 = right
 after the instructions, 1 = right before the question).
 
-Scoring: greedy decoding of ``max_new_tokens`` tokens (``model.generate``; with an active
+Scoring: greedy decoding of ``max_new_tokens`` tokens (``model.generate``, stopping at eos, with none
+of the checkpoint's generation options such as repetition_penalty; with an active
 ``streaming`` patch, the prompt is prefilled in window-sized chunks into the patch's cache and the
 tokens decoded one by one); the answer is the first 5-digit number (a run of exactly 5 digits) in
 the decoded text; a trial is correct iff it equals the key. Keys are 5-digit numbers drawn from a
@@ -29,6 +30,8 @@ the decoded text; a trial is correct iff it equals the key. Keys are 5-digit num
 from __future__ import annotations
 
 import bisect
+import contextlib
+import numbers
 import random
 import re
 import sys
@@ -203,15 +206,14 @@ def make_prompt(tokenizer, length: int, depth: float, key, task: str = "passkey"
     text, p = text_of(n)
     ids = _encode(tokenizer, text)
     segs, _ = parts(n)
-    # token positions of the pieces: token count of the text before each piece
-    before_needle = "\n".join(s for s in segs[:2] if s)
-    after_needle = "\n".join(s for s in segs[:3] if s)
-    before_question = "\n".join(s for s in segs[:4] if s)
-    intro_len = len(_encode(tokenizer, intro))
+    # token positions of the pieces: token count of the text before each piece, up to its first
+    # character (the joining "\n" included: it is a token of its own in most tokenizers)
+    def upto(k, newline):
+        return len(_encode(tokenizer, "\n".join(s for s in segs[:k] if s) + newline))
+
     return Prompt(text=text, input_ids=ids, key=key, depth=depth, filler_words=n, needle_word=p,
-                  filler_start=intro_len, needle_start=len(_encode(tokenizer, before_needle)),
-                  needle_end=len(_encode(tokenizer, after_needle)),
-                  question_start=len(_encode(tokenizer, before_question)))
+                  filler_start=upto(1, "\n"), needle_start=upto(2, "\n"), needle_end=upto(3, ""),
+                  question_start=upto(4, "\n"))
 
 
 def extract_key(text: str) -> str | None:
@@ -252,15 +254,55 @@ def greedy_decode(model, input_ids: list[int], max_new_tokens: int, tokenizer=No
                     break
                 out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
             return new
-        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        if pad is None:
-            pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                      temperature=None, top_p=None, top_k=None)
-        if pad is not None:
-            kwargs["pad_token_id"] = pad
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
+        with _plain_generation(model, tokenizer, max_new_tokens) as config:
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
     return [int(t) for t in out[0, x.shape[1]:]]
+
+
+@contextlib.contextmanager
+def _plain_generation(model, tokenizer, max_new_tokens: int):
+    """A GenerationConfig for greedy decoding with no logits processor. ``generate`` fills every option
+    the given config leaves unset from ``model.generation_config``, where a checkpoint may set
+    repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...: so that one is swapped for a config
+    holding only the special token ids while generating (decoding stops at eos, as before)."""
+    from transformers import GenerationConfig
+
+    try:
+        from ..registry import unwrap_model
+
+        owner = unwrap_model(model)  # the model whose generate() runs (inside peft / torch.compile)
+    except (TypeError, AttributeError):
+        owner = model
+    old = getattr(owner, "generation_config", None)
+    ids = {k: getattr(old, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        ids["pad_token_id"] = tokenizer.pad_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **ids)
+    if old is None:
+        yield config
+        return
+    owner.generation_config = GenerationConfig(**ids)
+    try:
+        yield config
+    finally:
+        owner.generation_config = old
+
+
+def check_settings(depths, trials, max_new_tokens) -> list[float]:
+    """Check passkey_accuracy's settings before any prompt is built; returns the depths as floats."""
+    for name, value in (("trials", trials), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__"):
+        raise ValueError(f"depths must be a list of numbers in [0, 1], got {depths!r}")
+    depths = list(depths)
+    bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 <= d <= 1]
+    if bad or not depths:
+        raise ValueError(f"depths must be a non-empty list of numbers in [0, 1], got {depths!r}")
+    depths = [float(d) for d in depths]
+    if len(set(depths)) != len(depths):
+        raise ValueError(f"depths must be distinct, got {depths}")
+    return depths
 
 
 def passkey_accuracy(model, tokenizer, lengths, depths=DEPTHS, trials: int = 5, seed: int = 0,
@@ -276,9 +318,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths=DEPTHS, trials: int = 5, 
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if trials < 1:
-        raise ValueError("trials must be >= 1")
-    depths = [float(d) for d in depths]
+    depths = check_settings(depths, trials, max_new_tokens)
     hay = _Haystack(_words("\n\n".join(_texts(corpus)))) if task == "needle" else None
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -335,10 +375,11 @@ def _floats(text: str) -> list[float]:
 
 def cmd_passkey(args) -> int:
     from .. import load_model, registry
-    from ..cli import parse_method
+    from ..cli import parse_methods
     from .perplexity import save_json
 
-    specs = [parse_method(m, args.factor) for m in (args.method or ["none"])]
+    specs = parse_methods(args.method or ["none"], args.factor)
+    check_settings(args.depths, args.trials, args.max_new_tokens)  # before the slow load
     for _, name, options in specs:  # check every option before the slow load
         if name != "none":
             registry.make_options(registry.get_method(name), **options)
