@@ -57,17 +57,24 @@ class StreamingSession:
         does not hold yet: what follows the longest common prefix with the text fed so far. Templates may
         render earlier turns differently from what was fed (``content | trim`` drops a reply's trailing
         newline, Qwen3 drops earlier reasoning); the cache keeps what was fed (the model's own text) and
-        only the rest is fed, never the whole conversation again."""
+        only the rest is fed, from the start of the word where they differ, never the whole conversation
+        again. A template that rewrites an earlier reply (Qwen3) still gets that reply's rendering fed
+        once more after it: the cache cannot drop text from its middle. A warning says so."""
         fed = self.fed_text
         k = len(os.path.commonprefix([fed, rendered]))
-        if k < len(fed) and fed[k:].strip():
+        if k < len(fed):  # they differ inside what was fed: start at a word boundary, never inside a word
+            while k > 0 and not rendered[k - 1].isspace():
+                k -= 1
+        if fed[k:].strip():
             warnings.warn(f"StreamingSession: the chat template renders the conversation differently from what "
                           f"the cache holds ({len(fed) - k} characters from character {k} differ); the cache "
                           f"keeps what was fed and gets the rest of the conversation from there", stacklevel=3)
         return rendered[k:]
 
-    def _feed_text(self, rendered: str) -> None:
-        ids = self.tokenizer(self._new_text(rendered), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    def _feed_text(self, rendered: str, new: str | None = None) -> None:
+        """Feed what the cache lacks of ``rendered`` (``new``: that part, if already worked out)."""
+        new = self._new_text(rendered) if new is None else new
+        ids = self.tokenizer(new, add_special_tokens=False, return_tensors="pt")["input_ids"]
         if ids.shape[1]:
             self.feed(ids)
         self.fed_text = rendered
@@ -79,11 +86,12 @@ class StreamingSession:
         prompt = self.tokenizer.apply_chat_template(self.messages + [{"role": "user", "content": message}],
                                                     add_generation_prompt=True, tokenize=False)
         self.messages.append({"role": "user", "content": message})
-        n_new = len(self.tokenizer(self._new_text(prompt), add_special_tokens=False)["input_ids"])
+        new = self._new_text(prompt)
+        n_new = len(self.tokenizer(new, add_special_tokens=False)["input_ids"])
         # evict up front: nothing is evicted mid-reply while prompt + reply fit the window (beyond it, the
         # window slides during the reply as in any streaming generation)
         self.cache.reserve(n_new + max_new_tokens)
-        self._feed_text(prompt)
+        self._feed_text(prompt, new)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = self.eos_ids()
         reply_ids, shown = [], ""

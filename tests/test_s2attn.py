@@ -601,3 +601,30 @@ def test_compiled_layers_do_not_recompile_per_layer():
     train.uncompile_layers(model)
     patch.remove()
     assert not any("_longctx_s2attn_member" in m.__dict__ for m in model.modules())  # the marks go with the patch
+
+
+def test_modules_shared_by_two_patched_models(monkeypatch):
+    # two models sharing a decoder layer, each patched: both keep S2 in every layer, and removing one patch
+    # leaves the other's (a single marker attribute was overwritten by the second patch and then deleted)
+    import sys
+    s2 = sys.modules["longctx.methods.s2attn"]
+    calls = []
+    real = s2._State._s2_attention
+    monkeypatch.setattr(s2._State, "_s2_attention", lambda self, *a: calls.append(1) or real(self, *a))
+    x = torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(1))
+    A, B = tiny_model("llama").train(), tiny_model("llama", seed=1).train()
+    B.model.layers[0] = A.model.layers[0]
+    pa = longctx.apply(A, "s2attn", group_size=8)
+
+    def s2_layers():
+        calls.clear()
+        with torch.no_grad():
+            A(x)
+        return len(calls)
+    assert s2_layers() == 2
+    pb = longctx.apply(B, "s2attn", group_size=8)
+    assert s2_layers() == 2
+    pb.remove()
+    assert s2_layers() == 2
+    pa.remove()
+    assert s2_layers() == 0 and not any("_longctx_s2attn_member" in m.__dict__ for m in A.modules())

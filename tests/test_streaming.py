@@ -456,6 +456,30 @@ def test_session_does_not_refeed_when_the_template_rerenders_a_reply(monkeypatch
         assert session.cache.seen_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"]) + turn + 1
 
 
+def test_session_refeeds_from_a_word_boundary(monkeypatch):
+    # a template that drops the start of earlier replies (as Qwen3 drops reasoning): the texts first differ
+    # inside a word ("w100" against "w5" share "w"); the new piece starts at that word, never inside it
+    # (the old code fed "5 w6 ...", which the tokenizer read as [unk] w6 ...)
+    from longctx.chat import StreamingSession
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ '<user> ' if m['role'] == 'user' else '<bot> ' }}"
+                         "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split('w100 ')[-1] }}"
+                         "{% else %}{{ m['content'] }}{% endif %} <end> {% endfor %}"
+                         "{% if add_generation_prompt %}<bot> {% endif %}")
+    next_reply = _scripted_replies(monkeypatch, tok, "w100 w5 w6 w7")
+    session = StreamingSession(model, tok, sink_size=2, window_size=200)
+    fed, real_feed = [], session.feed
+    monkeypatch.setattr(session, "feed", lambda x: fed.append(tok.decode(x[0])) or real_feed(x))
+    next_reply()
+    list(session.chat("w1 w2", max_new_tokens=8))
+    next_reply()
+    fed.clear()
+    with pytest.warns(UserWarning, match="renders the conversation differently"):
+        list(session.chat("w3 w4", max_new_tokens=8))
+    assert fed[0] == "w5 w6 w7 <end> <user> w3 w4 <end> <bot>"
+
+
 def test_session_stops_at_generation_config_eos(monkeypatch):
     # end-of-turn ids declared only in generation_config (Phi-3's <|end|>, Gemma's <end_of_turn>) end a reply
     from longctx.chat import StreamingSession

@@ -655,8 +655,8 @@ class _State:
         # checks it by identity, which torch.compile guards as one value for every layer (membership in the
         # WeakSet guarded each module's identity: a recompile per layer, past dynamo's limit of 8)
         self.marker = object()
-        for m in self.members:
-            m.__dict__[_MARK] = self.marker
+        for m in self.members:  # a tuple: a module shared with another patched model carries both markers
+            m.__dict__[_MARK] = m.__dict__.get(_MARK, ()) + (self.marker,)
         self.depth = 0  # > 0 inside the patched base model's forward
         self.original = original
         self.options = options
@@ -667,8 +667,11 @@ class _State:
     def detach(self):
         self.model_ref = self.base_ref = lambda: None
         for m in list(self.members):
-            if m.__dict__.get(_MARK) is self.marker:
-                del m.__dict__[_MARK]
+            rest = tuple(x for x in m.__dict__.get(_MARK, ()) if x is not self.marker)
+            if rest:
+                m.__dict__[_MARK] = rest
+            else:
+                m.__dict__.pop(_MARK, None)
         self.members = weakref.WeakSet()
         self.cache.clear()
         self._originals.clear()
@@ -703,7 +706,7 @@ class _State:
         if module is None:
             base = self.base_ref()
             return base is not None and self.depth > 0 and ((not self.options.train_only) or base.training)
-        return getattr(module, _MARK, None) is self.marker and ((not self.options.train_only) or module.training)
+        return self.marker in getattr(module, _MARK, ()) and ((not self.options.train_only) or module.training)
 
     def backend(self, device, dropout: float, dense) -> str:
         b = self.options.backend

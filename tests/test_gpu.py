@@ -1,0 +1,108 @@
+"""CUDA-only paths, against the same computations on the CPU paths or in eager mode (skipped without a GPU).
+
+What only runs on a GPU: the SinkDecoder's CUDA graph, the greedy loop's pinned-memory copy and event,
+compiled FlexAttention for S2 (forward and backward), and S2 inside compiled decoder layers.
+Run on the GPU machine with ``python -m pytest -q -m gpu tests/test_gpu.py``.
+"""
+
+import pytest
+import torch
+
+import longctx
+from longctx.methods.s2attn import s2_attention
+from longctx.methods.sink_decoder import SinkDecoder
+from longctx.methods.streaming import SinkCache, prefill
+from conftest import tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CUDA = torch.device("cuda")
+
+
+def ids_for(n, seed=0):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed)).to(CUDA)
+
+
+def test_cuda_graph_decoder_equals_sink_cache_steps():
+    # fp64 on the GPU: the replayed graph gives the SinkCache's logits, across max_position re-rotations
+    model = tiny_model("llama").double().to(CUDA)
+    model.set_attn_implementation("sdpa")
+    prompt, steps = ids_for(14), ids_for(40, seed=1)
+    got = {}
+    for use_decoder in (False, True):
+        with longctx.applied(model, "streaming", sink_size=3, window_size=9), torch.no_grad():
+            cache = SinkCache(model, 3, 9, max_position=24)
+            prefill(model, prompt, cache, chunk_size=4)
+            if use_decoder:
+                with SinkDecoder(model, cache) as dec:
+                    assert dec.use_graph
+                    got[use_decoder] = torch.cat([dec.step(steps[:, t:t + 1]).clone() for t in range(40)], 1)
+                    assert dec.graph is not None  # the steps after warm-up were replays
+            else:
+                got[use_decoder] = torch.cat([model(steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                                              for t in range(40)], 1)
+    torch.testing.assert_close(got[True], got[False], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_stream_generate_on_cuda_equals_model_generate(decoder):
+    # the pipelined greedy loop (pinned host copy + event, next step queued first) gives generate's tokens
+    from longctx.chat import stream_generate
+
+    model = tiny_model("llama").double().to(CUDA)
+    model.set_attn_implementation("sdpa")
+    ids = ids_for(5)
+    with longctx.applied(model, "streaming", sink_size=3, window_size=9):
+        want = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None)[0, 5:].tolist()
+        assert list(stream_generate(model, ids, 40, decoder=decoder)) == want
+        k = next(i for i in range(1, 40) if want[i] not in want[:i])
+        assert list(stream_generate(model, ids, 40, eos_token_id=want[k], decoder=decoder)) == want[:k]
+
+
+def test_flex_s2_equals_sdpa_s2_with_gradients():
+    # compiled FlexAttention (the GPU default) against the sdpa path: GQA 9/3 heads of 64, as SmolLM2,
+    # odd length, half the heads shifted; outputs and gradients of q, k, v
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    T, G = 1000, 256
+    q, k, v = (torch.randn(1, T, h, 64, device=CUDA, generator=g).transpose(1, 2).requires_grad_() for h in (9, 3, 3))
+    grad = torch.randn(1, T, 9, 64, device=CUDA, generator=g)
+    results = []
+    for backend in ("sdpa", "flex"):
+        out = s2_attention(q, k, v, group_size=G, n_shift=4, backend=backend)
+        out.backward(grad)
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+        q.grad = k.grad = v.grad = None
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+
+
+def test_compiled_layers_with_flex_s2_train_step():
+    # train.compile_layers + s2attn flex on CUDA: no recompiles across the layers, and the loss and gradients
+    # of the eager step (bf16 fused kernels round differently: loose tolerances)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from longctx import train
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=10, vocab_size=128, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(CUDA).train()
+    patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend="flex")
+    x = ids_for(512)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(x, labels=x, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), model.model.layers[3].self_attn.q_proj.weight.grad.clone()
+
+    eager = step()
+    torch._dynamo.reset()  # flex was compiled for the eager layers' q/k/v layout; the compiled layers' differs
+    train.compile_layers(model)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            step()
+            compiled = step()
+    finally:
+        train.uncompile_layers(model)
+        patch.remove()
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-3, atol=1e-5)
