@@ -817,3 +817,21 @@ def test_longrope_positions_stay_in_the_short_factor_range():
             SinkCache(model, 4, 40)
         with pytest.raises(ValueError, match=r"max_position=48: use a cache and max_position of at most 32"):
             SinkCache(model, s, w, max_position=48)
+
+
+def test_phi3_generate_keeps_the_sink_cache_past_original_max_position():
+    # phi3's prepare_inputs_for_generation drops the cache once the sequence passes
+    # original_max_position_embeddings (to redo it with longrope's long factors): under streaming that was a
+    # dense pass over everything and then an error. The patch keeps the cache (an instance attribute while on)
+    from longctx.chat import stream_generate
+
+    model = tiny_model("phi3", original_max_position_embeddings=32).double()
+    ids = ids_for(7)
+    cls_prepare = type(model).prepare_inputs_for_generation
+    with longctx.applied(model, "streaming", sink_size=2, window_size=10):
+        want = list(stream_generate(model, ids, 60))
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, 7:].tolist()
+        assert got == want
+    assert "prepare_inputs_for_generation" not in model.__dict__
+    assert model.prepare_inputs_for_generation.__func__ is cls_prepare

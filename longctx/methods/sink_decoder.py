@@ -253,7 +253,6 @@ class SinkDecoder:
         cache = self.cache
         if self.closed:
             return cache
-        self.closed = True
         ring = (torch.arange(self.window, device=self.b.device) + self.oldest - self.sink) % self.window
         order = torch.cat([self.sink_index, self.sink + ring])  # slot of place 0, 1, ..., C - 1
         for i, layer in enumerate(cache.layers):
@@ -269,6 +268,7 @@ class SinkDecoder:
         cache.seen_tokens += self.steps
         cache.evicted_tokens += self.steps
         self.graph = None
+        self.closed = True  # only once the state is back: a failed write-back can be retried
         return cache
 
     def __enter__(self) -> "SinkDecoder":

@@ -534,6 +534,27 @@ def prefill(model, input_ids: torch.Tensor, cache: SinkCache, chunk_size: int | 
     return out
 
 
+# model families whose prepare_inputs_for_generation drops the cache once the sequence passes
+# original_max_position_embeddings, to recompute it with longrope's long factors
+_CACHE_DROPPING_FAMILIES = ("phi3", "phimoe", "phi4_multimodal")
+
+
+def _cache_keeping_prepare(model):
+    """For the families above: their parent's prepare_inputs_for_generation, bound to this instance (set as
+    an instance attribute while the patch is on, so ``model.generate`` keeps the sink cache), else None.
+    Under streaming the drop is wrong: it would run a dense pass over the whole sequence (unbounded) and
+    hand the patch a full DynamicCache; positions by place never reach the switch point (a longrope
+    SinkCache keeps them below it, see SinkCache._longrope_limit)."""
+    import types
+
+    mro = type(model).__mro__
+    owner = next((c for c in mro if "prepare_inputs_for_generation" in c.__dict__), None)
+    if owner is None or not any(f".{family}." in owner.__module__ + "." for family in _CACHE_DROPPING_FAMILIES):
+        return None
+    parent = next(c for c in mro[mro.index(owner) + 1:] if "prepare_inputs_for_generation" in c.__dict__)
+    return types.MethodType(parent.__dict__["prepare_inputs_for_generation"], model)
+
+
 @dataclass(kw_only=True)
 class StreamingOptions(Options):
     sink_size: int = 4  # attention sinks: the first tokens, kept for ever
@@ -552,9 +573,14 @@ class StreamingPatch(Patch):
         _check_model(self.model)
         self._warned = False
         self._handle = self.model.base_model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._prepare = _cache_keeping_prepare(self.model)
+        if self._prepare is not None:
+            self.model.prepare_inputs_for_generation = self._prepare
 
     def _detach(self) -> None:
         self._handle.remove()
+        if self._prepare is not None and self.model.__dict__.get("prepare_inputs_for_generation") is self._prepare:
+            del self.model.prepare_inputs_for_generation
 
     def new_cache(self) -> SinkCache:
         return SinkCache(self.model, self.options.sink_size, self.options.window_size)
