@@ -97,10 +97,13 @@ def test_compiled_layers_with_flex_s2_train_step():
     eager = step()
     torch._dynamo.reset()  # flex was compiled for the eager layers' q/k/v layout; the compiled layers' differs
     train.compile_layers(model)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             step()
             compiled = step()
+        assert counters["frames"]["total"] == counters["frames"]["ok"] > 0  # no frame fell back to eager
     finally:
         train.uncompile_layers(model)
         patch.remove()

@@ -706,7 +706,9 @@ class _State:
         if module is None:
             base = self.base_ref()
             return base is not None and self.depth > 0 and ((not self.options.train_only) or base.training)
-        return self.marker in getattr(module, _MARK, ()) and ((not self.options.train_only) or module.training)
+        # identity, not ``in``: torch.compile cannot trace == on plain objects (a graph break per call)
+        mine = any(mark is self.marker for mark in getattr(module, _MARK, ()))
+        return mine and ((not self.options.train_only) or module.training)
 
     def backend(self, device, dropout: float, dense) -> str:
         b = self.options.backend
