@@ -78,6 +78,10 @@ Backends (``backend=``):
   shapes, mask and position_ids objects stay the same, so once per forward). flex_attention is
   compiled with ``torch.compile`` on CUDA. It has no dropout: with attention dropout > 0 "auto"
   uses sdpa and "flex" raises. On CPU flex runs unfused and has no backward (tests only).
+  ``flex_mode="max-autotune-no-cudagraphs"`` compiles it with block configs tuned per shape, and
+  ``flex_kernel_options`` fixes them (BLOCK_M, BLOCK_N, num_warps, ...). On SmolLM2's attention shape at
+  32k, autotuning took 7.5% off the call's time, but made the compiled-layers training step slower
+  (benchmarks/README.md); both are off by default. A run that does not use flex on CUDA warns once.
 - ``"flash"``: flash-attn's ``flash_attn_varlen_func``, every (row, document, group) one
   variable-length sequence; padding is removed first. Needs ``flash_attn`` (else ImportError at
   apply) and fp16/bf16 CUDA tensors; it cannot apply an arbitrary dense 4-D mask.
