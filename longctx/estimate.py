@@ -24,8 +24,11 @@ Memory terms (bytes; each is documented where it is computed, see the functions 
 
     weights          P * e
     kv_cache         2 * L * g * d * T_kv * B * e     (inference only; T_kv = T + new tokens;
+                     a sliding-window layer (window W): min(T_kv, W - 1);
                      "streaming": T_kv = min(T, sink_size + window_size), and 3 instead of 2 tensors:
                      longctx's SinkCache keeps each key as produced as well as re-rotated)
+    attention_mask   T * T (inference, models with sliding-window layers and T >= W: transformers'
+                     boolean mask, in place of SDPA's is_causal)
     lora_params      la * r * sum over targets of (in + out)
     gradients        trainable params * their bytes
     optimizer_states Adam m and v (+ fp32 master weights under mixed precision); see _training_states
@@ -36,6 +39,8 @@ Memory terms (bytes; each is documented where it is computed, see the functions 
                      training 12*B*T*V (fp32 log-softmax saved, fp32 grads of it and of the logits)
 
     inference peak = weights + kv_cache + max(layer_peak, logits)
+                     (sliding layers: weights + max(kv_cache + max(layer_peak + attention_mask, logits),
+                      3 * attention_mask), the mask's creation coming before the layers)
     training peak  = weights + lora_params + optimizer_states + the largest of these phases:
         loss backward      activations + logits          (no parameter gradient exists yet)
         layer j backward   (ids, labels, cos/sin) + j * (kept per layer) + layer_peak
@@ -65,6 +70,7 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
 import re
 import sys
 from dataclasses import dataclass, field
@@ -120,6 +126,8 @@ class Shape:
     layernorm: bool = False  # LayerNorm (weight + bias) instead of RMSNorm
     attention_bias: bool = False
     max_position_embeddings: int | None = None
+    sliding_window: int | None = None  # window of the sliding-attention layers
+    sliding_layers: int = 0            # how many layers use it (the rest attend to everything)
 
     # -- parameter counts --------------------------------------------------------------------
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -199,11 +207,31 @@ def shape_of(config, name: str | None = None) -> Shape:
     tied = _get(config, "tie_word_embeddings", default=None)
     if tied is None:
         tied = mt in ("gpt2", "gpt_bigcode", "opt", "bloom", "gemma", "gemma2", "gemma3_text")
+    window, n_sliding = _sliding_layers(config, int(L))
     return Shape(name=name or str(_get(config, "_name_or_path", default="") or mt), model_type=mt, hidden=int(h),
                  layers=int(L), heads=int(a), kv_heads=int(g), head_dim=int(d), intermediate=int(f), vocab=int(V),
                  tied=bool(tied), gated_mlp=mt not in _PLAIN_MLP, layernorm=mt in _LAYERNORM,
                  attention_bias=bool(_get(config, "attention_bias", default=False)),
-                 max_position_embeddings=_get(config, "max_position_embeddings", "n_positions"))
+                 max_position_embeddings=_get(config, "max_position_embeddings", "n_positions"),
+                 sliding_window=window, sliding_layers=n_sliding)
+
+
+def _sliding_layers(config, L: int) -> tuple[int | None, int]:
+    """(sliding_window, number of sliding-attention layers): from ``layer_types`` (gemma2/3, ...),
+    else ``sliding_window_pattern`` (every p-th layer full), else every layer (mistral style) unless
+    ``use_sliding_window`` is False (qwen2)."""
+    window = _get(config, "sliding_window")
+    if not window or _get(config, "use_sliding_window", default=True) is False:
+        return None, 0
+    types = _get(config, "layer_types")
+    if types is not None:
+        n = sum(t == "sliding_attention" for t in types)
+    elif _get(config, "sliding_window_pattern"):
+        p = int(_get(config, "sliding_window_pattern"))
+        n = sum((i + 1) % p != 0 for i in range(L))
+    else:
+        n = L
+    return (int(window), n) if n else (None, 0)
 
 
 def load_config(name_or_path):
@@ -283,6 +311,9 @@ def parse_method_spec(spec) -> tuple[str | None, dict]:
         k, sep, v = pair.partition("=")
         if not sep:
             raise ValueError(f"method {spec!r}: expected NAME:key=value, got {pair!r}")
+        if v.lower() in ("true", "false"):
+            options[k] = v.lower() == "true"
+            continue
         try:
             options[k] = int(v)
         except ValueError:
@@ -329,10 +360,12 @@ class Estimate:
     gpu_memory: int | None = None
     fits: bool | None = None
     notes: list[str] = field(default_factory=list)
+    attention_mask: int = 0          # inference with sliding-window layers: the materialized boolean mask
 
     def breakdown(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("weights", "lora_params", "gradients", "optimizer_states", "kv_cache",
-                                              "activations", "layer_peak", "logits", "zero3_gather")}
+                                              "activations", "layer_peak", "logits", "zero3_gather",
+                                              "attention_mask")}
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -356,7 +389,7 @@ class Estimate:
         rows = [("weights", self.weights), ("lora_params", self.lora_params), ("gradients", self.gradients),
                 ("optimizer_states", self.optimizer_states), ("kv_cache", self.kv_cache),
                 ("activations", self.activations), ("layer_peak", self.layer_peak), ("logits", self.logits),
-                ("zero3_gather", self.zero3_gather)]
+                ("zero3_gather", self.zero3_gather), ("attention_mask", self.attention_mask)]
         lines.append("  memory per GPU:")
         for k, v in rows:
             if v or k in ("weights", "activations", "logits"):
@@ -365,6 +398,8 @@ class Estimate:
             formula = "weights + lora_params + optimizer_states + the largest phase of the step"
         else:
             formula = "weights + kv_cache + max(layer_peak, logits)"
+            if self.attention_mask:
+                formula = "weights + max(kv_cache + max(layer_peak + attention_mask, logits), 3 * attention_mask)"
         lines.append(f"    {'peak':<17} {human(self.total):>12}   = {formula}; peak in the {self.peak_phase}")
         if self.gpus > 1 or self.zero:
             lines.append("  per GPU by ZeRO stage: " + ", ".join(f"{z}: {human(v)}" for z, v in self.per_stage.items()))
@@ -517,6 +552,33 @@ def _mean_keys(T: int, cap: int | None) -> float:
     return (cap * (cap + 1) / 2 + (T - cap) * cap) / T
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+# estimate's own short names: sink/window for streaming's options, longlora for s2attn
+_OPTION_ALIASES = {"sink": "sink_size", "window": "window_size"}
+
+
+def _method_options(name: str, opts: dict) -> dict:
+    """Check ``opts`` against the registered method's options dataclass (as registry.make_options):
+    an unknown method or option is a ValueError naming the allowed ones. streaming and s2attn, whose
+    values the estimate uses, come back validated and with their defaults filled in."""
+    from . import registry
+
+    m = registry.get_method("s2attn" if name == "longlora" else name)  # ValueError listing known methods
+    if m.name == "streaming":
+        opts = {_OPTION_ALIASES.get(k, k): v for k, v in opts.items()}
+    fields = [f.name for f in dataclasses.fields(m.options)]
+    unknown = sorted(set(opts) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {unknown}; allowed options: {', '.join(fields)}")
+    if m.name not in ("streaming", "s2attn"):
+        return opts
+    return registry.make_options(m, **opts).to_dict()  # validate() raises ValueError on bad values
+
+
 def estimate(config, length: int, *, method=None, train: str | None = None, batch: int = 1, dtype: str = "bf16",
              gpus: int = 1, zero: int = 0, gradient_checkpointing: bool = True, lora_r: int = 8,
              lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), trainable_extra=("embed", "norm"),
@@ -529,7 +591,8 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
         memory), ``"streaming"`` with ``sink_size``/``window_size`` (also ``sink``/``window``) as
         keyword options or in the spec: bounds the KV cache, and the prompt is prefilled in chunks
         of ``window_size`` tokens; or ``"s2attn"`` (``group_size`` or ``group_size_ratio``, default
-        1/4): attention FLOPs within groups while training, memory unchanged.
+        1/4): attention FLOPs within groups while training, memory unchanged. An unknown method or
+        option is a ValueError listing the allowed ones.
     train: None (inference: a prefill of ``length`` tokens with the KV cache, logits of the last
         position), "lora" (peft LoRA on ``lora_targets`` with rank ``lora_r``, adapters in
         ``lora_dtype``, ``trainable_extra`` trained fully) or "full"; training is one step of AdamW
@@ -548,8 +611,9 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}")
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
-    if gpus < 1 or batch < 1 or length < 1:
-        raise ValueError("gpus, batch and length must be >= 1")
+    for opt, value, low in (("length", length, 1), ("batch", batch, 1), ("gpus", gpus, 1), ("lora_r", lora_r, 1),
+                            ("new_tokens", new_tokens, 0), ("chunk", 1 if chunk is None else chunk, 1)):
+        _check_int(opt, value, low)
     if logits not in (None, *LOGITS):
         raise ValueError(f"logits must be one of {LOGITS}")
     e, la, T, B = DTYPE_BYTES[dtype], DTYPE_BYTES[lora_dtype], int(length), int(batch)
@@ -557,13 +621,11 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
 
     name, opts = parse_method_spec(method)
     opts = {**opts, **method_options}
+    if name is not None:
+        opts = _method_options(name, opts)
     cap = s2_group = None
     if name == "streaming":
-        sink = int(opts.pop("sink_size", opts.pop("sink", 4)))
-        window = int(opts.pop("window_size", opts.pop("window", 2044)))
-        if opts:
-            raise ValueError(f"unknown streaming option(s): {sorted(opts)} (use sink_size, window_size)")
-        opts = {"sink_size": sink, "window_size": window}
+        sink, window = opts["sink_size"], opts["window_size"]
         cap = sink + window
         if train:
             notes.append("streaming bounds the KV cache of generation; training is not changed by it")
@@ -571,14 +633,8 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
             chunk = window
     elif name in ("s2attn", "longlora"):
         # LongLoRA shifted sparse attention: causal within groups of G tokens while training
-        G = opts.pop("group_size", None)
-        ratio = opts.pop("group_size_ratio", None)
-        train_only = opts.pop("train_only", True)
-        opts.pop("shifted_heads", None), opts.pop("backend", None)
-        if opts:
-            raise ValueError(f"unknown s2attn option(s): {sorted(opts)}")
+        G, ratio, train_only = opts["group_size"], opts["group_size_ratio"], opts["train_only"]
         if G is None:
-            ratio = 0.25 if ratio is None else ratio
             G = max(2, 2 * math.ceil(ratio * T / 2))
         opts = {"group_size": int(G)}
         if train or not train_only:
@@ -587,29 +643,20 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
             notes.append("s2attn is active in training only (train_only=True): inference is full attention")
         notes.append("s2attn: memory as full attention with an O(T) kernel; attention FLOPs within groups")
     elif name is not None:
-        try:
-            from . import registry
+        from . import registry
 
-            slot = registry.get_method(name).patch.slot
-        except Exception:
-            slot = None
-        if slot != "rope":
+        if registry.get_method(name).patch.slot != "rope":
             notes.append(f"method {name!r} is not modeled: estimated as the plain model")
     elif opts:
         raise ValueError(f"method options {sorted(opts)} given without a method")
 
     lora_n = _lora_count(s, lora_r, lora_targets) if train == "lora" else 0
     extra_n = _extra_count(s, trainable_extra) if train == "lora" else 0
-    if master_weights is None:
-        master_weights = train == "full" or zero > 0
     trainable = s.params if train == "full" else lora_n + extra_n
 
     weights = s.params * e
     lora_params = lora_n * la
-    grads = optim = master = kv = 0
-    if train:
-        grads, optim, master = _training_states(s, train, e, lora_n, extra_n, master_weights, la)
-        optim += master
+    kv = mask = 0
     if train:
         logits_mode = "all"
         if logits == "last":
@@ -635,7 +682,20 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
         C = min(T, chunk) if chunk else T
         n_kv = 3 if cap is not None else 2
         T_kv = T + new_tokens if cap is None else min(T + new_tokens, cap)
-        kv = n_kv * s.layers * s.kv_heads * s.head_dim * T_kv * B * e
+        # transformers' sliding cache layers (DynamicSlidingWindowLayer) keep the last sliding_window - 1
+        # tokens: the token being computed completes the window (streaming: its own cache, every layer)
+        n_sw = s.sliding_layers if cap is None else 0
+        slots = (s.layers - n_sw) * T_kv + (n_sw * min(T_kv, s.sliding_window - 1) if n_sw else 0)
+        kv = n_kv * s.kv_heads * s.head_dim * slots * B * e
+        # with sliding layers, once the keys reach the window transformers 5 cannot use SDPA's is_causal
+        # (masking_utils.sdpa_mask returns None only below it) and materializes a boolean mask: T x T
+        # bytes, once for all sliding layers (the full layers' mask is None), broadcast over the batch
+        # when there is no padding; kept through the layers, made from 3 such temporaries
+        if n_sw and T >= s.sliding_window:
+            if C == T:
+                mask = T * T
+            else:
+                notes.append("the sliding-window attention masks of a chunked prefill are not counted")
         activations = 0
         layer_peak = int(B * C * (_layer_peak_per_token(s, None, e, 0, False) + 2 * e * s.head_dim))
         logits_b = B * s.vocab * e if logits_mode == "last" else B * C * s.vocab * e
@@ -658,19 +718,29 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
                   + (s.embed_params if "embed" in trainable_extra and s.tied else 0)
                   + (s.lm_head_params if "lm_head" in trainable_extra else 0)) * e
         g_embed = s.embed_params * e if ("embed" in trainable_extra and not s.tied) else 0
-    # torch AdamW with foreach (the CUDA default) makes one temporary the size of a moment,
-    # sqrt(v), for all parameters of a dtype at once (the CPU per-tensor loop: 2x the largest)
-    step_temp = 0
-    if train == "full":
-        step_temp = s.params * (4 if master_weights and e < 4 else e)
-    elif train == "lora":
-        step_temp = lora_n * la + extra_n * (4 if master_weights and e < 4 else e)
+
+    def states(z: int):
+        """(gradients, optimizer states + master weights, AdamW step temporary) at ZeRO stage z, whose
+        master_weights default (fp32 masters under ZeRO) depends on the stage."""
+        if not train:
+            return 0, 0, 0
+        mw = (train == "full" or z > 0) if master_weights is None else master_weights
+        grads, optim, master = _training_states(s, train, e, lora_n, extra_n, mw, la)
+        # torch AdamW with foreach (the CUDA default) makes one temporary the size of a moment,
+        # sqrt(v), for all parameters of a dtype at once (the CPU per-tensor loop: 2x the largest)
+        if train == "full":
+            step_temp = s.params * (4 if mw and e < 4 else e)
+        else:
+            step_temp = lora_n * la + extra_n * (4 if mw and e < 4 else e)
+        return grads, optim + master, step_temp
+
     if train:
         # in the layers' backward the head's saved tensors are gone: ids, labels and cos/sin remain
         outside = B * T * (16 + 2 * e * s.head_dim)
         kept_layer = B * T * kept_tok
 
     def total_for(z: int):
+        grads, optim, step_temp = states(z)
         div = gpus if gpus > 1 else 1
         w = weights / div if z >= 3 else weights
         lp = lora_params / div if z >= 3 else lora_params
@@ -679,9 +749,10 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
         o = optim / div if z >= 1 else optim
         gather = 2 * layer_w if (z >= 3 and gpus > 1) else 0
         if not train:
-            total = w + kv + max(layer_peak, logits_b) + gather
-            phase = "forward (output head)" if logits_b > layer_peak else "forward (a layer's MLP/attention)"
-            return int(math.ceil(total)), phase, int(w), int(lp), int(g_), int(o), int(gather)
+            phases = {"forward (a layer's MLP/attention)": kv + layer_peak + mask, "forward (output head)": kv + logits_b,
+                      "forward (sliding-window mask)": 3 * mask}  # made before the layers: no KV cache yet
+            phase = max(phases, key=phases.get)
+            return int(math.ceil(w + phases[phase] + gather)), phase, int(w), int(lp), int(g_), int(o), int(gather)
         static = w + lp + o + gather
         phases = {"loss backward (logits)": static + activations + logits_b}
         # backward of layer j (L first): layers 1..j still keep their activations, layers j+1..L and
@@ -700,7 +771,7 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
     # FLOPs per token (multiply-add = 2): linear weights 2 per parameter, attention 4*a*d per key
     lin = s.layers * s.layer_linear_params
     head = s.vocab * s.hidden
-    keys = _mean_keys(T, cap) if s2_group is None else _mean_keys(min(T, s2_group), None)
+    keys = _mean_keys(T, None if train else cap) if s2_group is None else _mean_keys(min(T, s2_group), None)
     attn_fwd = 4 * s.layers * s.heads * s.head_dim * keys
     if train:
         fwd = 2 * lin + 2 * head + attn_fwd + 2 * lora_n
@@ -723,6 +794,8 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
     if not train and s.max_position_embeddings and T > s.max_position_embeddings and name is None:
         notes.append(f"{T} tokens is past the trained context ({s.max_position_embeddings}): memory is fine, "
                      f"quality needs a context-extension method")
+    if train and s.sliding_layers:
+        notes.append("sliding-window layers: their attention masks are not counted in training")
     if gpus > 1 and zero == 0 and train:
         notes.append("ZeRO-0 (DDP): every GPU holds everything; DDP gradient buckets may add up to one "
                      "more copy of the gradients")
@@ -732,7 +805,7 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
                     activations=int(activations), layer_peak=int(layer_peak), logits=int(logits_b), lora_params=lp,
                     gradients=g_, optimizer_states=o, zero3_gather=gather, total=total, peak_phase=phase,
                     per_stage=per_stage, flops_per_token=per_token, flops=flops, gpu_memory=gpu_bytes, fits=fits,
-                    notes=notes)
+                    notes=notes, attention_mask=int(mask))
 
 
 # ------------------------------------------------------------------------------------------- CLI

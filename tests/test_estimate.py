@@ -277,3 +277,76 @@ def test_s2attn_changes_training_flops_not_memory():
     # forward + 2.5x backward + recomputed forward of the attention: 4.5x, (T+1)/2 -> (G+1)/2 keys
     assert full.flops_per_token - s2.flops_per_token == pytest.approx(4.5 * (attn(4096.5 / 2) - attn(1024.5 / 2)))
     assert estimate(SMALL, 4096, method="s2attn").flops_per_token == estimate(SMALL, 4096).flops_per_token
+
+
+# ------------------------------------------------------------------ sliding layers, argument checks
+def _sliding_model(types, window):
+    cfg = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, num_hidden_layers=6, vocab_size=256,
+                               sliding_window=window, max_position_embeddings=4096, pad_token_id=0,
+                               layer_types=types)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval(), cfg
+
+
+def test_sliding_layers_kv_cache_equals_transformers_cache():
+    model, cfg = _sliding_model(["sliding_attention"] * 5 + ["full_attention"], 32)
+    s = shape_of(cfg)
+    assert (s.sliding_window, s.sliding_layers) == (32, 5)
+    for T in (20, 200):   # below and past the window
+        with torch.inference_mode():
+            out = model(input_ids=torch.randint(3, 256, (2, T)), use_cache=True, logits_to_keep=1)
+        real = sum(t.numel() * t.element_size() for l in out.past_key_values.layers for t in (l.keys, l.values))
+        assert estimate(cfg, T, batch=2).kv_cache == real
+    # mistral style (every layer sliding): a window-sized cache however long the prompt
+    mistral = {**SMALL, "model_type": "mistral", "sliding_window": 32}
+    assert estimate(mistral, 4096).kv_cache == estimate(SMALL, 31).kv_cache
+    assert estimate({**mistral, "use_sliding_window": False}, 4096).kv_cache == estimate(SMALL, 4096).kv_cache
+
+
+def test_sliding_window_mask_counted_in_the_inference_peak():
+    mod = _tracker_module()
+    T = 1024
+    model, cfg = _sliding_model(["sliding_attention"] * 5 + ["full_attention"], 32)
+    with mod.Meter("cpu", model) as m, torch.inference_mode():
+        model(input_ids=torch.randint(3, 256, (1, T)), use_cache=True, logits_to_keep=1)
+    e = estimate(cfg, T)
+    assert 0.85 <= m.peak / e.total <= 1.15, (m.peak, e.total, e.peak_phase)
+    assert e.attention_mask == T * T
+    assert estimate(cfg, 16).attention_mask == 0           # below the window: SDPA's is_causal
+
+
+def test_arguments_are_checked():
+    bad = [dict(method="streaming:window_size=-50:sink_size=-4"), dict(method="streaming:window_size=0"),
+           dict(new_tokens=-4096), dict(chunk=-10), dict(train="lora", lora_r=-8), dict(length=1.9),
+           dict(batch=2.5), dict(train="lora", method="s2attn:group_size=-4"), dict(gpus=0)]
+    for kw in bad:
+        with pytest.raises(ValueError, match=r"must be|must hold"):
+            estimate(SMALL, kw.pop("length", 100), **kw)
+    assert estimate(SMALL, 100, new_tokens=0).kv_cache == estimate(SMALL, 100).kv_cache
+
+
+def test_unknown_methods_and_options_are_errors():
+    with pytest.raises(ValueError, match=r"unknown yarn option\(s\) \['factr'\]; allowed options: .*factor"):
+        estimate(SMALL, 100, method="yarn:factr=4")
+    with pytest.raises(ValueError, match=r"unknown method 'streamng'; known methods: .*streaming"):
+        estimate(SMALL, 100, method="streamng:window_size=8")
+    with pytest.raises(ValueError, match=r"unknown s2attn option.*allowed options: group_size_ratio"):
+        estimate(SMALL, 100, train="lora", method="s2attn:group=8")
+    assert estimate(SMALL, 100, method="yarn:factor=4").total == estimate(SMALL, 100).total
+    assert estimate(SMALL, 4096, train="lora", method="s2attn:train_only=False:group_size=8").method_options == \
+        {"group_size": 8}
+
+
+def test_per_stage_rows_equal_the_totals_at_each_stage():
+    for train in ("lora", "full"):
+        totals = [estimate("llama2-7b", 4096, train=train, gpus=8, zero=z).total for z in range(4)]
+        for z in range(4):
+            assert list(estimate("llama2-7b", 4096, train=train, gpus=8, zero=z).per_stage.values()) == totals
+
+
+def test_streaming_does_not_change_training_flops():
+    plain = estimate(SMALL, 4096, train="lora")
+    stream = estimate(SMALL, 4096, train="lora", method="streaming:sink_size=4:window_size=60")
+    assert stream.flops == plain.flops and stream.total == plain.total
+    assert estimate(SMALL, 4096, method="streaming:window_size=60").flops < estimate(SMALL, 4096).flops

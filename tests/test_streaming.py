@@ -835,3 +835,15 @@ def test_phi3_generate_keeps_the_sink_cache_past_original_max_position():
         assert got == want
     assert "prepare_inputs_for_generation" not in model.__dict__
     assert model.prepare_inputs_for_generation.__func__ is cls_prepare
+
+
+def test_streaming_perplexity_needs_two_tokens():
+    # the first token is context only: an empty or 1-token stream scores nothing (was ppl 1.0 over 0 tokens)
+    from longctx.eval.streaming import POLICIES
+
+    model = tiny_model("llama")
+    for policy in POLICIES:
+        for n in (0, 1):
+            with pytest.raises(ValueError, match="at least 2 tokens"):
+                streaming_perplexity(model, torch.arange(3, 3 + n), 2, 6, policy=policy, progress=False)
+    assert streaming_perplexity(model, torch.arange(3, 5), 2, 6, progress=False)["tokens"] == 1

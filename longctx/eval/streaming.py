@@ -45,6 +45,8 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
         raise ValueError(f"chunk_size ({chunk_size}) must be <= window_size ({window_size}): a chunk has to "
                          f"fit in the cache window")
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    if len(ids) < 2:  # the first token is context only: nothing would be scored
+        raise ValueError(f"ids must hold at least 2 tokens (the first is not scored), got {len(ids)}")
     device = next(model.parameters()).device
     capacity = sink_size + window_size
     model.eval()
@@ -92,7 +94,7 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    mean = (nll / max(scored, 1)).item()
+    mean = (nll / scored).item()
     return {"policy": policy, "sink_size": sink_size, "window_size": window_size, "chunk_size": chunk_size,
             "ppl": float(torch.tensor(mean).exp()), "nll": mean, "tokens": scored, "seconds": seconds,
             "tokens_per_s": scored / seconds, "max_cache": max_cache, "curve": curve}
