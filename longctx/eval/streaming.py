@@ -35,7 +35,9 @@ POLICIES = ("sinks", "window", "dense", "recompute")
 def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044, *, policy: str = "sinks",
                          chunk_size: int = 1, curve_every: int | None = None, progress: bool = True) -> dict:
     """Returns {"ppl", "nll", "tokens", "seconds", "tokens_per_s", "max_cache", "curve"}; ``curve``
-    lists (tokens so far, running ppl, cached tokens, CUDA memory allocated) every ``curve_every``."""
+    lists (tokens so far, running ppl, cached tokens, CUDA memory allocated) every ``curve_every`` tokens:
+    a point at the first chunk end at or past each multiple of it, so at most one point per chunk (its
+    tokens-so-far says where it was taken; pick curve_every >= chunk_size for evenly spaced points)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     check_sizes(sink_size, window_size)
