@@ -57,17 +57,21 @@ class StreamingSession:
         does not hold yet: what follows the longest common prefix with the text fed so far. Templates may
         render earlier turns differently from what was fed (``content | trim`` drops a reply's trailing
         newline, Qwen3 drops earlier reasoning); the cache keeps what was fed (the model's own text) and
-        only the rest is fed, from the start of the word where they differ, never the whole conversation
-        again. A template that rewrites an earlier reply (Qwen3) still gets that reply's rendering fed
+        only the rest is fed, from the start of the word where they differ (a word of letters and digits, at
+        most 32 characters back), never the whole conversation again. A template that rewrites an earlier reply (Qwen3) still gets that reply's rendering fed
         once more after it: the cache cannot drop text from its middle. A warning says so."""
         fed = self.fed_text
-        k = len(os.path.commonprefix([fed, rendered]))
-        if k < len(fed):  # they differ inside what was fed: start at a word boundary, never inside a word
-            while k > 0 and not rendered[k - 1].isspace():
+        k = first = len(os.path.commonprefix([fed, rendered]))
+        if k < len(fed) and not fed[k].isspace():
+            # they differ inside a word of what was fed ("w100" fed, "w5" rendered): start the new piece at that
+            # word (at most 32 characters back), so that no token is cut; a difference in whitespace needs none
+            while k > 0 and first - k < 32 and rendered[k - 1].isalnum():
                 k -= 1
-        if fed[k:].strip():
+            if k > 0 and rendered[k - 1].isalnum():
+                k = first  # no boundary near: feed from the difference
+        if fed[first:].strip():  # more than whitespace that the rendering lacks
             warnings.warn(f"StreamingSession: the chat template renders the conversation differently from what "
-                          f"the cache holds ({len(fed) - k} characters from character {k} differ); the cache "
+                          f"the cache holds ({len(fed) - first} characters from character {first} differ); the cache "
                           f"keeps what was fed and gets the rest of the conversation from there", stacklevel=3)
         return rendered[k:]
 

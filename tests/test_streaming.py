@@ -480,6 +480,41 @@ def test_session_refeeds_from_a_word_boundary(monkeypatch):
     assert fed[0] == "w5 w6 w7 <end> <user> w3 w4 <end> <bot>"
 
 
+@pytest.mark.parametrize("template, reply, fed_after_reply", [
+    # `| trim` (Llama-3): the reply's trailing newline is not rendered; a whitespace-only difference needs no
+    # back-up (the old code re-fed the reply's last word) and no warning
+    ("{% for m in messages %}{{ '<user> ' if m['role'] == 'user' else '<bot> ' }}{{ m['content'] | trim }}<end>\n"
+     "{% endfor %}{% if add_generation_prompt %}<bot> {% endif %}", "w5 w6\n", "<end>\n"),
+    # no whitespace in the template at all: the old code backed up to the start and re-fed everything
+    ("{% for m in messages %}{{ '<user>' if m['role'] == 'user' else '<bot>' }}{{ m['content'] | trim }}<end>"
+     "{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}", "w5\n", "<end>"),
+])
+def test_session_whitespace_only_rerendering(monkeypatch, template, reply, fed_after_reply):
+    import warnings
+    from longctx.chat import StreamingSession
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["w1 w2 w3 w4 w5 w6\n"] * 20, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<pad>", "<s>", "</s>", "<user>", "<bot>", "<end>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = template
+    model = tiny_model("llama", vocab_size=max(len(tok), 128))
+    next_reply = _scripted_replies(monkeypatch, tok, reply)
+    session = StreamingSession(model, tok, sink_size=2, window_size=200)
+    fed, real_feed = [], session.feed
+    monkeypatch.setattr(session, "feed", lambda x: fed.append(tok.decode(x[0])) or real_feed(x))
+    next_reply()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "renders differently" warning for whitespace
+        assert "".join(session.chat("w1", max_new_tokens=6)) == reply
+    assert fed[-1] == fed_after_reply
+
+
 def test_session_stops_at_generation_config_eos(monkeypatch):
     # end-of-turn ids declared only in generation_config (Phi-3's <|end|>, Gemma's <end_of_turn>) end a reply
     from longctx.chat import StreamingSession
@@ -847,3 +882,15 @@ def test_streaming_perplexity_needs_two_tokens():
             with pytest.raises(ValueError, match="at least 2 tokens"):
                 streaming_perplexity(model, torch.arange(3, 3 + n), 2, 6, policy=policy, progress=False)
     assert streaming_perplexity(model, torch.arange(3, 5), 2, 6, progress=False)["tokens"] == 1
+
+
+def test_streaming_leaves_a_models_own_prepare_inputs_alone():
+    # a phi3 model whose instance already overrides prepare_inputs_for_generation keeps it, also after remove()
+    model = tiny_model("phi3", original_max_position_embeddings=32)
+
+    def own(*args, **kwargs):
+        return type(model).prepare_inputs_for_generation(model, *args, **kwargs)
+    model.prepare_inputs_for_generation = own
+    with longctx.applied(model, "streaming", sink_size=2, window_size=10):
+        assert model.prepare_inputs_for_generation is own
+    assert model.__dict__["prepare_inputs_for_generation"] is own

@@ -573,7 +573,9 @@ class StreamingPatch(Patch):
         _check_model(self.model)
         self._warned = False
         self._handle = self.model.base_model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self._prepare = _cache_keeping_prepare(self.model)
+        # (a model with its own prepare_inputs_for_generation instance attribute is left as it is: theirs)
+        own = "prepare_inputs_for_generation" in self.model.__dict__
+        self._prepare = None if own else _cache_keeping_prepare(self.model)
         if self._prepare is not None:
             self.model.prepare_inputs_for_generation = self._prepare
 
