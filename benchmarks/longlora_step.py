@@ -22,12 +22,16 @@ Attention, in one process on the same model:
               the step with attention that costs nothing; none / full = the most any S2 kernel could give
   s2          longctx.apply(model, "s2attn", group_size_ratio=0.25), one case per --s2-backends entry
               (auto: flex on CUDA, sdpa on CPU); the sdpa backend runs under each SDPA kernel alone;
-              flex-autotune: flex with flex_mode="max-autotune-no-cudagraphs" (block sizes tuned per shape)
+              flex-autotune: flex with flex_mode="max-autotune-no-cudagraphs" (block sizes tuned per shape);
+              flex-general: flex with the mask function's BlockMask fast path turned off (the attention
+              function builds or looks up the mask per call, outside any compiled graph: the code before it)
 Compilation (--compile, each variant a case of every attention above):
   eager       the recipe's default
   layers      longctx.train.compile_layers(model): every decoder layer's attention module, MLP and norms
-              through torch.compile (the recipe's train.compile: true); S2's attention stays outside the
-              graphs. Each case compiles afresh (torch._dynamo.reset(), inside its SDPA kernel choice)
+              through torch.compile (the recipe's train.compile: true). S2 flex without padding or packed
+              documents is traced into the attention module's graph; otherwise S2's attention breaks it
+  whole       compile_layers(model, scope="layer"): each decoder layer as one compiled module
+Each compiled case compiles afresh (torch._dynamo.reset(), inside its SDPA kernel choice).
 Each case: --warmup steps first (excluded: flex compilation, allocator growth, optimizer state creation),
 then the median of --steps steps (CUDA events; benchmarks/timing.py). Peak memory:
 torch.cuda.max_memory_allocated over the measured steps (reset after warm-up). The RoPE scaling of the
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import platform
 import sys
@@ -118,8 +123,9 @@ def no_attention_name() -> str:
 
 
 KERNELS = ("cudnn", "flash", "efficient")
-COMPILES = ("eager", "layers")
-S2_BACKENDS = ("auto", "sdpa", "flex", "flash", "flex-autotune")  # flex-autotune: flex_mode max-autotune-no-cudagraphs
+COMPILES = ("eager", "layers", "whole")
+# flex-autotune: flex_mode max-autotune-no-cudagraphs; flex-general: flex without the BlockMask fast path
+S2_BACKENDS = ("auto", "sdpa", "flex", "flash", "flex-autotune", "flex-general")
 
 
 def sdpa_kernels(device, wanted) -> dict:
@@ -184,15 +190,19 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
         base = model.get_base_model()
         restore = base.config._attn_implementation
         base.set_attn_implementation(no_attention_name())
+    s2_module = importlib.import_module("longctx.methods.s2attn")
+    fast_devices = s2_module._FAST_PATH_DEVICES
     if attention == "s2":  # on the model inside the peft wrapper, like the recipe (there before LoRA)
         extra = {"backend": "flex", "flex_mode": "max-autotune-no-cudagraphs"} if s2_backend == "flex-autotune" \
-            else {"backend": s2_backend}
+            else {"backend": "flex"} if s2_backend == "flex-general" else {"backend": s2_backend}
+        if s2_backend == "flex-general":
+            s2_module._FAST_PATH_DEVICES = ()
         patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, **extra)
     step = optimizer = None
     gc_was_enabled = gc.isenabled()
-    if compile == "layers":
+    if compile != "eager":
         torch._dynamo.reset()  # trace afresh under this case's attention and SDPA kernel
-        train.compile_layers(model)
+        train.compile_layers(model, scope="layer" if compile == "whole" else "parts")
     try:
         with sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext():
             step, optimizer = make_step(model, x, autocast_dtype, device)
@@ -214,7 +224,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if patch is not None:
             row["s2_backend"] = patch._state.backend(device, 0.0, None) + (
-                "-autotune" if patch.options.flex_mode else "")
+                "-autotune" if patch.options.flex_mode else "") + ("-general" if s2_backend == "flex-general" else "")
         return row
     except torch.OutOfMemoryError:
         return {"error": "OOM"}
@@ -223,6 +233,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
     finally:
         if patch is not None:
             patch.remove()
+        s2_module._FAST_PATH_DEVICES = fast_devices
         if restore is not None:
             model.get_base_model().set_attn_implementation(restore)
         if compile != "eager":

@@ -31,15 +31,30 @@ def recompile_room(limit: int = 64):
     return cfg.patch(**{name: max(getattr(cfg, name), limit)})
 
 
-def _layer_parts(model) -> list:
-    """The children (attention module, MLP, norms) of every decoder layer of the transformers model
-    inside ``model`` (a peft wrapper is looked through)."""
+COMPILE_SCOPES = ("parts", "layer")
+
+
+def _decoder_layers(model) -> list:
+    """Every decoder layer (transformers' GradientCheckpointingLayer) of the transformers model inside
+    ``model`` (a peft wrapper is looked through)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from .registry import unwrap_model
 
-    layers = [m for m in unwrap_model(model).modules() if isinstance(m, GradientCheckpointingLayer)]
-    return [child for layer in layers for child in layer.children()]
+    return [m for m in unwrap_model(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _layer_parts(model) -> list:
+    """The children (attention module, MLP, norms) of every decoder layer, and the layers themselves."""
+    layers = _decoder_layers(model)
+    return [child for layer in layers for child in layer.children()] + layers
+
+
+def _compile_targets(model, scope: str) -> list:
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {', '.join(repr(s) for s in COMPILE_SCOPES)}, got {scope!r}")
+    layers = _decoder_layers(model)
+    return layers if scope == "layer" else [child for layer in layers for child in layer.children()]
 
 
 def compile_options(options) -> dict:
@@ -72,10 +87,13 @@ def check_compile_kwargs(options: dict, where: str) -> None:
         raise ValueError(f"{where}: unknown mode {options['mode']!r}; allowed modes: {', '.join(repr(m) for m in modes)}")
 
 
-def compile_layers(model, options=True) -> int:
+def compile_layers(model, options=True, scope: str = "parts") -> int:
     """``torch.compile`` the parts of every decoder layer in place (``nn.Module.compile`` on each child
     of each layer: attention module, MLP, norms; layers of one class share their compiled graphs, as in
     torchtune). Projections with their LoRA, RoPE, norms and the MLP get fused kernels.
+    ``scope="layer"`` compiles each decoder layer as one module instead: one graph per layer (fewer
+    host calls per step; with transformers versions that checkpoint inside the layer's ``forward``,
+    the checkpoint is traced into the graph too).
 
     Why the parts and not the model: the attention mask is built outside the graphs, as in eager
     mode. Under a whole-model torch.compile, transformers (with torch < 2.14) never skips the causal
@@ -87,7 +105,7 @@ def compile_layers(model, options=True) -> int:
     Returns the number of modules compiled; a model without such layers is an error. Undo:
     ``uncompile_layers``."""
     options = compile_options(options)
-    parts = _layer_parts(model)
+    parts = _compile_targets(model, scope)
     if not parts:
         raise ValueError(f"compile: {type(model).__name__} has no decoder layers to compile (transformers' "
                          f"GradientCheckpointingLayer); run it without compile")
@@ -97,17 +115,17 @@ def compile_layers(model, options=True) -> int:
 
 
 def uncompile_layers(model) -> None:
-    """Undo ``compile_layers``: the decoder layers' parts run eagerly again."""
+    """Undo ``compile_layers`` (either scope): the decoder layers and their parts run eagerly again."""
     for part in _layer_parts(model):
         part._compiled_call_impl = None
 
 
 @contextlib.contextmanager
-def layers_compiled(model, options=True):
+def layers_compiled(model, options=True, scope: str = "parts"):
     """``compile_layers`` for the duration of a block; afterwards every part is as it was before."""
     parts = _layer_parts(model)
     before = [part._compiled_call_impl for part in parts]
-    compile_layers(model, options)
+    compile_layers(model, options, scope)
     try:
         yield
     finally:

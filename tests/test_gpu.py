@@ -109,3 +109,51 @@ def test_compiled_layers_with_flex_s2_train_step():
         patch.remove()
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["parts", "layer"])
+def test_flex_fast_path_in_compiled_layers(scope, monkeypatch):
+    # the mask function's BlockMask, flex traced into the compiled graphs (no graph break), against the
+    # general path (the BlockMask looked up per call, outside the graphs): loss and gradients, with
+    # gradient checkpointing, each decoder layer's parts or each layer compiled
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from longctx import train
+
+    s2 = sys.modules["longctx.methods.s2attn"]
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=10, vocab_size=128, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(CUDA).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend="flex")
+    x = ids_for(512)
+    counters = torch._dynamo.utils.counters
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(x, labels=x, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), model.model.layers[3].self_attn.q_proj.weight.grad.clone()
+
+    results = {}
+    try:
+        for path in ("general", "fast"):
+            monkeypatch.setattr(s2, "_FAST_PATH_DEVICES", ("cuda",) if path == "fast" else ())
+            torch._dynamo.reset()
+            train.compile_layers(model, scope=scope)
+            counters.clear()
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                step()
+                results[path] = step()
+            train.uncompile_layers(model)
+            if path == "fast":
+                assert counters["frames"]["total"] == counters["frames"]["ok"] > 0
+                assert not counters["graph_break"], dict(counters["graph_break"])
+                assert counters["stats"]["unique_graphs"] >= 1
+    finally:
+        train.uncompile_layers(model)
+        patch.remove()
+    torch.testing.assert_close(results["fast"][0], results["general"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results["fast"][1], results["general"][1], rtol=1e-3, atol=1e-5)

@@ -634,3 +634,107 @@ def test_modules_shared_by_two_patched_models(monkeypatch):
     assert s2_layers() == 2
     pa.remove()
     assert s2_layers() == 0 and not any("_longctx_s2attn_member" in m.__dict__ for m in A.modules())
+
+
+# -- the flex fast path: the mask function's BlockMask, flex traced inside compiled layers ---------------
+@pytest.fixture
+def fast_path_on_cpu(monkeypatch):
+    """The BlockMask fast path (CUDA only in use) on CPU too, where flex runs unfused: exact, no backward."""
+    import sys
+    s2 = sys.modules["longctx.methods.s2attn"]
+    monkeypatch.setattr(s2, "_FAST_PATH_DEVICES", ("cuda", "cpu"))
+    calls = {"plain": 0, "general": 0}
+    plain, general = s2._State._flex_plain, s2._State._s2_attention
+    monkeypatch.setattr(s2._State, "_flex_plain",
+                        lambda self, *a: calls.__setitem__("plain", calls["plain"] + 1) or plain(self, *a))
+    monkeypatch.setattr(s2._State, "_s2_attention",
+                        lambda self, *a: calls.__setitem__("general", calls["general"] + 1) or general(self, *a))
+    return s2, calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2", "gemma2"])
+def test_flex_fast_path_equals_the_rule_and_the_general_path(family, ids, fast_path_on_cpu):
+    # gemma2: logit softcap in the attention, and sliding layers (their masks take the general path)
+    s2, calls = fast_path_on_cpu
+    model = model_of(family).eval()
+    T, G = 45, 12
+    x = ids[:, :T]
+    H = model.config.num_attention_heads
+    W = getattr(model.config, "sliding_window", None)
+    types = getattr(model.config, "layer_types", None) or ["full_attention"]
+    masks = {"full_attention": float_mask(rule_mask(T, H, G, H // 2)),
+             "sliding_attention": float_mask(rule_mask(T, H, G, H // 2, window=W))}
+    ref = logits(model, x, attention_mask=masks if len(set(types)) > 1 else masks["full_attention"])
+    with longctx.applied(model, "s2attn", group_size=G, backend="flex", train_only=False):
+        fast = logits(model, x)
+        n_plain = calls["plain"]
+        s2._FAST_PATH_DEVICES = ("cuda",)
+        general = logits(model, x)
+    n_layers = model.config.num_hidden_layers
+    assert n_plain == sum(t == "full_attention" for t in (types * n_layers)[:n_layers]) > 0
+    assert calls["plain"] == n_plain  # the general run did not take the fast path
+    assert torch.equal(fast, general)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_fast_path_only_without_padding_or_documents(ids, fast_path_on_cpu):
+    # padding and packed documents (position_ids, with or without a 2-D mask) take the general path, exactly
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama").eval()
+    T, G = 40, 16
+    x = ids[:, :T]
+    H = model.config.num_attention_heads
+    valid = padding("left", 2, T)
+    positions = torch.tensor([list(range(13)) + list(range(27)), list(range(20)) + list(range(20))])
+    doc = torch.tensor([[0] * 13 + [1] * 27, [0] * 20 + [1] * 20])
+    with longctx.applied(model, "s2attn", group_size=G, backend="flex", train_only=False):
+        padded = logits(model, x, attention_mask=valid.long())
+        packed = logits(model, x, position_ids=positions, attention_mask=torch.ones(2, T, dtype=torch.long))
+        plain_positions = logits(model, x, position_ids=torch.arange(T)[None])
+        assert calls["plain"] == model.config.num_hidden_layers  # only the last call
+    ref_pad = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2, valid)))
+    ref_doc = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2, doc=doc)), position_ids=positions)
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2)))
+    torch.testing.assert_close(padded[valid], ref_pad[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, ref_doc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain_positions, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_fast_path_module_in_eval_gets_full_attention(ids, fast_path_on_cpu):
+    # the mask follows the base model's mode, the attention each module's: an eval-mode layer in a training
+    # model gets causal attention from the original function (the BlockMask is not passed on to it)
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama").train()
+    x = ids[:, :40]
+    model.model.layers[0].eval()
+    with longctx.applied(model, "s2attn", group_size=16, backend="flex"):
+        fast = logits(model, x)
+        s2._FAST_PATH_DEVICES = ("cuda",)
+        general = logits(model, x)
+    assert calls["plain"] == 1
+    assert torch.equal(fast, general)
+
+
+def test_flex_fast_path_traces_without_graph_breaks(ids, monkeypatch):
+    # inside a compiled layer the fast path is one graph: flex_attention traced (dynamo only, no inductor;
+    # fullgraph=True: a graph break, e.g. in the general path, is an error)
+    import sys
+    monkeypatch.setattr(sys.modules["longctx.methods.s2attn"], "_FAST_PATH_DEVICES", ("cuda", "cpu"))
+    model = tiny_model("llama").eval()
+    x = ids[:, :40]
+    with longctx.applied(model, "s2attn", group_size=16, backend="flex", train_only=False):
+        eager = logits(model, x)
+        counter = torch._dynamo.testing.CompileCounter()
+        torch._dynamo.reset()
+        for layer in model.model.layers:
+            layer.self_attn.compile(backend=counter, fullgraph=True)
+        try:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled = logits(model, x, use_cache=False)
+                compiled2 = logits(model, x, use_cache=False)
+        finally:
+            for layer in model.model.layers:
+                layer.self_attn._compiled_call_impl = None
+            torch._dynamo.reset()
+    assert counter.frame_count == 1
+    assert torch.equal(compiled, eager) and torch.equal(compiled2, eager)

@@ -103,8 +103,15 @@ import torch.nn.functional as F
 
 from ..registry import Options, Patch, check_choice, register
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask
+except ImportError:  # torch < 2.5: no flex; isinstance(x, ()) is False
+    BlockMask = ()
+
 BACKENDS = ("auto", "sdpa", "flex", "flash")
 _MARK = "_longctx_s2attn_member"  # attribute of the patched instance's modules while the patch is on
+_UNKNOWN = object()  # position_ids outside a forward, or passed positionally
+_FAST_PATH_DEVICES = ("cuda",)  # where the mask function builds the flex BlockMask (tests add "cpu")
 _NAMES = itertools.count()
 
 
@@ -619,8 +626,8 @@ class S2AttnPatch(Patch):
         # the registered functions act for this instance only: masks inside its forwards (copies and models
         # sharing its config get the original's), attention in its own modules
         base = model.base_model
-        self._hooks = (base.register_forward_pre_hook(state.enter), base.register_forward_hook(state.exit,
-                                                                                                 always_call=True))
+        self._hooks = (base.register_forward_pre_hook(state.enter, with_kwargs=True),
+                       base.register_forward_hook(state.exit, always_call=True))
         AttentionInterface.register(name, state.attention)
         AttentionMaskInterface.register(name, state.mask)
         model.set_attn_implementation(name)
@@ -662,6 +669,8 @@ class _State:
         for m in self.members:  # a tuple: a module shared with another patched model carries both markers
             m.__dict__[_MARK] = m.__dict__.get(_MARK, ()) + (self.marker,)
         self.depth = 0  # > 0 inside the patched base model's forward
+        self.position_ids = _UNKNOWN  # the running forward's position_ids (None: not given), for the mask function
+        self.block_masks: dict = {}  # (H, T, G, n_shift, device) -> BlockMask of the plain S2 pattern (no inputs)
         self.original = original
         self.options = options
         self.cache = _Cache()
@@ -678,18 +687,24 @@ class _State:
                 m.__dict__.pop(_MARK, None)
         self.members = weakref.WeakSet()
         self.cache.clear()
+        self.block_masks.clear()
+        self.position_ids = _UNKNOWN
         self._originals.clear()
 
     # forward hooks of the patched base model (a copy's hooks are copies: they check the module too)
-    def enter(self, module, args):
+    def enter(self, module, args, kwargs):
         if module is self.base_ref():
             if self.depth == 0:
                 self.cache.clear()  # a new forward: nothing derived from the last one's inputs is reused
+                # transformers' models pass position_ids by keyword; given any other way it is unknown here
+                self.position_ids = kwargs.get("position_ids") if len(args) <= 1 else _UNKNOWN
             self.depth += 1
 
     def exit(self, module, args, output):
         if module is self.base_ref():
             self.depth = max(0, self.depth - 1)
+            if self.depth == 0:
+                self.position_ids = _UNKNOWN
 
     # which function the model would call without the patch
     def original_attention(self, module) -> Callable:
@@ -743,19 +758,81 @@ class _State:
         if mask_function is causal_mask_function and not kwargs.get("use_vmap", False):
             mask2d = kwargs.get("attention_mask")  # 2-D bool (B, kv_len) or None
             if mask2d is None or bool(mask2d.all()):
-                return None
+                return self.plain_block_mask(q_len, kwargs.get("config"), kwargs.get("device"))
             return mask2d[:, -kv_len:]
         kwargs = {**kwargs, "allow_is_causal_skip": True}
         return sdpa_mask(**kwargs)
+
+    def plain_block_mask(self, T: int, config, device):
+        """The flex fast path: for a forward with nothing padded and no documents, the mask function returns
+        the BlockMask of the plain S2 pattern (built once per shape, kept across forwards); the attention
+        function then calls flex_attention with it directly, traceable inside a compiled layer. None (the
+        general path, per attention call) where the backend is not flex on CUDA or documents are packed."""
+        if device is None or torch.device(device).type not in _FAST_PATH_DEVICES or config is None:
+            return None
+        device = torch.device(device)
+        dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        if self.backend(device, dropout, None) != "flex" or self.position_ids is _UNKNOWN:
+            return None
+        H = getattr(config, "num_attention_heads", None)
+        if not isinstance(H, int) or H < 1:
+            return None
+        if self.position_ids is not None:
+            if not torch.is_tensor(self.position_ids) or self.position_ids.shape[-1] != T:
+                return None
+            if _doc_ids(self.position_ids, self.position_ids.shape[0], T, self.cache) is not None:
+                return None  # packed documents: the general path reads them from position_ids
+        o = self.options
+        G = group_size_for(T, o.group_size_ratio, o.group_size)
+        n_shift = shifted_head_count(H, o.shifted_heads)
+        key = (H, T, G, n_shift, device)
+        block_mask = self.block_masks.get(key)
+        if block_mask is None:
+            if len(self.block_masks) >= 8:
+                self.block_masks.clear()
+            block_mask = self.block_masks[key] = _create_block_mask(s2_mask_mod(T, G, H, n_shift), None, H, T, device)
+        return block_mask
 
     # registered in AttentionInterface
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         T = query.shape[-2]
         causal = (getattr(module, "is_causal", True) is not False and kwargs.get("is_causal", True) is not False
                   and getattr(getattr(module, "config", None), "is_causal", True) is not False)
+        plain = isinstance(attention_mask, BlockMask)  # from plain_block_mask: no padding, no documents
         if not (self.enabled(module) and causal and key.shape[-2] == T):
-            return self.original_attention(module)(module, query, key, value, attention_mask, **kwargs)
+            # a BlockMask is only built for an unpadded causal forward: the original's causal attention
+            return self.original_attention(module)(module, query, key, value, None if plain else attention_mask,
+                                                   **kwargs)
+        if plain:
+            return self._flex_plain(query, key, value, attention_mask, kwargs)
         return self._s2_attention(query, key, value, attention_mask, kwargs)
+
+    # Traceable: a compiled decoder layer keeps flex_attention inside its graph (no graph break, no per-call
+    # host work beyond the graph's own launch).
+    def _flex_plain(self, query, key, value, block_mask, kwargs):
+        B, H, T, D = query.shape
+        o = self.options
+        G = group_size_for(T, o.group_size_ratio, o.group_size)
+        window = kwargs.get("sliding_window")
+        if (block_mask.shape[1] != H or tuple(block_mask.shape[2:]) != (T, T) or kwargs.get("s_aux") is not None
+                or float(kwargs.get("dropout", 0.0) or 0.0) or (window is not None and window < min(T, G))):
+            return self._s2_attention(query, key, value, None, kwargs)  # the general path says what it cannot do
+        softcap = kwargs.get("softcap")
+        score_mod = None
+        if softcap is not None:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return softcap * torch.tanh(score / softcap)
+        kw = {"kernel_options": dict(o.flex_kernel_options)} if o.flex_kernel_options and query.is_cuda else {}
+        if torch.compiler.is_compiling():  # traced into the caller's graph
+            from torch.nn.attention.flex_attention import flex_attention
+            out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
+                                 scale=kwargs.get("scaling"), enable_gqa=key.shape[1] != H, **kw)
+        else:
+            with warnings.catch_warnings():  # off CUDA flex runs unfused (tests): do not warn about it
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                out = _flex_fn(query.device, o.flex_mode)(query, key, value, score_mod=score_mod, block_mask=block_mask,
+                                                          scale=kwargs.get("scaling"), enable_gqa=key.shape[1] != H, **kw)
+        return out.transpose(1, 2).contiguous(), None
 
     # Outside any torch.compile graph (a compiled decoder layer breaks its graph here): the padding and
     # document checks depend on tensor values, the flex BlockMask cache on object identity, and the flex
