@@ -17,6 +17,7 @@ Variants of (b), same windows, so each difference has one cause:
     compile perplexity(..., compile=True): the decoder layers' parts compiled (SDPA inside the graph,
             its kernel fixed when traced: dynamo does not guard on the SDPA kernel choice, so no
             other compiled variant is offered; the timing loop interleaves the variants).
+    compile_layer  perplexity(..., compile="layer"): each whole decoder layer compiled as one graph.
     A forced backend that cannot run this shape/dtype raises "No available kernel": recorded as
     an error for that variant, the others go on (on CPU only the flash one may run).
 Targets (SmolLM2 at 32k): (b) >= 1.5x the tokens/s of (a), and <= 1/3 of its peak memory.
@@ -144,7 +145,8 @@ def main():
     p.add_argument("--tokens-from", choices=["random", "corpus"], default="random")
     p.add_argument("--variants", default="batch1,cudnn,flash",
                    help="variants of (b), comma-separated ('' for none): batch1 (one window per forward), "
-                        "cudnn / flash (SDPA kernel forced), compile (perplexity(..., compile=True))")
+                        "cudnn / flash (SDPA kernel forced), compile (perplexity(..., compile=True)), "
+                        "compile_layer (compile='layer')")
     p.add_argument("--attn", default="sdpa", help="attn_implementation passed to load_model ('' to let it pick)")
     args = p.parse_args()
 
@@ -161,7 +163,8 @@ def main():
           f"{W} x {L} tokens ({args.tokens_from}) | load {time.perf_counter() - t_start:.1f}s")
 
     def b(variant):
-        opts = {"batch_tokens": L} if variant == "batch1" else {"compile": True} if variant == "compile" else {}
+        opts = {"batch_tokens": L} if variant == "batch1" else {"compile": True} if variant == "compile" \
+            else {"compile": "layer"} if variant == "compile_layer" else {}
         def run(Xs):
             with sdpa_context(variant):
                 return perplexity(model, [Xs.flatten()], [L], mode="chunks", score="all", progress=False,

@@ -55,6 +55,7 @@ DEFAULTS: dict = {
         "gradient_checkpointing": True,
         "gc_every": 0,  # N > 0: automatic GC off while training, young generations every step, all every N
         "compile": False,  # true or a dict of torch.compile arguments: compile each decoder layer (GPU)
+        "compile_scope": "parts",  # parts: each layer's attention, MLP, norms; layer: each whole layer, one graph
         "mixed_precision": "auto",  # auto: bf16 on a GPU that has it, else no; or no, bf16, fp16
         "seed": 42,
         "checkpoint_every": 100,  # optimizer steps; the last step is always checkpointed
@@ -378,6 +379,12 @@ def compile_setting(cfg: dict, accelerator=None) -> dict | None:
     None when off (false/null). Checked against the accelerator's distributed type when given."""
     from .utils import compile_options
 
+    from .utils import COMPILE_SCOPES
+
+    scope = cfg["train"].get("compile_scope", "parts")
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"train.compile_scope must be one of {', '.join(repr(s) for s in COMPILE_SCOPES)}, "
+                         f"got {scope!r}")
     value = cfg["train"]["compile"]
     if value is False or value is None:
         return None
@@ -385,6 +392,29 @@ def compile_setting(cfg: dict, accelerator=None) -> dict | None:
     if accelerator is not None:
         check_compile(accelerator)
     return options
+
+
+def check_layer_graphs(model, scope: str) -> bool:
+    """After the first compiled step: warn (and return True) when ``compile_scope: layer`` most likely ran
+    eagerly. Where transformers checkpoints inside the layer's ``forward`` (its newer versions), the
+    checkpoint is traced into the layer's graph, and a graph break inside it (s2attn's general path:
+    padding, packed documents, backend sdpa or flash) makes dynamo run the whole layer eagerly."""
+    import warnings
+
+    import torch._dynamo.utils
+
+    from .utils import _decoder_layers
+
+    layers = _decoder_layers(model)
+    inside = any(getattr(type(layer).forward, "__name__", "") == "forward_with_checkpointing"
+                 and getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    if scope != "layer" or not inside or not torch._dynamo.utils.counters["graph_break"]:
+        return False
+    warnings.warn("train.compile_scope 'layer': a graph break inside checkpointed decoder layers (e.g. s2attn's "
+                  "general path: padding, packed documents, backend sdpa/flash); with this transformers version "
+                  "dynamo then runs those layers eagerly. Use train.compile_scope=parts, or s2attn backend flex "
+                  "without padding", stacklevel=2)
+    return True
 
 
 def check_compile(accelerator) -> None:
@@ -831,5 +861,5 @@ __all__ = ["DEFAULTS", "load_config", "select_documents", "pack_documents", "sam
            "model_device", "Tracker", "read_log", "TrainState", "save_checkpoint", "list_checkpoints",
            "load_checkpoint", "resume_folder", "check_resume", "save_artifact", "merge_artifact", "add_commands", "make_tiny",
            "rope_options", "s2attn_options", "make_scheduler", "enable_activation_checkpointing", "compile_layers",
-           "compile_setting", "ManualGC", "check_compile", "uncompile_layers", "eval_settings",
+           "compile_setting", "check_layer_graphs", "ManualGC", "check_compile", "uncompile_layers", "eval_settings",
            "load_heldout", "preserve_rng", "HeldoutEval"]

@@ -81,8 +81,8 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
     optimizer = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"],
                                   weight_decay=t["weight_decay"])
     scheduler = train.make_scheduler(optimizer, t["lr_scheduler"], t["warmup_steps"], t["steps"])
-    if compile_kw is not None:  # fused kernels for each decoder layer's parts (s2attn's attention stays outside)
-        train.compile_layers(model, compile_kw)
+    if compile_kw is not None:  # fused kernels for each decoder layer, or for its parts (train.compile_scope)
+        train.compile_layers(model, compile_kw, t["compile_scope"])
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with sharded ones
     state = train.TrainState()
@@ -117,6 +117,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
         if state.step == 0:
             evaluate()  # the starting point
     accumulation = accelerator.gradient_accumulation_steps
+    start_step = state.step
     bar = tqdm(total=t["steps"], initial=state.step, disable=not main_process, desc="train", dynamic_ncols=True)
     model.train()
     with collector:  # no automatic GC pauses inside the steps
@@ -137,6 +138,8 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
                 state.tokens += batch.numel() * accelerator.num_processes
                 losses.append(loss.detach().float())
             scheduler.step()
+            if compile_kw is not None and state.step == start_step:
+                train.check_layer_graphs(accelerator.unwrap_model(model), t["compile_scope"])
             state.step += 1
             collector.step(state.step)  # inside the step's time (its logged seconds include the collection)
             loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()

@@ -252,7 +252,11 @@ def test_compiled_body_equals_eager(docs):
         assert compiled[L]["tokens"] == eager[L]["tokens"]
         assert abs(compiled[L]["nll"] - eager[L]["nll"]) < 1e-5 * abs(eager[L]["nll"])
         assert again[L]["nll"] == compiled[L]["nll"]
-    with pytest.raises(TypeError, match="compile must be True or False"):
+    layer = perplexity(model, docs, [16, 32], progress=False, compile="layer")  # whole decoder layers compiled
+    for L in (16, 32):
+        assert abs(layer[L]["nll"] - eager[L]["nll"]) < 1e-5 * abs(eager[L]["nll"])
+    assert all(m._compiled_call_impl is None for m in model.modules())  # the model is as before
+    with pytest.raises(TypeError, match="compile must be True, False, 'parts' or 'layer', got 'yes'"):
         perplexity(model, docs, [16], progress=False, compile="yes")
 
 

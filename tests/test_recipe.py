@@ -302,6 +302,43 @@ def test_compile_layers_trains_like_eager(tiny):
         torch._dynamo.reset()
 
 
+def test_compile_scope_layer(tiny):
+    """train.compile_scope=layer: each decoder layer one graph (no graph break with full attention), the same
+    losses as eager; with S2's general path (sdpa on CPU) the graph breaks inside the layer, and where
+    transformers checkpoints inside the layer's forward (the layer then runs eagerly) the recipe warns."""
+    import warnings
+
+    import torch._dynamo.utils
+
+    from longctx.utils import _decoder_layers
+
+    steps = ("train.steps=2", "train.checkpoint_every=100", "eval.every=0")
+    eager = [r["loss"] for r in train_rows(finetune(tiny, tiny / "eager_layer", *steps))]
+    counters = torch._dynamo.utils.counters
+    runs = []
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        runs.append(finetune(tiny, tiny / "compiled_layer", *steps, "train.compile={}", "train.compile_scope=layer"))
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+        assert counters["frames"]["total"] == counters["frames"]["ok"] > 0
+        assert [r["loss"] for r in train_rows(runs[-1])] == pytest.approx(eager, rel=1e-4, abs=1e-5)
+        torch._dynamo.reset()
+        counters.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs.append(finetune(tiny, tiny / "compiled_layer_s2", *steps, "s2attn.enabled=true", "train.compile={}",
+                                 "train.compile_scope=layer"))
+        layer = _decoder_layers(runs[-1]["model"])[0]
+        inside = type(layer).forward.__name__ == "forward_with_checkpointing"
+        warned = [w for w in caught if "train.compile_scope 'layer'" in str(w.message)]
+        assert counters["graph_break"] and len(warned) == int(inside)
+    finally:
+        for run in runs:
+            train.uncompile_layers(run["model"])
+        torch._dynamo.reset()
+
+
 def test_compile_setting_checked_before_loading():
     from types import SimpleNamespace
 
@@ -321,6 +358,8 @@ def test_compile_setting_checked_before_loading():
         train.compile_setting(cfg({"bogus": 1}))
     with pytest.raises(ValueError, match="unknown mode 'bogus'; allowed modes: 'default'"):
         train.compile_setting(cfg({"mode": "bogus"}))
+    with pytest.raises(ValueError, match="train.compile_scope must be one of 'parts', 'layer', got 'whole'"):
+        train.compile_setting({"train": {"compile": True, "compile_scope": "whole"}})
     with pytest.raises(ValueError, match="train.compile is supported on one GPU and with DDP"):
         train.compile_setting(cfg(True), SimpleNamespace(distributed_type=DistributedType.FSDP))
     assert train.compile_setting(cfg(True), SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)) == {}

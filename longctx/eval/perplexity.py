@@ -76,6 +76,7 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     later call with the same shapes reuses the compiled code; afterwards the model is as before.
     Results equal the eager ones to float rounding (kernels fused in a different order). Off by
     default: on an H100 it measured slower than eager (SmolLM2 at 32k: 0.89x; benchmarks/README.md).
+    ``compile="layer"``: each whole decoder layer compiled instead (``compile_layers(scope="layer")``).
     Returns {L: {"ppl", "nll" (mean per token), "tokens", "windows", "dropped_tokens"}}; a length
     with no full window gives tokens 0 and ppl/nll None (with a warning).
     """
@@ -88,8 +89,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
                          "already scores only its tail, the last `stride` tokens (lower stride instead)")
     if mode == "chunks" and stride is not None:
         raise ValueError("stride only applies to mode='sliding' (chunks never overlap)")
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if not isinstance(compile, bool) and compile not in ("parts", "layer"):
+        raise TypeError(f"compile must be True, False, 'parts' or 'layer', got {compile!r}")
     def positive_int(name, value, allow_none=False):
         if value is None and allow_none:
             return
@@ -130,7 +131,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
         # compile: one compiled variant per shape; the room covers every compiled forward of the call
         # (past dynamo's limit a code object is never compiled again in this process)
         with torch.inference_mode(), (recompile_room() if compile else contextlib.nullcontext()), \
-                (layers_compiled(model, {"dynamic": False}) if compile else contextlib.nullcontext()):
+                (layers_compiled(model, {"dynamic": False}, "layer" if compile == "layer" else "parts")
+                 if compile else contextlib.nullcontext()):
             scorer = None
             for L in lengths:
                 specs, dropped = _windows(docs, L, mode, L // 2 if stride is None else stride, score, tail_fraction)
