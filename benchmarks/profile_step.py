@@ -31,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--s2-backend", default="sdpa", choices=["sdpa", "flex"])
     ap.add_argument("--kernel", default="cudnn", choices=list(ls.KERNELS))
     ap.add_argument("--compile", action="store_true", help="longctx.utils.compile_layers first")
+    ap.add_argument("--compile-scope", choices=["parts", "layer"], default="parts",
+                    help="with --compile: each layer's parts, or each whole layer")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--trace", default=None, help="write a Chrome trace here")
     ap.add_argument("--cpu-smoke", action="store_true")
@@ -45,7 +47,7 @@ def main(argv=None):
     if args.attention == "s2":
         longctx.apply(model, "s2attn", group_size_ratio=0.25, backend=args.s2_backend)
     if args.compile:
-        longctx.utils.compile_layers(model)
+        longctx.utils.compile_layers(model, scope=args.compile_scope)
     x = torch.randint(3, model.config.vocab_size, (1, args.length), device=device)
     kernels = ls.sdpa_kernels(device, [args.kernel])
     from torch.nn.attention import sdpa_kernel
@@ -68,7 +70,7 @@ def main(argv=None):
             sync()
             profiled = time.perf_counter() - t
     print(f"{label}, T={args.length}, {args.attention}" + (f" ({args.s2_backend})" if args.attention == "s2" else "")
-          + f", SDPA {args.kernel}{', compiled layers' if args.compile else ''}: step {plain * 1e3:.1f} ms "
+          + f", SDPA {args.kernel}{f', compiled ({args.compile_scope})' if args.compile else ''}: step {plain * 1e3:.1f} ms "
           f"({profiled * 1e3:.1f} ms under the profiler)")
     avg = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

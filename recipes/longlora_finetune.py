@@ -15,7 +15,8 @@ With ``eval.every: N`` the held-out perplexity (``data.holdout`` documents, full
 at step 0, every N steps and at the end (rows with ``heldout_ppl`` in OUTPUT_DIR/log.jsonl); it does
 not change the training. ``eval.keep_best: true`` also saves the best of those models to OUTPUT_DIR/best.
 ``train.compile: true`` compiles each decoder layer's parts (one GPU or DDP; 1.37x faster steps for
-SmolLM2 on an H100, experiments/longlora_compile). ``train.gc_every: N`` (default 0: off) keeps Python's
+SmolLM2 on an H100, experiments/longlora_compile); with ``train.compile_scope: layer`` each whole layer
+(S2's flex fast path traced inside: another 1.07x, experiments/longlora_compile_layer). ``train.gc_every: N`` (default 0: off) keeps Python's
 automatic garbage collection out of the steps: young generations after each step, all every N steps
 (no measurable throughput change in the SmolLM2 recipe, experiments/longlora_gc).
 """

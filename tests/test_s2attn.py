@@ -738,3 +738,24 @@ def test_flex_fast_path_traces_without_graph_breaks(ids, monkeypatch):
             torch._dynamo.reset()
     assert counter.frame_count == 1
     assert torch.equal(compiled, eager) and torch.equal(compiled2, eager)
+
+
+def test_flex_mode_under_compiled_layers_is_reported(ids, monkeypatch):
+    # the fast path traces flex into compiled layers, where flex_mode cannot act: said once, not ignored
+    import sys
+    monkeypatch.setattr(sys.modules["longctx.methods.s2attn"], "_FAST_PATH_DEVICES", ("cuda", "cpu"))
+    model = tiny_model("llama").eval()
+    x = ids[:, :40]
+    attn = model.model.layers[1].self_attn
+    with longctx.applied(model, "s2attn", group_size=16, backend="flex", train_only=False,
+                         flex_mode="max-autotune-no-cudagraphs"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="s2attn: flex_mode/flex_kernel_options are not used")  # CPU
+        warnings.filterwarnings("error", message="s2attn: flex_mode=")
+        logits(model, x)  # eager layers: no warning
+        attn._compiled_call_impl = attn._call_impl  # a layer marked compiled (runs its eager code)
+        try:
+            with pytest.raises(UserWarning, match="flex_mode='max-autotune-no-cudagraphs' does not apply inside compiled"):
+                logits(model, x)
+            logits(model, x)  # once
+        finally:
+            attn._compiled_call_impl = None

@@ -76,12 +76,22 @@ Backends (``backend=``):
 - ``"flex"`` (default on CUDA): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built
   by ``create_block_mask(..., _compile=True)`` from the rule above (cached while the inputs'
   shapes, mask and position_ids objects stay the same, so once per forward). flex_attention is
-  compiled with ``torch.compile`` on CUDA. It has no dropout: with attention dropout > 0 "auto"
-  uses sdpa and "flex" raises. On CPU flex runs unfused and has no backward (tests only).
-  ``flex_mode="max-autotune-no-cudagraphs"`` compiles it with block configs tuned per shape, and
-  ``flex_kernel_options`` fixes them (BLOCK_M, BLOCK_N, num_warps, ...). On SmolLM2's attention shape at
-  32k, autotuning took 7.5% off the call's time, but made the compiled-layers training step slower
-  (benchmarks/README.md); both are off by default. A run that does not use flex on CUDA warns once.
+  compiled with ``torch.compile`` on CUDA. The fast path (CUDA, nothing padded, no packed
+  documents, the usual LongLoRA batch): the mask function returns the BlockMask of the plain S2
+  pattern (built once per shape and kept), transformers hands it to every layer, and the attention
+  function calls flex_attention with it directly. Inside compiled decoder layers that call is traced
+  into the layer's graph: no graph break, no per-call host work (on an H100 the compiled SmolLM2
+  step at 32k went from 407 to 317 ms with compiled parts, and from 343 to 289 ms with whole
+  layers compiled; benchmarks/README.md). Everything else (padding, documents, dense masks, windows
+  shorter than a group, dropout) takes the general path, per call, outside any compiled graph.
+  flex has no dropout: with attention dropout > 0 "auto" uses sdpa and "flex" raises. On CPU flex
+  runs unfused and has no backward (tests only). ``flex_mode="max-autotune-no-cudagraphs"``
+  compiles it with block configs tuned per shape, and ``flex_kernel_options`` fixes them (BLOCK_M,
+  BLOCK_N, num_warps, ...). On SmolLM2's attention shape at 32k, autotuning took 7.5% off the
+  call's time, but made the compiled-layers training step slower (benchmarks/README.md); both are
+  off by default. Where the fast path is traced inside a compiled layer, the layer's own
+  torch.compile mode applies instead of ``flex_mode`` (a warning says so, once). A run that does not
+  use flex on CUDA warns once.
 - ``"flash"``: flash-attn's ``flash_attn_varlen_func``, every (row, document, group) one
   variable-length sequence; padding is removed first. Needs ``flash_attn`` (else ImportError at
   apply) and fp16/bf16 CUDA tensors; it cannot apply an arbitrary dense 4-D mask.
@@ -676,6 +686,7 @@ class _State:
         self.cache = _Cache()
         self._originals: dict[type, Callable] = {}
         self.warned_flex = False
+        self.warned_mode = False
 
     def detach(self):
         self.model_ref = self.base_ref = lambda: None
@@ -783,6 +794,13 @@ class _State:
             if _doc_ids(self.position_ids, self.position_ids.shape[0], T, self.cache) is not None:
                 return None  # packed documents: the general path reads them from position_ids
         o = self.options
+        if o.flex_mode is not None and not self.warned_mode:
+            model = self.model_ref()
+            if model is not None and any(m._compiled_call_impl is not None for m in model.modules()):
+                self.warned_mode = True
+                warnings.warn(f"s2attn: flex_mode={o.flex_mode!r} does not apply inside compiled decoder layers: "
+                              "flex_attention is traced into their graphs, under their torch.compile mode",
+                              stacklevel=2)
         G = group_size_for(T, o.group_size_ratio, o.group_size)
         n_shift = shifted_head_count(H, o.shifted_heads)
         key = (H, T, G, n_shift, device)
