@@ -394,6 +394,13 @@ def compile_setting(cfg: dict, accelerator=None) -> dict | None:
     return options
 
 
+def checkpoints_inside_forward(layer) -> bool:
+    """Whether transformers wraps this layer class's ``forward`` with its checkpointing (newer versions; older ones
+    override ``__call__``). The wrapper carries the original's name (functools.wraps), not its code."""
+    code = getattr(type(layer).forward, "__code__", None)
+    return code is not None and code.co_name == "forward_with_checkpointing"
+
+
 def check_layer_graphs(model, scope: str) -> bool:
     """After the first compiled step: warn (and return True) when ``compile_scope: layer`` most likely ran
     eagerly. Where transformers checkpoints inside the layer's ``forward`` (its newer versions), the
@@ -406,8 +413,8 @@ def check_layer_graphs(model, scope: str) -> bool:
     from .utils import _decoder_layers
 
     layers = _decoder_layers(model)
-    inside = any(getattr(type(layer).forward, "__name__", "") == "forward_with_checkpointing"
-                 and getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    inside = any(checkpoints_inside_forward(layer) and getattr(layer, "gradient_checkpointing", False)
+                 for layer in layers)
     if scope != "layer" or not inside or not torch._dynamo.utils.counters["graph_break"]:
         return False
     warnings.warn("train.compile_scope 'layer': a graph break inside checkpointed decoder layers (e.g. s2attn's "
@@ -861,5 +868,5 @@ __all__ = ["DEFAULTS", "load_config", "select_documents", "pack_documents", "sam
            "model_device", "Tracker", "read_log", "TrainState", "save_checkpoint", "list_checkpoints",
            "load_checkpoint", "resume_folder", "check_resume", "save_artifact", "merge_artifact", "add_commands", "make_tiny",
            "rope_options", "s2attn_options", "make_scheduler", "enable_activation_checkpointing", "compile_layers",
-           "compile_setting", "check_layer_graphs", "ManualGC", "check_compile", "uncompile_layers", "eval_settings",
-           "load_heldout", "preserve_rng", "HeldoutEval"]
+           "compile_setting", "check_layer_graphs", "checkpoints_inside_forward", "ManualGC", "check_compile",
+           "uncompile_layers", "eval_settings", "load_heldout", "preserve_rng", "HeldoutEval"]

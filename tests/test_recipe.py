@@ -329,10 +329,12 @@ def test_compile_scope_layer(tiny):
             warnings.simplefilter("always")
             runs.append(finetune(tiny, tiny / "compiled_layer_s2", *steps, "s2attn.enabled=true", "train.compile={}",
                                  "train.compile_scope=layer"))
-        layer = _decoder_layers(runs[-1]["model"])[0]
-        inside = type(layer).forward.__name__ == "forward_with_checkpointing"
+        inside = train.checkpoints_inside_forward(_decoder_layers(runs[-1]["model"])[0])
         warned = [w for w in caught if "train.compile_scope 'layer'" in str(w.message)]
-        assert counters["graph_break"] and len(warned) == int(inside)
+        # where the checkpoint is traced into the layer's graph, the break leaves no graph at all (dynamo runs the
+        # layers eagerly), and only there the recipe warns
+        assert counters["graph_break"] and inside == (counters["stats"]["unique_graphs"] == 0)
+        assert len(warned) == int(inside)
     finally:
         for run in runs:
             train.uncompile_layers(run["model"])

@@ -75,8 +75,9 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     whole-model compile loses them). Compiled once per batch shape (tens of seconds on a GPU); a
     later call with the same shapes reuses the compiled code; afterwards the model is as before.
     Results equal the eager ones to float rounding (kernels fused in a different order). Off by
-    default: on an H100 it measured slower than eager (SmolLM2 at 32k: 0.89x; benchmarks/README.md).
-    ``compile="layer"``: each whole decoder layer compiled instead (``compile_layers(scope="layer")``).
+    default: on an H100 it measured slower than eager (SmolLM2 at 32k: 0.71-0.89x; benchmarks/README.md).
+    ``compile="layer"``: each whole decoder layer compiled instead (``compile_layers(scope="layer")``;
+    1.07x eager in the same measurement).
     Returns {L: {"ppl", "nll" (mean per token), "tokens", "windows", "dropped_tokens"}}; a length
     with no full window gives tokens 0 and ppl/nll None (with a warning).
     """
