@@ -401,21 +401,27 @@ def checkpoints_inside_forward(layer) -> bool:
     return code is not None and code.co_name == "forward_with_checkpointing"
 
 
-def check_layer_graphs(model, scope: str) -> bool:
+def graph_break_count() -> int:
+    """How many graph breaks dynamo has counted in this process (``check_layer_graphs`` compares against it)."""
+    import torch._dynamo.utils
+
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def check_layer_graphs(model, scope: str, breaks_before: int = 0) -> bool:
     """After the first compiled step: warn (and return True) when ``compile_scope: layer`` most likely ran
     eagerly. Where transformers checkpoints inside the layer's ``forward`` (its newer versions), the
     checkpoint is traced into the layer's graph, and a graph break inside it (s2attn's general path:
-    padding, packed documents, backend sdpa or flash) makes dynamo run the whole layer eagerly."""
+    padding, packed documents, backend sdpa or flash) makes dynamo run the whole layer eagerly.
+    ``breaks_before``: ``graph_break_count()`` before the step (breaks counted earlier in the process do not count)."""
     import warnings
-
-    import torch._dynamo.utils
 
     from .utils import _decoder_layers
 
     layers = _decoder_layers(model)
     inside = any(checkpoints_inside_forward(layer) and getattr(layer, "gradient_checkpointing", False)
                  for layer in layers)
-    if scope != "layer" or not inside or not torch._dynamo.utils.counters["graph_break"]:
+    if scope != "layer" or not inside or graph_break_count() <= breaks_before:
         return False
     warnings.warn("train.compile_scope 'layer': a graph break inside checkpointed decoder layers (e.g. s2attn's "
                   "general path: padding, packed documents, backend sdpa/flash); with this transformers version "
@@ -868,5 +874,6 @@ __all__ = ["DEFAULTS", "load_config", "select_documents", "pack_documents", "sam
            "model_device", "Tracker", "read_log", "TrainState", "save_checkpoint", "list_checkpoints",
            "load_checkpoint", "resume_folder", "check_resume", "save_artifact", "merge_artifact", "add_commands", "make_tiny",
            "rope_options", "s2attn_options", "make_scheduler", "enable_activation_checkpointing", "compile_layers",
-           "compile_setting", "check_layer_graphs", "checkpoints_inside_forward", "ManualGC", "check_compile",
+           "compile_setting", "check_layer_graphs", "checkpoints_inside_forward",
+           "graph_break_count", "ManualGC", "check_compile",
            "uncompile_layers", "eval_settings", "load_heldout", "preserve_rng", "HeldoutEval"]

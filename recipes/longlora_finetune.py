@@ -118,7 +118,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
         if state.step == 0:
             evaluate()  # the starting point
     accumulation = accelerator.gradient_accumulation_steps
-    start_step = state.step
+    start_step, breaks_before = state.step, train.graph_break_count()
     bar = tqdm(total=t["steps"], initial=state.step, disable=not main_process, desc="train", dynamic_ncols=True)
     model.train()
     with collector:  # no automatic GC pauses inside the steps
@@ -140,7 +140,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
                 losses.append(loss.detach().float())
             scheduler.step()
             if compile_kw is not None and state.step == start_step:
-                train.check_layer_graphs(accelerator.unwrap_model(model), t["compile_scope"])
+                train.check_layer_graphs(accelerator.unwrap_model(model), t["compile_scope"], breaks_before)
             state.step += 1
             collector.step(state.step)  # inside the step's time (its logged seconds include the collection)
             loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()

@@ -252,7 +252,18 @@ def test_compiled_body_equals_eager(docs):
         assert compiled[L]["tokens"] == eager[L]["tokens"]
         assert abs(compiled[L]["nll"] - eager[L]["nll"]) < 1e-5 * abs(eager[L]["nll"])
         assert again[L]["nll"] == compiled[L]["nll"]
-    layer = perplexity(model, docs, [16, 32], progress=False, compile="layer")  # whole decoder layers compiled
+    import longctx.utils
+    import torch._dynamo.utils
+    scopes = []
+    real = longctx.utils.compile_layers
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    longctx.utils.compile_layers = lambda m, options=True, scope="parts": scopes.append(scope) or real(m, options, scope)
+    try:
+        layer = perplexity(model, docs, [16, 32], progress=False, compile="layer")  # whole decoder layers compiled
+    finally:
+        longctx.utils.compile_layers = real
+    assert scopes == ["layer"] and counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     for L in (16, 32):
         assert abs(layer[L]["nll"] - eager[L]["nll"]) < 1e-5 * abs(eager[L]["nll"])
     assert all(m._compiled_call_impl is None for m in model.modules())  # the model is as before

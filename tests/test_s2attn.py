@@ -700,19 +700,151 @@ def test_flex_fast_path_only_without_padding_or_documents(ids, fast_path_on_cpu)
     torch.testing.assert_close(plain_positions, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_flex_fast_path_module_in_eval_gets_full_attention(ids, fast_path_on_cpu):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_module_in_eval_gets_causal_attention(attn, fast, ids, monkeypatch):
     # the mask follows the base model's mode, the attention each module's: an eval-mode layer in a training
-    # model gets causal attention from the original function (the BlockMask is not passed on to it)
-    s2, calls = fast_path_on_cpu
+    # model gets the original's causal attention, with the original's own mask (None handed to eager attended
+    # to everything, in both paths), bit-identical on both paths
+    import sys
+    s2 = sys.modules["longctx.methods.s2attn"]
+    monkeypatch.setattr(s2, "_FAST_PATH_DEVICES", ("cuda", "cpu") if fast else ("cuda",))
     model = tiny_model("llama").train()
-    x = ids[:, :40]
+    model.set_attn_implementation(attn)  # tiny models are built eager
     model.model.layers[0].eval()
+    x = ids[:1, :40]
+    y = x.clone()
+    y[0, -1] = (y[0, -1] + 1) % VOCAB
     with longctx.applied(model, "s2attn", group_size=16, backend="flex"):
-        fast = logits(model, x)
-        s2._FAST_PATH_DEVICES = ("cuda",)
+        a, b = logits(model, x), logits(model, y)
+        monkeypatch.setattr(s2, "_FAST_PATH_DEVICES", ("cuda",))
         general = logits(model, x)
-    assert calls["plain"] == 1
-    assert torch.equal(fast, general)
+    assert torch.equal(a[:, :-1], b[:, :-1])  # causal: the last token changes nothing before it
+    assert torch.equal(a, general)
+
+
+def test_model_running_flex_attention_unchanged_while_s2_inactive(ids):
+    # transformers' own flex_attention implementation hands its layers BlockMasks too: only S2's are taken
+    # for S2's (an eval model got None instead of its causal BlockMask: it attended to everything)
+    model = tiny_model("llama").eval()
+    model.set_attn_implementation("flex_attention")
+    x = ids[:1, :40]
+    ref = logits(model, x)
+    with longctx.applied(model, "s2attn", group_size=16):
+        out = logits(model, x)
+    assert torch.equal(out, ref)
+
+
+def test_flex_fast_path_position_ids_not_plain_2d(ids, fast_path_on_cpu):
+    # position_ids passed positionally, or in another layout than (B, T) (qwen2-vl's (4, B, T) rows): the
+    # mask function cannot read documents from them, so the general path runs (it reads the layers' 2-D ones)
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama").eval()
+    T, G = 40, 16
+    x = ids[:, :T]
+    positions = torch.tensor([list(range(13)) + list(range(27)), list(range(20)) + list(range(20))])
+    with longctx.applied(model, "s2attn", group_size=G, backend="flex", train_only=False), torch.no_grad():
+        by_keyword = model.model(input_ids=x, position_ids=positions).last_hidden_state
+        assert calls["plain"] == 0
+        positional = model.model(x, None, positions).last_hidden_state
+        assert calls["plain"] == 0
+    assert torch.equal(positional, by_keyword)
+    # qwen2-vl: (4, B, T) position_ids, the text positions in row 0, two packed documents
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    cfg = Qwen2VLConfig(text_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB,
+                                         max_position_embeddings=64,
+                                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+                        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, in_chans=3),
+                        vocab_size=VOCAB, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, pad_token_id=0)
+    torch.manual_seed(0)
+    vl = Qwen2VLForConditionalGeneration(cfg).eval()
+    text = torch.tensor([list(range(15)) + list(range(25))])
+    pos = torch.cat([text[None], text[None].expand(3, 1, T)], 0)
+    y = x[:1].clone()
+    y[0, 3] = (y[0, 3] + 1) % (VOCAB - 3)
+    with longctx.applied(vl, "s2attn", group_size=G, backend="flex", train_only=False), torch.no_grad():
+        a = vl(input_ids=x[:1], position_ids=pos, use_cache=True).logits
+        b = vl(input_ids=y, position_ids=pos, use_cache=True).logits
+    assert calls["plain"] == 0
+    assert torch.equal(a[0, 15:], b[0, 15:])  # the second document does not see the first
+
+
+def test_flex_fast_path_nested_forward_reads_its_own_position_ids(ids, fast_path_on_cpu):
+    # a forward of the same model inside another (here from a layer's pre-hook): the inner one's packed
+    # documents are its own (the outer forward's position_ids were used)
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama").eval()
+    x = ids[:1, :40]
+    packed = torch.tensor([list(range(20)) + list(range(20))])
+    inner = {}
+
+    def run_inner(module, args):
+        if "h" not in inner:
+            inner["h"] = None
+            inner["h"] = model.model(input_ids=x, position_ids=packed).last_hidden_state
+
+    with longctx.applied(model, "s2attn", group_size=16, backend="flex", train_only=False) as patch, torch.no_grad():
+        alone = model.model(input_ids=x, position_ids=packed).last_hidden_state
+        hook = model.model.layers[0].register_forward_pre_hook(run_inner)
+        try:
+            model(x)
+        finally:
+            hook.remove()
+        state = patch._state
+        assert state.positions == [] and state.depth == 0  # nothing left from the forwards
+    assert torch.equal(inner["h"], alone)
+    assert not state.block_masks and state.causal_kwargs is None  # remove() drops what it kept
+
+
+def test_flex_fast_path_head_count_and_window_fallbacks(ids, fast_path_on_cpu):
+    # a config whose head count differs from the modules' (the BlockMask does not fit), and a sliding window
+    # shorter than a group arriving with the BlockMask: the general path, exactly
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama").eval()
+    T, G = 40, 16
+    x = ids[:, :T]
+    H = model.config.num_attention_heads
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2)))
+    model.config.num_attention_heads = 2 * H  # read by the mask function only; the modules keep H heads
+    try:
+        with longctx.applied(model, "s2attn", group_size=G, backend="flex", train_only=False):
+            out = logits(model, x)
+    finally:
+        model.config.num_attention_heads = H
+    assert calls["plain"] == model.config.num_hidden_layers and calls["general"] == calls["plain"]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the window: the attention function itself, given S2's BlockMask and sliding_window=6
+    q, k, v = qkv(1, 4, 2, T, dtype=torch.float32)
+    with longctx.applied(model, "s2attn", group_size=G, backend="flex", train_only=False) as patch:
+        state = patch._state
+        logits(model, x)
+        (block_mask,) = state.block_masks.values()  # the one the forward used, kept for the next
+        module = model.model.layers[0].self_attn
+        with torch.no_grad():
+            out, _ = state.attention(module, q, k, v, block_mask, scaling=0.5, sliding_window=6)
+    want = dense_attention(q.double(), k.double(), v.double(), rule_mask(T, 4, G, 2, window=6), 0.5)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_deepcopy_shares_the_patch_state(ids, fast_path_on_cpu):
+    # a deep copy of a patched model copies its hooks; they share the state (and act only for the original):
+    # the copy holds no second set of cached BlockMasks, and after remove() nothing cached is left anywhere
+    import copy
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama").eval()
+    x = ids[:1, :40]
+    ref = logits(model, x)
+    patch = longctx.apply(model, "s2attn", group_size=16, backend="flex", train_only=False)
+    logits(model, x)
+    state = patch._state
+    assert state.block_masks
+    twin = copy.deepcopy(model)
+    hooks = list(twin.model._forward_pre_hooks.values())
+    assert any(getattr(h, "__self__", None) is state for h in hooks)
+    patch.remove()
+    assert not state.block_masks
+    assert torch.equal(logits(twin, x), ref)  # the copy runs unpatched
 
 
 def test_flex_fast_path_traces_without_graph_breaks(ids, monkeypatch):

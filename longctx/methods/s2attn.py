@@ -679,8 +679,9 @@ class _State:
         for m in self.members:  # a tuple: a module shared with another patched model carries both markers
             m.__dict__[_MARK] = m.__dict__.get(_MARK, ()) + (self.marker,)
         self.depth = 0  # > 0 inside the patched base model's forward
-        self.position_ids = _UNKNOWN  # the running forward's position_ids (None: not given), for the mask function
+        self.positions: list = []  # per entered forward (nested ones too): its position_ids, None or _UNKNOWN
         self.block_masks: dict = {}  # (H, T, G, n_shift, device) -> BlockMask of the plain S2 pattern (no inputs)
+        self.causal_kwargs: dict | None = None  # the last active causal mask call's settings (no tensors)
         self.original = original
         self.options = options
         self.cache = _Cache()
@@ -699,23 +700,30 @@ class _State:
         self.members = weakref.WeakSet()
         self.cache.clear()
         self.block_masks.clear()
-        self.position_ids = _UNKNOWN
+        self.positions.clear()
+        self.causal_kwargs = None
         self._originals.clear()
+
+    def __deepcopy__(self, memo):
+        # a deep copy of the model copies its hooks, which hold this state: the copy's hooks share it (they act
+        # only for this model's base model, so for the copy they do nothing) instead of duplicating its caches
+        return self
 
     # forward hooks of the patched base model (a copy's hooks are copies: they check the module too)
     def enter(self, module, args, kwargs):
         if module is self.base_ref():
             if self.depth == 0:
                 self.cache.clear()  # a new forward: nothing derived from the last one's inputs is reused
-                # transformers' models pass position_ids by keyword; given any other way it is unknown here
-                self.position_ids = kwargs.get("position_ids") if len(args) <= 1 else _UNKNOWN
+                self.positions.clear()
+            # transformers' models pass position_ids by keyword; given any other way it is unknown here
+            self.positions.append(kwargs.get("position_ids") if len(args) <= 1 else _UNKNOWN)
             self.depth += 1
 
     def exit(self, module, args, output):
         if module is self.base_ref():
             self.depth = max(0, self.depth - 1)
-            if self.depth == 0:
-                self.position_ids = _UNKNOWN
+            if self.positions:
+                self.positions.pop()
 
     # which function the model would call without the patch
     def original_attention(self, module) -> Callable:
@@ -768,6 +776,8 @@ class _State:
             return original(*args, **kwargs) if original is not None else None
         if mask_function is causal_mask_function and not kwargs.get("use_vmap", False):
             mask2d = kwargs.get("attention_mask")  # 2-D bool (B, kv_len) or None
+            # for a module that does not run S2 in this forward: the original's mask is rebuilt from these
+            self.causal_kwargs = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
             if mask2d is None or bool(mask2d.all()):
                 return self.plain_block_mask(q_len, kwargs.get("config"), kwargs.get("device"))
             return mask2d[:, -kv_len:]
@@ -783,20 +793,23 @@ class _State:
             return None
         device = torch.device(device)
         dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
-        if self.backend(device, dropout, None) != "flex" or self.position_ids is _UNKNOWN:
+        positions = self.positions[-1] if self.positions else _UNKNOWN
+        if self.backend(device, dropout, None) != "flex" or positions is _UNKNOWN:
             return None
         H = getattr(config, "num_attention_heads", None)
         if not isinstance(H, int) or H < 1:
             return None
-        if self.position_ids is not None:
-            if not torch.is_tensor(self.position_ids) or self.position_ids.shape[-1] != T:
+        if positions is not None:
+            # 2-D (B, T) only: other forms (e.g. qwen2-vl's (4, B, T) rows) are the general path's to read
+            if not torch.is_tensor(positions) or positions.ndim != 2 or positions.shape[-1] != T:
                 return None
-            if _doc_ids(self.position_ids, self.position_ids.shape[0], T, self.cache) is not None:
+            if _doc_ids(positions, positions.shape[0], T, self.cache) is not None:
                 return None  # packed documents: the general path reads them from position_ids
         o = self.options
         if o.flex_mode is not None and not self.warned_mode:
             model = self.model_ref()
-            if model is not None and any(m._compiled_call_impl is not None for m in model.modules()):
+            if torch.compiler.is_compiling() or (
+                    model is not None and any(m._compiled_call_impl is not None for m in model.modules())):
                 self.warned_mode = True
                 warnings.warn(f"s2attn: flex_mode={o.flex_mode!r} does not apply inside compiled decoder layers: "
                               "flex_attention is traced into their graphs, under their torch.compile mode",
@@ -809,6 +822,7 @@ class _State:
             if len(self.block_masks) >= 8:
                 self.block_masks.clear()
             block_mask = self.block_masks[key] = _create_block_mask(s2_mask_mod(T, G, H, n_shift), None, H, T, device)
+            block_mask._longctx_s2 = self.marker  # S2's own (a model running flex_attention gets BlockMasks too)
         return block_mask
 
     # registered in AttentionInterface
@@ -816,14 +830,36 @@ class _State:
         T = query.shape[-2]
         causal = (getattr(module, "is_causal", True) is not False and kwargs.get("is_causal", True) is not False
                   and getattr(getattr(module, "config", None), "is_causal", True) is not False)
-        plain = isinstance(attention_mask, BlockMask)  # from plain_block_mask: no padding, no documents
+        # from plain_block_mask (no padding, no documents); checked by a marker, which dynamo guards as one value
+        plain = isinstance(attention_mask, BlockMask) and getattr(attention_mask, "_longctx_s2", None) is self.marker
         if not (self.enabled(module) and causal and key.shape[-2] == T):
-            # a BlockMask is only built for an unpadded causal forward: the original's causal attention
-            return self.original_attention(module)(module, query, key, value, None if plain else attention_mask,
-                                                   **kwargs)
+            # S2's masks (its BlockMask, or None / the 2-D padding mask for a causal forward) are not what the
+            # original takes; it gets its own mask function's mask (sdpa and flash take None and 2-D masks as is)
+            if plain or (attention_mask is None and not self._none_is_causal()) or (
+                    torch.is_tensor(attention_mask) and attention_mask.ndim == 2 and not self.original.startswith("flash")):
+                attention_mask = self._original_mask(module, query, None if plain else attention_mask)
+            return self.original_attention(module)(module, query, key, value, attention_mask, **kwargs)
         if plain:
             return self._flex_plain(query, key, value, attention_mask, kwargs)
         return self._s2_attention(query, key, value, attention_mask, kwargs)
+
+    def _none_is_causal(self) -> bool:
+        return self.original == "sdpa" or self.original.startswith("flash")
+
+    @torch.compiler.disable
+    def _original_mask(self, module, query, mask2d):
+        """The original implementation's mask for a causal forward of ``query``'s shape with padding ``mask2d``
+        (or none), from the settings of the last active causal mask call (else the module's config)."""
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+        fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(self.original)
+        if fn is None:
+            return mask2d
+        B, T = query.shape[0], query.shape[-2]
+        kw = self.causal_kwargs or {"mask_function": causal_mask_function, "dtype": query.dtype,
+                                    "config": getattr(module, "config", None), "use_vmap": False}
+        kw = {**kw, "batch_size": B, "q_length": T, "kv_length": T, "q_offset": 0, "kv_offset": 0,
+              "attention_mask": mask2d, "allow_is_causal_skip": True, "device": query.device}
+        return fn(**kw)
 
     # Traceable: a compiled decoder layer keeps flex_attention inside its graph (no graph break, no per-call
     # host work beyond the graph's own launch).
