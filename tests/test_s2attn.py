@@ -86,6 +86,10 @@ EXTRA_FAMILIES = {
     "gemma": dict(num_key_value_heads=2, head_dim=16),
     "gemma2": dict(num_key_value_heads=2, head_dim=16, sliding_window=10, attn_logit_softcapping=20.0,
                    final_logit_softcapping=None),
+    # multi-head latent attention: q/k heads of 8 + 8, value heads of 8 (no GQA), MoE after the first layer
+    "deepseek_v3": dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        first_k_dense_replace=1, n_group=1, topk_group=1),
 }
 
 
@@ -891,3 +895,27 @@ def test_flex_mode_under_compiled_layers_is_reported(ids, monkeypatch):
             logits(model, x)  # once
         finally:
             attn._compiled_call_impl = None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_head_size_differs(backend):
+    # DeepSeek-V3-style attention: values narrower than queries/keys (the sdpa backend reshaped them with q's size)
+    T, G = 37, 8
+    q, k, _ = qkv(2, 4, 2, T, D=12)
+    v = torch.randn(2, 2, T, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = s2_attention(q, k, v, group_size=G, n_shift=2, backend=backend)
+    mask = rule_mask(T, 4, G, 2)
+    assert out.shape == (2, T, 4, 8)
+    assert_close_rows(out, dense_attention(q, k, v, mask, 12 ** -0.5), mask)
+
+
+def test_deepseek_v3_model(ids):
+    model = model_of("deepseek_v3").train()
+    T, G = 40, 16
+    x = ids[:, :T]
+    H = model.config.num_attention_heads
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2)))
+    with longctx.applied(model, "s2attn", group_size=G):
+        out = logits(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - logits(model, x)).abs().max() > 1e-3  # S2 is not full attention here

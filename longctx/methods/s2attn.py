@@ -304,13 +304,13 @@ def _groups_sdpa(q, k, v, start, G, h0, h1, cons, scale, dropout, softcap, gqa):
     B, h, n, D = q.shape
     nG = n // G
 
-    def grouped(x):  # (B, h', n, D) -> (B*nG, h', G, D); a view when x is (B, n, h, D) in memory and B == 1
+    def grouped(x):  # (B, h', n, d) -> (B*nG, h', G, d); a view when x is (B, n, h, d) in memory and B == 1
         x = x.transpose(1, 2)
-        return x.reshape(B * nG, G, x.shape[2], D).transpose(1, 2)
+        return x.reshape(B * nG, G, x.shape[2], x.shape[3]).transpose(1, 2)
 
     mask = cons.blocks(start, n, G, h0, h1, B, q.dtype)
     out = _attend(grouped(q), grouped(k), grouped(v), mask, scale, dropout, softcap, gqa)
-    return out.transpose(1, 2).reshape(B, n, h, D)
+    return out.transpose(1, 2).reshape(B, n, h, v.shape[-1])  # values may be narrower than q/k (DeepSeek-V3)
 
 
 def _segments(T: int, G: int, shift: int) -> list[tuple[int, int, int]]:
