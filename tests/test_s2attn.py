@@ -467,6 +467,7 @@ def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_
     """flash_attn_varlen_func's contract, computed densely on CPU: each cu_seqlens span is one sequence."""
     assert torch.equal(cu_q, cu_k) and causal and cu_q.dtype == torch.int32
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    assert q.shape[-1] == k.shape[-1] == v.shape[-1]  # one head size (flash-attn 2)
     rep = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
@@ -897,16 +898,22 @@ def test_flex_mode_under_compiled_layers_is_reported(ids, monkeypatch):
             attn._compiled_call_impl = None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_value_head_size_differs(backend):
-    # DeepSeek-V3-style attention: values narrower than queries/keys (the sdpa backend reshaped them with q's size)
+@pytest.mark.parametrize("backend", BACKENDS + ["flash"])
+def test_value_head_size_differs(backend, monkeypatch):
+    # DeepSeek-V3-style attention: values narrower than queries/keys (the sdpa and flash backends reshaped them
+    # with q's size; flash-attn takes one head size: values are padded, the output cropped)
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake_flash_varlen))
     T, G = 37, 8
     q, k, _ = qkv(2, 4, 2, T, D=12)
     v = torch.randn(2, 2, T, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    out = s2_attention(q, k, v, group_size=G, n_shift=2, backend=backend)
-    mask = rule_mask(T, 4, G, 2)
-    assert out.shape == (2, T, 4, 8)
-    assert_close_rows(out, dense_attention(q, k, v, mask, 12 ** -0.5), mask)
+    valid = padding("left", 2, T)
+    for kw in (dict(), dict(valid=valid)):
+        out = s2_attention(q, k, v, group_size=G, n_shift=2, backend=backend, **kw)
+        mask = rule_mask(T, 4, G, 2, kw.get("valid"))
+        assert out.shape == (2, T, 4, 8)
+        assert_close_rows(out, dense_attention(q, k, v, mask, 12 ** -0.5), mask, queries=kw.get("valid"))
 
 
 def test_deepseek_v3_model(ids):
@@ -919,3 +926,64 @@ def test_deepseek_v3_model(ids):
         out = logits(model, x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert (out - logits(model, x)).abs().max() > 1e-3  # S2 is not full attention here
+
+
+def test_non_causal_attention_left_alone(ids):
+    # the original's causal mask is rebuilt only for causal self-attention: a bidirectional decoder and an
+    # encoder-decoder (cross-attention has other key lengths) run exactly as unpatched, S2 active or not
+    from transformers import BartConfig, BartForConditionalGeneration
+    x = ids[:, :40]
+    for train in (False, True):
+        model = tiny_model("llama").train(train)
+        model.config.is_causal = False
+        ref = logits(model, x)
+        with longctx.applied(model, "s2attn", group_size=16):
+            logits(tiny_model("llama").train(), x)  # an active causal mask call elsewhere does not matter
+            out = logits(model, x)
+        assert torch.equal(out, ref)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration._from_config(cfg, attn_implementation="eager").train()
+    src, tgt = ids[:1, :30], ids[1:, :20]
+    bart.model.decoder.layers[0].eval()  # not running S2 while its mask function is active
+    ref = logits(bart, src, decoder_input_ids=tgt)
+    with longctx.applied(bart, "s2attn", group_size=8):
+        bart.model.decoder.layers[0].self_attn.eval()
+        out = logits(bart, src, decoder_input_ids=tgt)
+    assert torch.isfinite(out).all() and out.shape == ref.shape
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_eval_layers_in_training_model_with_sliding_windows(family, ids):
+    # every layer in eval mode inside a training model: nothing runs S2, so the output is the unpatched one; the
+    # dense bool masks S2's mask function builds for windows shorter than T reach eager in its additive form
+    overrides = {"sliding_window": 16} if family == "mistral" else {}
+    model = model_of(family, **overrides).train()
+    for layer in model.model.layers:
+        layer.eval()
+    x = ids[:, :40]
+    ref = logits(model, x)
+    with longctx.applied(model, "s2attn", group_size=16):
+        out = logits(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    model.set_attn_implementation("flex_attention")  # which cannot take a dense mask: said, not run wrongly
+    with longctx.applied(model, "s2attn", group_size=16):
+        with pytest.raises(NotImplementedError, match="got a dense mask, which transformers' flex_attention cannot"):
+            logits(model, x)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_eval_layers_in_training_model_with_packed_documents(attn, ids):
+    # S2's mask function lets transformers' packed-document mask skip (S2 reads the documents from position_ids);
+    # a module that does not run S2 gets the mask transformers would have built (documents kept apart)
+    model = tiny_model("llama").train()
+    model.set_attn_implementation(attn)
+    for layer in model.model.layers:
+        layer.eval()
+    x = ids[:, :40]
+    packed = torch.tensor([list(range(20)) + list(range(20))] * 2)
+    ref = logits(model, x, position_ids=packed, use_cache=False)
+    with longctx.applied(model, "s2attn", group_size=16):
+        out = logits(model, x, position_ids=packed, use_cache=False)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)

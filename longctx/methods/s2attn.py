@@ -64,8 +64,12 @@ plain causal mask: None when nothing is padded, else the 2-D bool padding mask (
 does for flash attention); for any other mask pattern (sliding window beyond T, packing detected
 by transformers, multimodal overlays): transformers' dense 4-D bool ``sdpa_mask``, which is
 intersected with the S2 pattern. A 4-D mask passed by the user (bool, or float additive) reaches
-the function as is and is intersected likewise. Transformers has no API to unregister a name:
-the two small entries stay registered after ``remove()`` and hold no reference to the model.
+the function as is and is intersected likewise. A module that does not run S2 while the mask
+function is active (an eval-mode layer inside a training model, a model sharing the config run
+inside the forward) gets its original implementation's own mask, rebuilt: causal, padding, packed
+documents; dense window masks in eager's additive form. transformers' flex_attention cannot take
+those dense masks (NotImplementedError, never a wrong result). Transformers has no API to unregister
+a name: the two small entries stay registered after ``remove()`` and hold no reference to the model.
 
 Backends (``backend=``):
 - ``"sdpa"`` (default on CPU, and wherever flex is unavailable): the whole groups are reshaped
@@ -473,6 +477,9 @@ def _flash_backend(q, k, v, G, n_shift, cons, scale, dropout, softcap):
                            "detected by transformers, sliding windows shorter than the sequence); use "
                            "backend='sdpa' or 'flex'")
     B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    if Dv < D:  # flash-attn takes one head size: narrower values (DeepSeek-V3) are zero-padded, the output cropped
+        v = F.pad(v, [0, D - Dv])
     Hk = k.shape[1]
     rep = H // Hk
     device = q.device
@@ -515,7 +522,7 @@ def _flash_backend(q, k, v, G, n_shift, cons, scale, dropout, softcap):
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     if keep is not None:
         out = out.new_zeros(B * T, H, D).index_copy(0, keep, out)
-    return out.view(B, T, H, D)
+    return out.view(B, T, H, D)[..., :Dv]
 
 
 # -- the attention function --------------------------------------------------------------------------
@@ -682,6 +689,8 @@ class _State:
         self.positions: list = []  # per entered forward (nested ones too): its position_ids, None or _UNKNOWN
         self.block_masks: dict = {}  # (H, T, G, n_shift, device) -> BlockMask of the plain S2 pattern (no inputs)
         self.causal_kwargs: dict | None = None  # the last active causal mask call's settings (no tensors)
+        self.masks_active = False  # S2's mask function was active in the current (last) forward
+        self.skipped: list = []  # this forward's mask calls S2 let skip (None) where transformers would not have
         self.original = original
         self.options = options
         self.cache = _Cache()
@@ -715,6 +724,8 @@ class _State:
             if self.depth == 0:
                 self.cache.clear()  # a new forward: nothing derived from the last one's inputs is reused
                 self.positions.clear()
+                self.masks_active = False
+                self.skipped = []
             # transformers' models pass position_ids by keyword; given any other way it is unknown here
             self.positions.append(kwargs.get("position_ids") if len(args) <= 1 else _UNKNOWN)
             self.depth += 1
@@ -774,6 +785,7 @@ class _State:
         if not active:
             original = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(self.original)
             return original(*args, **kwargs) if original is not None else None
+        self.masks_active = True
         if mask_function is causal_mask_function and not kwargs.get("use_vmap", False):
             mask2d = kwargs.get("attention_mask")  # 2-D bool (B, kv_len) or None
             # for a module that does not run S2 in this forward: the original's mask is rebuilt from these
@@ -781,8 +793,10 @@ class _State:
             if mask2d is None or bool(mask2d.all()):
                 return self.plain_block_mask(q_len, kwargs.get("config"), kwargs.get("device"))
             return mask2d[:, -kv_len:]
-        kwargs = {**kwargs, "allow_is_causal_skip": True}
-        return sdpa_mask(**kwargs)
+        result = sdpa_mask(**{**kwargs, "allow_is_causal_skip": True})
+        if result is None and not kwargs.get("allow_is_causal_skip", True):
+            self.skipped.append(kwargs)  # e.g. packed documents, which S2 reads from position_ids itself
+        return result
 
     def plain_block_mask(self, T: int, config, device):
         """The flex fast path: for a forward with nothing padded and no documents, the mask function returns
@@ -835,13 +849,29 @@ class _State:
         if not (self.enabled(module) and causal and key.shape[-2] == T):
             # S2's masks (its BlockMask, or None / the 2-D padding mask for a causal forward) are not what the
             # original takes; it gets its own mask function's mask (sdpa and flash take None and 2-D masks as is)
-            if plain or (attention_mask is None and not self._none_is_causal()) or (
-                    torch.is_tensor(attention_mask) and attention_mask.ndim == 2 and not self.original.startswith("flash")):
+            # (only for a causal self-attention call after an active mask call: a non-causal module, or
+            # cross-attention, gets its mask as built for it)
+            if causal and key.shape[-2] == T and (self.causal_kwargs is not None or self.skipped) and (
+                    plain or (attention_mask is None and (self.skipped or not self._none_is_causal()))
+                    or (torch.is_tensor(attention_mask) and attention_mask.ndim == 2
+                        and not self.original.startswith("flash"))):
                 attention_mask = self._original_mask(module, query, None if plain else attention_mask)
+            elif (torch.is_tensor(attention_mask) and attention_mask.dtype == torch.bool and attention_mask.ndim == 4
+                  and self.original in ("eager", "flex_attention") and self.masks_active):
+                attention_mask = self._original_dense_mask(attention_mask, query.dtype)
             return self.original_attention(module)(module, query, key, value, attention_mask, **kwargs)
         if plain:
             return self._flex_plain(query, key, value, attention_mask, kwargs)
         return self._s2_attention(query, key, value, attention_mask, kwargs)
+
+    def _original_dense_mask(self, mask, dtype):
+        """S2's mask function returns dense 4-D bool masks (sliding windows, overlays); eager adds masks to
+        the scores, so it gets the additive float form. transformers' flex_attention cannot take them."""
+        if self.original == "flex_attention":
+            raise NotImplementedError("s2attn: a module that does not run S2 (e.g. an eval-mode layer inside a "
+                                      "training model) got a dense mask, which transformers' flex_attention cannot "
+                                      "take; put the whole model in one mode, or use attn_implementation 'sdpa'")
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     def _none_is_causal(self) -> bool:
         return self.original == "sdpa" or self.original.startswith("flash")
@@ -854,6 +884,12 @@ class _State:
         fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(self.original)
         if fn is None:
             return mask2d
+        if mask2d is None and self.skipped:  # S2 skipped a mask transformers needs (packed documents, overlays)
+            if len(self.skipped) > 1:
+                raise NotImplementedError("s2attn: a module that does not run S2 (e.g. an eval-mode layer inside a "
+                                          "training model) cannot be given its mask: several layer types built "
+                                          "masks S2 skipped (packed documents?); put the whole model in one mode")
+            return fn(**self.skipped[0])
         B, T = query.shape[0], query.shape[-2]
         kw = self.causal_kwargs or {"mask_function": causal_mask_function, "dtype": query.dtype,
                                     "config": getattr(module, "config", None), "use_vmap": False}
