@@ -954,23 +954,30 @@ def test_non_causal_attention_left_alone(ids):
     assert torch.isfinite(out).all() and out.shape == ref.shape
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
-def test_eval_layers_in_training_model_with_sliding_windows(family, ids):
+@pytest.mark.parametrize("family,window", [("mistral", 16), ("mistral", 64), ("gemma3_text", None)])
+def test_eval_layers_in_training_model_with_sliding_windows(family, window, ids):
     # every layer in eval mode inside a training model: nothing runs S2, so the output is the unpatched one; the
-    # dense bool masks S2's mask function builds for windows shorter than T reach eager in its additive form
-    overrides = {"sliding_window": 16} if family == "mistral" else {}
+    # dense bool masks S2's mask function builds for windows shorter than T reach eager in its additive form, and
+    # a window of at least T (no mask call but sliding ones, all skipped) still gets the causal mask
+    overrides = {"sliding_window": window} if window else {}
     model = model_of(family, **overrides).train()
     for layer in model.model.layers:
         layer.eval()
     x = ids[:, :40]
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % VOCAB
     ref = logits(model, x)
     with longctx.applied(model, "s2attn", group_size=16):
-        out = logits(model, x)
+        out, changed = logits(model, x), logits(model, y)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[:, :-1], changed[:, :-1])  # causal
     model.set_attn_implementation("flex_attention")  # which cannot take a dense mask: said, not run wrongly
     with longctx.applied(model, "s2attn", group_size=16):
-        with pytest.raises(NotImplementedError, match="got a dense mask, which transformers' flex_attention cannot"):
-            logits(model, x)
+        if window is not None and window >= 40:
+            torch.testing.assert_close(logits(model, x), ref, rtol=1e-5, atol=1e-5)
+        else:
+            with pytest.raises(NotImplementedError, match="got a dense mask, which transformers' flex_attention"):
+                logits(model, x)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -987,3 +994,36 @@ def test_eval_layers_in_training_model_with_packed_documents(attn, ids):
     with longctx.applied(model, "s2attn", group_size=16):
         out = logits(model, x, position_ids=packed, use_cache=False)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_eval_layers_packed_documents_all_sliding_qwen2(attn, ids):
+    # qwen2 with every layer sliding (window >= T) builds a full and a sliding mask: with packed documents both are
+    # skipped by S2's mask function, and each eval-mode layer gets the one of its own kind (was: an error)
+    model = model_of("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=0,
+                     layer_types=["sliding_attention", "sliding_attention"]).train()
+    model.set_attn_implementation(attn)
+    for layer in model.model.layers:
+        layer.eval()
+    x = ids[:, :40]
+    packed = torch.tensor([list(range(20)) + list(range(20))] * 2)
+    ref = logits(model, x, position_ids=packed, use_cache=False)
+    with longctx.applied(model, "s2attn", group_size=16):
+        out = logits(model, x, position_ids=packed, use_cache=False)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_copy_run_after_a_packed_training_forward(ids):
+    # what a patched forward records for modules not running S2 ends with that forward: a deep copy (or a model
+    # sharing the config) run afterwards runs as unpatched (it got the last batch's packed-document mask)
+    import copy
+    model = tiny_model("llama").train()
+    model.set_attn_implementation("sdpa")
+    x = ids[:, :40]
+    packed = torch.tensor([list(range(20)) + list(range(20))] * 2)
+    ref, ref24 = logits(model.eval(), x), logits(model, x[:, :24])
+    with longctx.applied(model.train(), "s2attn", group_size=16):
+        twin = copy.deepcopy(model).eval()  # its config names S2's functions: they run, for a model not patched
+        logits(model, x, position_ids=packed, use_cache=False)
+        assert torch.equal(logits(twin, x), ref)
+        assert torch.equal(logits(twin, x[:, :24]), ref24)

@@ -735,6 +735,9 @@ class _State:
             self.depth = max(0, self.depth - 1)
             if self.positions:
                 self.positions.pop()
+            if self.depth == 0:  # a copy or a model sharing the config, run later, is not inside this forward
+                self.masks_active = False
+                self.skipped = []
 
     # which function the model would call without the patch
     def original_attention(self, module) -> Callable:
@@ -851,11 +854,12 @@ class _State:
             # original takes; it gets its own mask function's mask (sdpa and flash take None and 2-D masks as is)
             # (only for a causal self-attention call after an active mask call: a non-causal module, or
             # cross-attention, gets its mask as built for it)
-            if causal and key.shape[-2] == T and (self.causal_kwargs is not None or self.skipped) and (
+            if causal and key.shape[-2] == T and self.masks_active and (
                     plain or (attention_mask is None and (self.skipped or not self._none_is_causal()))
                     or (torch.is_tensor(attention_mask) and attention_mask.ndim == 2
                         and not self.original.startswith("flash"))):
-                attention_mask = self._original_mask(module, query, None if plain else attention_mask)
+                attention_mask = self._original_mask(module, query, None if plain else attention_mask,
+                                                     kwargs.get("sliding_window"))
             elif (torch.is_tensor(attention_mask) and attention_mask.dtype == torch.bool and attention_mask.ndim == 4
                   and self.original in ("eager", "flex_attention") and self.masks_active):
                 attention_mask = self._original_dense_mask(attention_mask, query.dtype)
@@ -877,7 +881,7 @@ class _State:
         return self.original == "sdpa" or self.original.startswith("flash")
 
     @torch.compiler.disable
-    def _original_mask(self, module, query, mask2d):
+    def _original_mask(self, module, query, mask2d, window=None):
         """The original implementation's mask for a causal forward of ``query``'s shape with padding ``mask2d``
         (or none), from the settings of the last active causal mask call (else the module's config)."""
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
@@ -885,11 +889,13 @@ class _State:
         if fn is None:
             return mask2d
         if mask2d is None and self.skipped:  # S2 skipped a mask transformers needs (packed documents, overlays)
-            if len(self.skipped) > 1:
+            # the call of this layer's kind: its window (None for full attention) is the call's local_size
+            mine = [kw for kw in self.skipped if kw.get("local_size") == window]
+            if len(mine) != 1 and len(self.skipped) > 1:
                 raise NotImplementedError("s2attn: a module that does not run S2 (e.g. an eval-mode layer inside a "
                                           "training model) cannot be given its mask: several layer types built "
                                           "masks S2 skipped (packed documents?); put the whole model in one mode")
-            return fn(**self.skipped[0])
+            return fn(**(mine[0] if len(mine) == 1 else self.skipped[0]))
         B, T = query.shape[0], query.shape[-2]
         kw = self.causal_kwargs or {"mask_function": causal_mask_function, "dtype": query.dtype,
                                     "config": getattr(module, "config", None), "use_vmap": False}
