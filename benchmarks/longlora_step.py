@@ -23,8 +23,9 @@ Attention, in one process on the same model:
   s2          longctx.apply(model, "s2attn", group_size_ratio=0.25), one case per --s2-backends entry
               (auto: flex on CUDA, sdpa on CPU); the sdpa backend runs under each SDPA kernel alone;
               flex-autotune: flex with flex_mode="max-autotune-no-cudagraphs" (block sizes tuned per shape);
-              flex-general: flex with the mask function's BlockMask fast path turned off (the attention
-              function builds or looks up the mask per call, outside any compiled graph: the code before it)
+              flex-general / sdpa-general: flex / sdpa with the fast path turned off (the mask function
+              returns no BlockMask; the attention function runs S2 per call, outside any compiled graph:
+              the code before the fast path, which sdpa got later than flex)
 Compilation (--compile, each variant a case of every attention above):
   eager       the recipe's default
   layers      longctx.train.compile_layers(model): every decoder layer's attention module, MLP and norms
@@ -125,7 +126,7 @@ def no_attention_name() -> str:
 KERNELS = ("cudnn", "flash", "efficient")
 COMPILES = ("eager", "layers", "whole")
 # flex-autotune: flex_mode max-autotune-no-cudagraphs; flex-general: flex without the BlockMask fast path
-S2_BACKENDS = ("auto", "sdpa", "flex", "flash", "flex-autotune", "flex-general")
+S2_BACKENDS = ("auto", "sdpa", "flex", "flash", "flex-autotune", "flex-general", "sdpa-general")
 
 
 def sdpa_kernels(device, wanted) -> dict:
@@ -193,9 +194,10 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
     s2_module = importlib.import_module("longctx.methods.s2attn")
     fast_devices = s2_module._FAST_PATH_DEVICES
     if attention == "s2":  # on the model inside the peft wrapper, like the recipe (there before LoRA)
+        general = s2_backend.endswith("-general")
         extra = {"backend": "flex", "flex_mode": "max-autotune-no-cudagraphs"} if s2_backend == "flex-autotune" \
-            else {"backend": "flex"} if s2_backend == "flex-general" else {"backend": s2_backend}
-        if s2_backend == "flex-general":
+            else {"backend": s2_backend.removesuffix("-general")}
+        if general:
             s2_module._FAST_PATH_DEVICES = ()
         patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, **extra)
     step = optimizer = None
@@ -224,7 +226,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if patch is not None:
             row["s2_backend"] = patch._state.backend(device, 0.0, None) + (
-                "-autotune" if patch.options.flex_mode else "") + ("-general" if s2_backend == "flex-general" else "")
+                "-autotune" if patch.options.flex_mode else "") + ("-general" if s2_backend.endswith("-general") else "")
         return row
     except torch.OutOfMemoryError:
         return {"error": "OOM"}
@@ -259,7 +261,7 @@ def run_model(name: str, args, device, autocast_dtype) -> list[dict]:
         cases += [("none", None, None, None)] if "none" in args.attention else []
         if "s2" in args.attention:
             for b in args.s2_backends:  # S2 through sdpa: under each SDPA kernel alone, as full attention
-                if b == "sdpa" and device.type == "cuda":
+                if b in ("sdpa", "sdpa-general") and device.type == "cuda":
                     cases += [("s2", k, kernel, b) for k, kernel in sdpa_kernels(device, args.kernels).items()]
                 else:
                     cases.append(("s2", None, None, b))

@@ -111,10 +111,11 @@ def test_compiled_layers_with_flex_s2_train_step():
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
 @pytest.mark.parametrize("scope", ["parts", "layer"])
-def test_flex_fast_path_in_compiled_layers(scope, monkeypatch):
-    # the mask function's BlockMask, flex traced into the compiled graphs (no graph break), against the
-    # general path (the BlockMask looked up per call, outside the graphs): loss and gradients, with
+def test_fast_path_in_compiled_layers(scope, backend, monkeypatch):
+    # the mask function's BlockMask, S2 (flex, or the grouped SDPA calls) traced into the compiled graphs (no
+    # graph break), against the general path (per call, outside the graphs): loss and gradients, with
     # gradient checkpointing, each decoder layer's parts or each layer compiled
     import sys
 
@@ -127,7 +128,7 @@ def test_flex_fast_path_in_compiled_layers(scope, monkeypatch):
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(CUDA).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend="flex")
+    patch = longctx.apply(model, "s2attn", group_size_ratio=0.25, backend=backend)
     x = ids_for(512)
     counters = torch._dynamo.utils.counters
 

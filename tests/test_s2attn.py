@@ -649,16 +649,17 @@ def fast_path_on_cpu(monkeypatch):
     s2 = sys.modules["longctx.methods.s2attn"]
     monkeypatch.setattr(s2, "_FAST_PATH_DEVICES", ("cuda", "cpu"))
     calls = {"plain": 0, "general": 0}
-    plain, general = s2._State._flex_plain, s2._State._s2_attention
-    monkeypatch.setattr(s2._State, "_flex_plain",
+    plain, general = s2._State._plain, s2._State._s2_attention
+    monkeypatch.setattr(s2._State, "_plain",
                         lambda self, *a: calls.__setitem__("plain", calls["plain"] + 1) or plain(self, *a))
     monkeypatch.setattr(s2._State, "_s2_attention",
                         lambda self, *a: calls.__setitem__("general", calls["general"] + 1) or general(self, *a))
     return s2, calls
 
 
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2", "gemma2"])
-def test_flex_fast_path_equals_the_rule_and_the_general_path(family, ids, fast_path_on_cpu):
+def test_fast_path_equals_the_rule_and_the_general_path(family, backend, ids, fast_path_on_cpu):
     # gemma2: logit softcap in the attention, and sliding layers (their masks take the general path)
     s2, calls = fast_path_on_cpu
     model = model_of(family).eval()
@@ -670,7 +671,7 @@ def test_flex_fast_path_equals_the_rule_and_the_general_path(family, ids, fast_p
     masks = {"full_attention": float_mask(rule_mask(T, H, G, H // 2)),
              "sliding_attention": float_mask(rule_mask(T, H, G, H // 2, window=W))}
     ref = logits(model, x, attention_mask=masks if len(set(types)) > 1 else masks["full_attention"])
-    with longctx.applied(model, "s2attn", group_size=G, backend="flex", train_only=False):
+    with longctx.applied(model, "s2attn", group_size=G, backend=backend, train_only=False):
         fast = logits(model, x)
         n_plain = calls["plain"]
         s2._FAST_PATH_DEVICES = ("cuda",)
@@ -802,9 +803,11 @@ def test_flex_fast_path_nested_forward_reads_its_own_position_ids(ids, fast_path
     assert not state.block_masks and state.causal_kwargs is None  # remove() drops what it kept
 
 
-def test_flex_fast_path_head_count_and_window_fallbacks(ids, fast_path_on_cpu):
-    # a config whose head count differs from the modules' (the BlockMask does not fit), and a sliding window
-    # shorter than a group arriving with the BlockMask: the general path, exactly
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_fast_path_head_count_and_window_fallbacks(backend, ids, fast_path_on_cpu):
+    # a config whose head count differs from the modules' (the BlockMask does not fit): the general path,
+    # exactly; a sliding window shorter than a group arriving with the BlockMask: flex's BlockMask has no
+    # window (the general path), sdpa applies it itself: both exact
     s2, calls = fast_path_on_cpu
     model = tiny_model("llama").eval()
     T, G = 40, 16
@@ -813,7 +816,7 @@ def test_flex_fast_path_head_count_and_window_fallbacks(ids, fast_path_on_cpu):
     ref = logits(model, x, attention_mask=float_mask(rule_mask(T, H, G, H // 2)))
     model.config.num_attention_heads = 2 * H  # read by the mask function only; the modules keep H heads
     try:
-        with longctx.applied(model, "s2attn", group_size=G, backend="flex", train_only=False):
+        with longctx.applied(model, "s2attn", group_size=G, backend=backend, train_only=False):
             out = logits(model, x)
     finally:
         model.config.num_attention_heads = H
@@ -821,7 +824,7 @@ def test_flex_fast_path_head_count_and_window_fallbacks(ids, fast_path_on_cpu):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # the window: the attention function itself, given S2's BlockMask and sliding_window=6
     q, k, v = qkv(1, 4, 2, T, dtype=torch.float32)
-    with longctx.applied(model, "s2attn", group_size=G, backend="flex", train_only=False) as patch:
+    with longctx.applied(model, "s2attn", group_size=G, backend=backend, train_only=False) as patch:
         state = patch._state
         logits(model, x)
         (block_mask,) = state.block_masks.values()  # the one the forward used, kept for the next
@@ -852,14 +855,15 @@ def test_deepcopy_shares_the_patch_state(ids, fast_path_on_cpu):
     assert torch.equal(logits(twin, x), ref)  # the copy runs unpatched
 
 
-def test_flex_fast_path_traces_without_graph_breaks(ids, monkeypatch):
-    # inside a compiled layer the fast path is one graph: flex_attention traced (dynamo only, no inductor;
-    # fullgraph=True: a graph break, e.g. in the general path, is an error)
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_fast_path_traces_without_graph_breaks(backend, ids, monkeypatch):
+    # inside a compiled layer the fast path is one graph: flex_attention, or the grouped SDPA calls, traced
+    # (dynamo only, no inductor; fullgraph=True: a graph break, e.g. in the general path, is an error)
     import sys
     monkeypatch.setattr(sys.modules["longctx.methods.s2attn"], "_FAST_PATH_DEVICES", ("cuda", "cpu"))
     model = tiny_model("llama").eval()
     x = ids[:, :40]
-    with longctx.applied(model, "s2attn", group_size=16, backend="flex", train_only=False):
+    with longctx.applied(model, "s2attn", group_size=16, backend=backend, train_only=False):
         eager = logits(model, x)
         counter = torch._dynamo.testing.CompileCounter()
         torch._dynamo.reset()
@@ -875,6 +879,38 @@ def test_flex_fast_path_traces_without_graph_breaks(ids, monkeypatch):
             torch._dynamo.reset()
     assert counter.frame_count == 1
     assert torch.equal(compiled, eager) and torch.equal(compiled2, eager)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_sdpa_fast_path_gradients_equal_the_general_path(dropout, ids, fast_path_on_cpu):
+    # training with the sdpa backend (auto's choice under attention dropout): the fast path's loss and
+    # gradients are bit-identical to the general path's, dropout included (the same SDPA calls, same order)
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama", attention_dropout=dropout).train()
+    model.set_attn_implementation("sdpa")
+    x = ids[:, :45]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = model(x, labels=x, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    with longctx.applied(model, "s2attn", group_size=12, backend="sdpa" if not dropout else "auto"):
+        fast = step()
+        assert calls["plain"] == model.config.num_hidden_layers and calls["general"] == 0
+        s2._FAST_PATH_DEVICES = ("cuda",)
+        general = step()
+        assert calls["general"] == model.config.num_hidden_layers
+    assert torch.equal(fast[0], general[0])
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], general[1]))
+    if dropout:  # dropout acted: without it the loss differs
+        model.config.attention_dropout = 0.0
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.0
+        with longctx.applied(model, "s2attn", group_size=12, backend="sdpa"):
+            assert not torch.equal(step()[0], fast[0])
 
 
 def test_flex_mode_under_compiled_layers_is_reported(ids, monkeypatch):

@@ -125,7 +125,7 @@ except ImportError:  # torch < 2.5: no flex; isinstance(x, ()) is False
 BACKENDS = ("auto", "sdpa", "flex", "flash")
 _MARK = "_longctx_s2attn_member"  # attribute of the patched instance's modules while the patch is on
 _UNKNOWN = object()  # position_ids outside a forward, or passed positionally
-_FAST_PATH_DEVICES = ("cuda",)  # where the mask function builds the flex BlockMask (tests add "cpu")
+_FAST_PATH_DEVICES = ("cuda",)  # where the mask function returns S2's BlockMask, the fast path (tests add "cpu")
 _NAMES = itertools.count()
 
 
@@ -687,7 +687,7 @@ class _State:
             m.__dict__[_MARK] = m.__dict__.get(_MARK, ()) + (self.marker,)
         self.depth = 0  # > 0 inside the patched base model's forward
         self.positions: list = []  # per entered forward (nested ones too): its position_ids, None or _UNKNOWN
-        self.block_masks: dict = {}  # (H, T, G, n_shift, device) -> BlockMask of the plain S2 pattern (no inputs)
+        self.block_masks: dict = {}  # (H, T, G, n_shift, device, backend) -> BlockMask of the plain S2 pattern
         self.causal_kwargs: dict | None = None  # the last active causal mask call's settings (no tensors)
         self.masks_active = False  # S2's mask function was active in the current (last) forward
         self.skipped: list = []  # this forward's mask calls S2 let skip (None) where transformers would not have
@@ -802,16 +802,19 @@ class _State:
         return result
 
     def plain_block_mask(self, T: int, config, device):
-        """The flex fast path: for a forward with nothing padded and no documents, the mask function returns
-        the BlockMask of the plain S2 pattern (built once per shape, kept across forwards); the attention
-        function then calls flex_attention with it directly, traceable inside a compiled layer. None (the
-        general path, per attention call) where the backend is not flex on CUDA or documents are packed."""
+        """The fast path: for a forward with nothing padded and no documents, the mask function returns the
+        BlockMask of the plain S2 pattern (built once per shape, kept across forwards); the attention function
+        then runs S2 directly, traceable inside a compiled layer: flex_attention with that BlockMask, or the
+        sdpa backend's grouped SDPA calls (for which the BlockMask only carries "plain S2, nothing else": it is
+        the one mask object every transformers model hands through to its attention function unchanged).
+        None (the general path, per attention call) where the backend is flash, or documents are packed."""
         if device is None or torch.device(device).type not in _FAST_PATH_DEVICES or config is None:
             return None
         device = torch.device(device)
         dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         positions = self.positions[-1] if self.positions else _UNKNOWN
-        if self.backend(device, dropout, None) != "flex" or positions is _UNKNOWN:
+        backend = self.backend(device, dropout, None)
+        if backend not in ("flex", "sdpa") or positions is _UNKNOWN or not flex_available():
             return None
         H = getattr(config, "num_attention_heads", None)
         if not isinstance(H, int) or H < 1:
@@ -833,13 +836,14 @@ class _State:
                               stacklevel=2)
         G = group_size_for(T, o.group_size_ratio, o.group_size)
         n_shift = shifted_head_count(H, o.shifted_heads)
-        key = (H, T, G, n_shift, device)
+        key = (H, T, G, n_shift, device, backend)
         block_mask = self.block_masks.get(key)
         if block_mask is None:
             if len(self.block_masks) >= 8:
                 self.block_masks.clear()
             block_mask = self.block_masks[key] = _create_block_mask(s2_mask_mod(T, G, H, n_shift), None, H, T, device)
             block_mask._longctx_s2 = self.marker  # S2's own (a model running flex_attention gets BlockMasks too)
+            block_mask._longctx_backend = backend
         return block_mask
 
     # registered in AttentionInterface
@@ -865,7 +869,7 @@ class _State:
                 attention_mask = self._original_dense_mask(attention_mask, query.dtype)
             return self.original_attention(module)(module, query, key, value, attention_mask, **kwargs)
         if plain:
-            return self._flex_plain(query, key, value, attention_mask, kwargs)
+            return self._plain(query, key, value, attention_mask, kwargs)
         return self._s2_attention(query, key, value, attention_mask, kwargs)
 
     def _original_dense_mask(self, mask, dtype):
@@ -903,16 +907,23 @@ class _State:
               "attention_mask": mask2d, "allow_is_causal_skip": True, "device": query.device}
         return fn(**kw)
 
-    # Traceable: a compiled decoder layer keeps flex_attention inside its graph (no graph break, no per-call
+    # Traceable: a compiled decoder layer keeps S2's kernels inside its graph (no graph break, no per-call
     # host work beyond the graph's own launch).
-    def _flex_plain(self, query, key, value, block_mask, kwargs):
+    def _plain(self, query, key, value, block_mask, kwargs):
         B, H, T, D = query.shape
         o = self.options
         G = group_size_for(T, o.group_size_ratio, o.group_size)
         window = kwargs.get("sliding_window")
+        dropout = float(kwargs.get("dropout", 0.0) or 0.0)
+        sdpa = block_mask._longctx_backend == "sdpa"
         if (block_mask.shape[1] != H or tuple(block_mask.shape[2:]) != (T, T) or kwargs.get("s_aux") is not None
-                or float(kwargs.get("dropout", 0.0) or 0.0) or (window is not None and window < min(T, G))):
+                or (not sdpa and (dropout or (window is not None and window < min(T, G))))):
             return self._s2_attention(query, key, value, None, kwargs)  # the general path says what it cannot do
+        if sdpa:  # the same call as the general path's with no padding and no documents
+            out = s2_attention(query, key, value, group_size=G, n_shift=shifted_head_count(H, o.shifted_heads),
+                               scale=kwargs.get("scaling"), dropout=dropout, window=window,
+                               softcap=kwargs.get("softcap"), backend="sdpa")
+            return out.contiguous(), None
         softcap = kwargs.get("softcap")
         score_mod = None
         if softcap is not None:
