@@ -60,8 +60,8 @@ a ``position_ids`` buffer refilled in place is read afresh. No
 transformers class or forward is touched. What the attention function receives as
 ``attention_mask``: while S2 is inactive, exactly what the original implementation's mask
 function builds (sdpa: None or a 4-D bool mask; eager: a 4-D float mask; ...). While active, for a
-plain causal mask: None when nothing is padded, else the 2-D bool padding mask (as transformers
-does for flash attention); for any other mask pattern (sliding window beyond T, packing detected
+plain causal mask: S2's own BlockMask on the fast path (below), else None when nothing is padded,
+else the 2-D bool padding mask (as transformers does for flash attention); for any other mask pattern (sliding window beyond T, packing detected
 by transformers, multimodal overlays): transformers' dense 4-D bool ``sdpa_mask``, which is
 intersected with the S2 pattern. A 4-D mask passed by the user (bool, or float additive) reaches
 the function as is and is intersected likewise. A module that does not run S2 while the mask
@@ -76,19 +76,12 @@ Backends (``backend=``):
   into the batch (a view for batch 1) and each head half runs one ``scaled_dot_product_attention``
   call over them, plus one per partial group (``is_causal=True`` without padding/documents/
   windows, an explicit (groups, G, G) mask otherwise). FLOPs and memory are those of T/G
-  independent causal attentions of length G; the head halves' outputs are concatenated (a copy).
+  independent causal attentions of length G; the pieces' outputs are concatenated (copies, which
+  inside a compiled layer inductor folds into its own kernels).
 - ``"flex"`` (default on CUDA): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built
   by ``create_block_mask(..., _compile=True)`` from the rule above (cached while the inputs'
   shapes, mask and position_ids objects stay the same, so once per forward). flex_attention is
-  compiled with ``torch.compile`` on CUDA. The fast path (CUDA, nothing padded, no packed
-  documents, the usual LongLoRA batch): the mask function returns the BlockMask of the plain S2
-  pattern (built once per shape and kept), transformers hands it to every layer, and the attention
-  function calls flex_attention with it directly. Inside compiled decoder layers that call is traced
-  into the layer's graph: no graph break, no per-call host work (on an H100 the compiled SmolLM2
-  step at 32k went from 407 to 317 ms with compiled parts, and from 343 to 289 ms with whole
-  layers compiled; benchmarks/README.md). Everything else (padding, documents, dense masks, windows
-  shorter than a group, dropout) takes the general path, per call, outside any compiled graph.
-  flex has no dropout: with attention dropout > 0 "auto" uses sdpa and "flex" raises. On CPU flex
+  compiled with ``torch.compile`` on CUDA. flex has no dropout: with attention dropout > 0 "auto" uses sdpa and "flex" raises. On CPU flex
   runs unfused and has no backward (tests only). ``flex_mode="max-autotune-no-cudagraphs"``
   compiles it with block configs tuned per shape, and ``flex_kernel_options`` fixes them (BLOCK_M,
   BLOCK_N, num_warps, ...). On SmolLM2's attention shape at 32k, autotuning took 7.5% off the
@@ -99,6 +92,20 @@ Backends (``backend=``):
 - ``"flash"``: flash-attn's ``flash_attn_varlen_func``, every (row, document, group) one
   variable-length sequence; padding is removed first. Needs ``flash_attn`` (else ImportError at
   apply) and fp16/bf16 CUDA tensors; it cannot apply an arbitrary dense 4-D mask.
+
+The fast path (flex and sdpa on CUDA; nothing padded, no packed documents: the usual LongLoRA
+batch): the mask function returns the BlockMask of the plain S2 pattern (built once per shape and
+kept), transformers hands it to every layer, and the attention function runs S2 directly: flex_attention
+with that BlockMask, or the sdpa backend's calls (for which the BlockMask is only the sign "plain S2":
+it is the mask object every transformers model passes through to its attention function). Inside
+compiled decoder layers this is traced into the layer's graph: no graph break, no per-call host work.
+Everything else (padding, documents, dense masks, for flex also windows shorter than a group and
+dropout) takes the general path, per call, outside any compiled graph; both paths give bit-identical
+results (tests). On an H100 at 32k (benchmarks/README.md), the compiled SmolLM2 step with flex went
+from 343 to 289 ms with whole layers compiled (407 to 317 ms with compiled parts); the Llama-2-7B-shape
+step with sdpa from 3155 to 3016 ms. Which backend is faster depends on the shape: with whole layers
+compiled, flex on SmolLM2 (9 heads of 64, 3 K/V heads: 1.95x full attention against sdpa's 1.71x),
+sdpa/cuDNN on the 7B shape (32 heads of 128: 1.53x against flex's 1.47x).
 """
 
 from __future__ import annotations
