@@ -412,7 +412,7 @@ def check_layer_graphs(model, scope: str, breaks_before: int = 0) -> bool:
     """After the first compiled step: warn (and return True) when ``compile_scope: layer`` most likely ran
     eagerly. Where transformers checkpoints inside the layer's ``forward`` (its newer versions), the
     checkpoint is traced into the layer's graph, and a graph break inside it (s2attn's general path:
-    padding, packed documents, backend sdpa or flash) makes dynamo run the whole layer eagerly.
+    padding, packed documents, backend flash, or any backend off CUDA) makes dynamo run the whole layer eagerly.
     ``breaks_before``: ``graph_break_count()`` before the step (breaks counted earlier in the process do not count)."""
     import warnings
 
@@ -424,9 +424,9 @@ def check_layer_graphs(model, scope: str, breaks_before: int = 0) -> bool:
     if scope != "layer" or not inside or graph_break_count() <= breaks_before:
         return False
     warnings.warn("train.compile_scope 'layer': a graph break inside checkpointed decoder layers (e.g. s2attn's "
-                  "general path: padding, packed documents, backend sdpa/flash); with this transformers version "
-                  "dynamo then runs those layers eagerly. Use train.compile_scope=parts, or s2attn backend flex "
-                  "without padding", stacklevel=2)
+                  "general path: padding, packed documents, backend flash); with this transformers version "
+                  "dynamo then runs those layers eagerly. Use train.compile_scope=parts, or s2attn backend flex or "
+                  "sdpa (on CUDA) without padding", stacklevel=2)
     return True
 
 

@@ -913,6 +913,67 @@ def test_sdpa_fast_path_gradients_equal_the_general_path(dropout, ids, fast_path
             assert not torch.equal(step()[0], fast[0])
 
 
+def test_sdpa_fast_path_mask_is_a_small_sign(ids, fast_path_on_cpu, monkeypatch):
+    # sdpa never reads S2's BlockMask: its fast path gets a (1, H, T, T) BlockMask of one block per head,
+    # without building the real one (a compiled build and H * (T/128)^2 indices per shape)
+    s2, calls = fast_path_on_cpu
+    monkeypatch.setattr(s2, "_create_block_mask", lambda *a, **k: pytest.fail("built S2's BlockMask for sdpa"))
+    model = tiny_model("llama").eval()
+    H = model.config.num_attention_heads
+    with longctx.applied(model, "s2attn", group_size=16, backend="sdpa", train_only=False) as patch:
+        logits(model, ids[:, :40])
+        (sign,) = patch._state.block_masks.values()
+    assert calls["plain"] == model.config.num_hidden_layers
+    assert sign.shape == (1, H, 40, 40) and sign.kv_indices.numel() == H
+
+
+def test_auto_runs_sdpa_for_dropout_the_config_does_not_declare(ids, fast_path_on_cpu, monkeypatch):
+    # auto picks the fast path's backend from config.attention_dropout; a model keeping its dropout elsewhere
+    # (gpt2: attn_pdrop) gets flex's BlockMask but calls with dropout: sdpa runs on the fast path (no graph
+    # break), equal to the general path (which picks sdpa per call). auto's CUDA choice is simulated on CPU.
+    s2, calls = fast_path_on_cpu
+    backend = s2._State.backend
+    monkeypatch.setattr(s2._State, "backend", lambda self, device, dropout, dense: "flex" if (
+        self.options.backend == "auto" and not dropout) else backend(self, device, dropout, dense))
+    model = tiny_model("llama").train()
+    model.set_attn_implementation("sdpa")
+    assert not model.config.attention_dropout
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    x = ids[:, :45]
+
+    def run():
+        torch.manual_seed(1)
+        return logits(model, x, use_cache=False)
+
+    with longctx.applied(model, "s2attn", group_size=12) as patch:
+        fast = run()
+        assert {k[-1] for k in patch._state.block_masks} == {"flex"}
+        assert calls["plain"] == model.config.num_hidden_layers and calls["general"] == 0
+        s2._FAST_PATH_DEVICES = ("cuda",)
+        general = run()
+    assert torch.equal(fast, general)
+
+
+def test_flex_mode_warning_only_where_flex_runs(ids, monkeypatch):
+    # auto with flex_mode, where auto runs sdpa (here CPU) inside a compiled layer: the one warning that
+    # flex_mode is not used, not the one that says flex is traced into the layer
+    import sys
+    monkeypatch.setattr(sys.modules["longctx.methods.s2attn"], "_FAST_PATH_DEVICES", ("cuda", "cpu"))
+    model = tiny_model("llama").eval()
+    attn = model.model.layers[1].self_attn
+    attn._compiled_call_impl = attn._call_impl  # a layer marked compiled (runs its eager code)
+    try:
+        with longctx.applied(model, "s2attn", group_size=16, train_only=False,
+                             flex_mode="max-autotune-no-cudagraphs"), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            logits(model, ids[:, :40])
+    finally:
+        attn._compiled_call_impl = None
+    said = [str(w.message) for w in seen if "s2attn" in str(w.message)]
+    assert len(said) == 1 and "flex_mode/flex_kernel_options are not used" in said[0], said
+
+
 def test_flex_mode_under_compiled_layers_is_reported(ids, monkeypatch):
     # the fast path traces flex into compiled layers, where flex_mode cannot act: said once, not ignored
     import sys

@@ -94,10 +94,11 @@ Backends (``backend=``):
   apply) and fp16/bf16 CUDA tensors; it cannot apply an arbitrary dense 4-D mask.
 
 The fast path (flex and sdpa on CUDA; nothing padded, no packed documents: the usual LongLoRA
-batch): the mask function returns the BlockMask of the plain S2 pattern (built once per shape and
-kept), transformers hands it to every layer, and the attention function runs S2 directly: flex_attention
-with that BlockMask, or the sdpa backend's calls (for which the BlockMask is only the sign "plain S2":
-it is the mask object every transformers model passes through to its attention function). Inside
+batch): the mask function returns a BlockMask (kept per shape), transformers hands it to every layer,
+and the attention function runs S2 directly: flex_attention with the BlockMask of the plain S2 pattern,
+or the sdpa backend's calls. For sdpa the BlockMask is a tiny one that only signs "plain S2": a BlockMask
+is the mask object every transformers model passes through to its attention function. Under "auto", a
+call with attention dropout that the config does not declare (gpt2's ``attn_pdrop``) runs sdpa. Inside
 compiled decoder layers this is traced into the layer's graph: no graph break, no per-call host work.
 Everything else (padding, documents, dense masks, for flex also windows shorter than a group and
 dropout) takes the general path, per call, outside any compiled graph; both paths give bit-identical
@@ -439,6 +440,14 @@ def _create_block_mask(mask_mod, B, H, T, device):
             return create_block_mask(mask_mod, B, H, T, T, device=device, _compile=True)
     # inductor's CPU code for the compiled mask builder does not build on every machine; eager is exact
     return create_block_mask(mask_mod, B, H, T, T, device=device)
+
+
+def _sdpa_sign(H: int, T: int, device):
+    """The sdpa fast path's mask: a BlockMask of (1, H, T, T) made of one T x T block per head, a few bytes.
+    It is only the sign "plain S2" (never given to flex_attention); S2's real BlockMask would cost a compiled
+    build and (H * (T/128)^2) indices per shape."""
+    one = torch.ones(1, H, 1, dtype=torch.int32, device=device)
+    return BlockMask.from_kv_blocks(one, torch.zeros_like(one)[..., None], BLOCK_SIZE=T, seq_lengths=(T, T))
 
 
 def _flex_backend(q, k, v, G, n_shift, cons, scale, softcap, cache, mode=None, kernel_options=None):
@@ -809,11 +818,11 @@ class _State:
         return result
 
     def plain_block_mask(self, T: int, config, device):
-        """The fast path: for a forward with nothing padded and no documents, the mask function returns the
-        BlockMask of the plain S2 pattern (built once per shape, kept across forwards); the attention function
-        then runs S2 directly, traceable inside a compiled layer: flex_attention with that BlockMask, or the
-        sdpa backend's grouped SDPA calls (for which the BlockMask only carries "plain S2, nothing else": it is
-        the one mask object every transformers model hands through to its attention function unchanged).
+        """The fast path: for a forward with nothing padded and no documents, the mask function returns a
+        BlockMask (built once per shape, kept across forwards); the attention function then runs S2 directly,
+        traceable inside a compiled layer: flex_attention with the BlockMask of the plain S2 pattern, or the
+        sdpa backend's grouped SDPA calls, for which a tiny BlockMask (``_sdpa_sign``) only signs "plain S2"
+        (a BlockMask is the one mask object every transformers model hands through to its attention function).
         None (the general path, per attention call) where the backend is flash, or documents are packed."""
         if device is None or torch.device(device).type not in _FAST_PATH_DEVICES or config is None:
             return None
@@ -821,7 +830,8 @@ class _State:
         dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         positions = self.positions[-1] if self.positions else _UNKNOWN
         backend = self.backend(device, dropout, None)
-        if backend not in ("flex", "sdpa") or positions is _UNKNOWN or not flex_available():
+        if backend not in ("flex", "sdpa") or positions is _UNKNOWN or BlockMask == () or (
+                backend == "flex" and not flex_available()):
             return None
         H = getattr(config, "num_attention_heads", None)
         if not isinstance(H, int) or H < 1:
@@ -833,7 +843,7 @@ class _State:
             if _doc_ids(positions, positions.shape[0], T, self.cache) is not None:
                 return None  # packed documents: the general path reads them from position_ids
         o = self.options
-        if o.flex_mode is not None and not self.warned_mode:
+        if backend == "flex" and o.flex_mode is not None and not self.warned_mode:
             model = self.model_ref()
             if torch.compiler.is_compiling() or (
                     model is not None and any(m._compiled_call_impl is not None for m in model.modules())):
@@ -848,7 +858,9 @@ class _State:
         if block_mask is None:
             if len(self.block_masks) >= 8:
                 self.block_masks.clear()
-            block_mask = self.block_masks[key] = _create_block_mask(s2_mask_mod(T, G, H, n_shift), None, H, T, device)
+            block_mask = self.block_masks[key] = (
+                _create_block_mask(s2_mask_mod(T, G, H, n_shift), None, H, T, device) if backend == "flex"
+                else _sdpa_sign(H, T, device))
             block_mask._longctx_s2 = self.marker  # S2's own (a model running flex_attention gets BlockMasks too)
             block_mask._longctx_backend = backend
         return block_mask
@@ -922,7 +934,9 @@ class _State:
         G = group_size_for(T, o.group_size_ratio, o.group_size)
         window = kwargs.get("sliding_window")
         dropout = float(kwargs.get("dropout", 0.0) or 0.0)
-        sdpa = block_mask._longctx_backend == "sdpa"
+        # auto picks sdpa for dropout; the mask function reads it from the config, which not every model uses
+        # (gpt2: attn_pdrop), so a call with dropout under a flex BlockMask runs sdpa here as well
+        sdpa = block_mask._longctx_backend == "sdpa" or (dropout > 0 and o.backend == "auto")
         if (block_mask.shape[1] != H or tuple(block_mask.shape[2:]) != (T, T) or kwargs.get("s_aux") is not None
                 or (not sdpa and (dropout or (window is not None and window < min(T, G))))):
             return self._s2_attention(query, key, value, None, kwargs)  # the general path says what it cannot do
