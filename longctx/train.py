@@ -424,7 +424,8 @@ def check_layer_graphs(model, scope: str, breaks_before: int = 0) -> bool:
     if scope != "layer" or not inside or graph_break_count() <= breaks_before:
         return False
     warnings.warn("train.compile_scope 'layer': a graph break inside checkpointed decoder layers (e.g. s2attn's "
-                  "general path: padding, packed documents, backend flash); with this transformers version "
+                  "general path: padding, packed documents, backend flash, any backend off CUDA); with this "
+                  "transformers version "
                   "dynamo then runs those layers eagerly. Use train.compile_scope=parts, or s2attn backend flex or "
                   "sdpa (on CUDA) without padding", stacklevel=2)
     return True

@@ -60,7 +60,7 @@ a ``position_ids`` buffer refilled in place is read afresh. No
 transformers class or forward is touched. What the attention function receives as
 ``attention_mask``: while S2 is inactive, exactly what the original implementation's mask
 function builds (sdpa: None or a 4-D bool mask; eager: a 4-D float mask; ...). While active, for a
-plain causal mask: S2's own BlockMask on the fast path (below), else None when nothing is padded,
+plain causal mask: a BlockMask on the fast path (below), else None when nothing is padded,
 else the 2-D bool padding mask (as transformers does for flash attention); for any other mask pattern (sliding window beyond T, packing detected
 by transformers, multimodal overlays): transformers' dense 4-D bool ``sdpa_mask``, which is
 intersected with the S2 pattern. A 4-D mask passed by the user (bool, or float additive) reaches
@@ -103,7 +103,7 @@ compiled decoder layers this is traced into the layer's graph: no graph break, n
 Everything else (padding, documents, dense masks, for flex also windows shorter than a group and
 dropout) takes the general path, per call, outside any compiled graph; both paths give bit-identical
 results (tests). On an H100 at 32k (benchmarks/README.md), the compiled SmolLM2 step with flex went
-from 343 to 289 ms with whole layers compiled (407 to 317 ms with compiled parts); the Llama-2-7B-shape
+from 343 to 289 ms with whole layers compiled (407 to 316 ms with compiled parts); the Llama-2-7B-shape
 step with sdpa from 3155 to 3016 ms. Which backend is faster depends on the shape: with whole layers
 compiled, flex on SmolLM2 (9 heads of 64, 3 K/V heads: 1.95x full attention against sdpa's 1.71x),
 sdpa/cuDNN on the 7B shape (32 heads of 128: 1.53x against flex's 1.47x).
