@@ -32,8 +32,6 @@ Compilation (--compile, each variant a case of every attention above):
               through torch.compile (the recipe's train.compile: true). S2 flex without padding or packed
               documents is traced into the attention module's graph; otherwise S2's attention breaks it
   whole       compile_layers(model, scope="layer"): each decoder layer as one compiled module
-  whole-cpp   the same with inductor's C++ wrapper (options={"cpp_wrapper": True}: the compiled graphs
-              launch their kernels from C++ instead of Python, less host time per call)
 Each compiled case compiles afresh (torch._dynamo.reset(), inside its SDPA kernel choice).
 Each case: --warmup steps first (excluded: flex compilation, allocator growth, optimizer state creation),
 then the median of --steps steps (CUDA events; benchmarks/timing.py). Peak memory:
@@ -126,7 +124,7 @@ def no_attention_name() -> str:
 
 
 KERNELS = ("cudnn", "flash", "efficient")
-COMPILES = ("eager", "layers", "whole", "whole-cpp")
+COMPILES = ("eager", "layers", "whole")
 # flex-autotune: flex_mode max-autotune-no-cudagraphs; flex-general: flex without the BlockMask fast path
 S2_BACKENDS = ("auto", "sdpa", "flex", "flash", "flex-autotune", "flex-general", "sdpa-general")
 
@@ -206,8 +204,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
     gc_was_enabled = gc.isenabled()
     if compile != "eager":
         torch._dynamo.reset()  # trace afresh under this case's attention and SDPA kernel
-        options = {"options": {"cpp_wrapper": True}} if compile == "whole-cpp" else True
-        train.compile_layers(model, options, scope="parts" if compile == "layers" else "layer")
+        train.compile_layers(model, scope="layer" if compile == "whole" else "parts")
     try:
         with sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext():
             step, optimizer = make_step(model, x, autocast_dtype, device)
