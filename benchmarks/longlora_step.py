@@ -159,6 +159,19 @@ def make_step(model, x, autocast_dtype, device):
     return step, optimizer
 
 
+def runtime_counts(device) -> dict:
+    """Counters whose change across the timed steps says what else happened there: dynamo compiles and graph
+    breaks (a recompile, or a frame falling back to eager), and the CUDA caching allocator's calls to
+    cudaMalloc / cudaFree and its retries (each synchronizes the device)."""
+    import torch._dynamo.utils
+    counters = torch._dynamo.utils.counters
+    out = {"dynamo_frames": sum(counters["frames"].values()), "graph_breaks": sum(counters["graph_break"].values())}
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats()
+        out.update({k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")})
+    return out
+
+
 @contextlib.contextmanager
 def gc_watch(record: dict):
     """Count Python's garbage collections (and their wall time, by generation) inside the block."""
@@ -218,9 +231,13 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
             if args.gc_off:  # no automatic collection inside the steps (the recipe's train.gc_every adds a young one per step)
                 gc.collect()
                 gc.disable()
+            before = runtime_counts(device)
+            steps_ms = []
             with gc_watch({}) as collections:
-                ms = median_ms(step, args.steps, device)
-        row = {"ms": ms, "tokens_per_s": T / (ms / 1e3), "warmup_s": warmup_s, **collections,
+                ms = median_ms(step, args.steps, device, steps_ms)
+            during = {f"{k}_in_steps": v - before[k] for k, v in runtime_counts(device).items()}
+        row = {"ms": ms, "steps_ms": [round(t, 2) for t in steps_ms], "tokens_per_s": T / (ms / 1e3),
+               "warmup_s": warmup_s, **collections, **during,
                "attn_implementation": model.get_base_model().config._attn_implementation}
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
