@@ -412,7 +412,8 @@ def check_layer_graphs(model, scope: str, breaks_before: int = 0) -> bool:
     """After the first compiled step: warn (and return True) when ``compile_scope: layer`` most likely ran
     eagerly. Where transformers checkpoints inside the layer's ``forward`` (its newer versions), the
     checkpoint is traced into the layer's graph, and a graph break inside it (s2attn's general path:
-    padding, packed documents, backend flash, or any backend off CUDA) makes dynamo run the whole layer eagerly.
+    padding, packed documents, sliding windows shorter than the sequence, backend flash, or any backend off
+    CUDA) makes dynamo run the whole layer eagerly.
     ``breaks_before``: ``graph_break_count()`` before the step (breaks counted earlier in the process do not count)."""
     import warnings
 
@@ -427,7 +428,8 @@ def check_layer_graphs(model, scope: str, breaks_before: int = 0) -> bool:
                   "general path: padding, packed documents, backend flash, any backend off CUDA); with this "
                   "transformers version "
                   "dynamo then runs those layers eagerly. Use train.compile_scope=parts, or s2attn backend flex or "
-                  "sdpa (on CUDA) without padding", stacklevel=2)
+                  "sdpa (on CUDA) without padding (sliding-window layers shorter than the sequence always take "
+                  "the general path)", stacklevel=2)
     return True
 
 

@@ -856,12 +856,19 @@ def test_deepcopy_shares_the_patch_state(ids, fast_path_on_cpu):
 
 
 @pytest.mark.parametrize("backend", ["flex", "sdpa"])
-def test_fast_path_traces_without_graph_breaks(backend, ids, monkeypatch):
+@pytest.mark.parametrize("hooks", [False, True])
+def test_fast_path_traces_without_graph_breaks(backend, hooks, ids, monkeypatch):
     # inside a compiled layer the fast path is one graph: flex_attention, or the grouped SDPA calls, traced
-    # (dynamo only, no inductor; fullgraph=True: a graph break, e.g. in the general path, is an error)
+    # (dynamo only, no inductor; fullgraph=True: a graph break, e.g. in the general path, is an error); also
+    # with accelerate's device hooks, whose BlockMask copies carry S2's marks on their mask_mod only
     import sys
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
     monkeypatch.setattr(sys.modules["longctx.methods.s2attn"], "_FAST_PATH_DEVICES", ("cuda", "cpu"))
     model = tiny_model("llama").eval()
+    if hooks:
+        for layer in model.model.layers:
+            add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", io_same_device=True))
     x = ids[:, :40]
     with longctx.applied(model, "s2attn", group_size=16, backend=backend, train_only=False):
         eager = logits(model, x)
@@ -953,6 +960,99 @@ def test_auto_runs_sdpa_for_dropout_the_config_does_not_declare(ids, fast_path_o
         s2._FAST_PATH_DEVICES = ("cuda",)
         general = run()
     assert torch.equal(fast, general)
+
+
+@pytest.fixture
+def auto_as_on_cuda(monkeypatch):
+    """auto's CUDA choice on CPU: flex unless there is dropout (declared in the config, or in the call)."""
+    import sys
+    s2 = sys.modules["longctx.methods.s2attn"]
+    backend = s2._State.backend
+    monkeypatch.setattr(s2._State, "backend", lambda self, device, dropout, dense: "flex" if (
+        self.options.backend == "auto" and not dropout) else backend(self, device, dropout, dense))
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_fast_path_survives_accelerate_device_hooks(backend, ids, fast_path_on_cpu):
+    # device_map / offloading put accelerate's hooks on the layers; they move every input with .to(), and
+    # BlockMask.to() makes a new BlockMask: S2 still knows it (by its mask_mod) instead of raising TypeError
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama").eval()
+    T, G = 40, 16
+    H = model.config.num_attention_heads
+    ref = logits(model, ids[:, :T], attention_mask=float_mask(rule_mask(T, H, G, H // 2)))
+    for layer in model.model.layers:
+        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    try:
+        with longctx.applied(model, "s2attn", group_size=G, backend=backend, train_only=False):
+            out = logits(model, ids[:, :T])
+    finally:
+        for layer in model.model.layers:
+            remove_hook_from_module(layer)
+    assert calls["plain"] == model.config.num_hidden_layers and calls["general"] == 0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_follows_declared_dropout_on_both_paths(ids, fast_path_on_cpu, auto_as_on_cuda, monkeypatch):
+    # a config declaring attention dropout makes auto pick sdpa for the model, also for calls without dropout
+    # (eval with train_only=False): the fast path (its sign) and the general path run the same backend, bit-identical
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama", attention_dropout=0.1).eval()
+    model.set_attn_implementation("sdpa")
+    ran = []
+    for name in ("_sdpa_backend", "_flex_backend"):
+        monkeypatch.setattr(s2, name, lambda *a, _fn=getattr(s2, name), _n=name, **k: ran.append(_n) or _fn(*a, **k))
+    with longctx.applied(model, "s2attn", group_size=12, train_only=False):
+        fast = logits(model, ids[:, :45])
+        s2._FAST_PATH_DEVICES = ("cuda",)
+        general = logits(model, ids[:, :45])
+    assert calls["plain"] == calls["general"] == model.config.num_hidden_layers
+    assert set(ran) == {"_sdpa_backend"}
+    assert torch.equal(fast, general)
+
+
+def test_sdpa_sign_unavailable_takes_the_general_path(ids, fast_path_on_cpu, monkeypatch):
+    # a torch whose BlockMask.from_kv_blocks has no seq_lengths cannot build the sign: the general path, exact
+    s2, calls = fast_path_on_cpu
+
+    def old_from_kv_blocks(*args, seq_lengths=None, **kwargs):
+        if seq_lengths is not None:
+            raise TypeError("from_kv_blocks() got an unexpected keyword argument 'seq_lengths'")
+    monkeypatch.setattr(s2.BlockMask, "from_kv_blocks", old_from_kv_blocks)
+    model = tiny_model("llama").eval()
+    T, G = 40, 16
+    H = model.config.num_attention_heads
+    ref = logits(model, ids[:, :T], attention_mask=float_mask(rule_mask(T, H, G, H // 2)))
+    with longctx.applied(model, "s2attn", group_size=G, backend="sdpa", train_only=False) as patch:
+        out = logits(model, ids[:, :T])
+        assert not patch._state.block_masks
+    assert calls["plain"] == 0 and calls["general"] == model.config.num_hidden_layers
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_undeclared_dropout_reports_unused_flex_settings(ids, fast_path_on_cpu, auto_as_on_cuda):
+    # auto with flex_mode on a model keeping its dropout outside config.attention_dropout: the mask function
+    # picks flex, every call has dropout and runs sdpa: the "not used" warning, as on the general path, and
+    # with a layer compiled not the one that says flex is traced into it
+    s2, calls = fast_path_on_cpu
+    model = tiny_model("llama").train()
+    model.set_attn_implementation("sdpa")
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    attn = model.model.layers[1].self_attn
+    attn._compiled_call_impl = attn._call_impl  # a layer marked compiled (runs its eager code)
+    try:
+        with longctx.applied(model, "s2attn", group_size=12, flex_mode="max-autotune-no-cudagraphs"), \
+                warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            logits(model, ids[:, :45], use_cache=False)
+            logits(model, ids[:, :45], use_cache=False)
+    finally:
+        attn._compiled_call_impl = None
+    said = [str(w.message) for w in seen if "s2attn" in str(w.message)]
+    assert calls["plain"] == 2 * model.config.num_hidden_layers and calls["general"] == 0
+    assert len(said) == 1 and "flex_mode/flex_kernel_options are not used: this call runs the 'sdpa'" in said[0], said
 
 
 def test_flex_mode_warning_only_where_flex_runs(ids, monkeypatch):

@@ -81,8 +81,9 @@ Backends (``backend=``):
 - ``"flex"`` (default on CUDA): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built
   by ``create_block_mask(..., _compile=True)`` from the rule above (cached while the inputs'
   shapes, mask and position_ids objects stay the same, so once per forward). flex_attention is
-  compiled with ``torch.compile`` on CUDA. flex has no dropout: with attention dropout > 0 "auto" uses sdpa and "flex" raises. On CPU flex
-  runs unfused and has no backward (tests only). ``flex_mode="max-autotune-no-cudagraphs"``
+  compiled with ``torch.compile`` on CUDA. flex has no dropout: with attention dropout > 0 (declared in the
+  config as ``attention_dropout``, or in the call) "auto" uses sdpa, and "flex" raises for a call with
+  dropout. On CPU flex runs unfused and has no backward (tests only). ``flex_mode="max-autotune-no-cudagraphs"``
   compiles it with block configs tuned per shape, and ``flex_kernel_options`` fixes them (BLOCK_M,
   BLOCK_N, num_warps, ...). On SmolLM2's attention shape at 32k, autotuning took 7.5% off the
   call's time, but made the compiled-layers training step slower (benchmarks/README.md); both are
@@ -442,12 +443,32 @@ def _create_block_mask(mask_mod, B, H, T, device):
     return create_block_mask(mask_mod, B, H, T, T, device=device)
 
 
-def _sdpa_sign(H: int, T: int, device):
+def _sdpa_sign(H: int, T: int, device, mask_mod):
     """The sdpa fast path's mask: a BlockMask of (1, H, T, T) made of one T x T block per head, a few bytes.
     It is only the sign "plain S2" (never given to flex_attention); S2's real BlockMask would cost a compiled
-    build and (H * (T/128)^2) indices per shape."""
+    build and (H * (T/128)^2) indices per shape. None where this torch cannot build it (no ``seq_lengths``)."""
     one = torch.ones(1, H, 1, dtype=torch.int32, device=device)
-    return BlockMask.from_kv_blocks(one, torch.zeros_like(one)[..., None], BLOCK_SIZE=T, seq_lengths=(T, T))
+    try:
+        return BlockMask.from_kv_blocks(one, torch.zeros_like(one)[..., None], BLOCK_SIZE=T, mask_mod=mask_mod,
+                                        seq_lengths=(T, T))
+    except TypeError:
+        return None
+
+
+def _s2_marks(mask) -> tuple:
+    """(marker, backend) of S2's BlockMask, read from the mask or, on a copy made by ``BlockMask.to()``, from its
+    mask_mod; (None, None) for any other BlockMask."""
+    marker = getattr(mask, "_longctx_s2", None)
+    if marker is not None:
+        return marker, mask._longctx_backend
+    return getattr(mask.mask_mod, "_longctx_s2", None), getattr(mask.mask_mod, "_longctx_backend", None)
+
+
+def _marked(mask_mod, marker, backend: str):
+    """S2's marks on a BlockMask's mask_mod: ``BlockMask.to()`` (accelerate's device hooks call it on every
+    layer's inputs) makes a new BlockMask but keeps the mask_mod, so the marks survive the move."""
+    mask_mod._longctx_s2, mask_mod._longctx_backend = marker, backend
+    return mask_mod
 
 
 def _flex_backend(q, k, v, G, n_shift, cons, scale, softcap, cache, mode=None, kernel_options=None):
@@ -843,14 +864,6 @@ class _State:
             if _doc_ids(positions, positions.shape[0], T, self.cache) is not None:
                 return None  # packed documents: the general path reads them from position_ids
         o = self.options
-        if backend == "flex" and o.flex_mode is not None and not self.warned_mode:
-            model = self.model_ref()
-            if torch.compiler.is_compiling() or (
-                    model is not None and any(m._compiled_call_impl is not None for m in model.modules())):
-                self.warned_mode = True
-                warnings.warn(f"s2attn: flex_mode={o.flex_mode!r} does not apply inside compiled decoder layers: "
-                              "flex_attention is traced into their graphs, under their torch.compile mode",
-                              stacklevel=2)
         G = group_size_for(T, o.group_size_ratio, o.group_size)
         n_shift = shifted_head_count(H, o.shifted_heads)
         key = (H, T, G, n_shift, device, backend)
@@ -858,11 +871,18 @@ class _State:
         if block_mask is None:
             if len(self.block_masks) >= 8:
                 self.block_masks.clear()
-            block_mask = self.block_masks[key] = (
-                _create_block_mask(s2_mask_mod(T, G, H, n_shift), None, H, T, device) if backend == "flex"
-                else _sdpa_sign(H, T, device))
-            block_mask._longctx_s2 = self.marker  # S2's own (a model running flex_attention gets BlockMasks too)
-            block_mask._longctx_backend = backend
+            if backend == "flex":
+                block_mask = _create_block_mask(_marked(s2_mask_mod(T, G, H, n_shift), self.marker, "flex"), None,
+                                                H, T, device)
+            else:
+                def sign(b, h, q_idx, kv_idx):  # never evaluated: sdpa does not read the sign's blocks
+                    return q_idx >= kv_idx
+                block_mask = _sdpa_sign(H, T, device, _marked(sign, self.marker, "sdpa"))
+                if block_mask is None:
+                    return None
+            # S2's own (a model running flex_attention gets BlockMasks too), marked on the mask and its mask_mod
+            block_mask._longctx_s2, block_mask._longctx_backend = self.marker, backend
+            self.block_masks[key] = block_mask
         return block_mask
 
     # registered in AttentionInterface
@@ -871,7 +891,8 @@ class _State:
         causal = (getattr(module, "is_causal", True) is not False and kwargs.get("is_causal", True) is not False
                   and getattr(getattr(module, "config", None), "is_causal", True) is not False)
         # from plain_block_mask (no padding, no documents); checked by a marker, which dynamo guards as one value
-        plain = isinstance(attention_mask, BlockMask) and getattr(attention_mask, "_longctx_s2", None) is self.marker
+        # (on the mask, or, for a copy made by BlockMask.to(), on its mask_mod)
+        plain = isinstance(attention_mask, BlockMask) and _s2_marks(attention_mask)[0] is self.marker
         if not (self.enabled(module) and causal and key.shape[-2] == T):
             # S2's masks (its BlockMask, or None / the 2-D padding mask for a causal forward) are not what the
             # original takes; it gets its own mask function's mask (sdpa and flash take None and 2-D masks as is)
@@ -936,7 +957,10 @@ class _State:
         dropout = float(kwargs.get("dropout", 0.0) or 0.0)
         # auto picks sdpa for dropout; the mask function reads it from the config, which not every model uses
         # (gpt2: attn_pdrop), so a call with dropout under a flex BlockMask runs sdpa here as well
-        sdpa = block_mask._longctx_backend == "sdpa" or (dropout > 0 and o.backend == "auto")
+        carrier = _s2_marks(block_mask)[1]
+        sdpa = carrier == "sdpa" or (dropout > 0 and o.backend == "auto")
+        if sdpa and carrier != "sdpa" and (o.flex_mode is not None or o.flex_kernel_options) and not self.warned_flex:
+            self._say_backend(query.device, dropout)  # that flex_mode is not used, once, as the general path does
         if (block_mask.shape[1] != H or tuple(block_mask.shape[2:]) != (T, T) or kwargs.get("s_aux") is not None
                 or (not sdpa and (dropout or (window is not None and window < min(T, G))))):
             return self._s2_attention(query, key, value, None, kwargs)  # the general path says what it cannot do
@@ -951,6 +975,8 @@ class _State:
             def score_mod(score, b, h, q_idx, kv_idx):
                 return softcap * torch.tanh(score / softcap)
         kw = {"kernel_options": dict(o.flex_kernel_options)} if o.flex_kernel_options and query.is_cuda else {}
+        if o.flex_mode is not None and not self.warned_mode:
+            self._flex_mode_in_compiled_layers(torch.compiler.is_compiling())
         if torch.compiler.is_compiling():  # traced into the caller's graph
             from torch.nn.attention.flex_attention import flex_attention
             out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
@@ -961,6 +987,27 @@ class _State:
                 out = _flex_fn(query.device, o.flex_mode)(query, key, value, score_mod=score_mod, block_mask=block_mask,
                                                           scale=kwargs.get("scaling"), enable_gqa=key.shape[1] != H, **kw)
         return out.transpose(1, 2).contiguous(), None
+
+    def _declared_dropout(self) -> float:
+        """The config's attention dropout, from which the mask function picks auto's backend."""
+        cfg = getattr(self.model_ref(), "config", None)
+        if cfg is not None and hasattr(cfg, "get_text_config"):
+            cfg = cfg.get_text_config()
+        return float(getattr(cfg, "attention_dropout", 0.0) or 0.0)
+
+    @torch.compiler.disable
+    def _say_backend(self, device, dropout):
+        self.backend(device, dropout, None)
+
+    @torch.compiler.disable
+    def _flex_mode_in_compiled_layers(self, compiling: bool):
+        """flex_mode cannot act where flex_attention is traced into compiled decoder layers: said once."""
+        model = self.model_ref()
+        if compiling or (model is not None and any(m._compiled_call_impl is not None for m in model.modules())):
+            self.warned_mode = True
+            warnings.warn(f"s2attn: flex_mode={self.options.flex_mode!r} does not apply inside compiled decoder "
+                          "layers: flex_attention is traced into their graphs, under their torch.compile mode",
+                          stacklevel=3)
 
     # Outside any torch.compile graph (a compiled decoder layer breaks its graph here): the padding and
     # document checks depend on tensor values, the flex BlockMask cache on object identity, and the flex
@@ -991,6 +1038,8 @@ class _State:
         out = s2_attention(query, key, value, group_size=G, n_shift=n_shift, scale=kwargs.get("scaling"),
                            dropout=dropout, valid=valid, doc=doc, window=kwargs.get("sliding_window"),
                            dense=dense, softcap=kwargs.get("softcap"),
-                           backend=self.backend(query.device, dropout, dense), cache=self.cache,
+                           # auto's choice as the mask function's: dropout declared in the config counts too
+                           backend=self.backend(query.device, dropout or self._declared_dropout(), dense),
+                           cache=self.cache,
                            flex_mode=o.flex_mode, flex_kernel_options=o.flex_kernel_options)
         return out.contiguous(), None
