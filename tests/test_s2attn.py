@@ -1016,9 +1016,9 @@ def test_sdpa_sign_unavailable_takes_the_general_path(ids, fast_path_on_cpu, mon
     # a torch whose BlockMask.from_kv_blocks has no seq_lengths cannot build the sign: the general path, exact
     s2, calls = fast_path_on_cpu
 
-    def old_from_kv_blocks(*args, seq_lengths=None, **kwargs):
-        if seq_lengths is not None:
-            raise TypeError("from_kv_blocks() got an unexpected keyword argument 'seq_lengths'")
+    def old_from_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
+                           BLOCK_SIZE=128, mask_mod=None):
+        pytest.fail("called without seq_lengths")
     monkeypatch.setattr(s2.BlockMask, "from_kv_blocks", old_from_kv_blocks)
     model = tiny_model("llama").eval()
     T, G = 40, 16
@@ -1033,26 +1033,54 @@ def test_sdpa_sign_unavailable_takes_the_general_path(ids, fast_path_on_cpu, mon
 
 def test_undeclared_dropout_reports_unused_flex_settings(ids, fast_path_on_cpu, auto_as_on_cuda):
     # auto with flex_mode on a model keeping its dropout outside config.attention_dropout: the mask function
-    # picks flex, every call has dropout and runs sdpa: the "not used" warning, as on the general path, and
-    # with a layer compiled not the one that says flex is traced into it
+    # picks flex, every call has dropout and runs sdpa: the "not used" warning, once, as on the general path
     s2, calls = fast_path_on_cpu
     model = tiny_model("llama").train()
     model.set_attn_implementation("sdpa")
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.3
-    attn = model.model.layers[1].self_attn
-    attn._compiled_call_impl = attn._call_impl  # a layer marked compiled (runs its eager code)
-    try:
-        with longctx.applied(model, "s2attn", group_size=12, flex_mode="max-autotune-no-cudagraphs"), \
-                warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            logits(model, ids[:, :45], use_cache=False)
-            logits(model, ids[:, :45], use_cache=False)
-    finally:
-        attn._compiled_call_impl = None
+    with longctx.applied(model, "s2attn", group_size=12, flex_mode="max-autotune-no-cudagraphs"), \
+            warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        logits(model, ids[:, :45], use_cache=False)
+        logits(model, ids[:, :45], use_cache=False)
     said = [str(w.message) for w in seen if "s2attn" in str(w.message)]
     assert calls["plain"] == 2 * model.config.num_hidden_layers and calls["general"] == 0
     assert len(said) == 1 and "flex_mode/flex_kernel_options are not used: this call runs the 'sdpa'" in said[0], said
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_flex_settings_warnings_leave_compiled_layers_one_graph(dropout, ids, auto_as_on_cuda, monkeypatch):
+    # with flex_mode set, the warnings are said outside the compiled graphs (by the mask function): a compiled
+    # attention module stays one graph, with no recompile; said once. dropout 0.3: gpt2-style dropout the config
+    # does not declare (the mask function picks flex, the calls run sdpa)
+    import sys
+
+    import torch._dynamo.testing
+    monkeypatch.setattr(sys.modules["longctx.methods.s2attn"], "_FAST_PATH_DEVICES", ("cuda", "cpu"))
+    model = tiny_model("llama").train()
+    model.set_attn_implementation("sdpa")
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = dropout
+    x = ids[:, :48]
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    with longctx.applied(model, "s2attn", group_size=12, flex_mode="max-autotune-no-cudagraphs"), \
+            warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        for layer in model.model.layers:
+            layer.self_attn.compile(backend=counter, fullgraph=True)
+        try:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                logits(model, x, use_cache=False)
+                logits(model, x, use_cache=False)
+        finally:
+            for layer in model.model.layers:
+                layer.self_attn._compiled_call_impl = None
+            torch._dynamo.reset()
+    said = [str(w.message) for w in seen if "s2attn: flex_mode" in str(w.message)]
+    assert counter.frame_count == 1
+    assert len(said) == 1 and "does not apply inside compiled decoder layers" in said[0], said
 
 
 def test_flex_mode_warning_only_where_flex_runs(ids, monkeypatch):

@@ -112,6 +112,7 @@ sdpa/cuDNN on the 7B shape (32 heads of 128: 1.53x against flex's 1.47x).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import numbers
@@ -447,12 +448,11 @@ def _sdpa_sign(H: int, T: int, device, mask_mod):
     """The sdpa fast path's mask: a BlockMask of (1, H, T, T) made of one T x T block per head, a few bytes.
     It is only the sign "plain S2" (never given to flex_attention); S2's real BlockMask would cost a compiled
     build and (H * (T/128)^2) indices per shape. None where this torch cannot build it (no ``seq_lengths``)."""
-    one = torch.ones(1, H, 1, dtype=torch.int32, device=device)
-    try:
-        return BlockMask.from_kv_blocks(one, torch.zeros_like(one)[..., None], BLOCK_SIZE=T, mask_mod=mask_mod,
-                                        seq_lengths=(T, T))
-    except TypeError:
+    if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
         return None
+    one = torch.ones(1, H, 1, dtype=torch.int32, device=device)
+    return BlockMask.from_kv_blocks(one, torch.zeros_like(one)[..., None], BLOCK_SIZE=T, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))
 
 
 def _s2_marks(mask) -> tuple:
@@ -864,6 +864,13 @@ class _State:
             if _doc_ids(positions, positions.shape[0], T, self.cache) is not None:
                 return None  # packed documents: the general path reads them from position_ids
         o = self.options
+        if backend == "flex" and o.flex_mode is not None and not self.warned_mode:
+            model = self.model_ref()
+            if torch.compiler.is_compiling() or (
+                    model is not None and any(m._compiled_call_impl is not None for m in model.modules())):
+                self.warned_mode = True  # (a call with undeclared dropout runs sdpa there: not flex_mode either)
+                warnings.warn(f"s2attn: flex_mode={o.flex_mode!r} does not apply inside compiled decoder layers: "
+                              "S2 is traced into their graphs, under their torch.compile mode", stacklevel=2)
         G = group_size_for(T, o.group_size_ratio, o.group_size)
         n_shift = shifted_head_count(H, o.shifted_heads)
         key = (H, T, G, n_shift, device, backend)
@@ -959,8 +966,9 @@ class _State:
         # (gpt2: attn_pdrop), so a call with dropout under a flex BlockMask runs sdpa here as well
         carrier = _s2_marks(block_mask)[1]
         sdpa = carrier == "sdpa" or (dropout > 0 and o.backend == "auto")
-        if sdpa and carrier != "sdpa" and (o.flex_mode is not None or o.flex_kernel_options) and not self.warned_flex:
-            self._say_backend(query.device, dropout)  # that flex_mode is not used, once, as the general path does
+        if (sdpa and carrier != "sdpa" and (o.flex_mode is not None or o.flex_kernel_options) and not self.warned_flex
+                and not torch.compiler.is_compiling()):  # compiled layers: the mask function has said it
+            self.backend(query.device, dropout, None)  # that flex_mode is not used, once, as the general path does
         if (block_mask.shape[1] != H or tuple(block_mask.shape[2:]) != (T, T) or kwargs.get("s_aux") is not None
                 or (not sdpa and (dropout or (window is not None and window < min(T, G))))):
             return self._s2_attention(query, key, value, None, kwargs)  # the general path says what it cannot do
@@ -975,8 +983,6 @@ class _State:
             def score_mod(score, b, h, q_idx, kv_idx):
                 return softcap * torch.tanh(score / softcap)
         kw = {"kernel_options": dict(o.flex_kernel_options)} if o.flex_kernel_options and query.is_cuda else {}
-        if o.flex_mode is not None and not self.warned_mode:
-            self._flex_mode_in_compiled_layers(torch.compiler.is_compiling())
         if torch.compiler.is_compiling():  # traced into the caller's graph
             from torch.nn.attention.flex_attention import flex_attention
             out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
@@ -991,23 +997,11 @@ class _State:
     def _declared_dropout(self) -> float:
         """The config's attention dropout, from which the mask function picks auto's backend."""
         cfg = getattr(self.model_ref(), "config", None)
-        if cfg is not None and hasattr(cfg, "get_text_config"):
-            cfg = cfg.get_text_config()
+        try:
+            cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        except ValueError:  # a composite with several text configs: its own
+            pass
         return float(getattr(cfg, "attention_dropout", 0.0) or 0.0)
-
-    @torch.compiler.disable
-    def _say_backend(self, device, dropout):
-        self.backend(device, dropout, None)
-
-    @torch.compiler.disable
-    def _flex_mode_in_compiled_layers(self, compiling: bool):
-        """flex_mode cannot act where flex_attention is traced into compiled decoder layers: said once."""
-        model = self.model_ref()
-        if compiling or (model is not None and any(m._compiled_call_impl is not None for m in model.modules())):
-            self.warned_mode = True
-            warnings.warn(f"s2attn: flex_mode={self.options.flex_mode!r} does not apply inside compiled decoder "
-                          "layers: flex_attention is traced into their graphs, under their torch.compile mode",
-                          stacklevel=3)
 
     # Outside any torch.compile graph (a compiled decoder layer breaks its graph here): the padding and
     # document checks depend on tensor values, the flex BlockMask cache on object identity, and the flex
