@@ -734,6 +734,7 @@ class _State:
         self._originals: dict[type, Callable] = {}
         self.warned_flex = False
         self.warned_mode = False
+        self.flex_unused_seen = False  # a compiled fast-path call ran sdpa although flex settings are set
 
     def detach(self):
         self.model_ref = self.base_ref = lambda: None
@@ -864,6 +865,8 @@ class _State:
             if _doc_ids(positions, positions.shape[0], T, self.cache) is not None:
                 return None  # packed documents: the general path reads them from position_ids
         o = self.options
+        if self.flex_unused_seen and not self.warned_flex:
+            self.backend(device, 1.0, None)  # (auto with dropout: sdpa) says that the flex settings are not used
         if backend == "flex" and o.flex_mode is not None and not self.warned_mode:
             model = self.model_ref()
             if torch.compiler.is_compiling() or (
@@ -966,9 +969,13 @@ class _State:
         # (gpt2: attn_pdrop), so a call with dropout under a flex BlockMask runs sdpa here as well
         carrier = _s2_marks(block_mask)[1]
         sdpa = carrier == "sdpa" or (dropout > 0 and o.backend == "auto")
-        if (sdpa and carrier != "sdpa" and (o.flex_mode is not None or o.flex_kernel_options) and not self.warned_flex
-                and not torch.compiler.is_compiling()):  # compiled layers: the mask function has said it
-            self.backend(query.device, dropout, None)  # that flex_mode is not used, once, as the general path does
+        if sdpa and carrier != "sdpa" and (o.flex_mode is not None or o.flex_kernel_options):
+            # that the flex settings are not used, once, as the general path says it; inside a compiled graph only
+            # noted (a store, no guard, no graph break), and said by the mask function at the next forward
+            if torch.compiler.is_compiling():
+                self.flex_unused_seen = True
+            elif not self.warned_flex:
+                self.backend(query.device, dropout, None)
         if (block_mask.shape[1] != H or tuple(block_mask.shape[2:]) != (T, T) or kwargs.get("s_aux") is not None
                 or (not sdpa and (dropout or (window is not None and window < min(T, G))))):
             return self._s2_attention(query, key, value, None, kwargs)  # the general path says what it cannot do
@@ -997,9 +1004,9 @@ class _State:
     def _declared_dropout(self) -> float:
         """The config's attention dropout, from which the mask function picks auto's backend."""
         cfg = getattr(self.model_ref(), "config", None)
-        try:
-            cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        except ValueError:  # a composite with several text configs: its own
+        try:  # the decoder's text config: the one its model hands the mask function
+            cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+        except (TypeError, ValueError):  # an older signature, or several text configs: the config itself
             pass
         return float(getattr(cfg, "attention_dropout", 0.0) or 0.0)
 
