@@ -172,6 +172,13 @@ def runtime_counts(device) -> dict:
     return out
 
 
+def compile_seconds() -> dict:
+    """Seconds spent so far in each of dynamo's timed compile phases (dynamo tracing, AOT autograd, inductor,
+    triton autotuning, ...), summed over calls: the difference across a warm-up says where its time went."""
+    import torch._dynamo.utils
+    return {name: float(sum(times)) for name, times in torch._dynamo.utils.compilation_time_metrics.items()}
+
+
 @contextlib.contextmanager
 def gc_watch(record: dict):
     """Count Python's garbage collections (and their wall time, by generation) inside the block."""
@@ -221,13 +228,23 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
     try:
         with sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext():
             step, optimizer = make_step(model, x, autocast_dtype, device)
+            label = f"T={T} {attention}" + (f" {s2_backend}" if attention == "s2" else "") + f" {kernel} {compile}"
+            compile_before = compile_seconds()
             started = time.perf_counter()
-            for _ in range(args.warmup):
+            warmup_steps_s = []
+            for i in range(args.warmup):
+                step_started = time.perf_counter()
                 step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                warmup_steps_s.append(round(time.perf_counter() - step_started, 2))
+                print(f"  [{label}] warm-up step {i + 1}: {warmup_steps_s[-1]:.1f} s", file=sys.stderr, flush=True)
             if device.type == "cuda":
-                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             warmup_s = time.perf_counter() - started
+            compile_after = compile_seconds()
+            compile_s = {k: round(v - compile_before.get(k, 0.0), 2) for k, v in compile_after.items()
+                         if v - compile_before.get(k, 0.0) >= 0.05}
             if args.gc_off:  # no automatic collection inside the steps (the recipe's train.gc_every adds a young one per step)
                 gc.collect()
                 gc.disable()
@@ -237,7 +254,7 @@ def run_case(model, T: int, attention: str, kernel, args, device, autocast_dtype
                 ms = median_ms(step, args.steps, device, steps_ms)
             during = {f"{k}_in_steps": v - before[k] for k, v in runtime_counts(device).items()}
         row = {"ms": ms, "steps_ms": [round(t, 2) for t in steps_ms], "tokens_per_s": T / (ms / 1e3),
-               "warmup_s": warmup_s, **collections, **during,
+               "warmup_s": warmup_s, "warmup_steps_s": warmup_steps_s, "compile_s": compile_s, **collections, **during,
                "attn_implementation": model.get_base_model().config._attn_implementation}
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -368,6 +385,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="CPU, a tiny random llama, T=128,256, fp32, 1 warm-up + 2 steps: checks the code paths")
+    ap.add_argument("--dump-stacks", type=float, default=0, metavar="SECONDS",
+                    help="print every thread's Python stack to stderr every SECONDS (faulthandler): where a long "
+                         "warm-up or a hang is")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     args.lengths = [int(x) for x in str(args.lengths).split(",")]
@@ -398,6 +418,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.dump_stacks > 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.dump_stacks, repeat=True, file=sys.stderr)
     if args.cpu_smoke:
         device, autocast_dtype = torch.device("cpu"), None  # fp32: no autocast
         args.models, args.lengths, args.warmup, args.steps = ["tiny"], [128, 256], 1, 2
