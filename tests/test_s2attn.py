@@ -1,6 +1,7 @@
 """S2-Attn (LongLoRA shifted sparse attention): the attention function against a dense reference built
 from the rule, strict causality, exact eval/removal, model-level parity on several families, errors."""
 
+import sys
 import warnings
 
 import pytest
@@ -706,6 +707,65 @@ def test_flex_fast_path_only_without_padding_or_documents(ids, fast_path_on_cpu)
     torch.testing.assert_close(plain_positions, ref, rtol=1e-5, atol=1e-5)
 
 
+BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices", "seq_lengths", "BLOCK_SIZE")
+
+
+@pytest.mark.parametrize("T", [1, 7, 127, 128, 129, 300, 513, 1100])
+@pytest.mark.parametrize("G", [2, 5, 64, 129, 256, 1100])
+@pytest.mark.parametrize("window", [None, 1, 3, 200])
+def test_block_mask_from_intervals_equals_create_block_mask(T, G, window):
+    # S2's BlockMask built from the rule's interval form (no T x T mask, no compiled builder) is the one
+    # create_block_mask makes from the mask_mod: every count and index, for whole and partial blocks, odd
+    # group sizes, lengths off the 128 grid, one group, no / some / all heads shifted, sliding windows
+    from torch.nn.attention.flex_attention import create_block_mask
+    s2 = sys.modules["longctx.methods.s2attn"]
+    H = 3
+    for n_shift in range(H + 1):
+        mask_mod = s2.s2_mask_mod(T, G, H, n_shift, s2._Constraints(window=window))
+        ref = create_block_mask(mask_mod, None, H, T, T, device="cpu")
+        got = s2._s2_block_mask(T, G, H, n_shift, window, torch.device("cpu"), mask_mod)
+        assert got.mask_mod is mask_mod
+        for name in BLOCK_MASK_FIELDS:
+            a, b = getattr(got, name), getattr(ref, name)
+            assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), (name, n_shift)
+
+
+def test_flex_block_masks_come_from_intervals(ids, fast_path_on_cpu, monkeypatch):
+    # flex's plain BlockMasks (fast path, and the general path without padding) are built without
+    # create_block_mask; padding still uses it. Where the interval form is unavailable (older torch), the
+    # compiled builder takes over, with the same logits
+    s2, calls = fast_path_on_cpu
+    built = []
+    real = s2._create_block_mask
+    monkeypatch.setattr(s2, "_create_block_mask", lambda *a, **k: built.append(a) or real(*a, **k))
+    model = tiny_model("llama").eval()
+    x = ids[:, :40]
+    with longctx.applied(model, "s2attn", group_size=16, backend="flex", train_only=False):
+        plain = logits(model, x)
+        assert calls["plain"] == model.config.num_hidden_layers and not built
+        monkeypatch.setattr(s2, "_FAST_PATH_DEVICES", ())  # the general path, per call
+        assert torch.equal(logits(model, x), plain) and not built
+        logits(model, x, attention_mask=padding("left", 2, 40).long())
+        assert built  # padding: per-row masks from create_block_mask
+    built.clear()
+    monkeypatch.setattr(s2, "_FAST_PATH_DEVICES", ("cpu",))
+    monkeypatch.setattr(s2, "_s2_block_mask", lambda *a, **k: None)
+    with longctx.applied(model, "s2attn", group_size=16, backend="flex", train_only=False):
+        assert torch.equal(logits(model, x), plain)
+    assert built
+
+
+def test_block_mask_from_intervals_needs_seq_lengths(monkeypatch):
+    s2 = sys.modules["longctx.methods.s2attn"]
+
+    def old_from_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
+                           BLOCK_SIZE=128, mask_mod=None):
+        pytest.fail("called without seq_lengths")
+    monkeypatch.setattr(s2.BlockMask, "from_kv_blocks", old_from_kv_blocks)
+    assert s2._s2_block_mask(300, 64, 2, 1, None, torch.device("cpu"), s2.s2_mask_mod(300, 64, 2, 1)) is None
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("fast", [True, False])
 def test_module_in_eval_gets_causal_attention(attn, fast, ids, monkeypatch):
@@ -922,9 +982,10 @@ def test_sdpa_fast_path_gradients_equal_the_general_path(dropout, ids, fast_path
 
 def test_sdpa_fast_path_mask_is_a_small_sign(ids, fast_path_on_cpu, monkeypatch):
     # sdpa never reads S2's BlockMask: its fast path gets a (1, H, T, T) BlockMask of one block per head,
-    # without building the real one (a compiled build and H * (T/128)^2 indices per shape)
+    # without building the real one (H * (T/128)^2 indices per shape)
     s2, calls = fast_path_on_cpu
     monkeypatch.setattr(s2, "_create_block_mask", lambda *a, **k: pytest.fail("built S2's BlockMask for sdpa"))
+    monkeypatch.setattr(s2, "_s2_block_mask", lambda *a, **k: pytest.fail("built S2's BlockMask for sdpa"))
     model = tiny_model("llama").eval()
     H = model.config.num_attention_heads
     with longctx.applied(model, "s2attn", group_size=16, backend="sdpa", train_only=False) as patch:

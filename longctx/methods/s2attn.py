@@ -78,9 +78,11 @@ Backends (``backend=``):
   windows, an explicit (groups, G, G) mask otherwise). FLOPs and memory are those of T/G
   independent causal attentions of length G; the pieces' outputs are concatenated (copies, which
   inside a compiled layer inductor folds into its own kernels).
-- ``"flex"`` (default on CUDA): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built
-  by ``create_block_mask(..., _compile=True)`` from the rule above (cached while the inputs'
-  shapes, mask and position_ids objects stay the same, so once per forward). flex_attention is
+- ``"flex"`` (default on CUDA): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` of the rule
+  above (cached while the inputs' shapes, mask and position_ids objects stay the same, so once per
+  forward). Without padding, documents or a dense mask it is built directly from the rule's interval
+  form, in O((T/128)^2) (``_s2_block_mask``; identical to create_block_mask's, tests); otherwise by
+  ``create_block_mask(..., _compile=True)``, which compiles a builder per shape. flex_attention is
   compiled with ``torch.compile`` on CUDA. flex has no dropout: with attention dropout > 0 (declared in the
   config as ``attention_dropout``, or in the call) "auto" uses sdpa, and "flex" raises for a call with
   dropout. On CPU flex runs unfused and has no backward (tests only). ``flex_mode="max-autotune-no-cudagraphs"``
@@ -434,6 +436,52 @@ def s2_mask_mod(T: int, G: int, num_heads: int, n_shift: int, cons: _Constraints
     return mask_mod
 
 
+_BLOCK = 128  # flex's default sparse block (create_block_mask's BLOCK_SIZE)
+
+
+def _s2_block_mask(T: int, G: int, H: int, n_shift: int, window, device, mask_mod):
+    """S2's BlockMask of shape (1, H, T, T), from the rule's interval form instead of a T x T mask.
+
+    Token q may see the keys [start(q), q], where start(q) = max(first key of q's group, q - window + 1)
+    (groups shifted by G/2 for the last ``n_shift`` heads). start(q) never decreases with q, so for the q
+    block [q0, q1) and the kv block [k0, k1): the pair is empty iff q = max(q0, k0) is past the block or
+    start(q) >= k1, and full iff both blocks are whole, q0 >= k1 - 1 and start(q1 - 1) <= k0. That is
+    O((T/128)^2) work, exact, with no compiled builder: create_block_mask(_compile=True) traces and compiles
+    a kernel per shape (on an H100, about 200 s for SmolLM2's 16k shape), and without compiling it builds
+    the dense T x T mask. The indices are ordered as create_block_mask orders them (tests compare the two).
+    None where this torch's ``BlockMask.from_kv_blocks`` takes no ``seq_lengths``."""
+    if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        return None
+    n = -(-T // _BLOCK)
+    q = torch.arange(T, device=device)
+    b0 = torch.arange(n, device=device) * _BLOCK  # first index of each block, as q block and as kv block
+    b1 = torch.clamp(b0 + _BLOCK, max=T)  # one past its last
+    whole = b1 - b0 == _BLOCK
+    kinds = []  # per head kind (unshifted, shifted): (partial, full) block pairs, each (n, n) bool
+    for off in (0, G // 2)[:2 if (T > G and n_shift) else 1]:
+        start = torch.clamp((q + off) // G * G - off, min=0) if T > G else torch.zeros_like(q)
+        if window is not None:
+            start = torch.maximum(start, q - window + 1)
+        first = torch.maximum(b0[:, None], b0[None, :])  # (q block, kv block)
+        nonempty = (first < b1[:, None]) & (start[first.clamp(max=T - 1)] < b1[None, :])
+        full = (whole[:, None] & whole[None, :] & (b0[:, None] >= b1[None, :] - 1)
+                & (start[b1 - 1][:, None] <= b0[None, :]))
+        kinds.append((nonempty & ~full, full))
+    if T > G and 0 < n_shift < H:
+        head_kind = (torch.arange(H, device=device) >= H - n_shift).long()
+    else:
+        head_kind = torch.full((H,), 1 if (T > G and n_shift == H) else 0, device=device)
+    partial, full = (torch.stack([k[i] for k in kinds])[head_kind][None] for i in (0, 1))  # (1, H, n, n)
+
+    def ordered(blocks):  # as flex's _dense_to_ordered: counts, and the set blocks first, ascending
+        blocks = blocks.to(torch.int32)
+        return (blocks.sum(-1).to(torch.int32),
+                torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32))
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))
+
+
 def _create_block_mask(mask_mod, B, H, T, device):
     from torch.nn.attention.flex_attention import create_block_mask
     if device.type == "cuda":
@@ -478,8 +526,11 @@ def _flex_backend(q, k, v, G, n_shift, cons, scale, softcap, cache, mode=None, k
            _ident(cons.valid), _ident(cons.doc), _ident(cons.dense))
     block_mask = cache.get(key)
     if block_mask is None:
-        block_mask = _create_block_mask(s2_mask_mod(T, G, H, n_shift, cons), B if per_batch else None, H, T,
-                                        q.device)
+        mask_mod = s2_mask_mod(T, G, H, n_shift, cons)
+        block_mask = None if per_batch or cons.dense is not None else \
+            _s2_block_mask(T, G, H, n_shift, cons.window, q.device, mask_mod)
+        if block_mask is None:
+            block_mask = _create_block_mask(mask_mod, B if per_batch else None, H, T, q.device)
         # hold the tensors the key names by id, so the ids stay unique while cached
         cache.put(key, block_mask, (cons.valid, cons.doc, cons.dense))
     score_mod = None
@@ -882,8 +933,10 @@ class _State:
             if len(self.block_masks) >= 8:
                 self.block_masks.clear()
             if backend == "flex":
-                block_mask = _create_block_mask(_marked(s2_mask_mod(T, G, H, n_shift), self.marker, "flex"), None,
-                                                H, T, device)
+                mask_mod = _marked(s2_mask_mod(T, G, H, n_shift), self.marker, "flex")
+                block_mask = _s2_block_mask(T, G, H, n_shift, None, device, mask_mod)
+                if block_mask is None:
+                    block_mask = _create_block_mask(mask_mod, None, H, T, device)
             else:
                 def sign(b, h, q_idx, kv_idx):  # never evaluated: sdpa does not read the sign's blocks
                     return q_idx >= kv_idx
