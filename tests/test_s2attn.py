@@ -724,16 +724,56 @@ def test_block_mask_from_intervals_equals_create_block_mask(T, G, window):
     for n_shift in range(H + 1):
         mask_mod = s2.s2_mask_mod(T, G, H, n_shift, s2._Constraints(window=window))
         ref = create_block_mask(mask_mod, None, H, T, T, device="cpu")
-        got = s2._s2_block_mask(T, G, H, n_shift, window, torch.device("cpu"), mask_mod)
+        got = s2._s2_block_mask(T, G, H, n_shift, torch.device("cpu"), mask_mod, window)
         assert got.mask_mod is mask_mod
-        for name in BLOCK_MASK_FIELDS:
-            a, b = getattr(got, name), getattr(ref, name)
-            assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), (name, n_shift)
+        assert_same_block_mask(got, ref, n_shift)
+
+
+def assert_same_block_mask(got, ref, *where):
+    for name in BLOCK_MASK_FIELDS:
+        a, b = getattr(got, name), getattr(ref, name)
+        assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), (name, *where)
+
+
+@pytest.mark.parametrize("T", [1, 130, 300, 640])
+@pytest.mark.parametrize("G", [4, 64, 100, 700])
+@pytest.mark.parametrize("window", [None, 50])
+def test_block_mask_from_intervals_with_padding_and_documents(T, G, window):
+    # per-row BlockMasks: left / right / no / all padding (each row's valid keys one run) and packed documents
+    # of several lengths, alone and together, against create_block_mask; a row whose valid keys are not one run,
+    # or whose document ids go down (a document in two pieces), is left to create_block_mask (None)
+    from torch.nn.attention.flex_attention import create_block_mask
+    s2 = sys.modules["longctx.methods.s2attn"]
+    H, B, cpu = 2, 4, torch.device("cpu")
+    g = torch.Generator().manual_seed(T + G)
+    pad = torch.randint(0, T + 1, (B,), generator=g).tolist()
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, :pad[0]] = False  # left padding
+    valid[1, T - pad[1]:] = False  # right padding
+    valid[2] = False  # nothing valid
+    starts = torch.rand(B, T, generator=g) < 0.01 + 3.0 / T
+    doc = starts.long().cumsum(-1)
+    doc[3] = 0  # one document
+    for v, d in [(valid, None), (None, doc), (valid, doc), (valid[:1], None)]:
+        rows = B if (d is not None or v is not None and v.shape[0] > 1) else 1
+        cons = s2._Constraints(valid=None if v is None else v.expand(rows, T), doc=d, window=window)
+        for n_shift in (0, 1, 2):
+            mask_mod = s2.s2_mask_mod(T, G, H, n_shift, cons)
+            ref = create_block_mask(mask_mod, rows, H, T, T, device="cpu")
+            got = s2._s2_block_mask(T, G, H, n_shift, cpu, mask_mod, window, v, d, rows)
+            assert_same_block_mask(got, ref, n_shift, v is None, d is None)
+    if T > 2:
+        holes = torch.ones(1, T, dtype=torch.bool)
+        holes[0, 1] = False
+        assert s2._s2_block_mask(T, G, H, 1, cpu, None, None, holes, None, 1) is None
+        pieces = torch.zeros(1, T, dtype=torch.long)
+        pieces[0, 1] = 1
+        assert s2._s2_block_mask(T, G, H, 1, cpu, None, None, None, pieces, 1) is None
 
 
 def test_flex_block_masks_come_from_intervals(ids, fast_path_on_cpu, monkeypatch):
-    # flex's plain BlockMasks (fast path, and the general path without padding) are built without
-    # create_block_mask; padding still uses it. Where the interval form is unavailable (older torch), the
+    # flex's BlockMasks (fast path, general path, left padding) are built without create_block_mask;
+    # padding with holes still uses it. Where the interval form is unavailable (older torch), the
     # compiled builder takes over, with the same logits
     s2, calls = fast_path_on_cpu
     built = []
@@ -747,7 +787,11 @@ def test_flex_block_masks_come_from_intervals(ids, fast_path_on_cpu, monkeypatch
         monkeypatch.setattr(s2, "_FAST_PATH_DEVICES", ())  # the general path, per call
         assert torch.equal(logits(model, x), plain) and not built
         logits(model, x, attention_mask=padding("left", 2, 40).long())
-        assert built  # padding: per-row masks from create_block_mask
+        assert not built  # left padding: each row's valid keys are one run
+        holes = torch.ones(2, 40, dtype=torch.long)
+        holes[:, 3] = 0
+        logits(model, x, attention_mask=holes)
+        assert built  # other padding: per-row masks from create_block_mask
     built.clear()
     monkeypatch.setattr(s2, "_FAST_PATH_DEVICES", ("cpu",))
     monkeypatch.setattr(s2, "_s2_block_mask", lambda *a, **k: None)
@@ -763,7 +807,7 @@ def test_block_mask_from_intervals_needs_seq_lengths(monkeypatch):
                            BLOCK_SIZE=128, mask_mod=None):
         pytest.fail("called without seq_lengths")
     monkeypatch.setattr(s2.BlockMask, "from_kv_blocks", old_from_kv_blocks)
-    assert s2._s2_block_mask(300, 64, 2, 1, None, torch.device("cpu"), s2.s2_mask_mod(300, 64, 2, 1)) is None
+    assert s2._s2_block_mask(300, 64, 2, 1, torch.device("cpu"), s2.s2_mask_mod(300, 64, 2, 1)) is None
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -80,9 +80,10 @@ Backends (``backend=``):
   inside a compiled layer inductor folds into its own kernels).
 - ``"flex"`` (default on CUDA): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` of the rule
   above (cached while the inputs' shapes, mask and position_ids objects stay the same, so once per
-  forward). Without padding, documents or a dense mask it is built directly from the rule's interval
-  form, in O((T/128)^2) (``_s2_block_mask``; identical to create_block_mask's, tests); otherwise by
-  ``create_block_mask(..., _compile=True)``, which compiles a builder per shape. flex_attention is
+  forward). It is built directly from the rule's interval form, in O(B (T/128)^2) (``_s2_block_mask``;
+  identical to create_block_mask's, tests), with sliding windows, packed documents and padding whose
+  valid keys form one run per row (left or right padding); otherwise (a dense 4-D mask, other padding)
+  by ``create_block_mask(..., _compile=True)``, which compiles a builder per shape. flex_attention is
   compiled with ``torch.compile`` on CUDA. flex has no dropout: with attention dropout > 0 (declared in the
   config as ``attention_dropout``, or in the call) "auto" uses sdpa, and "flex" raises for a call with
   dropout. On CPU flex runs unfused and has no backward (tests only). ``flex_mode="max-autotune-no-cudagraphs"``
@@ -439,39 +440,65 @@ def s2_mask_mod(T: int, G: int, num_heads: int, n_shift: int, cons: _Constraints
 _BLOCK = 128  # flex's default sparse block (create_block_mask's BLOCK_SIZE)
 
 
-def _s2_block_mask(T: int, G: int, H: int, n_shift: int, window, device, mask_mod):
-    """S2's BlockMask of shape (1, H, T, T), from the rule's interval form instead of a T x T mask.
+def _s2_block_mask(T: int, G: int, H: int, n_shift: int, device, mask_mod, window=None, valid=None, doc=None,
+                   rows: int | None = None):
+    """S2's BlockMask of shape (rows or 1, H, T, T), from the rule's interval form instead of a T x T mask.
 
-    Token q may see the keys [start(q), q], where start(q) = max(first key of q's group, q - window + 1)
-    (groups shifted by G/2 for the last ``n_shift`` heads). start(q) never decreases with q, so for the q
-    block [q0, q1) and the kv block [k0, k1): the pair is empty iff q = max(q0, k0) is past the block or
-    start(q) >= k1, and full iff both blocks are whole, q0 >= k1 - 1 and start(q1 - 1) <= k0. That is
-    O((T/128)^2) work, exact, with no compiled builder: create_block_mask(_compile=True) traces and compiles
-    a kernel per shape (on an H100, about 200 s for SmolLM2's 16k shape), and without compiling it builds
-    the dense T x T mask. The indices are ordered as create_block_mask orders them (tests compare the two).
-    None where this torch's ``BlockMask.from_kv_blocks`` takes no ``seq_lengths``."""
+    Token q of row b may see the keys [start(q), q] that are valid, where start(q) = max(first key of q's group,
+    q - window + 1, first token of q's document) (groups shifted by G/2 for the last ``n_shift`` heads).
+    start(q) never decreases with q. With the valid keys of a row one run [v0, v1), the kv block [k0, k1)
+    shrinks to K = [max(k0, v0), min(k1, v1)), and for the q block [q0, q1): the pair is empty iff K is
+    empty, or q = max(q0, K0) is past the q block, or start(q) >= K1; it is full iff both blocks are whole,
+    K is the whole kv block, q0 >= k1 - 1 and start(q1 - 1) <= k0. That is O(rows * (T/128)^2) work, exact,
+    with no compiled builder: create_block_mask(_compile=True) traces and compiles a kernel per shape (on an
+    H100, about 200 s for SmolLM2's 16k shape), and without compiling it builds the dense T x T mask. The
+    indices are ordered as create_block_mask orders them (tests compare the two).
+
+    ``valid`` (rows, T) bool: key validity; ``doc`` (rows, T): document ids. None (the caller builds the mask
+    with create_block_mask) where a row's valid keys are not one run, document ids decrease along a row (a
+    document in several pieces), or this torch's ``BlockMask.from_kv_blocks`` takes no ``seq_lengths``."""
     if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
         return None
+    r = rows or 1
     n = -(-T // _BLOCK)
     q = torch.arange(T, device=device)
     b0 = torch.arange(n, device=device) * _BLOCK  # first index of each block, as q block and as kv block
     b1 = torch.clamp(b0 + _BLOCK, max=T)  # one past its last
     whole = b1 - b0 == _BLOCK
-    kinds = []  # per head kind (unshifted, shifted): (partial, full) block pairs, each (n, n) bool
+    k0, k1 = b0.expand(r, n), b1.expand(r, n)  # each row's kv blocks, cut to its valid keys
+    if valid is not None:
+        valid = valid.to(device=device, dtype=torch.bool).expand(r, T)
+        count = valid.sum(-1)
+        runs = valid[:, 0].long() + (valid[:, 1:] & ~valid[:, :-1]).sum(-1)
+        if bool((runs > 1).any()):
+            return None
+        v0 = valid.int().argmax(-1)  # the first valid key (0 where none: then the run is empty)
+        k0, k1 = torch.maximum(k0, v0[:, None]), torch.minimum(k1, (v0 + count)[:, None])
+    doc_start = None
+    if doc is not None:
+        doc = doc.to(device).expand(r, T).contiguous()
+        if bool((doc[:, 1:] < doc[:, :-1]).any()):
+            return None
+        doc_start = torch.searchsorted(doc, doc)  # the first token of each token's document
+    kv_whole = whole & (k0 == b0) & (k1 == b1)  # (r, n)
+    first = torch.maximum(b0[None, :, None], k0[:, None, :])  # (r, q block, kv block)
+    q_first = b0[None, :, None] >= b1[None, None, :] - 1  # every q of the q block at or past the kv block
+    kinds = []  # per head kind (unshifted, shifted): (partial, full) block pairs, each (r, n, n) bool
     for off in (0, G // 2)[:2 if (T > G and n_shift) else 1]:
         start = torch.clamp((q + off) // G * G - off, min=0) if T > G else torch.zeros_like(q)
         if window is not None:
             start = torch.maximum(start, q - window + 1)
-        first = torch.maximum(b0[:, None], b0[None, :])  # (q block, kv block)
-        nonempty = (first < b1[:, None]) & (start[first.clamp(max=T - 1)] < b1[None, :])
-        full = (whole[:, None] & whole[None, :] & (b0[:, None] >= b1[None, :] - 1)
-                & (start[b1 - 1][:, None] <= b0[None, :]))
+        start = start.expand(r, T) if doc_start is None else torch.maximum(start, doc_start)
+        at_first = start.gather(1, first.clamp(max=T - 1).flatten(1)).view(r, n, n)
+        nonempty = (k0 < k1)[:, None, :] & (first < b1[None, :, None]) & (at_first < k1[:, None, :])
+        full = (whole[None, :, None] & kv_whole[:, None, :] & q_first
+                & (start[:, b1 - 1][:, :, None] <= b0[None, None, :]))
         kinds.append((nonempty & ~full, full))
     if T > G and 0 < n_shift < H:
         head_kind = (torch.arange(H, device=device) >= H - n_shift).long()
     else:
         head_kind = torch.full((H,), 1 if (T > G and n_shift == H) else 0, device=device)
-    partial, full = (torch.stack([k[i] for k in kinds])[head_kind][None] for i in (0, 1))  # (1, H, n, n)
+    partial, full = (torch.stack([k[i] for k in kinds])[head_kind].transpose(0, 1) for i in (0, 1))  # (r, H, n, n)
 
     def ordered(blocks):  # as flex's _dense_to_ordered: counts, and the set blocks first, ascending
         blocks = blocks.to(torch.int32)
@@ -527,8 +554,8 @@ def _flex_backend(q, k, v, G, n_shift, cons, scale, softcap, cache, mode=None, k
     block_mask = cache.get(key)
     if block_mask is None:
         mask_mod = s2_mask_mod(T, G, H, n_shift, cons)
-        block_mask = None if per_batch or cons.dense is not None else \
-            _s2_block_mask(T, G, H, n_shift, cons.window, q.device, mask_mod)
+        block_mask = None if cons.dense is not None else _s2_block_mask(
+            T, G, H, n_shift, q.device, mask_mod, cons.window, cons.valid, cons.doc, B if per_batch else None)
         if block_mask is None:
             block_mask = _create_block_mask(mask_mod, B if per_batch else None, H, T, q.device)
         # hold the tensors the key names by id, so the ids stay unique while cached
@@ -934,7 +961,7 @@ class _State:
                 self.block_masks.clear()
             if backend == "flex":
                 mask_mod = _marked(s2_mask_mod(T, G, H, n_shift), self.marker, "flex")
-                block_mask = _s2_block_mask(T, G, H, n_shift, None, device, mask_mod)
+                block_mask = _s2_block_mask(T, G, H, n_shift, device, mask_mod)
                 if block_mask is None:
                     block_mask = _create_block_mask(mask_mod, None, H, T, device)
             else:
