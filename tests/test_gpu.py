@@ -75,6 +75,41 @@ def test_flex_s2_equals_sdpa_s2_with_gradients():
         torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
 
 
+def test_flex_s2_padding_documents_window_equal_sdpa_s2():
+    # flex's per-row BlockMasks from the interval form on CUDA (left padding; packed documents; both, with a
+    # sliding window) against the sdpa path, outputs and gradients at the valid queries; each BlockMask equals
+    # the one create_block_mask(_compile=True) builds
+    from torch.nn.attention.flex_attention import create_block_mask
+    from longctx.methods import s2attn as s2
+    g = torch.Generator(device=CUDA).manual_seed(1)
+    B, T, G = 2, 1000, 256
+    valid = torch.ones(B, T, dtype=torch.bool, device=CUDA)
+    valid[0, :123] = False
+    doc = torch.zeros(B, T, dtype=torch.long, device=CUDA)
+    doc[1, 300:] = 1
+    doc[1, 777:] = 2
+    for kw in ({"valid": valid}, {"doc": doc}, {"valid": valid, "doc": doc, "window": 200}):
+        q, k, v = (torch.randn(B, T, h, 64, device=CUDA, generator=g).transpose(1, 2).requires_grad_()
+                   for h in (9, 3, 3))
+        rows = kw.get("valid", torch.ones_like(valid))  # padded queries: no reference to compare with
+        grad = torch.randn(B, T, 9, 64, device=CUDA, generator=g) * rows[..., None, None]
+        results = []
+        for backend in ("sdpa", "flex"):
+            out = s2_attention(q, k, v, group_size=G, n_shift=4, backend=backend, **kw)
+            out.backward(grad)
+            results.append((out.detach()[rows], q.grad.transpose(1, 2)[rows], k.grad, v.grad))
+            q.grad = k.grad = v.grad = None
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+        cons = s2._Constraints(valid=kw.get("valid"), doc=kw.get("doc"), window=kw.get("window"))
+        mask_mod = s2.s2_mask_mod(T, G, 9, 4, cons)
+        got = s2._s2_block_mask(T, G, 9, 4, CUDA, mask_mod, cons.window, cons.valid, cons.doc, B)
+        ref = create_block_mask(mask_mod, B, 9, T, T, device=CUDA, _compile=True)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
 def test_compiled_layers_with_flex_s2_train_step():
     # train.compile_layers + s2attn flex on CUDA: no recompiles across the layers, and the loss and gradients
     # of the eager step (bf16 fused kernels round differently: loose tolerances)
