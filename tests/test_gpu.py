@@ -107,7 +107,8 @@ def test_flex_s2_padding_documents_window_equal_sdpa_s2():
         ref = create_block_mask(mask_mod, B, 9, T, T, device=CUDA, _compile=True)
         for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
                      "q_indices", "full_q_num_blocks", "full_q_indices"):
-            assert torch.equal(getattr(got, name), getattr(ref, name)), name
+            a, b = getattr(got, name), getattr(ref, name)
+            assert torch.equal(a, b) and a.stride() == b.stride(), name
 
 
 def test_compiled_layers_with_flex_s2_train_step():

@@ -80,10 +80,11 @@ Backends (``backend=``):
   inside a compiled layer inductor folds into its own kernels).
 - ``"flex"`` (default on CUDA): ``torch.nn.attention.flex_attention`` with a ``BlockMask`` of the rule
   above (cached while the inputs' shapes, mask and position_ids objects stay the same, so once per
-  forward). It is built directly from the rule's interval form, in O(B (T/128)^2) (``_s2_block_mask``;
+  forward). It is built directly from the rule's interval form, in O(B H (T/128)^2) (``_s2_block_mask``;
   identical to create_block_mask's, tests), with sliding windows, packed documents and padding whose
-  valid keys form one run per row (left or right padding); otherwise (a dense 4-D mask, other padding)
-  by ``create_block_mask(..., _compile=True)``, which compiles a builder per shape. flex_attention is
+  valid keys form one run per row (left or right padding); otherwise (a dense 4-D mask, other padding,
+  document ids given to ``s2_attention`` that go down along a row) by ``create_block_mask(...,
+  _compile=True)``, which compiles a builder per shape. flex_attention is
   compiled with ``torch.compile`` on CUDA. flex has no dropout: with attention dropout > 0 (declared in the
   config as ``attention_dropout``, or in the call) "auto" uses sdpa, and "flex" raises for a call with
   dropout. On CPU flex runs unfused and has no backward (tests only). ``flex_mode="max-autotune-no-cudagraphs"``
@@ -449,10 +450,11 @@ def _s2_block_mask(T: int, G: int, H: int, n_shift: int, device, mask_mod, windo
     start(q) never decreases with q. With the valid keys of a row one run [v0, v1), the kv block [k0, k1)
     shrinks to K = [max(k0, v0), min(k1, v1)), and for the q block [q0, q1): the pair is empty iff K is
     empty, or q = max(q0, K0) is past the q block, or start(q) >= K1; it is full iff both blocks are whole,
-    K is the whole kv block, q0 >= k1 - 1 and start(q1 - 1) <= k0. That is O(rows * (T/128)^2) work, exact,
+    K is the whole kv block, q0 >= k1 - 1 and start(q1 - 1) <= k0. That is O(rows * (T/128)^2) work per head
+    kind (plus the BlockMask's own O(rows * H * (T/128)^2) indices), exact,
     with no compiled builder: create_block_mask(_compile=True) traces and compiles a kernel per shape (on an
     H100, about 200 s for SmolLM2's 16k shape), and without compiling it builds the dense T x T mask. The
-    indices are ordered as create_block_mask orders them (tests compare the two).
+    indices are ordered and laid out (contiguous) as create_block_mask's (tests compare the two).
 
     ``valid`` (rows, T) bool: key validity; ``doc`` (rows, T): document ids. None (the caller builds the mask
     with create_block_mask) where a row's valid keys are not one run, document ids decrease along a row (a
@@ -498,14 +500,15 @@ def _s2_block_mask(T: int, G: int, H: int, n_shift: int, device, mask_mod, windo
         head_kind = (torch.arange(H, device=device) >= H - n_shift).long()
     else:
         head_kind = torch.full((H,), 1 if (T > G and n_shift == H) else 0, device=device)
-    partial, full = (torch.stack([k[i] for k in kinds])[head_kind].transpose(0, 1) for i in (0, 1))  # (r, H, n, n)
+    def ordered(i):  # as flex's _dense_to_ordered (counts; the set blocks first, ascending), once per head kind
+        blocks = torch.stack([k[i] for k in kinds]).to(torch.int32)  # (kinds, r, n, n)
+        counts = blocks.sum(-1).to(torch.int32)
+        indices = torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
+        # then per head, (r, H, n[, n]) in fresh contiguous memory: flex's Triton kernels assume contiguous
+        # indices (they step over (batch, head) rows by the head stride)
+        return tuple(x.transpose(0, 1).index_select(1, head_kind) for x in (counts, indices))
 
-    def ordered(blocks):  # as flex's _dense_to_ordered: counts, and the set blocks first, ascending
-        blocks = blocks.to(torch.int32)
-        return (blocks.sum(-1).to(torch.int32),
-                torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32))
-
-    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=_BLOCK, mask_mod=mask_mod,
+    return BlockMask.from_kv_blocks(*ordered(0), *ordered(1), BLOCK_SIZE=_BLOCK, mask_mod=mask_mod,
                                     seq_lengths=(T, T))
 
 
