@@ -733,7 +733,8 @@ def assert_same_block_mask(got, ref, *where):
     for name in BLOCK_MASK_FIELDS:
         a, b = getattr(got, name), getattr(ref, name)
         # strides too: flex's Triton kernels read the indices as contiguous
-        assert (torch.equal(a, b) and a.stride() == b.stride() if torch.is_tensor(a) else a == b), (name, *where)
+        same = lambda x: (x.dtype, x.stride(), x.storage_offset())  # noqa: E731
+        assert (torch.equal(a, b) and same(a) == same(b) if torch.is_tensor(a) else a == b), (name, *where)
 
 
 @pytest.mark.parametrize("T", [1, 130, 300, 640])
@@ -745,7 +746,7 @@ def test_block_mask_from_intervals_with_padding_and_documents(T, G, window):
     # or whose document ids go down (a document in two pieces), is left to create_block_mask (None)
     from torch.nn.attention.flex_attention import create_block_mask
     s2 = sys.modules["longctx.methods.s2attn"]
-    H, B, cpu = 2, 4, torch.device("cpu")
+    B, cpu = 4, torch.device("cpu")
     g = torch.Generator().manual_seed(T + G)
     pad = torch.randint(0, T + 1, (B,), generator=g).tolist()
     valid = torch.ones(B, T, dtype=torch.bool)
@@ -758,7 +759,7 @@ def test_block_mask_from_intervals_with_padding_and_documents(T, G, window):
     for v, d in [(valid, None), (None, doc), (valid, doc), (valid[:1], None)]:
         rows = B if (d is not None or v is not None and v.shape[0] > 1) else 1
         cons = s2._Constraints(valid=None if v is None else v.expand(rows, T), doc=d, window=window)
-        for n_shift in (0, 1, 2):
+        for H, n_shift in ((1, 0), (1, 1), (2, 0), (2, 1), (2, 2)):  # H = 1: the head stride is the row's
             mask_mod = s2.s2_mask_mod(T, G, H, n_shift, cons)
             ref = create_block_mask(mask_mod, rows, H, T, T, device="cpu")
             got = s2._s2_block_mask(T, G, H, n_shift, cpu, mask_mod, window, v, d, rows)
@@ -766,10 +767,10 @@ def test_block_mask_from_intervals_with_padding_and_documents(T, G, window):
     if T > 2:
         holes = torch.ones(1, T, dtype=torch.bool)
         holes[0, 1] = False
-        assert s2._s2_block_mask(T, G, H, 1, cpu, None, None, holes, None, 1) is None
+        assert s2._s2_block_mask(T, G, 2, 1, cpu, None, None, holes, None, 1) is None
         pieces = torch.zeros(1, T, dtype=torch.long)
         pieces[0, 1] = 1
-        assert s2._s2_block_mask(T, G, H, 1, cpu, None, None, None, pieces, 1) is None
+        assert s2._s2_block_mask(T, G, 2, 1, cpu, None, None, None, pieces, 1) is None
 
 
 def test_flex_block_masks_come_from_intervals(ids, fast_path_on_cpu, monkeypatch):

@@ -83,8 +83,9 @@ Backends (``backend=``):
   forward). It is built directly from the rule's interval form, in O(B H (T/128)^2) (``_s2_block_mask``;
   identical to create_block_mask's, tests), with sliding windows, packed documents and padding whose
   valid keys form one run per row (left or right padding); otherwise (a dense 4-D mask, other padding,
-  document ids given to ``s2_attention`` that go down along a row) by ``create_block_mask(...,
-  _compile=True)``, which compiles a builder per shape. flex_attention is
+  document ids given to ``s2_attention`` that go down along a row, a torch whose
+  ``BlockMask.from_kv_blocks`` lacks ``seq_lengths``) by ``create_block_mask``: compiled on CUDA
+  (``_compile=True``, a builder per shape), eager on CPU. flex_attention is
   compiled with ``torch.compile`` on CUDA. flex has no dropout: with attention dropout > 0 (declared in the
   config as ``attention_dropout``, or in the call) "auto" uses sdpa, and "flex" raises for a call with
   dropout. On CPU flex runs unfused and has no backward (tests only). ``flex_mode="max-autotune-no-cudagraphs"``
