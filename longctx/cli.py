@@ -43,7 +43,10 @@ def method_label(name: str, options: dict, factor: float | None, where: str) -> 
         if options:
             raise SystemExit(f"{where}: method none takes no options")
         return "none", name, {}
-    method = registry.get_method(name)
+    try:
+        method = registry.get_method(name)
+    except ValueError as err:
+        raise SystemExit(f"{where}: {err}") from None
     fields = {f.name for f in dataclasses.fields(method.options)}
     if "factor" in fields and "factor" not in options:
         if factor is None:
@@ -87,7 +90,13 @@ def _value(text: str):
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 2 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2, got {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def _positive_int(text: str) -> int:
@@ -110,11 +119,26 @@ def cmd_ppl(args) -> int:
     from . import load_corpus, load_model
     from .data import encode_documents
     from .eval import format_table, perplexity, save_json
+    from .eval.perplexity import inactive_in_eval
 
     specs = parse_methods(args.method or ["none"], args.factor)
     for _, name, options in specs:  # check every option before the slow loads
+        reason = inactive_in_eval(name, options)
+        if reason:
+            raise SystemExit(f"--method {name}: {reason}")
         if name != "none":
-            registry.make_options(registry.get_method(name), **options)
+            try:
+                registry.make_options(registry.get_method(name), **options)
+            except (ValueError, TypeError) as err:
+                raise SystemExit(f"--method {name}: {err}") from None
+    if args.mode == "chunks" and args.stride is not None:
+        raise SystemExit("--stride only applies to --mode sliding")
+    if args.mode == "sliding" and args.score == "tail":
+        raise SystemExit("--score tail only applies to --mode chunks (sliding windows score their last --stride tokens)")
+    if args.stride is not None and not 1 <= args.stride <= min(args.lengths):
+        raise SystemExit(f"--stride must be in 1..{min(args.lengths)} (the smallest of --lengths), got {args.stride}")
+    if args.score == "tail" and not (0 < args.tail_fraction <= 1 and int(min(args.lengths) * args.tail_fraction) >= 1):
+        raise SystemExit(f"--tail-fraction must be in (0, 1] and score >= 1 token of every length, got {args.tail_fraction}")
 
     t0 = time.time()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 from .eval.passkey import DEPTHS, check_settings, passkey_accuracy
-from .eval.perplexity import MODES, SCORES, _fmt, perplexity
+from .eval.perplexity import MODES, SCORES, _fmt, inactive_in_eval, perplexity
 
 METRICS: dict[str, dict] = {
     "ppl": {"corpus": "austen", "docs": None, "max_tokens": None, "mode": "chunks", "stride": None,
@@ -216,6 +216,11 @@ def load_config(path) -> dict:
         metrics = _metric_settings(raw.get("metrics"), raw, lengths)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    for metric in metrics:  # ppl without a cache; passkey generates with one
+        for label, name, options in specs:
+            reason = inactive_in_eval(name, options, with_cache=metric != "ppl")
+            if reason:
+                raise ValueError(f"{path}: method {label!r} with metric {metric!r}: {reason}")
     return {"name": raw.get("name") or path.stem, "models": models, "methods": specs,
             "lengths": lengths, "metrics": metrics,
             "dtype": raw.get("dtype"), "device": raw.get("device"), "wandb": raw.get("wandb")}

@@ -206,6 +206,42 @@ def test_fallback_when_split_differs(docs):
         check(out[16], *ref(m, wins))
 
 
+class SlightlyScaledLlama(LlamaForCausalLM):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 1.02
+        return out
+
+
+def test_probe_catches_a_small_logit_scale_in_bf16(docs):
+    # 2% on the logits is within the bf16 logit tolerance, but moves the loss: the probe's NLL check catches it
+    m = tiny_llama(cls=SlightlyScaledLlama).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="NLL"):
+        out = perplexity(m, docs, [16], progress=False)
+    check(out[16], *ref(m, chunk_windows(docs, 16)))
+
+
+def test_probe_no_longer_than_the_window():
+    # a model with 32 learned positions evaluated at L=16: the split-path probe must fit in the window
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=V)).eval()
+    docs = [torch.randint(0, V, (100,))]
+    out = perplexity(m, docs, [16], progress=False)
+    check(out[16], *ref(m, chunk_windows(docs, 16)))
+
+
+def test_empty_list_document_and_nan_loss(model):
+    # an empty list is an empty document (not a float32 tensor, refused as "not token ids"); NaN stays NaN
+    out = perplexity(model, [[], list(range(1, 40))], [16], progress=False)
+    assert out[16] == perplexity(model, [list(range(1, 40))], [16], progress=False)[16]
+    nan = tiny_llama()
+    with torch.no_grad():
+        nan.lm_head.weight.fill_(float("nan"))
+    got = perplexity(nan, [list(range(1, 40))], [16], progress=False)[16]
+    assert math.isnan(got["ppl"]) and math.isnan(got["nll"])
+
+
 @pytest.mark.parametrize("family,extra", [
     ("Mistral", {}), ("Qwen2", {}), ("Phi3", {"pad_token_id": 0}), ("Glm", {"head_dim": 8, "pad_token_id": 0}),
     ("Cohere", {"logit_scale": 0.3}), ("Granite", {"logits_scaling": 4.0}), ("GPT2", {}),

@@ -220,6 +220,45 @@ def test_ppl_cli_refuses_duplicate_methods_and_bad_max_tokens(monkeypatch, capsy
         assert "--max-tokens: must be an integer >= 1" in capsys.readouterr().err
 
 
+def test_ppl_cli_checks_before_loading(monkeypatch, capsys):
+    # methods that would change nothing in perplexity (streaming without a cache; s2attn in eval mode), unknown
+    # methods and options, and bad lengths / stride / tail settings are refused before the model loads
+    import longctx.models
+    from longctx import cli
+
+    def boom(*a, **k):
+        raise AssertionError("checked before loading")
+
+    monkeypatch.setattr(longctx.models, "load_model", boom)
+    for argv, match in [(["--method", "streaming:window_size=10"], "--method streaming: .*without a cache"),
+                        (["--method", "s2attn"], "--method s2attn: s2attn is active only in training"),
+                        (["--method", "nosuch"], "nosuch"),
+                        (["--method", "yarn:factor=4:nosuch=1"], "--method yarn: .*nosuch"),
+                        (["--stride", "8"], "--stride only applies to --mode sliding"),
+                        (["--mode", "sliding", "--score", "tail"], "--score tail only applies to --mode chunks"),
+                        (["--mode", "sliding", "--stride", "9", "--lengths", "8,16"], "--stride must be in 1..8"),
+                        (["--score", "tail", "--tail-fraction", "0.01", "--lengths", "16"], "--tail-fraction")]:
+        with pytest.raises(SystemExit, match=match):
+            cli.main(["ppl", *argv])
+    for bad in (",", "1", "x"):
+        with pytest.raises(SystemExit):
+            cli.main(["ppl", "--lengths", bad])
+        assert "--lengths" in capsys.readouterr().err
+
+
+def test_sweep_refuses_methods_inactive_for_a_metric(tiny_dir, tmp_path):
+    for methods, metrics, match in [(["streaming:window_size=64"], ["ppl"], "'streaming.*' with metric 'ppl'"),
+                                    (["s2attn"], ["ppl"], "'s2attn' with metric 'ppl': s2attn is active only"),
+                                    (["s2attn"], ["passkey"], "'s2attn' with metric 'passkey'")]:
+        with pytest.raises(ValueError, match=match):
+            sweep.load_config(write_yaml(tmp_path / "m.yaml", tiny_dir, methods=methods, metrics=metrics))
+    # streaming generates with a cache in passkey: allowed; s2attn with train_only=false: allowed
+    sweep.load_config(write_yaml(tmp_path / "ok.yaml", tiny_dir, methods=["streaming:window_size=64"],
+                                 metrics=["passkey"]))
+    sweep.load_config(write_yaml(tmp_path / "ok2.yaml", tiny_dir, methods=["s2attn:train_only=false"],
+                                 metrics=["ppl"]))
+
+
 def test_repeated_models_and_lengths_are_errors(tiny_dir, tmp_path):
     model = str(tiny_dir / "tiny")
     for over, match in [({"models": [model, model]}, "models .*tiny listed more than once"),

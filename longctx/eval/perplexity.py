@@ -27,6 +27,20 @@ MODES = ("chunks", "sliding")
 SCORES = ("all", "tail")
 
 
+
+def inactive_in_eval(name: str, options: dict, with_cache: bool = False) -> str | None:
+    """Why method ``name`` (with ``options``) would change nothing in an evaluation, or None. Evaluations run
+    the model in eval mode, and perplexity (``with_cache=False``) runs each window in one forward without a
+    cache: a row labelled with such a method would show the unpatched model's numbers."""
+    if name == "streaming" and not with_cache:
+        return ("perplexity runs each window without a cache, so a streaming patch changes nothing; "
+                "use `longctx stream-ppl` for perplexity under a sink cache")
+    if name == "s2attn" and options.get("train_only", True) is not False:
+        return ("s2attn is active only in training (train_only=True); evaluations run in eval mode. "
+                "Use s2attn:train_only=false to evaluate with S2-Attn")
+    return None
+
+
 def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *, tail_fraction=0.25,
                batch_tokens=None, logits_chunk=4096, progress=True, compile=False) -> dict[int, dict]:
     """Perplexity of `model` on `docs` (1-D token-id tensors or lists) for each window length L.
@@ -118,7 +132,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
             raise ValueError(f"tail_fraction must be in (0, 1] with int(L * tail_fraction) >= 1, "
                              f"got {tail_fraction} for L={L}")
 
-    docs = [torch.as_tensor(d).flatten().cpu() for d in docs]
+    docs = [torch.as_tensor(d, dtype=None if torch.is_tensor(d) or len(d) else torch.long).flatten().cpu()
+            for d in docs]  # [] would be float32
     bad = [i for i, d in enumerate(docs) if d.is_floating_point() or d.is_complex() or d.dtype == torch.bool]
     if bad:
         raise TypeError(f"docs must hold integer token ids; document {bad[0]} is {docs[bad[0]].dtype}")
@@ -142,7 +157,7 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
                     results[L] = {"ppl": None, "nll": None, "tokens": 0, "windows": 0, "dropped_tokens": dropped}
                     continue
                 if scorer is None:  # decided once, on the first real window
-                    scorer = _make_scorer(model, docs[specs[0][0]][specs[0][1]:][:64].to(device)[None],
+                    scorer = _make_scorer(model, docs[specs[0][0]][specs[0][1]:][:min(64, L)].to(device)[None],
                                           compile)
                 budget = batch_tokens or (65536 if device.type == "cuda" else L)
                 B = max(1, budget // L)                                # windows per forward
@@ -156,7 +171,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
                 bar.close()
                 tokens = sum(L - f for _, _, f in specs)
                 mean = nll.item() / tokens
-                results[L] = {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean,
+                ppl = math.exp(mean) if mean < 700 else float("inf") if mean == mean else float("nan")
+                results[L] = {"ppl": ppl, "nll": mean,
                               "tokens": tokens, "windows": len(specs), "dropped_tokens": dropped}
     finally:
         model.train(was_training)
@@ -198,6 +214,7 @@ def _make_scorer(model, probe, compile=False):
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     scale, div = getattr(cfg, "logit_scale", None), getattr(cfg, "logits_scaling", None)
     cap = getattr(cfg, "final_logit_softcapping", None)
+    mul_scaling = "hyperclovax" in str(getattr(cfg, "model_type", ""))
     key = (type(model), scale, div, cap)
     parts = (body, head, getattr(head, "weight", None))  # compared by identity (weak references)
 
@@ -206,7 +223,7 @@ def _make_scorer(model, probe, compile=False):
         if isinstance(scale, (int, float)):             # Cohere: logits * logit_scale
             logits = logits * scale
         if isinstance(div, (int, float)):               # Granite: logits / logits_scaling
-            logits = logits / div
+            logits = logits * div if mul_scaling else logits / div  # HyperCLOVAX multiplies
         if isinstance(cap, (int, float)):               # Gemma 2/3: cap * tanh(logits / cap)
             logits = torch.tanh(logits / cap) * cap
         return logits
@@ -268,9 +285,15 @@ def _check_split(model, body, head, to_logits, probe) -> str | None:
         ref = model(input_ids=probe, use_cache=False).logits.float()               # (1, P, V)
         ours = to_logits(_hidden(body(input_ids=probe, use_cache=False))[0])[None]
         tol = max(4 * torch.finfo(head.weight.dtype).eps, 1e-4)               # bf16: 0.03 of max |logit|
-        if ours.shape == ref.shape and (ours - ref).abs().max() <= tol * ref.abs().max().clamp(min=1):
-            return None
-        return "body + output embedding does not reproduce model(x).logits"
+        if ours.shape != ref.shape or not (ours - ref).abs().max() <= tol * ref.abs().max().clamp(min=1):
+            return "body + output embedding does not reproduce model(x).logits"
+        # the logit check alone lets a few % of scaling through in bf16: the probe's NLL must agree too
+        tgt = probe[0, 1:]
+        nll_ref = F.cross_entropy(ref[0, :-1].double(), tgt)
+        nll_ours = F.cross_entropy(ours[0, :-1].double(), tgt)
+        if not (nll_ours - nll_ref).abs() <= 1e-3 * nll_ref.abs().clamp(min=1):
+            return f"body + output embedding changes the probe's NLL ({nll_ours.item():.5g} vs {nll_ref.item():.5g})"
+        return None
     except (TypeError, AttributeError, ValueError, NotImplementedError) as err:
         return f"{type(err).__name__}: {err}"
 
