@@ -151,6 +151,21 @@ def check_config(cfg: dict) -> None:
     need(_is_real(lo["dropout"]) and 0 <= lo["dropout"] < 1, "lora.dropout", "a number in [0, 1)", lo["dropout"])
     need(isinstance(lo["quantize_4bit"], bool), "lora.quantize_4bit", "true or false", lo["quantize_4bit"])
     need(isinstance(cfg["resume"], bool), "resume", "true or false", cfg["resume"])
+    if t["mixed_precision"] is False:  # YAML 1.1 reads an unquoted no as false
+        t["mixed_precision"] = "no"
+    need(t["mixed_precision"] in ("auto", "no", "bf16", "fp16"), "train.mixed_precision", "auto, no, bf16 or fp16",
+         t["mixed_precision"])
+    need(t["lr_scheduler"] in SCHEDULERS, "train.lr_scheduler", " or ".join(SCHEDULERS), t["lr_scheduler"])
+    from .models import DTYPES
+    need(cfg["dtype"] is None or cfg["dtype"] in DTYPES, "dtype", f"null or one of {', '.join(DTYPES)}", cfg["dtype"])
+    if cfg["s2attn"] in (False, None):  # s2attn: false / null = off
+        cfg["s2attn"] = {"enabled": False}
+    need(isinstance(cfg["s2attn"], dict), "s2attn", "a mapping of options, false or null", cfg["s2attn"])
+    rope = cfg.get("rope") or {}
+    need(isinstance(rope, dict), "rope", "a mapping of options or null", rope)
+    need(rope.get("method") != "dynamic_ntk", "rope.method", "a method for training (linear, ntk, yarn, abf or "
+         "none); dynamic_ntk is for inference only: its rotary state grows with the longest input seen, so "
+         "evaluations would change training and resume would not be exact", rope.get("method"))
     enabled = cfg["s2attn"].get("enabled", "auto")
     need(isinstance(enabled, bool) or enabled == "auto", "s2attn.enabled", "true, false or auto", enabled)
 
@@ -182,9 +197,12 @@ def _as_number(name: str, value, default, open_section: bool = False):
 
 
 # ------------------------------------------------------------------- methods, schedule
+SCHEDULERS = ("constant", "cosine", "linear")
+
+
 def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
     """Linear warmup from 0, then ``constant``, ``cosine`` (to 0 at ``total_steps``) or ``linear`` decay."""
-    if name not in ("constant", "cosine", "linear"):
+    if name not in SCHEDULERS:
         raise ValueError(f"train.lr_scheduler must be constant, cosine or linear; got {name!r}")
 
     def factor(step: int) -> float:
@@ -212,6 +230,8 @@ def rope_options(cfg: dict, trained_length: int) -> tuple[str, dict] | None:
     if "factor" in fields and rope.get("factor") is None:
         factor = cfg["target_length"] / trained_length
         rope["factor"] = int(factor) if float(factor).is_integer() else factor
+    if method == "abf" and rope.get("max_position_embeddings") is None:  # the merged config's context limit
+        rope["max_position_embeddings"] = cfg["target_length"]
     return method, rope
 
 
@@ -659,6 +679,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     micro_step: int = 0  # micro-batches done by each process: the data position
     tokens: int = 0  # tokens trained on, all processes
+    processes: int = 0  # processes of the run that wrote it (0: not recorded): micro_step is per process
 
 
 STATE_FILE = "trainer_state.json"
@@ -695,10 +716,27 @@ def check_resume(folder, cfg: dict) -> None:
             c = c.get(part) if isinstance(c, dict) else None
         return c
     diffs = [f"{key}: {get(saved, key)!r} -> {get(now, key)!r}" for key in RESUME_KEYS if get(saved, key) != get(now, key)]
+    if get(now, "train.lr_scheduler") != "constant" and get(saved, "train.steps") != get(now, "train.steps"):
+        diffs.append(f"train.steps: {get(saved, 'train.steps')!r} -> {get(now, 'train.steps')!r} (the "
+                     f"{get(now, 'train.lr_scheduler')} schedule decays over train.steps)")
     if diffs:
         raise ValueError(f"resume: settings differ from the run that wrote {folder}: {'; '.join(diffs)}. Resume with "
-                         f"the same settings (train.steps, logging, checkpointing, eval and wandb may change) "
-                         f"or start a new output_dir")
+                         f"the same settings (train.steps with a constant schedule, logging, checkpointing, eval and "
+                         f"wandb may change) or start a new output_dir")
+
+
+def check_resumed_state(output_dir, state: TrainState, processes: int) -> None:
+    """After loading a checkpoint: refuse a different process count (the data position and the RNG states are
+    per process) and later checkpoints in the same output_dir (a rollback: they would count as the newest, so
+    pruning would delete the new ones, and resume=true would continue the abandoned run)."""
+    if state.processes not in (0, processes):
+        raise ValueError(f"resume: the checkpoint was written by {state.processes} processes, this run has "
+                         f"{processes}: the data position and the per-process RNG states would not carry over")
+    newer = [p for p in list_checkpoints(output_dir) if int(p.name.split("_")[1]) > state.step]
+    if newer:
+        raise FileExistsError(f"resume: {Path(output_dir) / 'checkpoints'} holds checkpoints after step {state.step} "
+                              f"({', '.join(p.name for p in newer)}): delete them to roll back, or resume into "
+                              f"another output_dir")
 
 
 def save_checkpoint(accelerator, output_dir, state: TrainState, keep: int | None = None,
@@ -814,6 +852,9 @@ def merge_artifact(artifact, out, *, base: str | None = None, dtype=None, device
 
 
 def cmd_merge(args) -> int:
+    from .models import DTYPES
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise SystemExit(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     out = merge_artifact(args.artifact, args.out, base=args.base, dtype=args.dtype, device=args.device)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -9,7 +9,8 @@ and LoRA+ (LoRA on the attention projections plus trainable embedding and norms)
     longctx merge runs/smollm2-135m-longlora-32k/final --out runs/smollm2-135m-longlora-32k/merged
 
 Overrides are ``key=value`` (dotted keys into sections, values parsed as YAML). ``resume=true``
-continues from the latest checkpoint, exactly. Steps: config -> model + RoPE + S2-Attn -> LoRA+ ->
+continues from the latest checkpoint, exactly, on the same number of processes (``resume_from=FOLDER``: from
+that one; rolling back inside one output_dir needs the later checkpoints deleted first). Steps: config -> model + RoPE + S2-Attn -> LoRA+ ->
 packed data -> AdamW + warmup schedule -> train with checkpoints -> artifact (OUTPUT_DIR/final).
 With ``eval.every: N`` the held-out perplexity (``data.holdout`` documents, full attention) is logged
 at step 0, every N steps and at the end (rows with ``heldout_ppl`` in OUTPUT_DIR/log.jsonl); it does
@@ -91,8 +92,10 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
     if checkpoint is not None:
         train.check_resume(checkpoint, cfg)
         state = train.load_checkpoint(accelerator, checkpoint)
+        train.check_resumed_state(out, state, accelerator.num_processes)
         if main_process:
             print(f"resumed from {checkpoint} at step {state.step}", file=sys.stderr)
+    state.processes = accelerator.num_processes
 
     # 5. Train, with held-out perplexity every eval.every steps (eval mode: full attention).
     tracker = train.Tracker(accelerator, cfg, use_wandb, start_step=state.step)
@@ -138,6 +141,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
                 state.micro_step += 1
                 state.tokens += batch.numel() * accelerator.num_processes
                 losses.append(loss.detach().float())
+            lr = scheduler.get_last_lr()[0]  # this step's; scheduler.step() sets the next one's
             scheduler.step()
             if compile_kw is not None and state.step == start_step:
                 train.check_layer_graphs(accelerator.unwrap_model(model), t["compile_scope"], breaks_before)
@@ -147,9 +151,9 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
             seconds = time.time() - started
             tokens_per_s = accumulation * t["micro_batch_size"] * seq_len * accelerator.num_processes / seconds
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if state.step % t["log_every"] == 0 or state.step == t["steps"]:
-                metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": state.tokens,
+                metrics = {"loss": loss, "lr": lr, "tokens": state.tokens,
                            "step_seconds": seconds, "tokens_per_s": tokens_per_s}
                 if torch.cuda.is_available():
                     metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -4,6 +4,7 @@ nothing in training, full attention), exact resume, merge, reload."""
 import argparse
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,11 @@ def test_numbers_yaml_reads_as_strings():
     ("s2attn.enabled=maybe", "'s2attn.enabled' must be true, false or auto"),
     ("resume=maybe", "'resume' must be true or false"),
     ("lora.dropout=1", r"'lora.dropout' must be a number in \[0, 1\)"),
+    ("train.mixed_precision=bf8", "'train.mixed_precision' must be auto, no, bf16 or fp16, got 'bf8'"),
+    ("train.lr_scheduler=cosin", "'train.lr_scheduler' must be constant or cosine or linear, got 'cosin'"),
+    ("dtype=bf61", "'dtype' must be null or one of bf16"),
+    ("s2attn=[1]", "'s2attn' must be a mapping of options, false or null"),
+    ("rope.method=dynamic_ntk", "'rope.method' must be a method for training .*dynamic_ntk is for inference only"),
 ])
 def test_config_values_checked_before_loading(override, match):
     with pytest.raises(ValueError, match=match):
@@ -143,6 +149,41 @@ def test_loss_falls_and_artifact(full_run):
     assert "model.embed_tokens.weight" in load_file(art / "trainable.safetensors")
     model = full_run["model"].get_base_model()
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings stayed tied
+
+
+def test_yaml_no_and_false_settings():
+    # YAML 1.1 reads an unquoted no as false: mixed_precision: no means "no"; s2attn: false turns it off
+    cfg = train.load_config(CONFIG, ["train.mixed_precision=no", "s2attn=false"])
+    assert cfg["train"]["mixed_precision"] == "no" and cfg["s2attn"] == {"enabled": False}
+    # abf: the merged config's context limit is the target length
+    cfg = train.load_config(CONFIG, ["rope={method: abf, rope_theta: 40000}"])
+    assert train.rope_options(cfg, 32) == ("abf", {"rope_theta": 40000, "max_position_embeddings": 128})
+
+
+def test_logged_lr_is_the_steps_own(full_run):
+    # warmup 2: steps 1, 2 run at 1/3 and 2/3 of lr, then lr (the scheduler's value before its step())
+    assert [r["lr"] for r in train_rows(full_run)[:4]] == pytest.approx([5e-3 / 3, 1e-2 / 3, 5e-3, 5e-3])
+
+
+def test_resume_refusals(tiny, full_run, tmp_path):
+    # a rollback into the same output_dir (later checkpoints there would be taken as the newest), a checkpoint
+    # written by another number of processes, and train.steps changed under a decaying schedule
+    run = tmp_path / "run"
+    shutil.copytree(tiny / "full", run)
+    with pytest.raises(FileExistsError, match="checkpoints after step 10 .*step_000020"):
+        finetune(tiny, run, f"resume_from={run / 'checkpoints/step_000010'}")
+    state_file = run / "checkpoints/step_000020/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    with pytest.raises(ValueError, match="written by 2 processes, this run has 1"):
+        finetune(tiny, run, "resume=true", "train.steps=22")
+    saved = train.load_config(CONFIG, ["train.lr_scheduler=cosine", "train.steps=6"])
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / train.RUN_CONFIG).write_text(json.dumps(saved, default=str))
+    train.check_resume(tmp_path / "ck", train.load_config(CONFIG, ["train.lr_scheduler=cosine", "train.steps=6"]))
+    with pytest.raises(ValueError, match=r"train.steps: 6 -> 10 \(the cosine schedule decays over train.steps\)"):
+        train.check_resume(tmp_path / "ck", train.load_config(CONFIG, ["train.lr_scheduler=cosine", "train.steps=10"]))
 
 
 def checkpoint(run_dir, step):
@@ -205,6 +246,10 @@ def test_merge_cli_reloads_without_longctx(tiny, full_run):
     trained = full_run["model"].eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, trained(ids).logits, atol=1e-5, rtol=0)
+    bad = parser.parse_args(["merge", str(full_run["artifact"]), "--out", str(tiny / "nomerge"), "--dtype", "bf61"])
+    with pytest.raises(SystemExit, match="--dtype must be one of bf16"):
+        bad.func(bad)  # before loading anything
+    assert not (tiny / "nomerge").exists()
 
 
 @pytest.mark.skipif(not train.s2attn_available(), reason="the s2attn method is not available")
