@@ -191,9 +191,11 @@ def test_gemma2_softcapping(docs):
 class ScaledLlama(LlamaForCausalLM):
     """Post-processes logits in a way perplexity() cannot know about -> must take the fallback."""
 
+    scale = 3
+
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        out.logits = out.logits * 3
+        out.logits = out.logits * self.scale
         return out
 
 
@@ -206,11 +208,8 @@ def test_fallback_when_split_differs(docs):
         check(out[16], *ref(m, wins))
 
 
-class SlightlyScaledLlama(LlamaForCausalLM):
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        out.logits = out.logits * 1.02
-        return out
+class SlightlyScaledLlama(ScaledLlama):
+    scale = 1.02
 
 
 def test_probe_catches_a_small_logit_scale_in_bf16(docs):
