@@ -50,7 +50,7 @@ DEFAULTS: dict = {
         "gradient_accumulation_steps": 8,
         "global_batch_size": None,  # if set: accumulation = global / (micro_batch_size * processes)
         "lr": 2e-5, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8,
-        "warmup_steps": 20, "lr_scheduler": "constant",  # constant or cosine (both after linear warmup)
+        "warmup_steps": 20, "lr_scheduler": "constant",  # constant, cosine or linear (all after linear warmup)
         "max_grad_norm": 1.0,
         "gradient_checkpointing": True,
         "gc_every": 0,  # N > 0: automatic GC off while training, young generations every step, all every N
@@ -157,7 +157,7 @@ def check_config(cfg: dict) -> None:
          t["mixed_precision"])
     need(t["lr_scheduler"] in SCHEDULERS, "train.lr_scheduler", " or ".join(SCHEDULERS), t["lr_scheduler"])
     from .models import DTYPES
-    need(cfg["dtype"] is None or cfg["dtype"] in DTYPES, "dtype", f"null or one of {', '.join(DTYPES)}", cfg["dtype"])
+    need(cfg["dtype"] is None or isinstance(cfg["dtype"], str) and cfg["dtype"].lower() in DTYPES, "dtype", f"null or one of {', '.join(DTYPES)}", cfg["dtype"])
     if cfg["s2attn"] in (False, None):  # s2attn: false / null = off
         cfg["s2attn"] = {"enabled": False}
     need(isinstance(cfg["s2attn"], dict), "s2attn", "a mapping of options, false or null", cfg["s2attn"])
@@ -694,8 +694,8 @@ def _only_trainable(models, weights, output_dir) -> None:
 
 
 RUN_CONFIG = "run_config.json"
-# what a resumed run must share with the run that wrote its checkpoint (train.steps, logging,
-# checkpointing, evaluation, wandb and output may change)
+# what a resumed run must share with the run that wrote its checkpoint (logging, checkpointing, evaluation,
+# wandb and output may change; train.steps too, under a constant schedule: check_resume)
 RESUME_KEYS = ("model", "dtype", "attn_implementation", "target_length", "rope", "s2attn", "lora", "data", "make_tiny",
                "train.micro_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size", "train.lr",
                "train.weight_decay", "train.betas", "train.eps", "train.warmup_steps", "train.lr_scheduler",
@@ -842,7 +842,7 @@ def merge_artifact(artifact, out, *, base: str | None = None, dtype=None, device
         registry.apply(model, rope["method"], **rope.get("options", {}))
     merged = lora.load(model, artifact, merge=True)
     target = dtype or settings.get("base_dtype") or "float32"
-    merged = merged.to(DTYPES[target] if isinstance(target, str) else target)
+    merged = merged.to(DTYPES[target.lower()] if isinstance(target, str) else target)
     out = Path(out)
     merged.save_pretrained(out)
     if settings.get("target_length"):
@@ -853,7 +853,7 @@ def merge_artifact(artifact, out, *, base: str | None = None, dtype=None, device
 
 def cmd_merge(args) -> int:
     from .models import DTYPES
-    if args.dtype is not None and args.dtype not in DTYPES:
+    if args.dtype is not None and args.dtype.lower() not in DTYPES:
         raise SystemExit(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     out = merge_artifact(args.artifact, args.out, base=args.base, dtype=args.dtype, device=args.device)
     print(f"wrote {out}", file=sys.stderr)

@@ -270,7 +270,8 @@ def test_cli_refuses_duplicate_methods_and_bad_depths(ctok, monkeypatch):
     pk.add_commands(parser.add_subparsers(dest="command"))
     for extra, match in [(["--method", "yarn:factor=2", "--method", "yarn", "--factor", "2"], "'yarn x2' given more"),
                          (["--method", "none", "--method", "none"], "'none' given more"),
-                         (["--depths", "0.5,0.5"], "distinct"), (["--depths", "0,2"], r"\[0, 1\]")]:
+                         (["--depths", "0.5,0.5"], "distinct"), (["--depths", "0,2"], r"\[0, 1\]"),
+                         (["--method", "s2attn"], "--method s2attn: s2attn is active only in training")]:
         args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", "300", *extra])
         with pytest.raises((SystemExit, ValueError), match=match):
             args.func(args)

@@ -153,6 +153,7 @@ def test_loss_falls_and_artifact(full_run):
 
 def test_yaml_no_and_false_settings():
     # YAML 1.1 reads an unquoted no as false: mixed_precision: no means "no"; s2attn: false turns it off
+    assert train.load_config(CONFIG, ["dtype=BF16"])["dtype"] == "BF16"  # as load_model: any case
     cfg = train.load_config(CONFIG, ["train.mixed_precision=no", "s2attn=false"])
     assert cfg["train"]["mixed_precision"] == "no" and cfg["s2attn"] == {"enabled": False}
     # abf: the merged config's context limit is the target length

@@ -376,11 +376,14 @@ def _floats(text: str) -> list[float]:
 def cmd_passkey(args) -> int:
     from .. import load_model, registry
     from ..cli import parse_methods
-    from .perplexity import save_json
+    from .perplexity import inactive_in_eval, save_json
 
     specs = parse_methods(args.method or ["none"], args.factor)
     check_settings(args.depths, args.trials, args.max_new_tokens)  # before the slow load
     for _, name, options in specs:  # check every option before the slow load
+        reason = inactive_in_eval(name, options, with_cache=True)
+        if reason:
+            raise SystemExit(f"--method {name}: {reason}")
         if name != "none":
             registry.make_options(registry.get_method(name), **options)
     device = args.device

@@ -218,15 +218,17 @@ def _make_scorer(model, probe, compile=False):
     key = (type(model), scale, div, cap)
     parts = (body, head, getattr(head, "weight", None))  # compared by identity (weak references)
 
-    def to_logits(h):                                   # (c, D) hidden -> (c, V) fp32 logits
-        logits = head(h).float()
+    def to_logits(h, model_dtype=False):                # (c, D) hidden -> (c, V) fp32 logits
+        # model_dtype (the probe only): scale and cap in the head's dtype, rounding as transformers does, so the
+        # probe compares like with like; scoring does them in fp32
+        logits = head(h) if model_dtype else head(h).float()
         if isinstance(scale, (int, float)):             # Cohere: logits * logit_scale
             logits = logits * scale
         if isinstance(div, (int, float)):               # Granite: logits / logits_scaling
             logits = logits * div if mul_scaling else logits / div  # HyperCLOVAX multiplies
         if isinstance(cap, (int, float)):               # Gemma 2/3: cap * tanh(logits / cap)
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits.float()
 
     # compile: the decoder layers' parts are compiled for the call (perplexity's layers_compiled);
     # dynamo keeps their compiled code, so a later call with the same shapes does not recompile
@@ -283,7 +285,7 @@ def _check_split(model, body, head, to_logits, probe) -> str | None:
         if head is None or body is model:
             raise TypeError("no separate body/output embedding")
         ref = model(input_ids=probe, use_cache=False).logits.float()               # (1, P, V)
-        ours = to_logits(_hidden(body(input_ids=probe, use_cache=False))[0])[None]
+        ours = to_logits(_hidden(body(input_ids=probe, use_cache=False))[0], model_dtype=True)[None]
         tol = max(4 * torch.finfo(head.weight.dtype).eps, 1e-4)               # bf16: 0.03 of max |logit|
         if ours.shape != ref.shape or not (ours - ref).abs().max() <= tol * ref.abs().max().clamp(min=1):
             return "body + output embedding does not reproduce model(x).logits"
