@@ -1,7 +1,8 @@
 """CUDA-only paths, against the same computations on the CPU paths or in eager mode (skipped without a GPU).
 
 What only runs on a GPU: the SinkDecoder's CUDA graph, the greedy loop's pinned-memory copy and event,
-compiled FlexAttention for S2 (forward and backward), and S2 inside compiled decoder layers.
+compiled FlexAttention for S2 (forward and backward), S2 inside compiled decoder layers, and QLoRA
+(bitsandbytes 4-bit base weights; skipped where bitsandbytes is not installed).
 Run on the GPU machine with ``python -m pytest -q -m gpu tests/test_gpu.py``.
 """
 
@@ -194,3 +195,97 @@ def test_fast_path_in_compiled_layers(scope, backend, monkeypatch):
         patch.remove()
     torch.testing.assert_close(results["fast"][0], results["general"][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(results["fast"][1], results["general"][1], rtol=1e-3, atol=1e-5)
+
+
+def test_qlora_prepare_equals_dequantized_weights_and_trains():
+    # lora.prepare(quantize_4bit=True): every Linear but the head becomes an NF4 Linear4bit, LoRA wraps q/k/v/o;
+    # before training (LoRA B = 0) the logits are those of the model with each weight replaced by its
+    # dequantized NF4 value (the 4-bit matmul runs in bf16: bf16 tolerance); a few AdamW steps lower the loss
+    # and move only the trainable tensors, never the 4-bit weights
+    import copy
+
+    bnb = pytest.importorskip("bitsandbytes")
+    from longctx import lora
+
+    model = tiny_model("llama").to(CUDA)
+    ref = copy.deepcopy(model)
+    head = model.get_output_embeddings()
+    peft_model = lora.prepare(model, quantize_4bit=True, verbose=False)
+    base = peft_model.get_base_model()
+    assert type(base.get_output_embeddings()) is torch.nn.Linear and base.get_output_embeddings() is head
+    quantized = {n: m for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    plain = [n for n, m in ref.named_modules() if type(m) is torch.nn.Linear and m is not ref.get_output_embeddings()]
+    assert sorted(n.removesuffix(".base_layer") for n in quantized) == sorted(plain) and len(plain) == 14
+    assert all(".self_attn." in n for n in quantized if n.endswith(".base_layer")) and \
+        sum(n.endswith(".base_layer") for n in quantized) == 8  # q/k/v/o of 2 layers carry LoRA
+    assert peft_model.longctx_lora["quantize_4bit"] is True
+    with torch.no_grad():
+        ref_modules = dict(ref.named_modules())
+        for name, q in quantized.items():
+            w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+            original = ref_modules[name.removesuffix(".base_layer")].weight
+            assert w.shape == original.shape and not torch.equal(w, original)
+            assert (w - original).norm() < 0.2 * original.norm()  # NF4's error, not another tensor
+            original.copy_(w)
+    ids = ids_for(48)
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = peft_model(ids).logits
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+    frozen = {n: q.weight.data.clone() for n, q in quantized.items()}
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    peft_model.train()
+    losses = []
+    for _ in range(12):
+        loss = peft_model(ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is not None for p in trainable.values())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(torch.equal(q.weight.data, frozen[n]) for n, q in quantized.items())
+    assert all(not torch.equal(p, before[n]) for n, p in trainable.items())
+
+
+def test_qlora_recipe_resumes_exactly_and_merges(tmp_path):
+    # the tiny recipe with lora.quantize_4bit on CUDA: 6 steps, a checkpoint at 3; resuming from it gives the
+    # same losses, weights and optimizer state; the artifact merges into a plain model that reloads
+    import argparse
+    import json
+
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+    from longctx import train
+    from test_recipe import assert_same, checkpoint, finetune, train_rows
+
+    train.make_tiny(tmp_path / "base", tmp_path / "corpus.jsonl")
+    settings = ("lora.quantize_4bit=true", "train.steps=6", "train.checkpoint_every=3", "eval.every=0")
+    full = finetune(tmp_path, tmp_path / "full", *settings)
+    assert next(full["model"].parameters()).is_cuda
+    losses = [r["loss"] for r in train_rows(full)]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    resumed = finetune(tmp_path, tmp_path / "resumed", *settings, f"resume_from={tmp_path / 'full/checkpoints/step_000003'}")
+    assert [r["loss"] for r in train_rows(resumed)] == losses[3:]
+    for a, b in zip(checkpoint(tmp_path / "full", 6), checkpoint(tmp_path / "resumed", 6)):
+        assert_same(a, b)
+    parser = argparse.ArgumentParser()
+    train.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["merge", str(full["artifact"]), "--out", str(tmp_path / "merged")])
+    assert args.func(args) == 0
+    assert json.loads((tmp_path / "merged/config.json").read_text())["rope_parameters"]["factor"] == 4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # full-precision base + LoRA
+    assert not any("4bit" in type(m).__name__ for m in merged.modules())
+    untrained = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # same config, base weights
+    untrained.load_state_dict(AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict())
+    ids = torch.randint(3, merged.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = full["model"].eval()(ids.to(CUDA)).logits.float().cpu()
+        # the merge keeps what QLoRA learned: the merged model is much nearer the trained one than the base
+        # is (not equal: the merged weights are the full-precision base, not its NF4 values)
+        assert (merged(ids).logits - trained).abs().mean() < 0.5 * (untrained(ids).logits - trained).abs().mean()
