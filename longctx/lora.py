@@ -119,6 +119,9 @@ def prepare(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.
     base = unwrap_model(model)
     if hasattr(model, "peft_config"):
         raise ValueError("this model already has peft adapters; prepare() takes a plain transformers model")
+    if target_modules is not None and not target_modules:
+        raise ValueError("lora target_modules must name at least one module (or be None for the family's "
+                         f"defaults: {target_modules_for(base) if base.config.model_type in TARGET_MODULES else 'none'})")
     targets = ([target_modules] if isinstance(target_modules, str) else list(target_modules)) if target_modules \
         else target_modules_for(base)
     trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable or ())
@@ -160,7 +163,8 @@ def trainable_summary(model: nn.Module) -> dict:
     norm = {id(p) for m in base.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
     counts = {"lora": 0, "embed": 0, "norm": 0, "other": 0, "trainable": 0, "total": 0}
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)  # 4-bit tensors pack two values a byte
+        n = getattr(p, "ds_numel", None) or p.numel()  # DeepSpeed ZeRO-3 keeps an empty tensor in place
+        n *= 2 if type(p).__name__ == "Params4bit" else 1  # 4-bit tensors pack two values a byte
         counts["total"] += n
         if not p.requires_grad:
             continue
@@ -224,6 +228,8 @@ def trainable_base_state(model: nn.Module, state_dict: dict | None = None) -> di
     """The trained non-LoRA tensors (embedding, norms) under the base model's own names. With
     ``state_dict`` (e.g. gathered by accelerate from a sharded model) the tensors come from it."""
     names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    recorded = [f"base_model.model.{n}" for n in getattr(model, "longctx_lora", {}).get("trainable_names", [])]
+    names += [n for n in recorded if n not in names and n in dict(model.named_parameters())]
     source = state_dict if state_dict is not None else dict(model.named_parameters())
     return {_strip(n): source[n].detach().cpu().contiguous() for n in names}
 
@@ -263,6 +269,12 @@ def load(base: nn.Module, folder, *, merge: bool = False, is_trainable: bool = F
             for name, value in tensors.items():
                 params[name].copy_(value.to(params[name].dtype))
     model = PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
+    if (folder / LORA_FILE).is_file():
+        model.longctx_lora = json.loads((folder / LORA_FILE).read_text())
+        if is_trainable:
+            params = dict(base.named_parameters())
+            for name in model.longctx_lora.get("trainable_names", []):
+                params[name].requires_grad_(True)
     if merge:
         return model.merge_and_unload()
     return model

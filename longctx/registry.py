@@ -107,6 +107,8 @@ def make_options(method: Method, **options: Any) -> Options:
         raise TypeError(f"method {method.name!r} needs option(s): {', '.join(missing)}")
     opts = method.options(**options)
     opts.validate()
+    for f in dataclasses.fields(opts):
+        setattr(opts, f.name, as_python(getattr(opts, f.name)))
     return opts
 
 
@@ -246,6 +248,17 @@ def check_positive(name: str, value: Any, *, integer: bool = False, allow_none: 
         raise ValueError(f"option {name!r} must be {what}, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"option {name!r} must be a finite number > 0, got {value!r}")
+
+
+def as_python(value: Any) -> Any:
+    """numpy scalars -> int/float, so that configs and the config.longctx record stay JSON-serializable."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:

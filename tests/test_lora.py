@@ -128,3 +128,36 @@ def test_prepare_refuses_what_could_not_be_merged():
         lora.prepare(tiny_model("llama"), trainable=("embed", "o_proj"), verbose=False)
     prepared = lora.prepare(tiny_model("llama"), target_modules="q_proj", verbose=False)  # one name, not letters
     assert prepared.longctx_lora["target_modules"] == ["q_proj"]
+
+
+def test_load_trainable_resumes_lora_plus_and_saves_it_again(tmp_path):
+    # load(is_trainable=True) made only LoRA trainable and set no .longctx_lora, so saving again dropped the
+    # trained embedding and norms
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (2, 64), generator=g)
+    model = lora.prepare(tiny_model("llama"), verbose=False)
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.weight.add_(0.1)
+        model.base_model.model.model.norm.weight.mul_(1.5)
+    want = model.eval()(ids).logits
+    lora.save(model, tmp_path / "a")
+    again = lora.load(tiny_model("llama"), tmp_path / "a", is_trainable=True)
+    assert trainable(again) == trainable(model) and again.longctx_lora["trainable"] == ["embed", "norm"]
+    lora.save(again, tmp_path / "b")
+    third = lora.load(tiny_model("llama"), tmp_path / "b").eval()
+    assert torch.equal(third(ids).logits, want)
+    assert trainable(lora.load(tiny_model("llama"), tmp_path / "b")) == set()  # not trainable unless asked
+
+
+def test_empty_target_modules_is_refused():
+    with pytest.raises(ValueError, match="target_modules must name at least one module"):
+        lora.prepare(tiny_model("llama"), target_modules=[], verbose=False)
+
+
+def test_summary_counts_zero3_partitioned_parameters():
+    # under DeepSpeed ZeRO-3 a parameter's tensor is empty and its size is ds_numel: the summary showed only LoRA
+    model = lora.prepare(tiny_model("llama"), verbose=False)
+    want = lora.trainable_summary(model)
+    for p in model.parameters():
+        p.ds_numel, p.data = p.numel(), torch.empty(0, dtype=p.dtype)
+    assert lora.trainable_summary(model) == want and want["total"] > want["trainable"] > want["lora"] > 0

@@ -2,12 +2,13 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import longctx
-from conftest import ROPE_FAMILIES, TRAINED_LEN, tiny_config, tiny_model, twin
+from conftest import ROPE_FAMILIES, TRAINED_LEN, build, tiny_config, tiny_model, twin
 
 FACTOR = 4.0
 # longctx method + options -> the transformers rope parameters that define the same model
@@ -311,3 +312,63 @@ def test_layer_types_checked():
     for bad in (5, (), ("full_attention", "full_attention")):
         with pytest.raises(ValueError, match="option 'layer_types'"):
             longctx.apply(tiny_model("llama"), "ntk", factor=2, layer_types=bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_remove_after_cast_or_move_matches_never_patched_model(family, ids):
+    # the rotary module put back by remove() missed the casts and moves made while it was outside the model
+    ref = tiny_model(family).to(torch.bfloat16)
+    model = tiny_model(family)
+    patch = longctx.apply(model, "yarn", factor=4)
+    model.to(torch.bfloat16)
+    patch.remove()
+    assert all(b.dtype == torch.bfloat16 for b in model.base_model.rotary_emb.buffers())
+    assert torch.equal(logits(model, ids), logits(ref, ids))
+    patch = longctx.apply(model, "linear", factor=2)
+    model.to("meta")
+    patch.remove()
+    assert all(b.device.type == "meta" for b in model.base_model.rotary_emb.buffers())
+
+
+@pytest.mark.parametrize("method,options", [
+    ("linear", {"factor": np.float32(2)}),
+    ("yarn", {"factor": np.float64(2), "original_max_position_embeddings": np.int64(TRAINED_LEN)}),
+    ("abf", {"rope_theta": np.float32(1e5), "max_position_embeddings": np.int64(128)})])
+def test_numpy_scalar_options_apply_and_save(method, options, ids, tmp_path):
+    # numpy scalars pass the option checks; they were stored as such: abf failed in transformers' strict
+    # config after rope_parameters was already set (half applied), linear/yarn could not be saved (JSON)
+    model = tiny_model("llama")
+    longctx.apply(model, method, **options)
+    want = logits(model, ids)
+    assert all(type(v) in (int, float, str) for v in model.config.rope_parameters.values())
+    assert type(model.config.max_position_embeddings) is int
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(logits(reloaded, ids), want)
+
+
+@pytest.mark.parametrize("method", ["yarn", "dynamic_ntk"])
+def test_mixtral_without_head_dim(method, ids, tmp_path):
+    # MixtralConfig.head_dim defaults to None (as in Mixtral-8x7B's config.json); transformers' yarn and dynamic
+    # rope functions read it unguarded. While patched the config carries hidden_size // heads; remove() puts None back
+    cfg = AutoConfig.for_model("mixtral", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                               num_key_value_heads=2, num_hidden_layers=2, vocab_size=128,
+                               max_position_embeddings=TRAINED_LEN, num_local_experts=4)
+    assert cfg.head_dim is None
+    model = build(cfg)
+    before = logits(model, ids)
+    patch = longctx.apply(model, method, factor=4)
+    got = logits(model, ids)
+    assert not torch.equal(got, before) and model.config.head_dim == 16
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(logits(reloaded, ids), got)
+    patch.remove()
+    assert torch.equal(logits(model, ids), before) and model.config.to_dict() == cfg.to_dict()
+
+
+def test_abf_smaller_max_position_embeddings_is_applied():
+    # it was silently kept at the trained length
+    model = tiny_model("llama")
+    longctx.apply(model, "abf", rope_theta=1e5, max_position_embeddings=TRAINED_LEN // 2)
+    assert model.config.max_position_embeddings == TRAINED_LEN // 2

@@ -114,7 +114,7 @@ class RopePatch(Patch):
             targets = (None,)
 
         allowed = arch_of(self.model).rope_types
-        new_len = trained_len
+        new_len = None
         for layer_type in targets:
             current = params if layer_type is None else params[layer_type]
             rope_type = current.get("rope_type", "default")
@@ -131,15 +131,20 @@ class RopePatch(Patch):
                 params = entry
             else:
                 params[layer_type] = entry
-            new_len = max(new_len, entry_len)
+            new_len = entry_len if new_len is None else max(new_len, entry_len)
 
-        saved = (config, config.rope_parameters, config.max_position_embeddings, parent, attr, old)
-        config.rope_parameters = params
-        config.max_position_embeddings = new_len
+        head_dim = getattr(config, "head_dim", 0)
+        saved = (config, config.rope_parameters, config.max_position_embeddings, parent, attr, old, head_dim)
         try:
+            config.rope_parameters = params
+            config.max_position_embeddings = int(new_len)
+            if head_dim is None:  # mixtral: rope init functions other than default's read head_dim unguarded
+                config.head_dim = config.hidden_size // config.num_attention_heads
             new = type(old)(config=config)
         except Exception:  # the config is left as it was: nothing half-applied
             config.rope_parameters, config.max_position_embeddings = saved[1], saved[2]
+            if head_dim is None:
+                config.head_dim = None
             raise
         self._saved = saved
         # follow the old module's device (and dtype, if someone cast the buffers)
@@ -172,9 +177,18 @@ class RopePatch(Patch):
                 "attention_factor": float(attention_factor)}
 
     def _detach(self) -> None:
-        config, params, max_len, parent, attr, old = self._saved
+        config, params, max_len, parent, attr, old, head_dim = self._saved
         config.rope_parameters = params
         config.max_position_embeddings = max_len
+        if head_dim is None:
+            config.head_dim = None
+        # follow casts and moves made while patched (the old module was outside the model then)
+        cur = getattr(parent, attr)
+        ref = next((b for n, b in cur.named_buffers() if n.endswith("original_inv_freq")), next(cur.buffers()))
+        old_buf = next(old.buffers())
+        old.to(device=ref.device)
+        if ref.dtype != old_buf.dtype:
+            old.to(dtype=ref.dtype)
         setattr(parent, attr, old)
         del self._saved
 
