@@ -210,9 +210,10 @@ def _quantize_4bit(base: nn.Module) -> None:
 
 
 def upcast_trainable(model: nn.Module, dtype=torch.float32) -> None:
-    """Keep the trainable tensors in ``dtype`` (fp32 master weights) when the frozen base is bf16/fp16:
-    small updates to bf16 embeddings and norms would round away. Assigns ``.data``, so a tied
-    lm_head stays the same Parameter. Use with autocast (accelerate mixed precision)."""
+    """Put the trainable tensors in ``dtype``: fp32 master weights when the frozen base is bf16/fp16 (small
+    updates to bf16 embeddings and norms would round away; use with autocast, accelerate mixed precision), or
+    the precision DeepSpeed trains in (``train.trainable_dtype``). Assigns ``.data``, so a tied lm_head stays
+    the same Parameter."""
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)

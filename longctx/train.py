@@ -463,12 +463,32 @@ def check_compile(accelerator) -> None:
 
 
 def model_device(accelerator):
-    """Where to load the model: the process's device, except under FSDP/DeepSpeed (CPU, they shard it)."""
+    """Where to load the model: the process's device, except under FSDP and DeepSpeed ZeRO-1/2 (CPU: they
+    shard or place it). Under ZeRO-3 transformers partitions the weights while loading (zero.Init, since
+    accelerate registers the DeepSpeed config whatever zero3_init_flag says) onto this process's GPU; moving
+    the model to the CPU then made DeepSpeed gather each weight on the CPU."""
     from accelerate.utils import DistributedType
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return accelerator.device
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return "cpu"
     return accelerator.device
+
+
+def trainable_dtype(accelerator):
+    """The dtype the recipe gives the trained tensors before ``accelerator.prepare`` (``lora.upcast_trainable``),
+    or None to leave them. Under mixed precision, fp32: master copies that small updates do not round away.
+    Under DeepSpeed with mixed precision, DeepSpeed's own precision (bf16/fp16): it keeps the fp32 master weights
+    itself, and ZeRO-3 requires every trained tensor in its precision (the weights it partitioned while loading
+    are; LoRA's new tensors are fp32 and must follow)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.mixed_precision == "no":
+        return None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    return torch.float32
 
 
 class Tracker:

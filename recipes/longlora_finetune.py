@@ -63,8 +63,8 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
 
     # 2. LoRA+: LoRA on attention, embedding and norms fully trainable.
     model = lora.prepare(model, **cfg["lora"], verbose=main_process)
-    if accelerator.mixed_precision != "no":
-        lora.upcast_trainable(model)  # fp32 master copies of the trained tensors
+    if train.trainable_dtype(accelerator) is not None:  # fp32 master copies (DeepSpeed: its precision)
+        lora.upcast_trainable(model, train.trainable_dtype(accelerator))
     if t["gradient_checkpointing"]:
         train.enable_activation_checkpointing(model)
     model.config.use_cache = False

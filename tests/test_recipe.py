@@ -464,3 +464,22 @@ def test_manual_gc():
     for bad in (-1, 1.5, True, "50"):
         with pytest.raises(ValueError, match="train.gc_every must be an integer >= 0"):
             train.ManualGC(bad)
+
+
+def test_model_device_and_trainable_dtype_per_distributed_type():
+    # run on 2 GPUs in experiments/multigpu_tiny: ZeRO-3 partitions the weights while loading, on the GPU (moving
+    # them to the CPU made DeepSpeed gather them there); ZeRO-3 with bf16 needs the trained tensors in bf16
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType as D
+
+    def acc(kind, precision="bf16", stage=2):
+        return SimpleNamespace(distributed_type=kind, mixed_precision=precision, device=torch.device("cuda", 1),
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    assert train.model_device(acc(D.DEEPSPEED, stage=3)) == torch.device("cuda", 1)
+    assert train.model_device(acc(D.DEEPSPEED, stage=2)) == train.model_device(acc(D.FSDP)) == "cpu"
+    assert train.model_device(acc(D.MULTI_GPU)) == torch.device("cuda", 1)
+    assert train.trainable_dtype(acc(D.MULTI_GPU)) is torch.float32
+    assert train.trainable_dtype(acc(D.MULTI_GPU, "no")) is None and train.trainable_dtype(acc(D.DEEPSPEED, "no")) is None
+    assert train.trainable_dtype(acc(D.DEEPSPEED, "bf16", 3)) is torch.bfloat16
+    assert train.trainable_dtype(acc(D.DEEPSPEED, "fp16")) is torch.float16
