@@ -54,33 +54,69 @@ class StreamingSession:
 
     def _new_text(self, rendered: str) -> str:
         """The part of ``rendered`` (the whole conversation as the template renders it now) that the cache
-        does not hold yet: what follows the longest common prefix with the text fed so far. Templates may
-        render earlier turns differently from what was fed (``content | trim`` drops a reply's trailing
-        newline, Qwen3 drops earlier reasoning); the cache keeps what was fed (the model's own text) and
-        only the rest is fed, from the start of the word where they differ (a word of letters and digits, at
-        most 32 characters back), never the whole conversation again. A template that rewrites an earlier reply (Qwen3) still gets that reply's rendering fed
-        once more after it: the cache cannot drop text from its middle. A warning says so."""
+        does not hold yet: what follows the longest common prefix with the text fed so far, where whitespace
+        on either side may differ (whitespace fed that the rendering lacks: ``content | trim`` drops a
+        reply's trailing newline; whitespace rendered that the fed text lacks: a SentencePiece decoder drops
+        the space of a reply's first token, "▁w5" decodes to "w5", while the cache holds it). Templates may
+        also render earlier turns differently from what was fed (Qwen3 drops earlier reasoning); the cache
+        keeps what was fed (the model's own text) and only the rest is fed, from the start of the word where
+        they differ (a word of letters and digits, at most 32 characters back), never the whole conversation
+        again. A template that rewrites an earlier reply (Qwen3) still gets that reply's rendering fed once
+        more after it: the cache cannot drop text from its middle. A warning says so."""
         fed = self.fed_text
-        k = first = len(os.path.commonprefix([fed, rendered]))
-        if k < len(fed) and not fed[k].isspace():
-            # they differ inside a word of what was fed ("w100" fed, "w5" rendered): start the new piece at that
-            # word (at most 32 characters back), so that no token is cut; a difference in whitespace needs none
-            while k > 0 and first - k < 32 and rendered[k - 1].isalnum():
-                k -= 1
-            if k > 0 and rendered[k - 1].isalnum():
-                k = first  # no boundary near: feed from the difference
-        if fed[first:].strip():  # more than whitespace that the rendering lacks
-            warnings.warn(f"StreamingSession: the chat template renders the conversation differently from what "
-                          f"the cache holds ({len(fed) - first} characters from character {first} differ); the cache "
-                          f"keeps what was fed and gets the rest of the conversation from there", stacklevel=3)
+        i, j = self._align(fed, rendered)
+        if not fed[i:].strip():  # all that was fed is there, up to whitespace
+            return rendered[j:]
+        # they differ inside a word of what was fed ("w100" fed, "w5" rendered): start the new piece at that
+        # word (at most 32 characters back), so that no token is cut
+        k = j
+        while k > 0 and j - k < 32 and rendered[k - 1].isalnum():
+            k -= 1
+        if k > 0 and rendered[k - 1].isalnum():
+            k = j  # no boundary near: feed from the difference
+        warnings.warn(f"StreamingSession: the chat template renders the conversation differently from what "
+                      f"the cache holds ({len(fed) - i} characters from character {i} differ); the cache "
+                      f"keeps what was fed and gets the rest of the conversation from there", stacklevel=3)
         return rendered[k:]
+
+    @staticmethod
+    def _align(fed: str, rendered: str) -> tuple[int, int]:
+        """How far ``fed`` and ``rendered`` agree, whitespace present on one side only skipped: (i, j)
+        with fed[:i] matching rendered[:j]."""
+        i = j = 0
+        while i < len(fed) and j < len(rendered):
+            common = len(os.path.commonprefix([fed[i:i + 4096], rendered[j:j + 4096]]))
+            if common:
+                i, j = i + common, j + common
+            elif fed[i].isspace():
+                i += 1
+            elif rendered[j].isspace():
+                j += 1
+            else:
+                break
+        return i, j
+
+    def _ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as it tokenizes where it goes: at the start of the conversation, or in its
+        middle, after a special token (the tokenizer's eos): a SentencePiece tokenizer (Metaspace,
+        prepend_scheme="first") gives text tokenized on its own a word-start "▁" that it has not in the
+        middle of the conversation ("</s>[INST]" is "</s>", "[", "INST]", not "▁[INST]")."""
+        tok = self.tokenizer
+        anchor = tok.eos_token if isinstance(getattr(tok, "eos_token", None), str) else None
+        if not self.fed_text or not anchor or not text:
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        head = list(tok(anchor, add_special_tokens=False)["input_ids"])
+        ids = list(tok(anchor + text, add_special_tokens=False)["input_ids"])
+        if ids[:len(head)] != head:  # the anchor does not stand apart: tokenize the text alone
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        return ids[len(head):]
 
     def _feed_text(self, rendered: str, new: str | None = None) -> None:
         """Feed what the cache lacks of ``rendered`` (``new``: that part, if already worked out)."""
         new = self._new_text(rendered) if new is None else new
-        ids = self.tokenizer(new, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if ids.shape[1]:
-            self.feed(ids)
+        ids = self._ids(new)
+        if ids:
+            self.feed(torch.tensor([ids], dtype=torch.long))
         self.fed_text = rendered
 
     def chat(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -91,7 +127,7 @@ class StreamingSession:
                                                     add_generation_prompt=True, tokenize=False)
         self.messages.append({"role": "user", "content": message})
         new = self._new_text(prompt)
-        n_new = len(self.tokenizer(new, add_special_tokens=False)["input_ids"])
+        n_new = len(self._ids(new))
         # evict up front: nothing is evicted mid-reply while prompt + reply fit the window (beyond it, the
         # window slides during the reply as in any streaming generation)
         self.cache.reserve(n_new + max_new_tokens)
@@ -288,6 +324,7 @@ _PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_re
 
 
 def cmd_generate(args) -> int:
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, "longctx generate")  # before the slow load
     if args.decoder and not any(spec.split(":")[0] == "streaming" for spec in args.method or []):
         raise SystemExit("longctx generate: --decoder needs --method streaming[:sink_size=N:window_size=M]")
     model, tokenizer = _load(args)
@@ -346,6 +383,7 @@ def chat_sizes(args) -> tuple[int, int]:
 
 
 def cmd_chat(args) -> int:
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, "longctx chat")  # before the slow load
     sink_size, window_size = chat_sizes(args)
     args.sink_size, args.window_size = sink_size, window_size
     model, tokenizer = _load(args)

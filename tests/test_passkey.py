@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import random
 import re
 
 import pytest
@@ -72,6 +73,30 @@ def test_prompt_length_hits_target(kind, task):
 def test_prompt_too_short_is_an_error(ctok):
     with pytest.raises(ValueError, match="too short"):
         pk.make_prompt(ctok, 50, 0.5, 12345)
+
+
+def test_prompt_reaches_the_length_with_multiword_tokens():
+    # a token spanning a whole filler sentence (17 words): `length` words were ~half the length, silently
+    tok = char_tokenizer()
+    tok.add_tokens([pk.PASSKEY_FILLER])
+    for L in (600, 1000):
+        p = pk.make_prompt(tok, L, 0.5, 12345)
+        assert L - len(pk.PASSKEY_FILLER) <= len(p.input_ids) <= L     # was 443 and 493
+        assert p.input_ids == tok(p.text, add_special_tokens=False)["input_ids"]
+
+    class Swallows:  # filler words that give no tokens: no number of them reaches the length
+        def __call__(self, text, **kwargs):
+            return {"input_ids": [ord(c) for c in text if c not in "z "]}
+
+    with pytest.raises(ValueError, match=r"length 400 is out of reach: with 800 filler words the prompt has only "
+                                         r"\d+ tokens"):
+        pk.make_prompt(Swallows(), 400, 0.5, 12345, "needle", haystack="z " * 10)
+
+
+def test_haystack_wrap_keeps_a_space_between_the_last_and_first_word():
+    hay = pk._Haystack(pk._words("a b.\n\nc d."))  # documents joined as load_corpus gives them (stripped)
+    assert "".join(hay.units(2, 4)) == "c d.\n\na b.\n\n"    # was "c d.a b.\n\n"
+    assert hay.ends == [2, 4]
 
 
 @pytest.mark.parametrize("task", pk.TASKS)
@@ -148,9 +173,9 @@ class Forced(nn.Module):
 def test_forced_right_scores_one_wrong_scores_zero(ctok, task):
     depths = (0, 0.5, 1)
     right = pk.passkey_accuracy(Forced(ctok), ctok, [400, 800], depths=depths, trials=3, task=task,
-                                corpus=[TEXT], progress=False)
+                                corpus=[TEXT] if task == "needle" else None, progress=False)
     wrong = pk.passkey_accuracy(Forced(ctok, right=False), ctok, [400, 800], depths=depths, trials=3,
-                                task=task, corpus=[TEXT], progress=False)
+                                task=task, corpus=[TEXT] if task == "needle" else None, progress=False)
     for L in (400, 800):
         assert right[L]["accuracy"] == 1.0 and right[L]["correct"] == right[L]["total"] == 9
         assert wrong[L]["accuracy"] == 0.0 and wrong[L]["correct"] == 0 and wrong[L]["total"] == 9
@@ -164,7 +189,7 @@ def test_forced_right_scores_one_wrong_scores_zero(ctok, task):
 def test_deterministic_given_seed(ctok):
     def keys(seed, task="passkey"):
         res = pk.passkey_accuracy(Forced(ctok), ctok, [400], depths=(0.25, 0.75), trials=4, seed=seed,
-                                  task=task, corpus=[TEXT], progress=False)
+                                  task=task, corpus=[TEXT] if task == "needle" else None, progress=False)
         return [(s["key"], s["prompt_tokens"], s["needle_start"]) for s in res[400]["samples"]]
 
     assert keys(0) == keys(0)
@@ -173,10 +198,10 @@ def test_deterministic_given_seed(ctok):
     assert len({k for k, _, _ in keys(0)}) > 1  # a different key per trial
 
 
-def tiny_llama(vocab):
+def tiny_llama(vocab, max_position=512):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position,
                       pad_token_id=1, eos_token_id=2, bos_token_id=0)
     return LlamaForCausalLM(cfg).eval()
 
@@ -221,7 +246,35 @@ def test_depths_are_checked_before_decoding(ctok):
     for trials, new in [(0, 12), (2.5, 12), (1, 0)]:
         with pytest.raises(ValueError, match="trials" if new else "max_new_tokens"):
             pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=trials, max_new_tokens=new, progress=False)
+    for lengths, match in [([300.9], "lengths must be a non-empty list of integers >= 1"), (["400"], "lengths must"),
+                           ([300, 0], "lengths must"), ([], "lengths must"), (300, "lengths must"),
+                           ([300, True], "lengths must"), ([300, 300], "lengths must be distinct")]:
+        with pytest.raises(ValueError, match=match):
+            pk.passkey_accuracy(model, ctok, lengths, depths=[0.5], trials=1, progress=False)
+    with pytest.raises(ValueError, match="seed must be an integer, got 'x'"):
+        pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, seed="x", progress=False)
+    with pytest.raises(ValueError, match="corpus applies to task='needle' only"):
+        pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, corpus=[TEXT], progress=False)
     assert model.calls == 0
+    assert pk.passkey_accuracy(model, ctok, (300,), depths=[0.5], trials=1, progress=False)[300]["total"] == 1
+
+
+def test_dynamic_rope_state_is_reset_before_each_length(ctok, monkeypatch):
+    # a length evaluated after a longer one saw the frequencies dynamic RoPE grew there (trained length 256)
+    model = tiny_llama(len(ctok), max_position=256)
+    seen, decode = [], pk.greedy_decode
+
+    def recording(m, ids, *args):
+        seen.append(model.model.rotary_emb.inv_freq.clone())
+        return decode(m, ids, *args)
+
+    monkeypatch.setattr(pk, "greedy_decode", recording)
+    with longctx.applied(model, "dynamic_ntk", factor=2):
+        pk.passkey_accuracy(model, ctok, [400, 300], depths=[0.5], trials=1, max_new_tokens=2, progress=False)
+        after_400 = seen[-1]
+        seen.clear()
+        pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, max_new_tokens=2, progress=False)
+    assert torch.equal(after_400, seen[-1]) and torch.equal(seen[-1], model.model.rotary_emb.original_inv_freq)
 
 
 def test_streaming_decode_equals_dense_when_the_window_holds_everything(ctok):
@@ -232,6 +285,30 @@ def test_streaming_decode_equals_dense_when_the_window_holds_everything(ctok):
     dense = pk.greedy_decode(model, ids, 5, ctok)
     with longctx.applied(model, "streaming", sink_size=4, window_size=400):
         assert pk.greedy_decode(model, ids, 5, ctok) == dense
+
+
+def test_streaming_decode_stops_at_eos(ctok):
+    # an answer after eos scored as correct under streaming (it decoded on past eos), wrong without it
+    model = tiny_llama(len(ctok))
+    key = str(random.Random("longctx-passkey:0:300:0.5:0").randint(10000, 99999))
+    script = [ctok.eos_token_id] + ctok.convert_tokens_to_ids(list(key + "."))  # <eos>, then the key
+    forward, step = model.forward, {"i": 0}
+
+    def scripted(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        step["i"] = 0 if ids.shape[1] > 1 else step["i"] + 1
+        out.logits[:, -1] = -1e4
+        out.logits[:, -1, script[min(step["i"], len(script) - 1)]] = 1e4
+        return out
+
+    model.forward = scripted
+    dense = pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, progress=False)[300]
+    with longctx.applied(model, "streaming", sink_size=4, window_size=400):
+        res = pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, progress=False)[300]
+        ids = pk.make_prompt(ctok, 300, 0.5, key).input_ids
+        assert pk.greedy_decode(model, ids, 12, ctok) == [ctok.eos_token_id]     # eos kept, as generate keeps it
+    assert res["samples"][0]["output"] == dense["samples"][0]["output"] == "" and res["correct"] == 0
 
 
 def test_real_tiny_model_end_to_end(ctok):
@@ -271,7 +348,9 @@ def test_cli_refuses_duplicate_methods_and_bad_depths(ctok, monkeypatch):
     for extra, match in [(["--method", "yarn:factor=2", "--method", "yarn", "--factor", "2"], "'yarn x2' given more"),
                          (["--method", "none", "--method", "none"], "'none' given more"),
                          (["--depths", "0.5,0.5"], "distinct"), (["--depths", "0,2"], r"\[0, 1\]"),
-                         (["--method", "s2attn"], "--method s2attn: s2attn is active only in training")]:
+                         (["--method", "s2attn"], "--method s2attn: s2attn is active only in training"),
+                         (["--task", "passkey", "--corpus", "austen"], "--corpus applies to --task needle only"),
+                         (["--corpus", "austen"], "--corpus applies to --task needle only")]:
         args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", "300", *extra])
         with pytest.raises((SystemExit, ValueError), match=match):
             args.func(args)

@@ -145,6 +145,21 @@ def test_bad_options(model, docs, kw, match):
         perplexity(model, docs, progress=False, **kw)
 
 
+def test_dynamic_rope_results_do_not_depend_on_the_order_of_lengths():
+    # dynamic_ntk keeps the frequencies grown by a longer window: 300 after 400 used 400's (trained: 256)
+    import longctx
+
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, V, (1200,), generator=g)]
+    model = tiny_llama()
+    with longctx.applied(model, "dynamic_ntk", factor=2):
+        both = perplexity(model, docs, [400, 300], progress=False)
+    with longctx.applied(model, "dynamic_ntk", factor=2):
+        alone = perplexity(model, docs, [300], progress=False)
+        assert both[300]["nll"] == alone[300]["nll"]
+        assert perplexity(model, docs, [400], progress=False)[400]["nll"] == both[400]["nll"]
+
+
 def test_format_table():
     res = {"baseline": {256: {"ppl": 25.1349}, 1024: {"ppl": 293.24}},
            "yarn x4": {256: {"ppl": 3134.4}, "1024": {"ppl": 31337.0}, 4096: {"ppl": None}}}

@@ -146,6 +146,34 @@ def test_per_layer_type_rope_rescales_full_attention_only(ids):
         longctx.apply(model, "linear", factor=2, layer_types=("chunked_attention",))
 
 
+@pytest.mark.parametrize("family, options", [("llama", {}),
+                                             ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]})])
+def test_reset_rotary_state_undoes_dynamic_growth(family, options, ids):
+    # transformers' dynamic rope keeps the frequencies of a longer input: a shorter one after it gives other
+    # logits than on a fresh model. reset_rotary_state puts them back (per layer type on gemma3)
+    from longctx.methods.rope import reset_rotary_state
+
+    model = tiny_model(family)
+    short = ids[:, :2 * TRAINED_LEN]
+    with longctx.applied(model, "dynamic_ntk", factor=4, **options):
+        fresh = logits(model, short)
+        logits(model, ids)                                      # grows the state to 3 * TRAINED_LEN
+        assert not torch.equal(logits(model, short), fresh)
+        assert reset_rotary_state(model) == (1 if family == "llama" else 2)
+        assert torch.equal(logits(model, short), fresh)
+        rotary = model.base_model.rotary_emb
+        prefixes = [""] if family == "llama" else ["full_attention_", "sliding_attention_"]
+        logits(model, ids)
+        reset_rotary_state(model)
+        for p in prefixes:
+            assert torch.equal(getattr(rotary, p + "inv_freq"), getattr(rotary, p + "original_inv_freq"))
+            assert getattr(rotary, p + "inv_freq") is not getattr(rotary, p + "original_inv_freq")
+            assert getattr(rotary, p + "max_seq_len_cached", rotary.max_seq_len_cached) == TRAINED_LEN
+    with longctx.applied(model, "yarn", factor=4):              # not dynamic: nothing to reset
+        logits(model, ids)
+        assert reset_rotary_state(model) == 0
+
+
 def test_peft_wrapped_model(ids):
     peft = pytest.importorskip("peft")
     model = tiny_model("llama")

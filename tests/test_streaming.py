@@ -530,6 +530,69 @@ def test_session_stops_at_generation_config_eos(monkeypatch):
         list(session.chat("w1", max_new_tokens=-4))
 
 
+def sentencepiece_tokenizer():
+    """A transformers LlamaTokenizer (legacy=False, as Llama-2, Mistral, TinyLlama load in transformers 5):
+    Metaspace(prepend_scheme="first"), and a decoder that drops the space of the first token."""
+    import json
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.train_from_iterator(["[INST] w1 w2 w3 w4 w5 w6 [/INST]"] * 20,
+                            trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>", "<s>", "</s>"]))
+    bpe = json.loads(tok.to_str())["model"]
+    return LlamaTokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]])
+
+
+@pytest.mark.parametrize("template", [
+    # Llama-2-chat: a space before the reply, which the decoder drops from the reply's first token: the whole
+    # reply was fed again every turn, with a warning
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}",
+    # Mistral-instruct: a turn starts right after </s>; tokenized on its own it got a "\u2581" ("\u2581[INST]").
+    # (The reply is the model's own tokens, "\u2581w" "5\u2581w" "6", where the rendering tokenizes "w" "5\u2581w" "6")
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"])
+def test_session_feeds_the_conversation_once_with_a_sentencepiece_tokenizer(monkeypatch, template):
+    import warnings
+    from longctx.chat import StreamingSession
+
+    tok = sentencepiece_tokenizer()
+    tok.chat_template = template
+    next_reply = _scripted_replies(monkeypatch, tok, "w5 w6")
+    session = StreamingSession(tiny_model("llama"), tok, sink_size=2, window_size=200)
+    fed, real_feed = [], session.feed
+    monkeypatch.setattr(session, "feed", lambda x: fed.extend(x[0].tolist()) or real_feed(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "renders differently" warning
+        for message in ["w1 w2", "w3 w4"]:
+            next_reply()
+            assert "".join(session.chat(message, max_new_tokens=5)) == "w5 w6"
+    full = tok(tok.apply_chat_template(session.messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert session.cache.seen_tokens == len(fed) == len(full)  # each token once (the replies were fed twice)
+    reply = tok("w5 w6", add_special_tokens=False)["input_ids"]
+    if template.startswith("{{ bos_token }}"):  # the reply right after [/INST]: rendered as "w" "5\u2581w" "6"
+        full = [reply[0] if tok.convert_ids_to_tokens(t) == "w" else t for t in full]
+    assert fed == full                          # tokenized as in context: no "\u2581[INST]" after </s>
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("extra, match", [(["--temperature", "-1"], "temperature must be a finite number >= 0"),
+                                          (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+                                          (["--top-p", "7"], r"top_p must be a number in \(0, 1\]"),
+                                          (["--max-new-tokens", "-1"], "max_new_tokens must be an integer >= 0")])
+def test_generate_and_chat_check_sampling_before_loading(monkeypatch, command, extra, match):
+    # without --decoder, `longctx generate` decoded greedily at temperature -1 or nan and dropped top_p 7
+    import longctx
+    from longctx.cli import build_parser
+
+    monkeypatch.setattr(longctx, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    args = build_parser().parse_args([command, *(["--prompt", "w1"] if command == "generate" else []), *extra])
+    with pytest.raises(ValueError, match=f"longctx {command}: {match}"):
+        args.func(args)
+
+
 def test_stream_generate_arguments():
     import numpy as np
     from longctx.chat import stream_generate

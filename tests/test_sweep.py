@@ -169,6 +169,91 @@ def test_config_errors(tiny_dir, tmp_path):
     assert c["metrics"]["passkey"]["trials"] == 2 and c["metrics"]["passkey"]["seed"] == 0
 
 
+def test_sweep_cell_does_not_depend_on_earlier_cells(tiny_dir, tmp_path):
+    # dynamic RoPE keeps the frequencies of a longer cell: ppl@300 was 78.148 after 400, 77.105 alone
+    ppl = {"ppl": {"corpus": str(tiny_dir / "corpus.txt")}}
+    for name, lengths in (("a", [400, 300]), ("b", [300])):
+        sweep.run(write_yaml(tmp_path / f"{name}.yaml", tiny_dir, methods=["dynamic_ntk:factor=2"], lengths=lengths,
+                             metrics=ppl), plots=False)
+    a, b = ({r["length"]: (r["key"], r["value"]) for r in lines(tmp_path / n / "results.jsonl")} for n in "ab")
+    assert a[300] == b[300]
+
+
+def test_sweep_key_is_canonical(tiny_dir, tmp_path):
+    # equivalent specs are one cell: they re-ran before
+    def keys(**over):
+        return [c["key"] for c in sweep.cells(sweep.load_config(write_yaml(tmp_path / "k.yaml", tiny_dir, **over)))]
+
+    corpus = str(tiny_dir / "corpus.txt")
+    docs = ["Pride and Prejudice", "Emma"]
+    assert keys(methods=["yarn:factor=2"]) == keys(methods=[{"name": "yarn", "factor": 2.0}]) == \
+        keys(methods=["yarn:factor=2:beta_fast=32:attention_factor=none"])
+    assert keys(methods=["pi:factor=2"]) == keys(methods=["linear:factor=2.0"])
+    assert keys(methods=[{"name": "yarn", "factor": 2, "layer_types": "full_attention"}]) == \
+        keys(methods=[{"name": "yarn", "factor": 2, "layer_types": ["full_attention"]}])
+    assert keys(dtype="fp32") == keys(dtype="FP32") == keys(dtype="float32") != keys(dtype="bf16")
+    assert keys(metrics={"ppl": {"corpus": corpus, "score": "all"}}) == \
+        keys(metrics={"ppl": {"corpus": corpus, "score": "all", "tail_fraction": 0.5}})
+    assert keys(metrics={"ppl": {"corpus": corpus, "score": "tail", "tail_fraction": 1}}) == \
+        keys(metrics={"ppl": {"corpus": corpus, "score": "tail", "tail_fraction": 1.0}})
+    assert keys(metrics={"ppl": {"corpus": corpus, "docs": docs}}) == \
+        keys(metrics={"ppl": {"corpus": corpus, "docs": docs[::-1]}})
+    assert keys(metrics={"ppl": {"corpus": corpus, "score": "tail"}}) != keys(metrics={"ppl": {"corpus": corpus}})
+    with pytest.raises(ValueError, match="'dtype' must be null .* or one of bf16"):
+        sweep.load_config(write_yaml(tmp_path / "k.yaml", tiny_dir, dtype="fp8"))
+    # the committed sweeps keep their keys: nothing there re-runs
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    for name in ("passkey", "passkey_longlora"):
+        rows = sweep.read_results(root / name / "results.jsonl")
+        assert [sweep.row_key(r) for r in rows] == [r["key"] for r in rows]
+        assert {c["key"] for c in sweep.cells(sweep.load_config(root / f"{name}.yaml"))} <= {r["key"] for r in rows}
+
+
+def test_rows_written_with_older_keys_still_resume(tiny_dir, tmp_path, monkeypatch):
+    # a results.jsonl written before the canonical key (dtype as written, tail_fraction under score: all, the
+    # method's alias): its rows' keys are recomputed when read, so the cells are not run again
+    cfg = write_yaml(tmp_path / "o.yaml", tiny_dir, methods=["pi:factor=2"], dtype="FP32", lengths=[300],
+                     metrics={"ppl": {"corpus": str(tiny_dir / "corpus.txt")}})
+    sweep.run(cfg, plots=False)
+    results = tmp_path / "o" / "results.jsonl"
+    row = lines(results)[0]
+    old = {**row, "dtype": "FP32", "method_spec": {"method": "pi", "factor": 2.0}}
+    old["key"] = sweep._canonical({"model": row["model"], "method": old["method_spec"], "metric": "ppl",
+                                   "length": 300, "settings": row["settings"], "dtype": "FP32"})
+    results.write_text(json.dumps(old) + "\n")
+    count = Counter(sweep.perplexity)
+    monkeypatch.setattr(sweep, "perplexity", count)
+    assert sweep.run(cfg, plots=False)["computed"] == 0 and count.calls == 0
+    assert "| pi x2 | " + sweep._fmt(row["value"]) + " |" in (tmp_path / "o" / "table.md").read_text()
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(metrics={"passkey": []}), r"passkey settings must be a mapping"),
+    (dict(metrics=["passkey"], passkey=False), r"passkey settings must be a mapping"),
+    (dict(metrics=["passkey"], passkey=0), r"passkey settings must be a mapping"),
+    (dict(metrics={"passkey": {"trials": 1}}, passkey=[]), "passkey settings are given twice"),
+    (dict(wandb=True), r"'wandb' must be a mapping of wandb.init settings .*, false or null, got True"),
+    (dict(wandb="offline"), r"'wandb' must be a mapping"),
+    (dict(methods=["linear:factor=2", "pi:factor=2"]), r"methods 'linear x2' and 'pi x2' are the same method"),
+    (dict(methods=["yarn:factor=2", {"name": "yarn", "factor": 2.0, "beta_slow": 1}]), "are the same method")])
+def test_sweep_refuses_bad_blocks(tiny_dir, tmp_path, over, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.load_config(write_yaml(tmp_path / "x.yaml", tiny_dir, **over))
+
+
+def test_sweep_metric_settings_null_and_empty(tiny_dir, tmp_path):
+    # null (or an empty mapping) is "no settings": the defaults, or the top-level block
+    for over, trials in [(dict(metrics={"passkey": None}), 5), (dict(metrics={"passkey": {}}), 5),
+                         (dict(metrics=["passkey"], passkey=None), 5),
+                         (dict(metrics={"passkey": {}}, passkey={"trials": 2}), 2)]:
+        grid = sweep.load_config(write_yaml(tmp_path / "n.yaml", tiny_dir, **over))
+        assert grid["metrics"]["passkey"]["trials"] == trials
+    for wandb in (False, None, {}):
+        assert sweep.load_config(write_yaml(tmp_path / "n.yaml", tiny_dir, wandb=wandb))["wandb"] == wandb
+
+
 def test_method_options_keep_their_types(tiny_dir, tmp_path):
     from longctx import registry
     from longctx.cli import parse_method

@@ -10,19 +10,23 @@ Passkey (the landmark-attention prompt used by LongLoRA and YaRN; Mohtashami & J
     What is the pass key? The pass key is
 
 Needle in a haystack (``task="needle"``): the filler is running text of a corpus (``load_corpus``
-documents, default ``austen``, from a seeded random place, wrapping around), the needle is
+documents, default ``austen``, from a seeded random place, wrapping around from the corpus's end to
+its start as from one document to the next), the needle is
 "The special magic number is 53721." and the question "What is the special magic number mentioned
 in the text? The special magic number is".
 
 Length: the prompt is tokenized with ``add_special_tokens=False`` and holds at most ``length``
-tokens; the filler is cut at a word, so it falls short by less than one word's tokens. Depth: the
+tokens; the filler is cut at a word, so it falls short by less than one word's tokens (a tokenizer
+whose tokens span several words gets more filler words; a length the prompt cannot reach is a
+ValueError naming the length it reaches). Depth: the
 needle goes at the sentence boundary of the filler closest to ``depth * (filler words)`` (0 = right
 after the instructions, 1 = right before the question).
 
 Scoring: greedy decoding of ``max_new_tokens`` tokens (``model.generate``, stopping at eos, with none
 of the checkpoint's generation options such as repetition_penalty; with an active
 ``streaming`` patch, the prompt is prefilled in window-sized chunks into the patch's cache and the
-tokens decoded one by one); the answer is the first 5-digit number (a run of exactly 5 digits) in
+tokens decoded one by one, stopping at the eos ids of the generation config and the tokenizer);
+the answer is the first 5-digit number (a run of exactly 5 digits) in
 the decoded text; a trial is correct iff it equals the key. Keys are 5-digit numbers drawn from a
 ``random.Random`` seeded with (seed, task, length, depth, trial): deterministic given ``seed``.
 """
@@ -39,6 +43,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from ..methods.rope import reset_rotary_state
 
 TASKS = ("passkey", "needle")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -101,6 +107,9 @@ class _Haystack:
     def __init__(self, words: list[str]):
         if not words:
             raise ValueError("empty filler text")
+        words = list(words)
+        if not words[-1][-1:].isspace():  # a stripped text: the wrap must not glue its last and first words
+            words[-1] += "\n\n"
         self.words = words
         self.ends = [i + 1 for i, w in enumerate(words) if _SENTENCE_END.search(w.rstrip())]
 
@@ -145,7 +154,10 @@ def make_prompt(tokenizer, length: int, depth: float, key, task: str = "passkey"
     whitespace, or a text); ``start``: the filler's first word (wraps around).
     How the length is hit: the number of filler words ``n`` is the largest one for which the whole
     prompt tokenizes to <= ``length`` tokens (estimated from the tokens per word, then bracketed and
-    bisected on the real tokenization, about 10 tokenizer calls)."""
+    bisected on the real tokenization, about 10 tokenizer calls). The words are taken ``length`` at a
+    time (a word is at least a token in common tokenizers); while they tokenize to fewer than ``length``
+    tokens (tokens spanning several words), twice as many are taken, up to 64x. A length still out of
+    reach is a ValueError naming the tokens reached."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if not 0 <= depth <= 1:
@@ -160,7 +172,9 @@ def make_prompt(tokenizer, length: int, depth: float, key, task: str = "passkey"
         hay = haystack if isinstance(haystack, _Haystack) else _Haystack(
             _words(haystack) if isinstance(haystack, str) else list(haystack))
 
-    units = hay.units(start, max(64, int(length)))  # every word is >= 1 token: never more needed
+    # every word is usually >= 1 token, so `length` words are enough; a token spanning several words (an added
+    # token, merges across spaces) needs more: they are doubled below until the filler can reach `length`
+    units = hay.units(start, max(64, int(length)))
     bounds = _boundaries(units)
 
     def parts(n):
@@ -181,6 +195,19 @@ def make_prompt(tokenizer, length: int, depth: float, key, task: str = "passkey"
 
     if count(0) > length:
         raise ValueError(f"length {length} is too short: the prompt without filler has {count(0)} tokens")
+    # more words give the same prompt for every n already counted (the same words, the same boundaries up to n)
+    limit = 64 * max(64, int(length))
+    while count(len(units)) < length:
+        before = len(units)
+        if 2 * before > limit:
+            break
+        units = hay.units(start, 2 * before)
+        bounds = _boundaries(units)
+        if count(len(units)) <= count(before):  # more words, no more tokens: it never gets there
+            break
+    if count(len(units)) < length:
+        raise ValueError(f"length {length} is out of reach: with {len(units)} filler words the prompt has only "
+                         f"{count(len(units))} tokens (this tokenizer's tokens span too many words)")
     top = len(units)
     probe = min(top, 256)
     rate = max((count(probe) - count(0)) / probe, 1e-3)       # tokens per filler word
@@ -230,7 +257,10 @@ def _model_device(model):
 
 
 def greedy_decode(model, input_ids: list[int], max_new_tokens: int, tokenizer=None) -> list[int]:
-    """Greedy continuation of ``input_ids`` (new token ids only), with the model's own cache."""
+    """Greedy continuation of ``input_ids`` (new token ids only), with the model's own cache; it stops
+    after an eos token (kept, as ``model.generate`` keeps it). Under an active ``streaming`` patch the
+    tokens are decoded one by one on the patch's cache, stopping at the ids of
+    ``model.generation_config.eos_token_id`` and ``tokenizer.eos_token_id``."""
     device = _model_device(model)
     x = torch.tensor([input_ids], dtype=torch.long, device=device)
     stream = None
@@ -242,21 +272,34 @@ def greedy_decode(model, input_ids: list[int], max_new_tokens: int, tokenizer=No
         pass
     with torch.inference_mode():
         if stream is not None:                     # bounded cache: chunked prefill, then token by token
+            from ..chat import eos_set
             from ..methods.streaming import prefill
 
+            config = getattr(_generating_model(model), "generation_config", None)
+            eos = eos_set(getattr(config, "eos_token_id", None)) | eos_set(getattr(tokenizer, "eos_token_id", None))
             cache = stream.new_cache()
             out = prefill(model, x, cache)
             new = []
             for _ in range(max_new_tokens):
                 tok = out.logits[:, -1].argmax(-1)
                 new.append(int(tok))
-                if len(new) == max_new_tokens:
+                if len(new) == max_new_tokens or new[-1] in eos:  # eos ends it, as in model.generate
                     break
                 out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
             return new
         with _plain_generation(model, tokenizer, max_new_tokens) as config:
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
     return [int(t) for t in out[0, x.shape[1]:]]
+
+
+def _generating_model(model):
+    """The model whose generate() runs and whose generation_config counts (inside peft / torch.compile)."""
+    try:
+        from ..registry import unwrap_model
+
+        return unwrap_model(model)
+    except (TypeError, AttributeError):
+        return model
 
 
 @contextlib.contextmanager
@@ -267,12 +310,7 @@ def _plain_generation(model, tokenizer, max_new_tokens: int):
     holding only the special token ids while generating (decoding stops at eos, as before)."""
     from transformers import GenerationConfig
 
-    try:
-        from ..registry import unwrap_model
-
-        owner = unwrap_model(model)  # the model whose generate() runs (inside peft / torch.compile)
-    except (TypeError, AttributeError):
-        owner = model
+    owner = _generating_model(model)
     old = getattr(owner, "generation_config", None)
     ids = {k: getattr(old, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if getattr(tokenizer, "pad_token_id", None) is not None:
@@ -288,11 +326,24 @@ def _plain_generation(model, tokenizer, max_new_tokens: int):
         owner.generation_config = old
 
 
-def check_settings(depths, trials, max_new_tokens) -> list[float]:
+def check_lengths(lengths) -> list[int]:
+    """passkey_accuracy's ``lengths``: a non-empty list (or tuple) of distinct integers >= 1 (tokens)."""
+    if not isinstance(lengths, (list, tuple)) or not lengths or any(
+            isinstance(L, bool) or not isinstance(L, numbers.Integral) or L < 1 for L in lengths):
+        raise ValueError(f"lengths must be a non-empty list of integers >= 1 (prompt tokens), got {lengths!r}")
+    lengths = [int(L) for L in lengths]
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"lengths must be distinct, got {lengths}")
+    return lengths
+
+
+def check_settings(depths, trials, max_new_tokens, seed=0) -> list[float]:
     """Check passkey_accuracy's settings before any prompt is built; returns the depths as floats."""
     for name, value in (("trials", trials), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__"):
         raise ValueError(f"depths must be a list of numbers in [0, 1], got {depths!r}")
     depths = list(depths)
@@ -315,17 +366,24 @@ def passkey_accuracy(model, tokenizer, lengths, depths=DEPTHS, trials: int = 5, 
     Documents/strings; default ``austen``). Returns ``{length: {"accuracy", "correct", "total",
     "prompt_tokens" (mean), "by_depth": {depth: {"accuracy", "correct", "total"}}, "samples":
     [{"depth", "trial", "key", "answer", "output", "correct", "prompt_tokens", "needle_start"}]}}``.
+    ``lengths``: a list of distinct integers >= 1. Dynamic RoPE state grown by earlier inputs is reset
+    before each length (``longctx.methods.rope.reset_rotary_state``): a length's result does not depend
+    on the lengths evaluated before it.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    depths = check_settings(depths, trials, max_new_tokens)
+    if task != "needle" and corpus is not None:
+        raise ValueError(f"corpus applies to task='needle' only; task {task!r} has its own fixed filler text")
+    lengths = check_lengths(lengths)
+    depths = check_settings(depths, trials, max_new_tokens, seed)
     hay = _Haystack(_words("\n\n".join(_texts(corpus)))) if task == "needle" else None
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     results = {}
     try:
-        for L in [int(x) for x in lengths]:
+        for L in lengths:
+            reset_rotary_state(model)
             samples = []
             t0 = time.time()
             for d in depths:
@@ -378,8 +436,10 @@ def cmd_passkey(args) -> int:
     from ..cli import parse_methods
     from .perplexity import inactive_in_eval, save_json
 
+    if args.task != "needle" and args.corpus is not None:
+        raise SystemExit(f"--corpus applies to --task needle only (the {args.task} filler is fixed text)")
     specs = parse_methods(args.method or ["none"], args.factor)
-    check_settings(args.depths, args.trials, args.max_new_tokens)  # before the slow load
+    check_settings(args.depths, args.trials, args.max_new_tokens, args.seed)  # before the slow load
     for _, name, options in specs:  # check every option before the slow load
         reason = inactive_in_eval(name, options, with_cache=True)
         if reason:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..methods.rope import reset_rotary_state
 from ..registry import unwrap_model
 from ..utils import layers_compiled, recompile_room
 
@@ -92,6 +93,9 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     default: on an H100 it measured slower than eager (SmolLM2 at 32k: 0.71-0.89x; benchmarks/README.md).
     ``compile="layer"``: each whole decoder layer compiled instead (``compile_layers(scope="layer")``;
     1.07x eager in the same measurement).
+    Dynamic RoPE (``dynamic_ntk``, or a checkpoint's own dynamic rope type) keeps frequencies grown by
+    a longer input; they are reset before each length (``longctx.methods.rope.reset_rotary_state``), so
+    a length's result does not depend on the order of ``lengths`` or on what ran before.
     Returns {L: {"ppl", "nll" (mean per token), "tokens", "windows", "dropped_tokens"}}; a length
     with no full window gives tokens 0 and ppl/nll None (with a warning).
     """
@@ -151,6 +155,7 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
                  if compile else contextlib.nullcontext()):
             scorer = None
             for L in lengths:
+                reset_rotary_state(model)  # dynamic RoPE: no state grown by an earlier (longer) length
                 specs, dropped = _windows(docs, L, mode, L // 2 if stride is None else stride, score, tail_fraction)
                 if not specs:
                     warnings.warn(f"perplexity: no document has a full window of {L} tokens")

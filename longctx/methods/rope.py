@@ -86,6 +86,44 @@ class AbfOptions(RopeOptions):
         check_positive("max_position_embeddings", self.max_position_embeddings, integer=True, allow_none=True)
 
 
+def reset_rotary_state(model) -> int:
+    """Put every dynamic rotary module of ``model`` that has grown back to its original state.
+
+    transformers' ``dynamic_rope_update`` (rope types containing "dynamic": ``dynamic_ntk``, or a
+    checkpoint's own dynamic RoPE) recomputes ``inv_freq`` when an input is longer than
+    ``max_seq_len_cached`` and keeps it, with the new ``max_seq_len_cached``, until an input shorter than
+    the trained length comes. So a forward at length L after a longer one sees the longer one's
+    frequencies: results would depend on what ran before. This restores ``inv_freq`` =
+    ``original_inv_freq`` and ``max_seq_len_cached`` = ``original_max_seq_len``, as transformers' own
+    reset does; models with per-layer-type RoPE (``rope_type`` a dict, e.g. gemma3) keep them per layer
+    type, as ``{layer_type}_inv_freq``, ``{layer_type}_original_inv_freq`` and
+    ``{layer_type}_max_seq_len_cached``. Modules that have not grown, and non-dynamic rope types
+    (whose frequencies never depend on earlier inputs), are left alone. Returns how many were reset."""
+    count = 0
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        original_len = getattr(module, "original_max_seq_len", None)
+        if rope_type is None or original_len is None:
+            continue
+        kinds = rope_type.items() if isinstance(rope_type, dict) else [(None, rope_type)]
+        for layer_type, kind in kinds:
+            if not isinstance(kind, str) or "dynamic" not in kind:
+                continue
+            prefix = "" if layer_type is None else f"{layer_type}_"
+            original = getattr(module, f"{prefix}original_inv_freq", None)
+            current = getattr(module, f"{prefix}inv_freq", None)
+            # per layer type, transformers falls back to the module's max_seq_len_cached until it has grown
+            cached = getattr(module, f"{prefix}max_seq_len_cached", getattr(module, "max_seq_len_cached", None))
+            if original is None or current is None or cached is None or not bool(cached > original_len):
+                continue
+            # a copy, not the original itself: nothing may write into original_inv_freq through inv_freq
+            module.register_buffer(f"{prefix}inv_freq", original.detach().clone().to(current.device),
+                                   persistent=False)
+            setattr(module, f"{prefix}max_seq_len_cached", original_len)
+            count += 1
+    return count
+
+
 class RopePatch(Patch):
     slot = "rope"
 

@@ -1,0 +1,100 @@
+"""longctx ppl: option checks (before any slow load), corpus options, and what --out records. No model runs:
+load_model, load_corpus and perplexity are replaced where a test gets that far."""
+
+import json
+import shlex
+
+import pytest
+import torch
+
+import longctx.data
+import longctx.eval
+import longctx.models
+from longctx import cli
+from longctx.data import Document
+
+
+def _boom(*args, **kwargs):
+    raise AssertionError("checked before loading")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """load_corpus returns two documents and records its keyword arguments; load_model, encode_documents and
+    perplexity are stand-ins; perplexity records its keyword arguments."""
+    calls = {"order": []}
+
+    def load_corpus(name, **kwargs):
+        calls["order"].append("corpus")
+        calls["load_corpus"] = kwargs
+        return [Document("Pride and Prejudice", "x"), Document("Emma", "y")]
+
+    def load_model(*args, **kwargs):
+        calls["order"].append("model")
+        return None, None
+
+    def perplexity(model, ids, lengths, **kwargs):
+        calls["perplexity"] = kwargs
+        return {L: {"ppl": 1.0} for L in lengths}
+
+    monkeypatch.setattr(longctx.data, "load_corpus", load_corpus)
+    monkeypatch.setattr(longctx.models, "load_model", load_model)
+    monkeypatch.setattr(longctx.data, "encode_documents", lambda tok, docs, **k: [torch.zeros(4, dtype=torch.long)])
+    monkeypatch.setattr(longctx.eval, "perplexity", perplexity)
+    return calls
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--tail-fraction", "0.5"], "--tail-fraction only applies to --score tail"),
+    (["--factor", "4"], "--factor fills in the factor of methods that take one (.*yarn.*); no --method here uses it"),
+    (["--method", "yarn:factor=2", "--factor", "4"], "no --method here uses it"),
+    (["--docs", ""], "--docs: expected comma-separated document names"),
+    (["--docs", "Emma, "], "--docs: expected comma-separated document names"),
+    (["--corpus", ""], "--corpus is empty"),
+    (["--model", " "], "--model is empty"),
+    (["--device", "gpu"], "--device: 'gpu' is not a device")])
+def test_ppl_refuses_ignored_and_empty_options_before_loading(monkeypatch, argv, match):
+    monkeypatch.setattr(longctx.data, "load_corpus", _boom)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["ppl", *argv])
+
+
+def test_ppl_checks_the_corpus_and_docs_before_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    (tmp_path / "story.txt").write_text("the cat sat")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"content": "the cat"}) + "\n")
+    for argv, match in [(["--corpus", str(tmp_path / "nosuch.txt")], "--corpus .*nosuch.txt.*: no such file"),
+                        (["--corpus", str(tmp_path / "story.txt"), "--docs", "nosuch"], r"--docs: \['nosuch'\] not in"),
+                        (["--corpus", str(tmp_path / "rows.jsonl")],
+                         r"rows.jsonl:1: no field 'text' .*text_field=\.\.\. \(--text-field on the command line\)$"),
+                        (["--corpus", str(tmp_path / "story.txt"), "--split", "test"], "split='test' .*applies only"),
+                        (["--corpus", str(tmp_path / "story.txt"), "--text-field", "body"], "text_field='body'")]:
+        with pytest.raises(SystemExit, match=match):
+            cli.main(["ppl", "--device", "cpu", *argv])
+
+
+def test_ppl_passes_text_field_and_split_and_records_what_it_used(tmp_path, calls):
+    out = tmp_path / "o.json"
+    base = ["ppl", "--corpus", "some/dataset", "--lengths", "4", "--device", "cpu", "--out", str(out)]
+    cli.main(base + ["--text-field", "content", "--split", "validation", "--docs", "Emma"])
+    assert calls["order"] == ["corpus", "model"]
+    assert calls["load_corpus"] == {"text_field": "content", "split": "validation"}
+    assert "tail_fraction" not in calls["perplexity"]
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["text_field"] == "content" and settings["split"] == "validation" and settings["docs"] == ["Emma"]
+    assert "tail_fraction" not in settings                      # --score all: no tail fraction was used
+    cli.main(base + ["--score", "tail"])
+    assert calls["load_corpus"] == {"text_field": None, "split": None}
+    assert calls["perplexity"]["tail_fraction"] == 0.25
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["tail_fraction"] == 0.25 and "text_field" not in settings and "split" not in settings
+
+
+def test_ppl_records_the_command_it_ran(tmp_path, monkeypatch, calls):
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])          # not the argv main() parsed
+    out = tmp_path / "o.json"
+    argv = ["ppl", "--docs", "Pride and Prejudice,Emma", "--lengths", "2", "--device", "cpu", "--out", str(out)]
+    cli.main(argv)
+    command = json.loads(out.read_text())["settings"]["command"]
+    assert command == shlex.join(["longctx", *argv]) and shlex.split(command) == ["longctx", *argv]
