@@ -68,8 +68,13 @@ def method_label(name: str, options: dict, factor: float | None, where: str) -> 
 
 def parse_methods(specs: list[str], factor: float | None) -> list[tuple[str, str, dict]]:
     """Every --method value parsed; two with the same label (e.g. ``yarn:factor=2`` and ``yarn`` with
-    ``--factor 2``) are an error: their results would overwrite each other in the table and JSON."""
+    ``--factor 2``) are an error: their results would overwrite each other in the table and JSON. So is a
+    ``factor`` that no method uses (methods without a factor, or with their own)."""
     out = [parse_method(m, factor) for m in specs]
+    if factor is not None and not any(_fills_factor(m) for m in specs):
+        takes = [name for name in registry.methods() if _takes_factor(name)]
+        raise SystemExit(f"--factor fills in the factor of methods that take one ({', '.join(takes)}) and were not "
+                         f"given it; no --method here uses it ({', '.join(specs)})")
     labels = [label for label, _, _ in out]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
@@ -137,10 +142,6 @@ def cmd_ppl(args) -> int:
 
     method_specs = args.method or ["none"]
     specs = parse_methods(method_specs, args.factor)
-    if args.factor is not None and not any(_fills_factor(m) for m in method_specs):
-        takes = [name for name in registry.methods() if _takes_factor(name)]
-        raise SystemExit(f"--factor fills in the factor of methods that take one ({', '.join(takes)}) and were not "
-                         f"given it; no --method here uses it ({', '.join(method_specs)})")
     for _, name, options in specs:  # check every option before the slow loads
         reason = inactive_in_eval(name, options)
         if reason:

@@ -350,7 +350,9 @@ def test_cli_refuses_duplicate_methods_and_bad_depths(ctok, monkeypatch):
                          (["--depths", "0.5,0.5"], "distinct"), (["--depths", "0,2"], r"\[0, 1\]"),
                          (["--method", "s2attn"], "--method s2attn: s2attn is active only in training"),
                          (["--task", "passkey", "--corpus", "austen"], "--corpus applies to --task needle only"),
-                         (["--corpus", "austen"], "--corpus applies to --task needle only")]:
+                         (["--corpus", "austen"], "--corpus applies to --task needle only"),
+                         (["--factor", "4"], "no --method here uses it"),
+                         (["--method", "yarn:factor=2", "--factor", "4"], "no --method here uses it")]:
         args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", "300", *extra])
         with pytest.raises((SystemExit, ValueError), match=match):
             args.func(args)
