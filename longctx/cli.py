@@ -127,6 +127,11 @@ def _takes_factor(name: str) -> bool:
     return name != "none" and "factor" in {f.name for f in dataclasses.fields(registry.get_method(name).options)}
 
 
+def command_line(args) -> str:
+    """The command that ran, as a shell would re-run it: the argv ``main`` parsed (else the process's)."""
+    return getattr(args, "command_line", None) or shlex.join(["longctx", *sys.argv[1:]])
+
+
 def cmd_methods(args) -> int:
     for name, description in registry.methods().items():
         print(f"{name:<12} {description}")
@@ -135,7 +140,7 @@ def cmd_methods(args) -> int:
 
 def cmd_ppl(args) -> int:
     from . import load_corpus, load_model
-    from .data import encode_documents
+    from .data import encode_documents, select_documents
     from .eval import format_table, perplexity, save_json
     from .eval.perplexity import inactive_in_eval
     from .models import check_device
@@ -179,15 +184,14 @@ def cmd_ppl(args) -> int:
     t0 = time.time()
     try:  # the corpus and --docs before the (slower) model
         docs = load_corpus(args.corpus, split=args.split, text_field=args.text_field)
-    except (ValueError, KeyError, OSError, RuntimeError) as err:  # messages written for the user
+    except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:  # messages written for the user
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
         raise SystemExit(f"--corpus {args.corpus!r}: {message}") from None
     if wanted is not None:
-        names = [d.name for d in docs]
-        missing = [w for w in wanted if w not in names]
-        if missing:
-            raise SystemExit(f"--docs: {missing} not in corpus {args.corpus!r}; it has: {names}")
-        docs = [d for d in docs if d.name in wanted]
+        try:
+            docs = select_documents(docs, wanted, "--docs")[0]
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     ids = encode_documents(tokenizer, docs, max_tokens=args.max_tokens)
     print(f"loaded {args.model} and {len(ids)} document(s), {sum(len(x) for x in ids):,} tokens "
@@ -208,11 +212,10 @@ def cmd_ppl(args) -> int:
     print(format_table(results))
     if args.out:
         corpus_options = {k: v for k, v in (("split", args.split), ("text_field", args.text_field)) if v is not None}
-        command = getattr(args, "command_line", None) or shlex.join(["longctx", *sys.argv[1:]])
         save_json(results, args.out, model=args.model, corpus=args.corpus, **corpus_options,
                   docs=[d.name for d in docs], max_tokens=args.max_tokens,
                   methods={label: {"method": n, **o} for label, n, o in specs}, mode=args.mode, stride=args.stride,
-                  score=args.score, **tail, lengths=args.lengths, dtype=args.dtype, command=command)
+                  score=args.score, **tail, lengths=args.lengths, dtype=args.dtype, command=command_line(args))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -116,12 +116,23 @@ def load_corpus(name_or_path: str | os.PathLike, *, split: str | None = None,
         docs = _load_hf(name_or_path, split or "train", text_field or "text")
     if not docs:
         raise ValueError(f"{name_or_path}: contains no documents")
-    twice = sorted(name for name, n in collections.Counter(d.name for d in docs).items() if n > 1)
-    if twice:
-        raise ValueError(f"{name_or_path}: document names must be distinct (--docs and held-out documents select "
-                         f"by name), but {twice} occur more than once; give the rows distinct 'name'/'title' "
-                         f"fields or rename the files")
     return docs
+
+
+def select_documents(docs, names, what: str = "documents") -> tuple[list, list]:
+    """(the documents named in ``names``, the others). Every name must match exactly one document: a name
+    that is missing, or that two documents share (rows with the same title, or the same file name in two
+    corpora), is a ValueError; ``what`` names the setting in the message."""
+    counts = collections.Counter(d.name for d in docs)
+    missing = [n for n in names if counts[n] == 0]
+    if missing:
+        raise ValueError(f"{what}: {missing} not in the corpus; it has: {list(counts)}")
+    shared = [n for n in names if counts[n] > 1]
+    if shared:
+        raise ValueError(f"{what}: {shared} name more than one document ({', '.join(f'{n!r} x{counts[n]}' for n in shared)}); "
+                         f"give the documents distinct names ('name'/'title' fields, file names) to select them")
+    wanted = set(names)
+    return [d for d in docs if d.name in wanted], [d for d in docs if d.name not in wanted]
 
 
 def _refuse(*, split, text_field, what: str) -> None:
@@ -201,7 +212,7 @@ def _read_utf8(path: Path) -> str:
         return raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
         at = start + e.start
-        line = raw.count(b"\n", 0, at) + 1
+        line = raw[:at].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1  # universal newlines
         raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {at} of the file); "
                          f"re-save it as UTF-8") from None
 
@@ -213,15 +224,18 @@ def _load_file(path: Path, text_field: str, stem: str) -> list[Document]:
         return [Document(stem, _read_utf8(path))]
     if suffix == ".jsonl":
         docs = []
-        # universal newlines, as a text-mode file reads them (a raw CR cannot occur inside a JSON string)
-        lines = _read_utf8(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        for i, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not a JSON line ({e.msg} at column {e.colno})") from None
-                docs.append(_row_doc(row, text_field, f"{stem}:{i}", f"{path}:{i}"))
+        try:  # streamed, universal newlines (a raw CR cannot occur inside a JSON string); utf-8-sig drops a BOM
+            with open(path, encoding="utf-8-sig") as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{path}:{i}: not a JSON line ({e.msg} at column {e.colno})") from None
+                        docs.append(_row_doc(row, text_field, f"{stem}:{i}", f"{path}:{i}"))
+        except UnicodeDecodeError:
+            _read_utf8(path)  # raises the message naming the line
+            raise
         return docs
     if suffix == ".parquet":
         try:

@@ -238,7 +238,7 @@ def check_device(device) -> torch.device:
     """``device`` (a string or ``torch.device``) as a ``torch.device``; a ValueError naming ``device`` if
     torch cannot parse it, or if it is a CUDA device that this machine does not have."""
     if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be None, a str or a torch.device, got {device!r}")
+        raise TypeError(f"device must be a str or a torch.device (load_model: or None, the CPU), got {device!r}")
     try:
         dev = torch.device(device)
     except RuntimeError as err:
@@ -247,4 +247,10 @@ def check_device(device) -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (dev.index is not None and dev.index >= count):
             raise ValueError(f"device: {device!r} is not available here (CUDA devices: {count}); use e.g. cpu")
+    elif dev.type not in ("cpu", "meta"):  # mps, xpu, ...: a tensor there is the test torch itself would fail
+        try:
+            torch.empty(0, device=dev)
+        except Exception as err:
+            raise ValueError(f"device: {device!r} is not available here ({type(err).__name__}: {err}); "
+                             f"use e.g. cpu") from None
     return dev

@@ -414,17 +414,13 @@ class _Data:
         self.ids, self.texts = {}, {}
 
     def ppl_ids(self, model_name, tokenizer, s):
-        from .data import encode_documents, load_corpus
+        from .data import encode_documents, load_corpus, select_documents
 
         key = (model_name, s["corpus"], tuple(s["docs"] or ()), s["max_tokens"])
         if key not in self.ids:
             docs = load_corpus(s["corpus"])
             if s["docs"]:
-                names = [d.name for d in docs]
-                missing = [d for d in s["docs"] if d not in names]
-                if missing:
-                    raise ValueError(f"ppl docs {missing} not in corpus {s['corpus']!r}; it has: {names}")
-                docs = [d for d in docs if d.name in s["docs"]]
+                docs = select_documents(docs, list(s["docs"]), f"ppl docs (corpus {s['corpus']!r})")[0]
             self.ids[key] = encode_documents(tokenizer, docs, max_tokens=s["max_tokens"])
         return self.ids[key]
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import lora
+from .data import select_documents as select_documents_by_name
 from .utils import compile_layers, uncompile_layers  # noqa: F401  (train.compile)
 
 # --------------------------------------------------------------------------------------- config
@@ -267,13 +268,8 @@ def s2attn_options(cfg: dict) -> dict | None:
 
 # ----------------------------------------------------------------------------------------- data
 def select_documents(docs, holdout=()) -> list:
-    """``docs`` without the held-out ones (by name; each name must exist)."""
-    holdout = list(holdout or [])
-    names = [d.name for d in docs]
-    missing = [h for h in holdout if h not in names]
-    if missing:
-        raise ValueError(f"holdout documents {missing} are not in the corpus; it has: {names}")
-    return [d for d in docs if d.name not in holdout]
+    """``docs`` without the held-out ones (by name; each name must match exactly one document)."""
+    return select_documents_by_name(docs, list(holdout or []), "data.holdout")[1]
 
 
 def pack_documents(tokenizer, docs, seq_len: int) -> torch.Tensor:
@@ -575,11 +571,7 @@ def load_heldout(cfg: dict, tokenizer, settings: dict) -> list[torch.Tensor]:
     corpora = [corpora] if isinstance(corpora, str) else list(corpora)
     docs = [d for c in corpora for d in load_corpus(c)]
     wanted = list(cfg["data"]["holdout"])
-    missing = [w for w in wanted if w not in {d.name for d in docs}]
-    if missing:
-        raise ValueError(f"eval: held-out documents {missing} are not in eval.corpus {corpora}; "
-                         f"it has: {[d.name for d in docs]}")
-    chosen = [d for d in docs if d.name in wanted]
+    chosen = select_documents_by_name(docs, wanted, f"eval: held-out documents (data.holdout) in eval.corpus {corpora}")[0]
     return encode_documents(tokenizer, chosen, max_tokens=settings["max_tokens"])
 
 

@@ -98,3 +98,31 @@ def test_ppl_records_the_command_it_ran(tmp_path, monkeypatch, calls):
     cli.main(argv)
     command = json.loads(out.read_text())["settings"]["command"]
     assert command == shlex.join(["longctx", *argv]) and shlex.split(command) == ["longctx", *argv]
+
+
+def test_passkey_records_the_command_it_ran(tmp_path, monkeypatch):
+    from longctx.eval import passkey
+
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(passkey, "passkey_accuracy", lambda m, t, lengths, **k: {L: {"accuracy": 1.0} for L in lengths})
+    out = tmp_path / "o.json"
+    argv = ["passkey", "--lengths", "64", "--depths", "0.5", "--trials", "1", "--device", "cpu", "--out", str(out)]
+    cli.main(argv)
+    assert json.loads(out.read_text())["settings"]["command"] == shlex.join(["longctx", *argv])
+
+
+@pytest.mark.parametrize("argv", [["passkey", "--task", "needle", "--corpus", "/no/such.txt", "--lengths", "64"],
+                                  ["passkey", "--task", "needle", "--corpus", "", "--lengths", "64"],
+                                  ["stream-ppl", "--corpus", "/no/such.txt"], ["stream-ppl", "--corpus", ""]])
+def test_bad_corpus_is_refused_before_the_model_loads(monkeypatch, argv):
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit, match="such.txt|is empty"):
+        cli.main([*argv, "--device", "cpu"])
+
+
+def test_stream_ppl_doc_shared_by_two_documents_is_refused(monkeypatch):
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    monkeypatch.setattr(longctx.data, "load_corpus", lambda name, **k: [Document("A", "x"), Document("A", "y")])
+    with pytest.raises(SystemExit, match=r"--doc: \['A'\] name more than one document"):
+        cli.main(["stream-ppl", "--corpus", "c.jsonl", "--doc", "A", "--device", "cpu"])

@@ -3,13 +3,15 @@ import os
 import re
 import subprocess
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 
 import longctx.data as data
-from longctx.data import Document, clean_austen, clean_bible, encode_documents, load_corpus, unwrap
+from longctx.data import (Document, clean_austen, clean_bible, encode_documents, load_corpus, select_documents,
+                          unwrap)
 
 
 # ------------------------------------------------------------------------------------ local files
@@ -130,13 +132,32 @@ def test_names_in_subfolders_are_relative_paths_and_distinct(tmp_path):
     assert [(d.name, d.text) for d in load_corpus(tmp_path)] == [
         ("a/ch1", "a"), ("a/rows:1", "a"), ("b/ch1", "b"), ("b/rows:1", "b"), ("ch1", "top")]
     assert [d.name for d in load_corpus(tmp_path / "a" / "ch1.txt")] == ["ch1"]   # a file alone: its stem
-    # names that still collide (rows' own names, a row named like a file) are refused
-    (tmp_path / "a" / "rows.jsonl").write_text(json.dumps({"title": "ch1", "text": "x"}) + "\n")
-    with pytest.raises(ValueError, match=re.escape("document names must be distinct")):
-        load_corpus(tmp_path / "a")
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"title": t, "text": "x"}) + "\n" for t in "ABA"))
-    with pytest.raises(ValueError, match=re.escape("['A'] occur more than once")):
-        load_corpus(tmp_path / "t.jsonl")
+    # names that still collide (rows sharing a title: chapters of one book) load, but cannot select
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"title": t, "text": t + str(i)}) + "\n"
+                                              for i, t in enumerate("ABA")))
+    docs = load_corpus(tmp_path / "t.jsonl")
+    assert [(d.name, d.text) for d in docs] == [("A", "A0"), ("B", "B1"), ("A", "A2")]
+    chosen, rest = select_documents(docs, ["B"], "--docs")
+    assert [d.text for d in chosen] == ["B1"] and [d.text for d in rest] == ["A0", "A2"]
+    with pytest.raises(ValueError, match=re.escape("--docs: ['A'] name more than one document ('A' x2)")):
+        select_documents(docs, ["A", "B"], "--docs")
+    with pytest.raises(ValueError, match=re.escape("data.holdout: ['C'] not in the corpus; it has: ['A', 'B']")):
+        select_documents(docs, ["C"], "data.holdout")
+
+
+def test_jsonl_streams_and_names_the_line_of_bad_bytes(tmp_path):
+    (tmp_path / "cr.jsonl").write_bytes(b'{"text": "a"}\r{"text": "b"}\r{"text": "caf\xe9"}\r')
+    with pytest.raises(ValueError, match=re.escape("cr.jsonl:3: not UTF-8")):
+        load_corpus(tmp_path / "cr.jsonl")
+    (tmp_path / "big.jsonl").write_text((json.dumps({"text": "word " * 2000}) + "\n") * 500)
+    size = (tmp_path / "big.jsonl").stat().st_size
+    tracemalloc.start()
+    try:
+        assert len(load_corpus(tmp_path / "big.jsonl")) == 500
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * size  # not the whole file as bytes, then as text, then as lines
 
 
 def test_options_that_do_not_apply_are_refused(tmp_path):

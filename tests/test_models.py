@@ -75,13 +75,18 @@ def test_bad_arguments_are_refused_before_loading(tiny, monkeypatch):
                                  ({"name_or_path": " "}, ValueError, "name_or_path is empty"),
                                  ({"dtype": float}, TypeError, "dtype must be None, a torch.dtype or one of bf16"),
                                  ({"device": "gpu"}, ValueError, "device: 'gpu' is not a device"),
-                                 ({"device": 3.5}, TypeError, "device must be None, a str or a torch.device"),
+                                 ({"device": 3.5}, TypeError, "device must be a str or a torch.device .load_model: or None"),
                                  ({"name_or_path": "smollm2-135m", "device": "gpu"}, ValueError, "device")]:
         with pytest.raises(error, match=match):
             load_model(**{"name_or_path": tiny[0]} | kwargs)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device: 'cuda' is not available here"):
             load_model(tiny[0], device="cuda")
+    for device in ("mps", "xpu", "xpu:3"):  # not only CUDA: any accelerator this torch or machine lacks
+        kind = device.split(":")[0]
+        if not getattr(torch, kind).is_available() if kind == "xpu" else not torch.backends.mps.is_available():
+            with pytest.raises(ValueError, match=f"device: '{device}' is not available here"):
+                load_model(tiny[0], device=device)
 
 
 def test_converted_alias_is_readable_by_others(tiny, tmp_path, monkeypatch):

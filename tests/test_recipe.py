@@ -483,3 +483,16 @@ def test_model_device_and_trainable_dtype_per_distributed_type():
     assert train.trainable_dtype(acc(D.MULTI_GPU, "no")) is None and train.trainable_dtype(acc(D.DEEPSPEED, "no")) is None
     assert train.trainable_dtype(acc(D.DEEPSPEED, "bf16", 3)) is torch.bfloat16
     assert train.trainable_dtype(acc(D.DEEPSPEED, "fp16")) is torch.float16
+
+
+def test_holdout_name_shared_by_documents_of_two_corpora_is_refused(tmp_path):
+    # each corpus names its documents distinctly, but the recipe joins the list of corpora
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        for name in ("ch1", "ch2"):
+            (tmp_path / sub / f"{name}.txt").write_text(sub + name)
+    docs = [d for c in (tmp_path / "a", tmp_path / "b") for d in longctx.load_corpus(c)]
+    with pytest.raises(ValueError, match=r"data.holdout: \['ch1'\] name more than one document \('ch1' x2\)"):
+        train.select_documents(docs, ["ch1"])
+    with pytest.raises(ValueError, match=r"data.holdout: \['ch3'\] not in the corpus"):
+        train.select_documents(docs, ["ch3"])

@@ -433,7 +433,7 @@ def _floats(text: str) -> list[float]:
 
 def cmd_passkey(args) -> int:
     from .. import load_model, registry
-    from ..cli import parse_methods
+    from ..cli import command_line, parse_methods
     from .perplexity import inactive_in_eval, save_json
 
     if args.task != "needle" and args.corpus is not None:
@@ -449,10 +449,14 @@ def cmd_passkey(args) -> int:
     device = args.device
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    corpus = None
+    if args.task == "needle":  # the corpus before the (slower) model
+        try:
+            corpus = _texts(args.corpus if args.corpus is not None else "austen")
+        except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:  # messages written for the user
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise SystemExit(f"--corpus {args.corpus!r}: {message}") from None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    corpus = (args.corpus or "austen") if args.task == "needle" else None
-    if corpus is not None:
-        corpus = _texts(corpus)
     results = {}
     for label, name, options in specs:
         patch = None if name == "none" else registry.apply(model, name, **options)
@@ -470,7 +474,7 @@ def cmd_passkey(args) -> int:
         save_json(results, args.out, model=args.model, task=args.task, corpus=args.corpus if args.task == "needle" else None,
                   methods={label: {"method": n, **o} for label, n, o in specs}, lengths=args.lengths,
                   depths=args.depths, trials=args.trials, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                  dtype=args.dtype, command=" ".join(sys.argv))
+                  dtype=args.dtype, command=command_line(args))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

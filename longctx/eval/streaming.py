@@ -117,10 +117,16 @@ def cmd_stream_ppl(args) -> int:
     from .. import load_corpus, load_model
     from ..data import encode_documents
 
+    from ..data import select_documents
+
+    try:  # the corpus and --doc before the (slower) model
+        docs = load_corpus(args.corpus)
+        if args.doc:
+            docs = select_documents(docs, [args.doc], "--doc")[0]
+    except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:  # messages written for the user
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise SystemExit(f"--corpus {args.corpus!r}: {message}") from None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    docs = load_corpus(args.corpus)
-    if args.doc:
-        docs = [d for d in docs if d.name == args.doc] or sys.exit(f"--doc {args.doc!r} not in {args.corpus}")
     ids = torch.cat(encode_documents(tokenizer, docs))[: args.max_tokens]
     rows = []
     for policy in args.policy.split(","):
