@@ -19,7 +19,8 @@
 Document names: a ``.txt`` file's stem (``story.txt`` -> ``story``); a row's ``name`` or ``title``
 field, else ``<stem>:<line>`` for jsonl and ``<stem>:<row>`` (from 0) for parquet. Inside a folder, a
 file in a subfolder is named by its path relative to the folder, without the suffix (``a/ch1``,
-``a/rows:3``); files at the top keep their stem. Two documents with the same name are an error.
+``a/rows:3``); files at the top keep their stem. Documents may share a name (rows with one title);
+selecting by a name (``select_documents``: ``--docs``, ``data.holdout``) that several share is an error.
 
 Cleaning of the built-ins: hard line wraps are removed (the lines of a paragraph are joined with single
 spaces, paragraphs are joined with ``"\\n\\n"``), runs of whitespace collapse to one space, and the
@@ -83,7 +84,7 @@ def load_corpus(name_or_path: str | os.PathLike, *, split: str | None = None,
     ``text_field``: the field (column) holding the text, for .jsonl/.parquet files (default ``"text"``)
     and datasets; ``split``: the split of a HuggingFace dataset (default ``"train"``). Each is refused
     where it does not apply (a .txt file, a built-in, ``split`` for any local file). A source that
-    yields no documents, or two documents with the same name, is an error."""
+    yields no documents is an error."""
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str):
