@@ -254,6 +254,10 @@ def as_python(value: Any) -> Any:
     """numpy scalars -> int/float, so that configs and the config.longctx record stay JSON-serializable."""
     if isinstance(value, bool) or value is None:
         return value
+    if isinstance(value, dict):
+        return {k: as_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_python(v) for v in value)
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):

@@ -1368,3 +1368,14 @@ def test_copy_run_after_a_packed_training_forward(ids):
         logits(model, x, position_ids=packed, use_cache=False)
         assert torch.equal(logits(twin, x), ref)
         assert torch.equal(logits(twin, x[:, :24]), ref24)
+
+
+def test_numpy_values_inside_dict_options_are_converted(tmp_path):
+    # as_python converts top-level numpy scalars only: flex_kernel_options={"BLOCK_M": __import__("numpy").int64(64)} passes
+    # validation and lands in config.longctx as np.int64, and save_pretrained fails (not JSON serializable)
+    import numpy as np
+
+    model = tiny_model("llama")
+    longctx.apply(model, "s2attn", group_size=16, backend="flex", flex_kernel_options={"BLOCK_M": np.int64(64)})
+    assert type(model.config.longctx[0]["flex_kernel_options"]["BLOCK_M"]) is int
+    model.save_pretrained(tmp_path)

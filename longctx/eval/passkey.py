@@ -315,6 +315,10 @@ def _plain_generation(model, tokenizer, max_new_tokens: int):
     ids = {k: getattr(old, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if getattr(tokenizer, "pad_token_id", None) is not None:
         ids["pad_token_id"] = tokenizer.pad_token_id
+    from ..chat import eos_set
+
+    eos = eos_set(ids["eos_token_id"]) | eos_set(getattr(tokenizer, "eos_token_id", None))
+    ids["eos_token_id"] = sorted(eos) if eos else None  # the ids the streaming path stops at
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **ids)
     if old is None:
         yield config
@@ -367,8 +371,8 @@ def passkey_accuracy(model, tokenizer, lengths, depths=DEPTHS, trials: int = 5, 
     "prompt_tokens" (mean), "by_depth": {depth: {"accuracy", "correct", "total"}}, "samples":
     [{"depth", "trial", "key", "answer", "output", "correct", "prompt_tokens", "needle_start"}]}}``.
     ``lengths``: a list of distinct integers >= 1. Dynamic RoPE state grown by earlier inputs is reset
-    before each length (``longctx.methods.rope.reset_rotary_state``): a length's result does not depend
-    on the lengths evaluated before it.
+    before each prompt (``longctx.methods.rope.reset_rotary_state``): a sample's result does not depend
+    on the lengths, depths or trials evaluated before it (a prompt's generated tokens grow it too).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -383,7 +387,6 @@ def passkey_accuracy(model, tokenizer, lengths, depths=DEPTHS, trials: int = 5, 
     results = {}
     try:
         for L in lengths:
-            reset_rotary_state(model)
             samples = []
             t0 = time.time()
             for d in depths:
@@ -392,6 +395,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths=DEPTHS, trials: int = 5, 
                     key = rng.randint(10000, 99999)
                     start = rng.randrange(len(hay.words)) if hay is not None else 0
                     prompt = make_prompt(tokenizer, L, d, key, task, haystack=hay, start=start)
+                    reset_rotary_state(model)  # nothing grown by the previous prompt + its generated tokens
                     new = greedy_decode(model, prompt.input_ids, max_new_tokens, tokenizer)
                     output = tokenizer.decode(new, skip_special_tokens=True)
                     answer = extract_key(output)
