@@ -259,8 +259,9 @@ def test_depths_are_checked_before_decoding(ctok):
     assert pk.passkey_accuracy(model, ctok, (300,), depths=[0.5], trials=1, progress=False)[300]["total"] == 1
 
 
-def test_dynamic_rope_state_is_reset_before_each_length(ctok, monkeypatch):
-    # a length evaluated after a longer one saw the frequencies dynamic RoPE grew there (trained length 256)
+def test_dynamic_rope_state_is_reset_before_each_prompt(ctok, monkeypatch):
+    # a length evaluated after a longer one, and within a length each trial after the first (its prompt of exactly
+    # L tokens after one that grew the cache to L + the generated tokens), saw frequencies grown earlier
     model = tiny_llama(len(ctok), max_position=256)
     seen, decode = [], pk.greedy_decode
 
@@ -270,11 +271,9 @@ def test_dynamic_rope_state_is_reset_before_each_length(ctok, monkeypatch):
 
     monkeypatch.setattr(pk, "greedy_decode", recording)
     with longctx.applied(model, "dynamic_ntk", factor=2):
-        pk.passkey_accuracy(model, ctok, [400, 300], depths=[0.5], trials=1, max_new_tokens=2, progress=False)
-        after_400 = seen[-1]
-        seen.clear()
-        pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, max_new_tokens=2, progress=False)
-    assert torch.equal(after_400, seen[-1]) and torch.equal(seen[-1], model.model.rotary_emb.original_inv_freq)
+        pk.passkey_accuracy(model, ctok, [400, 300], depths=[0.0, 1.0], trials=2, max_new_tokens=4, progress=False)
+        original = model.model.rotary_emb.original_inv_freq
+    assert len(seen) == 8 and all(torch.equal(s, original) for s in seen)
 
 
 def test_streaming_decode_equals_dense_when_the_window_holds_everything(ctok):
@@ -287,9 +286,11 @@ def test_streaming_decode_equals_dense_when_the_window_holds_everything(ctok):
         assert pk.greedy_decode(model, ids, 5, ctok) == dense
 
 
-def test_streaming_decode_stops_at_eos(ctok):
-    # an answer after eos scored as correct under streaming (it decoded on past eos), wrong without it
+def eos_then_key_model(ctok, eos_in_generation_config=True):
+    """A tiny llama scripted to answer <eos> and then the key of prompt (300, depth 0.5, trial 0)."""
     model = tiny_llama(len(ctok))
+    if not eos_in_generation_config:
+        model.generation_config.eos_token_id = None
     key = str(random.Random("longctx-passkey:0:300:0.5:0").randint(10000, 99999))
     script = [ctok.eos_token_id] + ctok.convert_tokens_to_ids(list(key + "."))  # <eos>, then the key
     forward, step = model.forward, {"i": 0}
@@ -303,12 +304,20 @@ def test_streaming_decode_stops_at_eos(ctok):
         return out
 
     model.forward = scripted
+    return model, key
+
+
+@pytest.mark.parametrize("eos_in_generation_config", [True, False])
+def test_dense_and_streaming_decode_stop_at_eos(ctok, eos_in_generation_config):
+    # an answer after eos scored as correct under streaming (it decoded on past eos); and the dense path
+    # (model.generate) stopped only at the generation config's eos, not the tokenizer's
+    model, key = eos_then_key_model(ctok, eos_in_generation_config)
     dense = pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, progress=False)[300]
     with longctx.applied(model, "streaming", sink_size=4, window_size=400):
         res = pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, progress=False)[300]
         ids = pk.make_prompt(ctok, 300, 0.5, key).input_ids
         assert pk.greedy_decode(model, ids, 12, ctok) == [ctok.eos_token_id]     # eos kept, as generate keeps it
-    assert res["samples"][0]["output"] == dense["samples"][0]["output"] == "" and res["correct"] == 0
+    assert res["samples"][0]["output"] == dense["samples"][0]["output"] == "" and res["correct"] == dense["correct"] == 0
 
 
 def test_real_tiny_model_end_to_end(ctok):
@@ -356,48 +365,3 @@ def test_cli_refuses_duplicate_methods_and_bad_depths(ctok, monkeypatch):
         args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", "300", *extra])
         with pytest.raises((SystemExit, ValueError), match=match):
             args.func(args)
-
-
-def test_dynamic_rope_state_is_reset_before_each_trial(monkeypatch):
-    # within one length, trial k's prompt saw the frequencies grown by trial k-1's prompt + generated tokens
-    # (prompt length == L <= the grown max_seq_len_cached: transformers neither grows nor resets), so a sample's
-    # result depended on which depths/trials ran before it in the same call
-    ctok = char_tokenizer()
-    model = tiny_llama(len(ctok), max_position=256)
-    seen, decode = [], pk.greedy_decode
-
-    def recording(m, ids, *args):
-        seen.append(model.model.rotary_emb.inv_freq.clone())
-        return decode(m, ids, *args)
-
-    monkeypatch.setattr(pk, "greedy_decode", recording)
-    with longctx.applied(model, "dynamic_ntk", factor=2):
-        pk.passkey_accuracy(model, ctok, [300], depths=[0.0, 1.0], trials=2, max_new_tokens=4, progress=False)
-        original = model.model.rotary_emb.original_inv_freq
-    assert len(seen) == 4
-    assert all(torch.equal(s, original) for s in seen)
-
-
-def test_dense_and_streaming_passkey_stop_at_the_same_eos():
-    # the streaming path stops at generation_config eos | tokenizer eos, model.generate only at the former
-    ctok = char_tokenizer()
-    model = tiny_llama(len(ctok))
-    model.generation_config.eos_token_id = None        # the tokenizer's eos is not in the generation config
-    key = str(random.Random("longctx-passkey:0:300:0.5:0").randint(10000, 99999))
-    script = [ctok.eos_token_id] + ctok.convert_tokens_to_ids(list(key + "."))
-    forward, step = model.forward, {"i": 0}
-
-    def scripted(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        step["i"] = 0 if ids.shape[1] > 1 else step["i"] + 1
-        out.logits[:, -1] = -1e4
-        out.logits[:, -1, script[min(step["i"], len(script) - 1)]] = 1e4
-        return out
-
-    model.forward = scripted
-    dense = pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, progress=False)[300]
-    with longctx.applied(model, "streaming", sink_size=4, window_size=400):
-        stream = pk.passkey_accuracy(model, ctok, [300], depths=[0.5], trials=1, progress=False)[300]
-    assert dense["samples"][0]["output"] == stream["samples"][0]["output"]   # '42573......' vs ''
-    assert dense["correct"] == stream["correct"]
