@@ -230,7 +230,7 @@ def _load_file(path: Path, text_field: str, stem: str) -> list[Document]:
                 for i, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            row = json.loads(line)
+                            row = json.loads(line.rstrip("\n"))  # the column of an error at the row's end
                         except json.JSONDecodeError as e:
                             raise ValueError(f"{path}:{i}: not a JSON line ({e.msg} at column {e.colno})") from None
                         docs.append(_row_doc(row, text_field, f"{stem}:{i}", f"{path}:{i}"))

@@ -251,6 +251,7 @@ def check_device(device) -> torch.device:
         try:
             torch.empty(0, device=dev)
         except Exception as err:
-            raise ValueError(f"device: {device!r} is not available here ({type(err).__name__}: {err}); "
+            first = (str(err).splitlines() or [""])[0]  # torch's message can run to kilobytes
+            raise ValueError(f"device: {device!r} is not available here ({type(err).__name__}: {first}); "
                              f"use e.g. cpu") from None
     return dev

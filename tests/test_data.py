@@ -146,6 +146,9 @@ def test_names_in_subfolders_are_relative_paths_and_distinct(tmp_path):
 
 
 def test_jsonl_streams_and_names_the_line_of_bad_bytes(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"text": "a"\n')  # the row's end: the column, not 1
+    with pytest.raises(ValueError, match=re.escape("c.jsonl:2: not a JSON line (Expecting ',' delimiter at column 13)")):
+        load_corpus(tmp_path / "c.jsonl")
     (tmp_path / "cr.jsonl").write_bytes(b'{"text": "a"}\r{"text": "b"}\r{"text": "caf\xe9"}\r')
     with pytest.raises(ValueError, match=re.escape("cr.jsonl:3: not UTF-8")):
         load_corpus(tmp_path / "cr.jsonl")
