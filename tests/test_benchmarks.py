@@ -49,3 +49,12 @@ def test_s2attn_cpu_smoke_flex_variants(tmp_path):
     labels = {r["backend"] for r in data["results"] if r["method"] == "s2"}
     assert {"flex (fwd only)", "flex[BLOCK_M=64,BLOCK_N=32] (fwd only)"} <= labels
     assert all("error" not in r for r in data["results"])
+
+
+def test_attn_kernels_cpu_smoke(tmp_path):
+    data, stdout = _smoke(tmp_path, "attn_kernels.py")
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"sdpa_default", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn_gqa", "cudnn_expanded"}
+    assert rows["sdpa_default"]["ms"] > 0 and rows["sdpa_flash"]["ms"] > 0  # CPU: default and flash run
+    assert rows["sdpa_flash"]["max_abs_diff"] < 1e-5                        # fp32, same causal attention
+    assert "| variant | ms | TFLOP/s |" in stdout and "| sdpa_default |" in stdout
