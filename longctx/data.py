@@ -12,6 +12,8 @@
     vectors (one entry per printed line, ``""`` between paragraphs) in the package's lazy-load
     database ``usr/lib/R/site-library/janeaustenr/data/Rdata.rdb`` (index ``Rdata.rdx``), read with
     the ``rdata`` package;
+  - ``austen-lines``: the same six novels as printed (the R line vectors joined with ``"\\n"``: hard
+    line wraps kept, none of the cleaning below);
   - ``kjv``: the King James Bible, the compressed text of ``bible-kjv-text`` printed by the ``bible``
     program of ``bible-kjv`` (``bible -p <dir of bible.data> gen1:1-rev22:21``);
 * otherwise a HuggingFace ``datasets`` name (needs ``pip install datasets`` and a network).

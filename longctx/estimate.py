@@ -217,13 +217,16 @@ def shape_of(config, name: str | None = None) -> Shape:
 
 
 def _sliding_layers(config, L: int) -> tuple[int | None, int]:
-    """(sliding_window, number of sliding-attention layers): from ``layer_types`` (gemma2/3, ...),
-    else ``sliding_window_pattern`` (every p-th layer full), else every layer (mistral style) unless
+    """(sliding_window, number of sliding-attention layers): from ``layer_types`` (gemma2/3, ...; for a
+    config.json that does not list them, as transformers derives them from its other keys), else
+    ``sliding_window_pattern`` (every p-th layer full), else every layer (mistral style) unless
     ``use_sliding_window`` is False (qwen2)."""
     window = _get(config, "sliding_window")
     if not window or _get(config, "use_sliding_window", default=True) is False:
         return None, 0
     types = _get(config, "layer_types")
+    if types is None and isinstance(config, dict):
+        types = _derived_layer_types(config)
     if types is not None:
         n = sum(t == "sliding_attention" for t in types)
     elif _get(config, "sliding_window_pattern"):
@@ -232,6 +235,24 @@ def _sliding_layers(config, L: int) -> tuple[int | None, int]:
     else:
         n = L
     return (int(window), n) if n else (None, 0)
+
+
+def _derived_layer_types(config: dict):
+    """The ``layer_types`` transformers gives a config built from this dict (a config.json written before
+    configs listed them: gemma2 alternates, qwen2 slides from ``max_window_layers`` on); None where
+    transformers does not know the model type or the family has no layer types."""
+    try:
+        from transformers import AutoConfig
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return getattr(AutoConfig.for_model(**config), "layer_types", None)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except Exception:
+        return None
 
 
 def load_config(name_or_path):
@@ -634,8 +655,10 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
     elif name in ("s2attn", "longlora"):
         # LongLoRA shifted sparse attention: causal within groups of G tokens while training
         G, ratio, train_only = opts["group_size"], opts["group_size_ratio"], opts["train_only"]
-        if G is None:
-            G = max(2, 2 * math.ceil(ratio * T / 2))
+        if G is None:  # the patch's own rule (ratio * T rounded up to even, float error not rounded up)
+            from .methods.s2attn import group_size_for
+
+            G = group_size_for(T, ratio)
         opts = {"group_size": int(G)}
         if train or not train_only:
             s2_group = int(G)

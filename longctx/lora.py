@@ -4,6 +4,7 @@ LongLoRA found that LoRA on the attention projections alone does not adapt a mod
 contexts, but LoRA plus *fully trainable* input embedding and normalization layers does (0.3% of
 the parameters more for Llama-2-7B). ``prepare`` builds exactly that::
 
+    import longctx.lora                                               # not imported by ``import longctx``
     peft_model = longctx.lora.prepare(model, r=8, alpha=16)          # LoRA on q/k/v/o + embed + norms
     peft_model = longctx.lora.prepare(model, trainable=())           # plain LoRA
 

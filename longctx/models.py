@@ -236,7 +236,8 @@ def load_model(name_or_path: str, dtype=None, device=None, *, attn_implementatio
 
 def check_device(device) -> torch.device:
     """``device`` (a string or ``torch.device``) as a ``torch.device``; a ValueError naming ``device`` if
-    torch cannot parse it, or if it is a CUDA device that this machine does not have."""
+    torch cannot parse it, or if it is a device that this machine does not have (CUDA, mps, xpu, ...); a
+    TypeError for anything but a string or ``torch.device``."""
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str or a torch.device (load_model: or None, the CPU), got {device!r}")
     try:

@@ -279,6 +279,16 @@ def test_s2attn_changes_training_flops_not_memory():
     assert estimate(SMALL, 4096, method="s2attn").flops_per_token == estimate(SMALL, 4096).flops_per_token
 
 
+def test_s2attn_group_size_is_the_patch_s():
+    # group_size_ratio: G as the patch computes it at that length (ratio * T exact but for float error, e.g.
+    # 0.14 * 100 = 14.000000000000002, is not rounded up to the next even number)
+    from longctx.methods.s2attn import group_size_for
+
+    for T, ratio in ((100, 0.14), (50, 0.28), (25, 0.56), (1001, 0.25), (4096, 0.25), (37, 1.0)):
+        e = estimate(SMALL, T, train="lora", method=f"s2attn:group_size_ratio={ratio}")
+        assert e.method_options == {"group_size": group_size_for(T, ratio)}, (T, ratio)
+
+
 # ------------------------------------------------------------------ sliding layers, argument checks
 def _sliding_model(types, window):
     cfg = AutoConfig.for_model("gemma3_text", hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -302,6 +312,24 @@ def test_sliding_layers_kv_cache_equals_transformers_cache():
     mistral = {**SMALL, "model_type": "mistral", "sliding_window": 32}
     assert estimate(mistral, 4096).kv_cache == estimate(SMALL, 31).kv_cache
     assert estimate({**mistral, "use_sliding_window": False}, 4096).kv_cache == estimate(SMALL, 4096).kv_cache
+
+
+def test_config_json_without_layer_types_counts_sliding_layers_as_transformers(tmp_path):
+    # a config.json written before configs listed layer_types (gemma-2's on the hub; qwen2 with
+    # use_sliding_window): its sliding layers as transformers derives them, the same as for the model folder
+    gemma2 = dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, num_hidden_layers=6, vocab_size=256, sliding_window=32,
+                  max_position_embeddings=4096)
+    qwen2 = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, num_hidden_layers=6, vocab_size=256, sliding_window=32,
+                 use_sliding_window=True, max_window_layers=4, max_position_embeddings=4096)
+    for raw, n_sliding in ((gemma2, 3), (qwen2, 2)):
+        path = tmp_path / raw["model_type"] / "config.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(raw))
+        for source in (raw, path, path.parent, AutoConfig.for_model(**raw)):
+            assert shape_of(source).sliding_layers == n_sliding, (raw["model_type"], source)
+        assert estimate(path, 4096).kv_cache == estimate(path.parent, 4096).kv_cache
 
 
 def test_sliding_window_mask_counted_in_the_inference_peak():

@@ -505,6 +505,26 @@ def test_flash_backend_segments(monkeypatch):
     assert patch._state.backend(torch.device("cpu"), 0.0, None) == "flash"
 
 
+def test_sdpa_window_mask_on_the_inputs_device():
+    # a sliding window shorter than a group with nothing else to mask (the sdpa fast path's case): the
+    # within-group mask is built on the queries' device, not on the CPU (on CUDA: a device mismatch in SDPA)
+    q, k, v = (torch.empty(1, h, 32, 8, device="meta") for h in (4, 2, 2))
+    for softcap in (None, 3.0):
+        out = s2_attention(q, k, v, group_size=16, n_shift=2, window=4, softcap=softcap, backend="sdpa")
+        assert out.device.type == "meta" and out.shape == (1, 32, 4, 8)
+
+
+def test_refused_apply_leaves_the_model_unchanged():
+    # a model without AttentionInterface support is refused; no hook or module mark of the patch stays behind
+    model = tiny_model("bloom")
+    pre, post = dict(model.transformer._forward_pre_hooks), dict(model.transformer._forward_hooks)
+    with pytest.raises(ValueError, match="does not support setting its attention implementation"):
+        longctx.apply(model, "s2attn", group_size=8)
+    assert model.config._attn_implementation == "eager" and not getattr(model.config, "longctx", None)
+    assert dict(model.transformer._forward_pre_hooks) == pre and dict(model.transformer._forward_hooks) == post
+    assert not any("_longctx_s2attn_member" in m.__dict__ for m in model.modules())
+
+
 def test_flex_refuses_dropout():
     q, k, v = qkv(1, 4, 2, 16)
     with pytest.raises(RuntimeError, match="no attention dropout"):

@@ -328,3 +328,17 @@ def test_generate_command(monkeypatch, capsys):
         for p in longctx.registry.active_patches(model):
             p.remove()
     assert texts[0] == texts[1] and len(texts[0].split()) == 20
+
+
+@pytest.mark.parametrize("family", ["phi", "stablelm"])
+def test_decoder_on_partial_rotary_split_off_by_the_attention(family):
+    # phi and stablelm rotate only the first rotary_ndims dims of a key, split off in their attention: the
+    # decoder's sink rotations (and the SinkCache's) gave their apply_rotary_pos_emb whole keys and crashed
+    from test_streaming import split_rotary_model
+
+    model = split_rotary_model(family)
+    model.set_attn_implementation("sdpa")
+    prompt, steps = ids_for(14, batch=2), ids_for(30, batch=2, seed=1)
+    want = stream(model, prompt, steps, max_position=20)
+    got = stream(model, prompt, steps, decoder=True, max_position=20)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -957,3 +957,98 @@ def test_streaming_leaves_a_models_own_prepare_inputs_alone():
     with longctx.applied(model, "streaming", sink_size=2, window_size=10):
         assert model.prepare_inputs_for_generation is own
     assert model.__dict__["prepare_inputs_for_generation"] is own
+
+
+# -- review fixes ------------------------------------------------------------------------------------------
+SPLIT_ROTARY = {"phi": dict(partial_rotary_factor=0.5), "stablelm": dict(partial_rotary_factor=0.25, num_key_value_heads=2),
+                "persimmon": dict(partial_rotary_factor=0.5)}
+
+
+def split_rotary_model(family, **overrides):
+    config = AutoConfig.for_model(family, **{**_COMMON, **SPLIT_ROTARY[family], **overrides})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").double().eval()
+
+
+@pytest.mark.parametrize("family", SPLIT_ROTARY)
+def test_partial_rotary_split_off_by_the_attention(family):
+    # phi, stablelm, persimmon give apply_rotary_pos_emb only the first rotary_ndims dims of each key (gpt_neox's,
+    # glm's and phi3's function splits them itself): re-rotating whole keys crashed at the first eviction.
+    # One layer: a kept token's key and value depend on it and its place only, so every step equals a dense
+    # forward over the kept tokens (sinks, then the most recent) at positions 0, 1, ...
+    model = split_rotary_model(family, num_hidden_layers=1)
+    s, w = 3, 8
+    ids = ids_for(40)
+    with longctx.applied(model, "streaming", sink_size=s, window_size=w), torch.no_grad():
+        cache = SinkCache(model, s, w, max_position=20)  # the offset also returns to 0 every 9 evictions
+        for t in range(ids.shape[1]):
+            got = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            kept = ids[0, :t + 1] if t < s + w else torch.cat([ids[0, :s], ids[0, t + 1 - w:t + 1]])
+            want = model(kept[None], position_ids=torch.arange(len(kept))[None], use_cache=False).logits[0, -1]
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_latent_attention_models_are_refused():
+    # deepseek_v3 (MLA) caches compressed latents as "keys" and the shared RoPE key as "values": re-rotating the
+    # latents crashed at the first eviction, or (sink_size=0) silently corrupted them at the first offset reset
+    config = AutoConfig.for_model("deepseek_v3", **{**_COMMON, "num_key_value_heads": 4, "num_hidden_layers": 1,
+                                                    "q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                                                    "qk_nope_head_dim": 8, "v_head_dim": 16})
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(NotImplementedError, match=r"'deepseek_v3' \(multi-head latent attention\)"):
+        longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    with pytest.raises(NotImplementedError, match="multi-head latent attention"):
+        SinkCache(model, 2, 6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_reorder_cache_for_beam_search(family):
+    # beam search reorders the cache's rows (Cache.reorder_cache): the sink layers' original keys, the stacked
+    # sink keys and the sliding layers' originals and shifts kept the old row order, so every re-rotation from
+    # them (sinks at each eviction, all keys when the offset returns to 0) mixed the rows
+    model = tiny_model("llama").double() if family == "llama" else mixed_model(family, sliding_window=16)
+    ids = ids_for(30, batch=2)
+    s, w = 2, 6
+    with longctx.applied(model, "streaming", sink_size=s, window_size=w), torch.no_grad():
+        alone = SinkCache(model, s, w, max_position=12)
+        want = decode(model, ids[1:], alone)[:, 10:]
+        beams = SinkCache(model, s, w, max_position=12)
+        decode(model, ids[:, :10], beams)
+        beams.reorder_cache(torch.tensor([1, 1]))  # both beams continue row 1
+        got = decode(model, ids[1:, 10:].expand(2, -1), beams)
+    torch.testing.assert_close(got, want.expand(2, -1, -1), rtol=1e-9, atol=1e-9)
+
+
+def test_reset_starts_a_new_stream():
+    # Cache.reset() emptied the layers but kept the places, offsets and counts of the old stream: the next
+    # forward crashed (or, with the stacked sink keys of the old stream, rotated the wrong keys)
+    model = mixed_model("gemma3_text")
+    ids = ids_for(30)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6), torch.no_grad():
+        want = decode(model, ids[:, 20:], SinkCache(model, 2, 6))
+        cache = SinkCache(model, 2, 6)
+        decode(model, ids[:, :20], cache)
+        cache.reset()
+        got = decode(model, ids[:, 20:], cache)
+    assert torch.equal(got, want)
+    assert cache.seen_tokens == 10 and cache.evicted_tokens == 2
+
+
+def test_assisted_decoding_is_refused_clearly():
+    # generate with an assistant model crops the cache: models without sliding layers failed with
+    # "AttributeError: 'SinkLayer' object has no attribute 'crop'"
+    model, assistant = tiny_model("llama"), tiny_model("llama", seed=1)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+            model.generate(ids_for(6), assistant_model=assistant, max_new_tokens=20, do_sample=False,
+                           eos_token_id=None)
+
+
+def test_streaming_perplexity_refuses_a_model_with_the_streaming_patch():
+    # the patch's hook swapped the dense policy's DynamicCache for a fresh SinkCache at every chunk (each chunk
+    # scored without context) and then failed with an AttributeError; sinks/window failed in apply
+    model = tiny_model("llama")
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        for policy in ("dense", "sinks"):
+            with pytest.raises(ValueError, match="applies the streaming patch itself"):
+                streaming_perplexity(model, ids_for(20)[0], 2, 6, policy=policy, progress=False)

@@ -237,14 +237,13 @@ class _Constraints:
     def empty(self) -> bool:
         return self.valid is None and self.doc is None and self.window is None and self.dense is None
 
-    def blocks(self, start: int, n: int, G: int, h0: int, h1: int, batch: int, dtype=None):
+    def blocks(self, start: int, n: int, G: int, h0: int, h1: int, batch: int, dtype=None, device=None):
         """The mask of the n // G groups of G tokens starting at ``start``: (batch * groups, 1 or h1-h0, G, G),
-        bool or float (additive). None when plain causal attention within each group is exact."""
+        bool or float (additive), on ``device`` (the queries'). None when plain causal attention within each
+        group is exact."""
         if self.empty:
             return None
         nG = n // G
-        ref = next(x for x in (self.valid, self.doc, self.dense, torch.empty(0)) if x is not None)
-        device = ref.device
         idx = start + torch.arange(n, device=device).view(nG, G)  # absolute positions
         vis = torch.ones(G, G, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, G, G)
         if self.valid is not None:
@@ -327,7 +326,7 @@ def _groups_sdpa(q, k, v, start, G, h0, h1, cons, scale, dropout, softcap, gqa):
         x = x.transpose(1, 2)
         return x.reshape(B * nG, G, x.shape[2], x.shape[3]).transpose(1, 2)
 
-    mask = cons.blocks(start, n, G, h0, h1, B, q.dtype)
+    mask = cons.blocks(start, n, G, h0, h1, B, q.dtype, q.device)
     out = _attend(grouped(q), grouped(k), grouped(v), mask, scale, dropout, softcap, gqa)
     return out.transpose(1, 2).reshape(B, n, h, v.shape[-1])  # values may be narrower than q/k (DeepSeek-V3)
 
@@ -766,10 +765,18 @@ class S2AttnPatch(Patch):
                        base.register_forward_hook(state.exit, always_call=True))
         AttentionInterface.register(name, state.attention)
         AttentionMaskInterface.register(name, state.mask)
-        model.set_attn_implementation(name)
-        if model.config._attn_implementation != name:
-            raise ValueError(f"cannot apply 's2attn': {type(model).__name__} does not support setting its attention "
-                             "implementation (it does not use transformers' AttentionInterface)")
+        try:
+            model.set_attn_implementation(name)
+            if model.config._attn_implementation != name:
+                raise ValueError(f"cannot apply 's2attn': {type(model).__name__} does not support setting its "
+                                 "attention implementation (it does not use transformers' AttentionInterface)")
+        except BaseException:  # refused: leave the model as it was (no hooks, no marks on its modules)
+            for hook in self._hooks:
+                hook.remove()
+            if model.config._attn_implementation != original:
+                model.set_attn_implementation(original)
+            state.detach()
+            raise
         self._state, self._name, self._original = state, name, original
 
     def _detach(self) -> None:

@@ -26,7 +26,7 @@ whole step (b, positions, sink rotation, the model's forward, the ring pointer) 
 and replayed. ``compile=True`` runs the model's forward through ``torch.compile`` (fused kernels,
 one graph for the fixed shapes; compiled in the warm-up) inside that capture; a dict gives
 torch.compile's keyword arguments (``{"mode": "max-autotune-no-cudagraphs"}``: autotuned matmuls). RoPE models only, without sliding-window layers (gemma2/3, cohere2, gpt_oss: decode those
-with the SinkCache itself); no pad slots may remain; dynamic RoPE types (whose rotary module reads
+with the SinkCache itself) or NoPE layers (smollm3, cohere2, hybrid exaone4); no pad slots may remain; dynamic RoPE types (whose rotary module reads
 positions on the host) run eagerly.
 """
 
@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..arch import rotary_module
 from ..utils import check_compile_kwargs, recompile_room
-from .streaming import SinkCache, rope_cos_sin, static_rope
+from .streaming import SinkCache, rope_cos_sin, rotate_keys, static_rope
 
 
 class _RingLayer(CacheLayerMixin):
@@ -139,7 +139,7 @@ class SinkDecoder:
         device, self.dtype = first.device, first.dtype
         _, _, self.rotary = rotary_module(cache._model, "streaming")
         # looked up once: the cache's property imports the modeling module, which would break the compiled graph
-        self.apply_rotary = cache._apply_rotary
+        self.apply_rotary, self.rotary_width = cache._apply_rotary, cache._rotary_width
         # RoPE types whose rotary module reads the positions on the host (dynamic, longrope) cannot be captured
         static = static_rope(self.rotary)
         self.use_graph = (device.type == "cuda" if cuda_graph is None else cuda_graph) and static
@@ -176,8 +176,7 @@ class SinkDecoder:
     def _rotate(self, orig: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """R(delta) orig in fp32; orig (..., B, H, n, D), delta (B, n)."""
         cos, sin = rope_cos_sin(self.rotary, delta, "full_attention")
-        k = orig.float()
-        return self.apply_rotary(k, k, cos, sin)[1].to(orig.dtype)
+        return rotate_keys(self.apply_rotary, orig.float(), cos, sin, self.rotary_width).to(orig.dtype)
 
     def _positions(self) -> None:
         """The step's bookkeeping before the forward: b, the new token's position, its slot's place, and

@@ -43,7 +43,8 @@ apply to no layer.
 
 Not yet supported (clear errors): right padding, padding after the first forward, padded
 batches on mpt (its ALiBi ignores the mask) and on models with sliding-window layers, layer types
-other than full and sliding attention (chunked, linear), learned absolute positions (gpt2, opt);
+other than full and sliding attention (chunked, linear), learned absolute positions (gpt2, opt),
+multi-head latent attention (deepseek_v3: its cache holds latents), assisted decoding (no crop);
 ``SinkDecoder`` on models with sliding-window or NoPE layers. A forward with more tokens than the
 window (a long prompt) is prefilled in window-sized chunks by the hook itself; its outputs then
 cover the last ``window_size`` tokens only (``generate`` needs no more; a warning says so once).
@@ -64,6 +65,10 @@ from ..registry import Options, Patch, check_positive, register
 
 
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")  # frequencies independent of the positions seen
+
+
+_NO_ROLLBACK = ("streaming: the sink cache cannot be rolled back (assisted or speculative decoding); decode without "
+                "an assistant model")
 
 
 class SinkLayer(CacheLayerMixin):
@@ -117,6 +122,17 @@ class SinkLayer(CacheLayerMixin):
         if self.keys is None:
             return 0
         return self.keys.shape[-2] - (self.pending[1] if self.pending else 0)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(_NO_ROLLBACK)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: the rows of every tensor, the originals included."""
+        if self.is_initialized:
+            self.flush()
+            idx = beam_idx.to(self.keys.device)
+            self.keys, self.orig_keys, self.values = (t.index_select(0, idx)
+                                                      for t in (self.keys, self.orig_keys, self.values))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -174,9 +190,15 @@ class SlidingLayer(DynamicSlidingWindowLayer):
         self.shift = torch.cat([self.shift, new_shift], dim=-1)[:, -keep:]
         return keys, values
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: the rows of keys and values (transformers' layer), originals and shifts."""
+        super().reorder_cache(beam_idx)
+        if self.is_initialized:
+            self.orig_keys = self.orig_keys.index_select(0, beam_idx.to(self.orig_keys.device))
+            self.shift = self.shift.index_select(0, beam_idx.to(self.shift.device))
+
     def activate_past_recording(self):
-        raise NotImplementedError("streaming: the sink cache cannot be rolled back (assisted or speculative "
-                                  "decoding); decode without an assistant model")
+        raise NotImplementedError(_NO_ROLLBACK)
 
     def reset(self) -> None:
         super().reset()
@@ -247,6 +269,7 @@ class SinkCache(Cache):
         # pad slots of any row <= _max_pads
         self._top, self._max_pads = 0, 0
         self._sink_stack = None  # see _sink_keys
+        self._rotary_width = rotary_width(self._model) if self.rope else None  # see rotate_keys
 
     def _default_max_position(self) -> int:
         """Static RoPE (default, linear, yarn, llama3) only sees position differences, which stay below
@@ -294,6 +317,21 @@ class SinkCache(Cache):
         if layer_idx is None:
             return self.sink_layers[0].get_seq_length()
         return super().get_seq_length(layer_idx)
+
+    def reset(self) -> None:
+        """Empty the cache for a new stream: every layer and the per-stream bookkeeping."""
+        super().reset()
+        self.places = self.offset = self.pads = None
+        self._reorder, self.seen_tokens, self.evicted_tokens = False, 0, 0
+        self._top, self._max_pads, self._sink_stack = 0, 0, None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: the rows of every layer and of the per-row places, offsets and pads."""
+        super().reorder_cache(beam_idx)
+        if self.places is not None:
+            idx = beam_idx.to(self.places.device)
+            self.places, self.offset, self.pads = (t.index_select(0, idx) for t in (self.places, self.offset, self.pads))
+        self._sink_stack = None  # stacked from the rows as they were
 
     def _slots(self) -> int:
         return 0 if self.places is None else self.places.shape[-1]
@@ -422,8 +460,7 @@ class SinkCache(Cache):
         return kept
 
     def _rotated(self, orig_keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        k = orig_keys.float()
-        return self._apply_rotary(k, k, cos, sin)[1].to(orig_keys.dtype)
+        return rotate_keys(self._apply_rotary, orig_keys.float(), cos, sin, self._rotary_width).to(orig_keys.dtype)
 
     def _rerotate(self, start: int) -> None:
         """keys[start:] = R(target - original position) orig_keys[start:], for every full-attention layer."""
@@ -465,6 +502,27 @@ def static_rope(rotary) -> bool:
     return all(t in STATIC_ROPE_TYPES for t in types)
 
 
+def rotary_width(model) -> int | None:
+    """How many leading dims of each key RoPE turns where the attention itself splits them off before calling
+    ``apply_rotary_pos_emb`` (partial rotary in phi, stablelm, persimmon, gpt_neox: ``rotary_ndims``); None
+    where that function takes whole keys."""
+    for module in model.modules():
+        width = getattr(module, "rotary_ndims", None)
+        if isinstance(width, int) and not isinstance(width, bool):
+            return width
+    return None
+
+
+def rotate_keys(apply_rotary, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                width: int | None = None) -> torch.Tensor:
+    """``k`` turned by cos, sin with the model's ``apply_rotary_pos_emb``; with ``width`` (``rotary_width``),
+    only its first ``width`` dims, as the model's attention does."""
+    if width is not None and width < k.shape[-1]:
+        head = apply_rotary(k[..., :width], k[..., :width], cos, sin)[1]
+        return torch.cat([head, k[..., width:]], dim=-1)
+    return apply_rotary(k, k, cos, sin)[1]
+
+
 def rope_cos_sin(rotary, delta: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (B, n, rot_dim) in fp32 rotating by ``delta`` (B, n) positions, from the model's own
     rotary module, unscaled (the module's attention scaling undone). Modules with one RoPE per layer
@@ -501,6 +559,10 @@ def check_sizes(sink_size, window_size) -> None:
     check_positive("window_size", window_size, integer=True)
 
 
+# families whose cache layers hold MLA latents (keys) and the shared RoPE key (values), not attention keys
+_LATENT_KV_FAMILIES = ("deepseek_v3",)
+
+
 def _check_model(model):
     from ..arch import arch_of
     from ..registry import unwrap_model
@@ -508,6 +570,9 @@ def _check_model(model):
     model = unwrap_model(model)
     config = model.config
     positions = arch_of(model).positions  # a known family, or a clear error
+    if config.model_type in _LATENT_KV_FAMILIES:
+        raise NotImplementedError(f"streaming: {config.model_type!r} (multi-head latent attention) caches compressed "
+                                  f"latents and a separate RoPE key, not keys the sink cache could re-rotate")
     if positions == "rope":
         rotary_module(model, "streaming")
     elif positions != "alibi":
