@@ -16,6 +16,7 @@ from .registry import Options, Patch, active_patches, applied, apply, methods, r
 __version__ = "0.1.0"
 
 _LAZY = {"load_model": ("models", "load_model"), "load_corpus": ("data", "load_corpus")}
+_SUBMODULES = ("eval", "chat", "lora", "data", "models", "estimate", "sweep", "train")
 
 
 def __getattr__(name):
@@ -25,10 +26,10 @@ def __getattr__(name):
 
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{module}", __name__), attr)
-    if name == "eval":
+    if name in _SUBMODULES:  # `import longctx` then longctx.lora.prepare(...), longctx.chat.stream_generate(...)
         import importlib
 
-        return importlib.import_module(".eval", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'longctx' has no attribute {name!r}")
 
 

@@ -263,6 +263,20 @@ def test_methods_listing():
     assert "alias: pi" in names["linear"]
 
 
+def test_submodules_load_on_first_use():
+    # `import longctx` alone: longctx.lora.prepare and longctx.chat.stream_generate, as the README and the
+    # issues write them (chat and lora were an AttributeError without their own import)
+    import subprocess
+    import sys
+
+    code = ("import longctx, sys; assert 'longctx.lora' not in sys.modules; "
+            "print(longctx.lora.prepare.__name__, longctx.chat.stream_generate.__name__, longctx.estimate.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["prepare", "stream_generate", "longctx.estimate"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        longctx.nope
+
+
 @pytest.mark.parametrize("method", ["linear", "yarn"])
 def test_phi3_static_methods_are_written_as_longrope(method, ids):
     """Phi3Config accepts only default/longrope: the same frequencies travel as longrope factors."""

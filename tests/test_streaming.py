@@ -947,16 +947,55 @@ def test_streaming_perplexity_needs_two_tokens():
     assert streaming_perplexity(model, torch.arange(3, 5), 2, 6, progress=False)["tokens"] == 1
 
 
-def test_streaming_leaves_a_models_own_prepare_inputs_alone():
-    # a phi3 model whose instance already overrides prepare_inputs_for_generation keeps it, also after remove()
-    model = tiny_model("phi3", original_max_position_embeddings=32)
+def test_streaming_keeps_a_models_own_prepare_inputs():
+    # a model whose instance already overrides prepare_inputs_for_generation (as peft does) keeps it: while
+    # on, the patch's stream-position slicing wraps it; remove() puts it back
+    model = tiny_model("llama")
+    calls = []
 
     def own(*args, **kwargs):
+        calls.append(kwargs.get("next_sequence_length"))
         return type(model).prepare_inputs_for_generation(model, *args, **kwargs)
     model.prepare_inputs_for_generation = own
-    with longctx.applied(model, "streaming", sink_size=2, window_size=10):
-        assert model.prepare_inputs_for_generation is own
+    ids = ids_for(7)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=4):
+        assert model.prepare_inputs_for_generation is not own
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+                             return_dict_in_generate=True)
+        calls.clear()
+        model.generate(out.sequences, past_key_values=out.past_key_values, max_new_tokens=2, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+        assert calls == [1, 1]  # the stream has seen 12 of the 13 tokens (was 13 - 6 slots = 7)
     assert model.__dict__["prepare_inputs_for_generation"] is own
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_generate_continues_from_a_returned_sink_cache(family):
+    # model.generate(sequences, past_key_values=cache) slices off cache.get_seq_length(): the slot count.
+    # Once tokens were evicted, that fed tokens the stream had seen a second time (silently wrong outputs)
+    model = tiny_model(family).double()
+    ids = ids_for(9)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        want = model.generate(ids, max_new_tokens=14, **kw)
+        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
+        assert out.past_key_values.seen_tokens > out.past_key_values.get_seq_length()  # tokens were evicted
+        got = model.generate(out.sequences, past_key_values=out.past_key_values, max_new_tokens=9, **kw)
+        assert torch.equal(got, want)
+        # the same with only the new token and a mask over the whole stream (generate does not slice then)
+        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
+        mask = torch.ones_like(out.sequences)
+        got = model.generate(out.sequences[:, -1:], attention_mask=mask, past_key_values=out.past_key_values,
+                             max_new_tokens=9, **kw)
+        assert torch.equal(got[:, 1:], want[:, out.sequences.shape[1]:])
+        # fewer tokens than the stream has seen: nothing new to feed
+        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
+        with pytest.raises(ValueError, match=r"sink cache that has seen 13"):
+            model.generate(out.sequences[:, :12], past_key_values=out.past_key_values, max_new_tokens=2, **kw)
+        # a mask over the history that does not match the stream
+        with pytest.raises(ValueError, match=r"the attention mask covers 20 tokens, but the sink cache has seen 13"):
+            model(out.sequences[:, -1:], attention_mask=torch.ones(1, 20, dtype=torch.long),
+                  past_key_values=out.past_key_values)
 
 
 # -- review fixes ------------------------------------------------------------------------------------------

@@ -620,6 +620,27 @@ def _cache_keeping_prepare(model):
     return types.MethodType(parent.__dict__["prepare_inputs_for_generation"], model)
 
 
+def _stream_position_prepare(prepare):
+    """``prepare`` (a bound prepare_inputs_for_generation), made to slice a continued stream by the tokens
+    it has seen. ``model.generate(sequences, past_key_values=sink_cache)`` feeds the tokens past
+    ``get_seq_length()``; a SinkCache's is the slot count (what the masks need), so once tokens were
+    evicted, generate would feed tokens the stream has already seen a second time. On the first
+    iteration the slice is moved by the evicted count; later steps (one token each) are left alone."""
+
+    def prepare_inputs_for_generation(*args, **kwargs):
+        cache, n = kwargs.get("past_key_values"), kwargs.get("next_sequence_length")
+        if (kwargs.get("is_first_iteration") and n is not None and isinstance(cache, SinkCache)
+                and not cache.managed and cache.seen_tokens != cache.get_seq_length()):
+            n -= cache.seen_tokens - cache.get_seq_length()
+            if n <= 0:
+                raise ValueError(f"streaming patch: model.generate got {n + cache.seen_tokens} tokens with a sink cache "
+                                 f"that has seen {cache.seen_tokens}: pass the whole stream so far plus the new tokens")
+            kwargs["next_sequence_length"] = n
+        return prepare(*args, **kwargs)
+
+    return prepare_inputs_for_generation
+
+
 @dataclass(kw_only=True)
 class StreamingOptions(Options):
     sink_size: int = 4  # attention sinks: the first tokens, kept for ever
@@ -638,16 +659,19 @@ class StreamingPatch(Patch):
         _check_model(self.model)
         self._warned = False
         self._handle = self.model.base_model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        # (a model with its own prepare_inputs_for_generation instance attribute is left as it is: theirs)
-        own = "prepare_inputs_for_generation" in self.model.__dict__
-        self._prepare = None if own else _cache_keeping_prepare(self.model)
-        if self._prepare is not None:
-            self.model.prepare_inputs_for_generation = self._prepare
+        # a model's own prepare_inputs_for_generation instance attribute (e.g. peft's) is kept and wrapped
+        self._own_prepare = self.model.__dict__.get("prepare_inputs_for_generation")
+        base = self._own_prepare or _cache_keeping_prepare(self.model) or self.model.prepare_inputs_for_generation
+        self._prepare = _stream_position_prepare(base)
+        self.model.prepare_inputs_for_generation = self._prepare
 
     def _detach(self) -> None:
         self._handle.remove()
-        if self._prepare is not None and self.model.__dict__.get("prepare_inputs_for_generation") is self._prepare:
-            del self.model.prepare_inputs_for_generation
+        if self.model.__dict__.get("prepare_inputs_for_generation") is self._prepare:
+            if self._own_prepare is not None:
+                self.model.prepare_inputs_for_generation = self._own_prepare
+            else:
+                del self.model.prepare_inputs_for_generation
 
     def new_cache(self) -> SinkCache:
         return SinkCache(self.model, self.options.sink_size, self.options.window_size)
@@ -671,6 +695,16 @@ class StreamingPatch(Patch):
         mask = kwargs.pop("attention_mask", None)
         pads = None
         if mask is not None:
+            if mask.dim() == 2 and mask.shape[1] > n and mask.shape[1] != cache.seen_tokens + n:
+                # a mask over the history must cover exactly what the stream has seen plus the new tokens.
+                # It does not when model.generate continues from a returned SinkCache with the whole
+                # sequence: generate slices off get_seq_length() = the slot count, not the tokens seen,
+                # and would feed the tokens past the slots a second time
+                raise ValueError(
+                    f"streaming patch: the attention mask covers {mask.shape[1]} tokens, but the sink cache has "
+                    f"seen {cache.seen_tokens} and {n} are new. To continue model.generate from a returned "
+                    f"SinkCache, pass only the new tokens as input_ids with an attention mask over the whole "
+                    f"stream ({cache.seen_tokens} + new), or use longctx.chat.StreamingSession / stream_generate")
             mask = mask[:, -n:] if mask.dim() == 2 else mask
             if mask.dim() != 2:
                 raise NotImplementedError("streaming patch: only 2-D attention masks (left padding) are supported")
