@@ -306,8 +306,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, g
 
 # -- commands ------------------------------------------------------------------------------------------
 def _load(args):
-    from . import load_model, registry
+    from . import registry
     from .cli import parse_method
+    from .models import load_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     for spec in args.method or []:

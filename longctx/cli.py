@@ -139,11 +139,10 @@ def cmd_methods(args) -> int:
 
 
 def cmd_ppl(args) -> int:
-    from . import load_corpus, load_model
-    from .data import encode_documents, select_documents
+    from .data import encode_documents, load_corpus, select_documents
     from .eval import format_table, perplexity, save_json
     from .eval.perplexity import inactive_in_eval
-    from .models import check_device
+    from .models import check_device, load_model
 
     method_specs = args.method or ["none"]
     specs = parse_methods(method_specs, args.factor)

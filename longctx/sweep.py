@@ -522,7 +522,7 @@ def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:
             pending = [c for c in todo if c["model"] == model_name]
             if not pending:
                 continue
-            from . import load_model
+            from .models import load_model
 
             t0 = time.time()
             model, tokenizer = load_model(model_name, dtype=grid["dtype"], device=device)

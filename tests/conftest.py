@@ -4,6 +4,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import longctx
+
 TRAINED_LEN = 64  # max_position_embeddings of every tiny model: tests run past it
 VOCAB = 128
 
@@ -51,3 +53,20 @@ def twin(model, config):
 def ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, VOCAB, (2, 3 * TRAINED_LEN), generator=g)  # 3x past the trained length
+
+
+@pytest.fixture(autouse=True)
+def _lazy_attributes_not_leaked():
+    """``longctx.load_model`` / ``load_corpus`` are lazy (module ``__getattr__``). ``monkeypatch.setattr(longctx,
+    "load_model", ...)`` reads the real function through ``__getattr__`` and on undo *sets* it on the package, so
+    the attribute outlives the test and, e.g., code doing ``from longctx import load_model`` no longer sees a later
+    test's patch of ``longctx.models.load_model``. Patch the defining module instead; this guard undoes and reports
+    a leak."""
+    before = {name for name in longctx._LAZY if name in vars(longctx)}
+    yield
+    leaked = [name for name in longctx._LAZY if name in vars(longctx) and name not in before]
+    for name in leaked:
+        delattr(longctx, name)
+    if leaked:
+        pytest.fail(f"the test left longctx.{', longctx.'.join(leaked)} set on the package: patch it where it is "
+                    f"defined (longctx.models.load_model, longctx.data.load_corpus)")

@@ -100,6 +100,22 @@ def test_ppl_records_the_command_it_ran(tmp_path, monkeypatch, calls):
     assert command == shlex.join(["longctx", *argv]) and shlex.split(command) == ["longctx", *argv]
 
 
+def test_commands_load_through_the_defining_modules(tmp_path, monkeypatch, calls):
+    # the commands imported the lazy package attributes (``from longctx import load_model``): once a test had
+    # monkeypatched longctx.load_model, its undo left the real function set on the package, and a later test's
+    # patch of longctx.models.load_model went unseen (passkey and ppl tried to download "tiny" / loaded smollm2)
+    from longctx.eval import passkey
+
+    for name in longctx._LAZY:  # the state such an undo leaves; setitem deletes the key again afterwards
+        monkeypatch.setitem(vars(longctx), name, _boom)
+    cli.main(["ppl", "--corpus", "some/dataset", "--lengths", "4", "--device", "cpu", "--out", str(tmp_path / "p.json")])
+    assert calls["order"] == ["corpus", "model"]
+    monkeypatch.setattr(passkey, "passkey_accuracy", lambda m, t, lengths, **k: {L: {"accuracy": 1.0} for L in lengths})
+    cli.main(["passkey", "--lengths", "64", "--depths", "0.5", "--trials", "1", "--device", "cpu",
+              "--out", str(tmp_path / "k.json")])
+    assert calls["order"] == ["corpus", "model", "model"]
+
+
 def test_passkey_records_the_command_it_ran(tmp_path, monkeypatch):
     from longctx.eval import passkey
 

@@ -584,10 +584,10 @@ def test_session_feeds_the_conversation_once_with_a_sentencepiece_tokenizer(monk
                                           (["--max-new-tokens", "-1"], "max_new_tokens must be an integer >= 0")])
 def test_generate_and_chat_check_sampling_before_loading(monkeypatch, command, extra, match):
     # without --decoder, `longctx generate` decoded greedily at temperature -1 or nan and dropped top_p 7
-    import longctx
+    import longctx.models
     from longctx.cli import build_parser
 
-    monkeypatch.setattr(longctx, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
     args = build_parser().parse_args([command, *(["--prompt", "w1"] if command == "generate" else []), *extra])
     with pytest.raises(ValueError, match=f"longctx {command}: {match}"):
         args.func(args)

@@ -436,8 +436,9 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_passkey(args) -> int:
-    from .. import load_model, registry
+    from .. import registry
     from ..cli import command_line, parse_methods
+    from ..models import load_model
     from .perplexity import inactive_in_eval, save_json
 
     if args.task != "needle" and args.corpus is not None:

@@ -117,8 +117,8 @@ def cmd_stream_ppl(args) -> int:
     import json
     import sys
 
-    from .. import load_corpus, load_model
-    from ..data import encode_documents
+    from ..data import encode_documents, load_corpus
+    from ..models import load_model
 
     from ..data import select_documents
 
