@@ -128,6 +128,13 @@ def active_patches(model: nn.Module) -> list["Patch"]:
     return list(_ACTIVE.get(unwrap_model(model), []))
 
 
+def sharing_patches(model: nn.Module) -> list["Patch"]:
+    """The patches attached to ``model`` or to another handle of it (its base model) or to a model sharing its
+    config object: the ones acting on its forwards or its config."""
+    config = unwrap_model(model).config
+    return [p for m, ps in list(_ACTIVE.items()) if m.config is config for p in ps]
+
+
 class Patch:
     """One method attached to one model instance. Undo with ``remove()`` (or use as a context manager).
 
@@ -155,8 +162,7 @@ class Patch:
         patches = _ACTIVE.setdefault(self.model, [])
         # also patches on another handle of the same model (its base model) or on a model sharing its
         # config object: RoPE patches change that config, s2attn sets its attention implementation
-        sharing = [p for m, ps in list(_ACTIVE.items()) if m.config is self.model.config for p in ps]
-        for other in sharing:
+        for other in sharing_patches(self.model):
             if other.slot == self.slot:
                 raise ValueError(
                     f"cannot apply {self.method!r}: {other.method!r} is already applied to this model "

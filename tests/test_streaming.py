@@ -1083,6 +1083,24 @@ def test_assisted_decoding_is_refused_clearly():
                            eos_token_id=None)
 
 
+@pytest.mark.parametrize("prompt", [3, 12])  # shorter and longer than the sliding window (6)
+def test_assisted_decoding_is_refused_clearly_with_sliding_layers(prompt):
+    # gemma2's first layer is a sliding-window layer: Cache.crop reached transformers' crop of it first, which cut
+    # its keys but not their originals before the sink layer refused, or (once the stream passed the window)
+    # failed with "`crop` was called, but the current layer does not track past states ... activate_past_recording"
+    model, assistant = mixed_model("gemma2"), mixed_model("gemma2")
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+            model.generate(ids_for(prompt), assistant_model=assistant, max_new_tokens=20, do_sample=False,
+                           eos_token_id=None)
+        cache = SinkCache(model, 2, 6)
+        decode(model, ids_for(prompt), cache)
+        kept = [(layer.keys, layer.values) for layer in cache.layers]
+        with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+            cache.crop(-1)
+    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(cache.layers, kept))  # nothing cut
+
+
 def test_streaming_perplexity_refuses_a_model_with_the_streaming_patch():
     # the patch's hook swapped the dense policy's DynamicCache for a fresh SinkCache at every chunk (each chunk
     # scored without context) and then failed with an AttributeError; sinks/window failed in apply
@@ -1091,3 +1109,14 @@ def test_streaming_perplexity_refuses_a_model_with_the_streaming_patch():
         for policy in ("dense", "sinks"):
             with pytest.raises(ValueError, match="applies the streaming patch itself"):
                 streaming_perplexity(model, ids_for(20)[0], 2, 6, policy=policy, progress=False)
+
+
+def test_streaming_perplexity_refuses_a_streaming_patch_on_another_handle():
+    # the patch applied through the base model (another handle of the same model, as the registry knows them):
+    # its hook still swapped the dense policy's DynamicCache for a fresh SinkCache and failed with an AttributeError
+    model = tiny_model("llama")
+    with longctx.applied(model.model, "streaming", sink_size=2, window_size=6):
+        for policy in ("dense", "sinks"):
+            with pytest.raises(ValueError, match="applies the streaming patch itself"):
+                streaming_perplexity(model, ids_for(20)[0], 2, 6, policy=policy, progress=False)
+    assert streaming_perplexity(model, ids_for(20)[0], 2, 6, policy="dense", progress=False)["tokens"] == 19

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from ..methods.streaming import check_sizes
-from ..registry import active_patches, applied
+from ..registry import applied, sharing_patches
 
 POLICIES = ("sinks", "window", "dense", "recompute")
 
@@ -46,7 +46,8 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
     if policy != "dense" and chunk_size > window_size:
         raise ValueError(f"chunk_size ({chunk_size}) must be <= window_size ({window_size}): a chunk has to "
                          f"fit in the cache window")
-    if any(p.method == "streaming" for p in active_patches(model)):  # its hook would swap the caches made here
+    if any(p.method == "streaming" for p in sharing_patches(model)):  # its hook would swap the caches made here
+        # (on this model or another handle of it, e.g. its base model: that one's forward runs inside this one's)
         raise ValueError("streaming_perplexity applies the streaming patch itself (policies sinks and window) and "
                          "needs the model without it; remove the model's streaming patch first")
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()

@@ -200,6 +200,9 @@ class SlidingLayer(DynamicSlidingWindowLayer):
     def activate_past_recording(self):
         raise NotImplementedError(_NO_ROLLBACK)
 
+    def crop(self, tokens_to_remove: int) -> None:  # (transformers' layer would crop keys and values only)
+        raise NotImplementedError(_NO_ROLLBACK)
+
     def reset(self) -> None:
         super().reset()
         self.orig_keys = self.shift = None
@@ -661,13 +664,15 @@ class StreamingPatch(Patch):
         self._handle = self.model.base_model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         # a model's own prepare_inputs_for_generation instance attribute (e.g. peft's) is kept and wrapped
         self._own_prepare = self.model.__dict__.get("prepare_inputs_for_generation")
-        base = self._own_prepare or _cache_keeping_prepare(self.model) or self.model.prepare_inputs_for_generation
-        self._prepare = _stream_position_prepare(base)
-        self.model.prepare_inputs_for_generation = self._prepare
+        base = (self._own_prepare or _cache_keeping_prepare(self.model)
+                or getattr(self.model, "prepare_inputs_for_generation", None))  # None: a bare decoder, no generate
+        self._prepare = base and _stream_position_prepare(base)
+        if self._prepare is not None:
+            self.model.prepare_inputs_for_generation = self._prepare
 
     def _detach(self) -> None:
         self._handle.remove()
-        if self.model.__dict__.get("prepare_inputs_for_generation") is self._prepare:
+        if self._prepare is not None and self.model.__dict__.get("prepare_inputs_for_generation") is self._prepare:
             if self._own_prepare is not None:
                 self.model.prepare_inputs_for_generation = self._own_prepare
             else:
