@@ -66,7 +66,8 @@ DEFAULTS: dict = {
     "output_dir": "runs/longlora",
     "resume": False,  # true: continue from the latest checkpoint in output_dir/checkpoints
     "resume_from": None,  # or a checkpoint folder
-    "wandb": {"project": "longctx", "mode": "offline", "name": None},  # false: off
+    # false/null: off; mode: one of WANDB_MODES (None: $WANDB_MODE if set, else offline)
+    "wandb": {"project": "longctx", "mode": None, "name": None},
     "make_tiny": None,  # tests/CPU demo: build a tiny random model and corpus (see make_tiny)
     # held-out perplexity during training (see HeldoutEval); every: 0 = off
     "eval": {
@@ -80,6 +81,7 @@ DEFAULTS: dict = {
     },
 }
 _OPEN_SECTIONS = ("rope", "s2attn", "wandb", "make_tiny")  # extra keys are passed on as options
+WANDB_MODES = ("offline", "online", "disabled", "shared")
 
 
 def load_config(path: str | os.PathLike | None, overrides=()) -> dict:
@@ -169,6 +171,11 @@ def check_config(cfg: dict) -> None:
          "evaluations would change training and resume would not be exact", rope.get("method"))
     enabled = cfg["s2attn"].get("enabled", "auto")
     need(isinstance(enabled, bool) or enabled == "auto", "s2attn.enabled", "true, false or auto", enabled)
+    w = cfg["wandb"]  # a string (wandb=online, wandb=disabled) would have meant wandb on, offline
+    need(w is None or isinstance(w, bool) or isinstance(w, dict) and all(isinstance(k, str) for k in w), "wandb",
+         "a mapping of wandb.init settings (e.g. {project: longctx, mode: offline}), true, false or null", w)
+    if isinstance(w, dict):
+        need(w.get("mode") in (None, *WANDB_MODES), "wandb.mode", " or ".join(WANDB_MODES), w.get("mode"))
 
 
 def _update(cfg: dict, new: dict, where: str) -> None:
@@ -495,8 +502,9 @@ class Tracker:
         self.main = accelerator.is_main_process
         self.path = Path(cfg["output_dir"]) / "log.jsonl"
         self.wandb = None
-        if self.main and self.path.exists():  # keep the rows up to where this run starts
-            rows = [r for r in read_log(cfg["output_dir"]) if r["step"] <= start_step]
+        if self.main and self.path.exists():  # keep the rows up to where this run starts (a fresh run: none;
+            # its step-0 evaluation is made again, and rows of an abandoned run there are not this run's)
+            rows = [r for r in read_log(cfg["output_dir"]) if r["step"] <= start_step] if start_step else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         settings = cfg.get("wandb")
         if not (self.main and enabled_wandb and settings):
@@ -508,8 +516,9 @@ class Tracker:
             return
         opts = dict(settings) if isinstance(settings, dict) else {}
         project = opts.pop("project", "longctx")
-        os.environ.setdefault("WANDB_MODE", opts.pop("mode", "offline") or "offline")
-        self.wandb = wandb.init(project=project, config=cfg, dir=cfg["output_dir"], resume="allow", **opts)
+        # to this run's init, not os.environ (a later run in this process would inherit it)
+        mode = opts.pop("mode", None) or os.environ.get("WANDB_MODE") or "offline"
+        self.wandb = wandb.init(project=project, mode=mode, config=cfg, dir=cfg["output_dir"], resume="allow", **opts)
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.main:

@@ -4,6 +4,7 @@ nothing in training, full attention), exact resume, merge, reload."""
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -496,3 +497,52 @@ def test_holdout_name_shared_by_documents_of_two_corpora_is_refused(tmp_path):
         train.select_documents(docs, ["ch1"])
     with pytest.raises(ValueError, match=r"data.holdout: \['ch3'\] not in the corpus"):
         train.select_documents(docs, ["ch3"])
+
+
+def test_wandb_settings_reach_this_runs_init(monkeypatch, tmp_path):
+    # the mode went to os.environ with setdefault: a second run in the process (or a shell's WANDB_MODE) kept
+    # the first one's (wandb.mode=online ran offline), and a string (wandb=disabled, wandb=online) meant "on, offline"
+    import sys
+    import types
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append((kwargs.get("mode"), kwargs.get("project"), os.environ.get("WANDB_MODE")))
+        return types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    accelerator = types.SimpleNamespace(is_main_process=True)
+    for i, override in enumerate(["wandb={mode: offline}", "wandb.mode=online", "wandb=true"]):
+        cfg = train.load_config(CONFIG, [f"output_dir={tmp_path / str(i)}", override])
+        train.Tracker(accelerator, cfg).close()
+    assert calls == [("offline", "longctx", None), ("online", "longctx", None), ("offline", "longctx", None)]
+    train.Tracker(accelerator, train.load_config(CONFIG, [f"output_dir={tmp_path}", "wandb.mode=online"]), False)
+    assert len(calls) == 3  # --no-wandb
+    monkeypatch.setenv("WANDB_MODE", "online")  # a shell's choice holds where the config names no mode
+    for i, override in enumerate(["wandb=true", "wandb.mode=offline"]):
+        cfg = train.load_config(CONFIG, [f"output_dir={tmp_path / ('env' + str(i))}", override])
+        train.Tracker(accelerator, cfg).close()
+    assert calls[3:] == [("online", "longctx", "online"), ("offline", "longctx", "online")]
+    for override, match in [("wandb=disabled", "'wandb' must be a mapping of wandb.init settings"),
+                            ("wandb=online", "'wandb' must be a mapping"),
+                            ("wandb.mode=onlin", "'wandb.mode' must be offline or online or disabled or shared")]:
+        with pytest.raises(ValueError, match=match):
+            train.load_config(CONFIG, [override])
+    assert train.load_config(CONFIG, ["wandb=off"])["wandb"] is False
+    assert train.load_config(CONFIG, ["wandb=null"])["wandb"] is None
+
+
+def test_fresh_run_log_keeps_no_rows_of_an_abandoned_run(tmp_path):
+    # a run stopped before its first checkpoint, started again in the same output_dir: the log kept the old
+    # run's step-0 evaluation (two step-0 rows; HeldoutEval.resume took the old perplexity as the best so far)
+    from types import SimpleNamespace
+
+    cfg = train.load_config(CONFIG, [f"output_dir={tmp_path}"])
+    old = [{"step": 0, "heldout_ppl": {"128": 1.5}}, {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    accelerator = SimpleNamespace(is_main_process=True)
+    train.Tracker(accelerator, cfg, False, start_step=1)  # resuming at step 1: the rows up to it
+    assert train.read_log(tmp_path) == old[:2]
+    train.Tracker(accelerator, cfg, False, start_step=0)  # a fresh run: none
+    assert train.read_log(tmp_path) == []

@@ -874,8 +874,9 @@ def test_layer_windows_older_transformers(monkeypatch):
 
     def old_style(config):
         types, kwargs = get_layer_types_and_kwargs(config)
-        merged = {k: v for kw in kwargs for k, v in kw.items()}
-        return types, merged
+        if isinstance(kwargs, dict):  # running on 5.17 itself
+            return types, kwargs
+        return types, {k: v for kw in kwargs for k, v in kw.items()}
 
     monkeypatch.setattr(streaming, "get_layer_types_and_kwargs", old_style)
     assert streaming.layer_windows(model) == new == [8, None]
@@ -996,6 +997,40 @@ def test_generate_continues_from_a_returned_sink_cache(family):
         with pytest.raises(ValueError, match=r"the attention mask covers 20 tokens, but the sink cache has seen 13"):
             model(out.sequences[:, -1:], attention_mask=torch.ones(1, 20, dtype=torch.long),
                   past_key_values=out.past_key_values)
+
+
+def test_generate_takes_inputs_embeds_and_continues_from_them():
+    # the patch's prepare_inputs_for_generation wrapper hid the model's signature, and generate refuses
+    # inputs_embeds unless prepare_inputs_for_generation names them (a ValueError since the wrapper came)
+    model = tiny_model("llama").double()
+    ids, embed = ids_for(9), model.get_input_embeddings()
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad(), longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        want = model.generate(ids, max_new_tokens=14, **kw)
+        out = model.generate(inputs_embeds=embed(ids), max_new_tokens=5, return_dict_in_generate=True, **kw)
+        seen = torch.cat([ids, out.sequences], dim=1)
+        assert torch.equal(seen, want[:, :14])
+        assert out.past_key_values.seen_tokens > out.past_key_values.get_seq_length()  # tokens were evicted
+        got = model.generate(inputs_embeds=embed(seen), past_key_values=out.past_key_values, max_new_tokens=9, **kw)
+    assert torch.equal(torch.cat([seen, got], dim=1), want)
+
+
+def test_chunked_prefill_does_not_continue_a_stream_silently_wrong():
+    # generate's chunked prefill (prefill_chunk_size) cuts its input by get_seq_length() (the slot count) and
+    # never passes next_sequence_length: continuing an evicted stream re-fed the tokens past the slots
+    model = tiny_model("llama").double()
+    ids = ids_for(9)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=3)
+    with torch.no_grad(), longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)  # a fresh stream: fine
+        cache = out.past_key_values
+        with pytest.raises(ValueError, match="prefill_chunk_size cannot continue"):
+            model.generate(out.sequences, past_key_values=cache, max_new_tokens=3, **kw)
+        assert cache.seen_tokens == 13  # nothing was fed
+        got = model.generate(out.sequences, past_key_values=cache, max_new_tokens=3,
+                             **{**kw, "prefill_chunk_size": None})
+        assert cache.seen_tokens == 16 and got.shape[1] == 17
+    assert "_prefill" not in model.__dict__ and "prepare_inputs_for_generation" not in model.__dict__
 
 
 # -- review fixes ------------------------------------------------------------------------------------------

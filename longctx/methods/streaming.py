@@ -44,7 +44,8 @@ apply to no layer.
 Not yet supported (clear errors): right padding, padding after the first forward, padded
 batches on mpt (its ALiBi ignores the mask) and on models with sliding-window layers, layer types
 other than full and sliding attention (chunked, linear), learned absolute positions (gpt2, opt),
-multi-head latent attention (deepseek_v3: its cache holds latents), assisted decoding (no crop);
+multi-head latent attention (deepseek_v3: its cache holds latents), assisted decoding (no crop),
+``generate``'s ``prefill_chunk_size`` continuing a stream that evicted tokens;
 ``SinkDecoder`` on models with sliding-window or NoPE layers. A forward with more tokens than the
 window (a long prompt) is prefilled in window-sized chunks by the hook itself; its outputs then
 cover the last ``window_size`` tokens only (``generate`` needs no more; a warning says so once).
@@ -52,6 +53,7 @@ cover the last ``window_size`` tokens only (``generate`` needs no more; a warnin
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -204,8 +206,10 @@ class SlidingLayer(DynamicSlidingWindowLayer):
         raise NotImplementedError(_NO_ROLLBACK)
 
     def reset(self) -> None:
-        super().reset()
-        self.orig_keys = self.shift = None
+        # dropped, not zeroed (transformers < 5.2x zeroes them in place and keeps their length)
+        self.keys = self.values = self.orig_keys = self.shift = None
+        self.is_initialized = False
+        super().reset()  # (the window's cumulative length)
 
 
 class SinkCache(Cache):
@@ -628,8 +632,11 @@ def _stream_position_prepare(prepare):
     it has seen. ``model.generate(sequences, past_key_values=sink_cache)`` feeds the tokens past
     ``get_seq_length()``; a SinkCache's is the slot count (what the masks need), so once tokens were
     evicted, generate would feed tokens the stream has already seen a second time. On the first
-    iteration the slice is moved by the evicted count; later steps (one token each) are left alone."""
+    iteration the slice is moved by the evicted count; later steps (one token each) are left alone.
+    The wrapper keeps ``prepare``'s signature (``functools.wraps``): generate reads it, e.g. to accept
+    ``inputs_embeds`` only where prepare_inputs_for_generation takes them."""
 
+    @functools.wraps(prepare)
     def prepare_inputs_for_generation(*args, **kwargs):
         cache, n = kwargs.get("past_key_values"), kwargs.get("next_sequence_length")
         if (kwargs.get("is_first_iteration") and n is not None and isinstance(cache, SinkCache)
@@ -642,6 +649,27 @@ def _stream_position_prepare(prepare):
         return prepare(*args, **kwargs)
 
     return prepare_inputs_for_generation
+
+
+def _stream_position_prefill(prefill):
+    """``prefill`` (generate's bound ``_prefill``), refusing a chunked prefill (``prefill_chunk_size``) that
+    continues a stream whose sink cache evicted tokens: that path slices the input by ``get_seq_length()``
+    (the slot count) itself, without ``next_sequence_length``, so ``_stream_position_prepare`` cannot move
+    the slice, and tokens the stream has seen would be fed a second time (silently wrong outputs)."""
+
+    @functools.wraps(prefill)
+    def _prefill(*args, **kwargs):
+        given = {**dict(zip(("input_ids", "generation_config", "model_kwargs"), args)), **kwargs}
+        cache = (given.get("model_kwargs") or {}).get("past_key_values")
+        if (getattr(given.get("generation_config"), "prefill_chunk_size", None) is not None
+                and isinstance(cache, SinkCache) and not cache.managed and cache.seen_tokens != cache.get_seq_length()):
+            raise ValueError("streaming patch: model.generate with prefill_chunk_size cannot continue from a sink "
+                             "cache that evicted tokens (its chunks are cut by the slot count, not by the tokens "
+                             "seen); pass prefill_chunk_size=None: the patch prefills inputs longer than window_size "
+                             "in window_size chunks itself")
+        return prefill(*args, **kwargs)
+
+    return _prefill
 
 
 @dataclass(kw_only=True)
@@ -669,6 +697,11 @@ class StreamingPatch(Patch):
         self._prepare = base and _stream_position_prepare(base)
         if self._prepare is not None:
             self.model.prepare_inputs_for_generation = self._prepare
+        # generate's chunked prefill slices by get_seq_length() without prepare's next_sequence_length
+        self._own_prefill = self.model.__dict__.get("_prefill")
+        self._prefill = _stream_position_prefill(self.model._prefill) if hasattr(self.model, "_prefill") else None
+        if self._prefill is not None:
+            self.model._prefill = self._prefill
 
     def _detach(self) -> None:
         self._handle.remove()
@@ -677,6 +710,11 @@ class StreamingPatch(Patch):
                 self.model.prepare_inputs_for_generation = self._own_prepare
             else:
                 del self.model.prepare_inputs_for_generation
+        if self._prefill is not None and self.model.__dict__.get("_prefill") is self._prefill:
+            if self._own_prefill is not None:
+                self.model._prefill = self._own_prefill
+            else:
+                del self.model._prefill
 
     def new_cache(self) -> SinkCache:
         return SinkCache(self.model, self.options.sink_size, self.options.window_size)
