@@ -124,6 +124,16 @@ def reset_rotary_state(model) -> int:
     return count
 
 
+def nested_rope_keys(config, params: dict) -> list[str]:
+    """The layer types ``params`` (rope_parameters) is nested under (gemma3: full_attention and
+    sliding_attention), or [] for one flat configuration. transformers >= 5.2x says so itself; 5.17 has
+    no such method, so the same rule is applied here: keys that name a declared layer type."""
+    if hasattr(config, "nested_rope_parameter_keys"):
+        return config.nested_rope_parameter_keys(params)
+    labels = getattr(config, "_rope_type_labels", None) or getattr(config, "layer_types", None) or ()
+    return [key for key in params if key in labels]
+
+
 class RopePatch(Patch):
     slot = "rope"
 
@@ -138,7 +148,7 @@ class RopePatch(Patch):
         params = copy.deepcopy(config.rope_parameters)
         trained_len = config.max_position_embeddings
 
-        nested = config.nested_rope_parameter_keys(params) if hasattr(config, "nested_rope_parameter_keys") else []
+        nested = nested_rope_keys(config, params)
         if nested:
             targets = self.options.layer_types or ("full_attention",)
             unknown = [t for t in targets if params.get(t) is None]
