@@ -146,6 +146,54 @@ def test_per_layer_type_rope_rescales_full_attention_only(ids):
         longctx.apply(model, "linear", factor=2, layer_types=("chunked_attention",))
 
 
+def test_nested_rope_keys_without_the_config_method():
+    # transformers 5.17 configs have no nested_rope_parameter_keys (5.2x added it): gemma3's nested rope_parameters
+    # were read there as one flat configuration and every RoPE method failed on it
+    # (test_per_layer_type_rope_rescales_full_attention_only on 5.17). longctx.methods.rope.nested_rope_keys then
+    # applies the same rule itself; here against transformers' own answer, through a config without the method
+    from longctx.methods.rope import nested_rope_keys
+
+    class Old:  # a config as transformers 5.17 has it
+        def __init__(self, config):
+            self._config = config
+
+        def __getattr__(self, name):
+            if name == "nested_rope_parameter_keys":
+                raise AttributeError(name)
+            return getattr(self._config, name)
+
+    configs = [tiny_config("gemma3_text"), tiny_config("llama"),
+               tiny_config("gemma3_text", layer_types=["full_attention"] * 2),  # declared layer types only
+               tiny_config("qwen2", layer_types=["full_attention", "sliding_attention"], use_sliding_window=True),
+               AutoConfig.for_model("olmo3", num_hidden_layers=4)]
+    expected = [["sliding_attention", "full_attention"], [], ["full_attention"], [],
+                ["sliding_attention", "full_attention"]]
+    for config, want in zip(configs, expected):
+        params = config.rope_parameters
+        assert nested_rope_keys(Old(config), params) == want
+        if hasattr(config, "nested_rope_parameter_keys"):  # transformers >= 5.2x
+            assert nested_rope_keys(Old(config), params) == config.nested_rope_parameter_keys(params)
+            assert nested_rope_keys(config, params) == config.nested_rope_parameter_keys(params)
+
+
+def test_layer_types_no_layer_has_are_refused_clearly():
+    # rope_parameters of gemma3 carry both layer types whichever the layers are; asking for one that no layer has
+    # (the default full_attention on a model with sliding layers only) got an AttributeError from inside the patch
+    # (the rotary module has no frequencies for it), not the error that says which layer types have RoPE
+    for kinds, missing in ((["sliding_attention"] * 2, "full_attention"),
+                           (["full_attention"] * 2, "sliding_attention")):
+        model = tiny_model("gemma3_text", layer_types=kinds)
+        config_before = model.config.to_dict()
+        with pytest.raises(ValueError, match=rf"option 'layer_types': \['{missing}'\] have no RoPE in this model; "
+                                             rf"layer types with RoPE: \['{kinds[0]}'\]"):
+            longctx.apply(model, "yarn", factor=FACTOR, layer_types=[missing])
+        assert model.config.to_dict() == config_before and longctx.active_patches(model) == []
+        with longctx.applied(model, "yarn", factor=FACTOR, layer_types=[kinds[0]]):
+            assert model.config.rope_parameters[kinds[0]]["rope_type"] == "yarn"
+    with pytest.raises(ValueError, match=r"\['full_attention'\] have no RoPE"):  # the default layer type
+        longctx.apply(tiny_model("gemma3_text", layer_types=["sliding_attention"] * 2), "linear", factor=2)
+
+
 @pytest.mark.parametrize("family, options", [("llama", {}),
                                              ("gemma3_text", {"layer_types": ["full_attention", "sliding_attention"]})])
 def test_reset_rotary_state_undoes_dynamic_growth(family, options, ids):

@@ -1033,6 +1033,40 @@ def test_chunked_prefill_does_not_continue_a_stream_silently_wrong():
     assert "_prefill" not in model.__dict__ and "prepare_inputs_for_generation" not in model.__dict__
 
 
+def test_deepcopy_and_pickle_of_a_streaming_model_act_on_the_copy():
+    # the patch's prepare_inputs_for_generation / _prefill instance attributes were closures over the original's
+    # bound methods: a deepcopy's generate ran the original model's forward for its prompt (the original's tokens;
+    # a ValueError once the original's patch was removed), and torch.save(model) could not pickle them
+    import copy
+    import io
+
+    model, other = tiny_model("llama").double(), tiny_model("llama", seed=1).double()
+    ids = ids_for(9)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=10)
+    dense = other.generate(ids, **kw)
+    with longctx.applied(other, "streaming", sink_size=2, window_size=6):
+        want = other.generate(ids, **kw)
+        out = other.generate(ids, max_new_tokens=5, return_dict_in_generate=True,
+                             **{k: v for k, v in kw.items() if k != "max_new_tokens"})
+        want_continued = other.generate(out.sequences, past_key_values=out.past_key_values, **kw)
+    assert not torch.equal(want, dense)  # the stream evicted tokens
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(other.state_dict())
+    assert torch.equal(twin.generate(ids, **kw), want)
+    buf = io.BytesIO()
+    torch.save(twin, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded.generate(ids, **kw), want)
+    patch.remove()
+    assert "prepare_inputs_for_generation" not in model.__dict__ and "_prefill" not in model.__dict__
+    assert torch.equal(twin.generate(ids, **kw), want)  # the copy streams on, on its own weights
+    out = twin.generate(ids, max_new_tokens=5, return_dict_in_generate=True,
+                        **{k: v for k, v in kw.items() if k != "max_new_tokens"})
+    assert torch.equal(twin.generate(out.sequences, past_key_values=out.past_key_values, **kw), want_continued)
+
+
 # -- review fixes ------------------------------------------------------------------------------------------
 SPLIT_ROTARY = {"phi": dict(partial_rotary_factor=0.5), "stablelm": dict(partial_rotary_factor=0.25, num_key_value_heads=2),
                 "persimmon": dict(partial_rotary_factor=0.5)}

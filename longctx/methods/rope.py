@@ -151,7 +151,9 @@ class RopePatch(Patch):
         nested = nested_rope_keys(config, params)
         if nested:
             targets = self.options.layer_types or ("full_attention",)
-            unknown = [t for t in targets if params.get(t) is None]
+            # only the declared layer types (gemma3 with sliding layers only has no full_attention frequencies,
+            # even where its rope_parameters carry an entry for them)
+            unknown = [t for t in targets if t not in nested or params[t] is None]
             if unknown:
                 raise ValueError(f"option 'layer_types': {unknown} have no RoPE in this model; "
                                  f"layer types with RoPE: {[k for k in nested if params[k] is not None]}")

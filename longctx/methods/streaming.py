@@ -53,7 +53,6 @@ cover the last ``window_size`` tokens only (``generate`` needs no more; a warnin
 
 from __future__ import annotations
 
-import functools
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -627,49 +626,59 @@ def _cache_keeping_prepare(model):
     return types.MethodType(parent.__dict__["prepare_inputs_for_generation"], model)
 
 
-def _stream_position_prepare(prepare):
-    """``prepare`` (a bound prepare_inputs_for_generation), made to slice a continued stream by the tokens
-    it has seen. ``model.generate(sequences, past_key_values=sink_cache)`` feeds the tokens past
+def _stream_position_prepare(prepare, *args, **kwargs):
+    """``prepare(*args, **kwargs)`` (a bound prepare_inputs_for_generation), made to slice a continued stream by the
+    tokens it has seen. ``model.generate(sequences, past_key_values=sink_cache)`` feeds the tokens past
     ``get_seq_length()``; a SinkCache's is the slot count (what the masks need), so once tokens were
     evicted, generate would feed tokens the stream has already seen a second time. On the first
-    iteration the slice is moved by the evicted count; later steps (one token each) are left alone.
-    The wrapper keeps ``prepare``'s signature (``functools.wraps``): generate reads it, e.g. to accept
-    ``inputs_embeds`` only where prepare_inputs_for_generation takes them."""
-
-    @functools.wraps(prepare)
-    def prepare_inputs_for_generation(*args, **kwargs):
-        cache, n = kwargs.get("past_key_values"), kwargs.get("next_sequence_length")
-        if (kwargs.get("is_first_iteration") and n is not None and isinstance(cache, SinkCache)
-                and not cache.managed and cache.seen_tokens != cache.get_seq_length()):
-            n -= cache.seen_tokens - cache.get_seq_length()
-            if n <= 0:
-                raise ValueError(f"streaming patch: model.generate got {n + cache.seen_tokens} tokens with a sink cache "
-                                 f"that has seen {cache.seen_tokens}: pass the whole stream so far plus the new tokens")
-            kwargs["next_sequence_length"] = n
-        return prepare(*args, **kwargs)
-
-    return prepare_inputs_for_generation
+    iteration the slice is moved by the evicted count; later steps (one token each) are left alone."""
+    cache, n = kwargs.get("past_key_values"), kwargs.get("next_sequence_length")
+    if (kwargs.get("is_first_iteration") and n is not None and isinstance(cache, SinkCache)
+            and not cache.managed and cache.seen_tokens != cache.get_seq_length()):
+        n -= cache.seen_tokens - cache.get_seq_length()
+        if n <= 0:
+            raise ValueError(f"streaming patch: model.generate got {n + cache.seen_tokens} tokens with a sink cache "
+                             f"that has seen {cache.seen_tokens}: pass the whole stream so far plus the new tokens")
+        kwargs["next_sequence_length"] = n
+    return prepare(*args, **kwargs)
 
 
-def _stream_position_prefill(prefill):
-    """``prefill`` (generate's bound ``_prefill``), refusing a chunked prefill (``prefill_chunk_size``) that
-    continues a stream whose sink cache evicted tokens: that path slices the input by ``get_seq_length()``
+def _stream_position_prefill(prefill, *args, **kwargs):
+    """``prefill(*args, **kwargs)`` (generate's bound ``_prefill``), refusing a chunked prefill (``prefill_chunk_size``)
+    that continues a stream whose sink cache evicted tokens: that path slices the input by ``get_seq_length()``
     (the slot count) itself, without ``next_sequence_length``, so ``_stream_position_prepare`` cannot move
     the slice, and tokens the stream has seen would be fed a second time (silently wrong outputs)."""
+    given = {**dict(zip(("input_ids", "generation_config", "model_kwargs"), args)), **kwargs}
+    cache = (given.get("model_kwargs") or {}).get("past_key_values")
+    if (getattr(given.get("generation_config"), "prefill_chunk_size", None) is not None
+            and isinstance(cache, SinkCache) and not cache.managed and cache.seen_tokens != cache.get_seq_length()):
+        raise ValueError("streaming patch: model.generate with prefill_chunk_size cannot continue from a sink "
+                         "cache that evicted tokens (its chunks are cut by the slot count, not by the tokens "
+                         "seen); pass prefill_chunk_size=None: the patch prefills inputs longer than window_size "
+                         "in window_size chunks itself")
+    return prefill(*args, **kwargs)
 
-    @functools.wraps(prefill)
-    def _prefill(*args, **kwargs):
-        given = {**dict(zip(("input_ids", "generation_config", "model_kwargs"), args)), **kwargs}
-        cache = (given.get("model_kwargs") or {}).get("past_key_values")
-        if (getattr(given.get("generation_config"), "prefill_chunk_size", None) is not None
-                and isinstance(cache, SinkCache) and not cache.managed and cache.seen_tokens != cache.get_seq_length()):
-            raise ValueError("streaming patch: model.generate with prefill_chunk_size cannot continue from a sink "
-                             "cache that evicted tokens (its chunks are cut by the slot count, not by the tokens "
-                             "seen); pass prefill_chunk_size=None: the patch prefills inputs longer than window_size "
-                             "in window_size chunks itself")
-        return prefill(*args, **kwargs)
 
-    return _prefill
+_WRAPPERS = {"prepare_inputs_for_generation": _stream_position_prepare, "_prefill": _stream_position_prefill}
+
+
+class _PatchedMethod:
+    """What the patch sets as a model instance attribute (``prepare_inputs_for_generation``, ``_prefill``): a
+    callable holding the patch, which finds the method it wraps through ``patch.model`` at each call. So a
+    ``copy.deepcopy`` of the patched model copies it with the same patch copy its hook is bound to, acting on
+    the copy (a closure over the original's bound method made the copy's generate run the original model), and
+    ``torch.save(model)`` can pickle it. ``__wrapped__`` is the method wrapped: ``inspect.signature`` follows it
+    (generate reads prepare_inputs_for_generation's, e.g. to accept ``inputs_embeds`` only where it takes them)."""
+
+    def __init__(self, patch, name: str):
+        self.patch, self.name = patch, name
+
+    @property
+    def __wrapped__(self):
+        return self.patch._wrapped(self.name)
+
+    def __call__(self, *args, **kwargs):
+        return _WRAPPERS[self.name](self.patch._wrapped(self.name), *args, **kwargs)
 
 
 @dataclass(kw_only=True)
@@ -690,31 +699,30 @@ class StreamingPatch(Patch):
         _check_model(self.model)
         self._warned = False
         self._handle = self.model.base_model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        # a model's own prepare_inputs_for_generation instance attribute (e.g. peft's) is kept and wrapped
-        self._own_prepare = self.model.__dict__.get("prepare_inputs_for_generation")
-        base = (self._own_prepare or _cache_keeping_prepare(self.model)
-                or getattr(self.model, "prepare_inputs_for_generation", None))  # None: a bare decoder, no generate
-        self._prepare = base and _stream_position_prepare(base)
-        if self._prepare is not None:
-            self.model.prepare_inputs_for_generation = self._prepare
+        # a model's own instance attribute (e.g. peft's prepare_inputs_for_generation) is kept and wrapped;
         # generate's chunked prefill slices by get_seq_length() without prepare's next_sequence_length
-        self._own_prefill = self.model.__dict__.get("_prefill")
-        self._prefill = _stream_position_prefill(self.model._prefill) if hasattr(self.model, "_prefill") else None
-        if self._prefill is not None:
-            self.model._prefill = self._prefill
+        self._own = {name: self.model.__dict__.get(name) for name in _WRAPPERS}
+        self._set = {}
+        for name in _WRAPPERS:  # a bare decoder (no generate) has neither
+            if hasattr(self.model, name):
+                self._set[name] = _PatchedMethod(self, name)
+                setattr(self.model, name, self._set[name])
+
+    def _wrapped(self, name: str):
+        """The bound method that the instance attribute ``name`` wraps (see _PatchedMethod)."""
+        if self._own[name] is not None:
+            return self._own[name]
+        keeping = _cache_keeping_prepare(self.model) if name == "prepare_inputs_for_generation" else None
+        return keeping or getattr(type(self.model), name).__get__(self.model, type(self.model))
 
     def _detach(self) -> None:
         self._handle.remove()
-        if self._prepare is not None and self.model.__dict__.get("prepare_inputs_for_generation") is self._prepare:
-            if self._own_prepare is not None:
-                self.model.prepare_inputs_for_generation = self._own_prepare
-            else:
-                del self.model.prepare_inputs_for_generation
-        if self._prefill is not None and self.model.__dict__.get("_prefill") is self._prefill:
-            if self._own_prefill is not None:
-                self.model._prefill = self._own_prefill
-            else:
-                del self.model._prefill
+        for name, wrapper in self._set.items():
+            if self.model.__dict__.get(name) is wrapper:
+                if self._own[name] is not None:
+                    setattr(self.model, name, self._own[name])
+                else:
+                    delattr(self.model, name)
 
     def new_cache(self) -> SinkCache:
         return SinkCache(self.model, self.options.sink_size, self.options.window_size)
