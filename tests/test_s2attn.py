@@ -1399,3 +1399,93 @@ def test_numpy_values_inside_dict_options_are_converted(tmp_path):
     longctx.apply(model, "s2attn", group_size=16, backend="flex", flex_kernel_options={"BLOCK_M": np.int64(64)})
     assert type(model.config.longctx[0]["flex_kernel_options"]["BLOCK_M"]) is int
     model.save_pretrained(tmp_path)
+
+
+# -- multimodal models: S2 in the language model only ------------------------------------------------------------
+def tiny_multimodal(kind, attn):
+    """A tiny vision-language model built with ``attn`` (a dict per sub-config: mixed implementations)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MllamaConfig, MllamaForConditionalGeneration
+    text = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    if kind == "llava":  # CLIP vision tower (its attention is marked non-causal)
+        cfg = LlavaConfig(text_config=dict(model_type="llama", **text), image_token_index=VOCAB - 1,
+                          vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=2, num_hidden_layers=2, image_size=32, patch_size=8,
+                                             projection_dim=32))
+        return LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+    # mllama: its vision attention has no is_causal (it looked causal to S2), cross-attention layers in the text model
+    cfg = MllamaConfig(text_config=dict(cross_attention_layers=[1], **text), image_token_index=VOCAB - 1,
+                       vision_config=dict(hidden_size=32, attention_heads=2, num_hidden_layers=2, num_global_layers=1,
+                                          intermediate_size=64, image_size=32, patch_size=8, max_num_tiles=2,
+                                          supported_aspect_ratios=[[1, 1], [1, 2]], vision_output_dim=64,
+                                          intermediate_layers_indices=[0]))
+    return MllamaForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+
+def vision_features(kind, model):
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        if kind == "llava":
+            return model.model.vision_tower(torch.randn(2, 3, 32, 32, generator=g)).last_hidden_state
+        tiles = torch.randn(1, 1, 2, 3, 32, 32, generator=g)  # one image of two tiles, aspect ratio 1x2
+        return model.model.vision_model(tiles, aspect_ratio_ids=torch.tensor([[2]]),
+                                        aspect_ratio_mask=torch.tensor([[[1, 1]]])).last_hidden_state
+
+
+def implementations(model):
+    c = model.config
+    return {"": c._attn_implementation, **{k: getattr(c, k)._attn_implementation for k in c.sub_configs}}
+
+
+@pytest.mark.parametrize("kind", ["llava", "mllama"])
+@pytest.mark.parametrize("attn", ["eager", {"text_config": "eager", "vision_config": "sdpa"},
+                                  {"text_config": "sdpa", "vision_config": "eager"}])
+def test_multimodal_vision_tower_keeps_its_attention(kind, attn, ids):
+    # set_attn_implementation(name) switched every sub-config: the vision tower ran S2's function, which ran S2 on
+    # mllama's (no is_causal there) and the top-level implementation instead of the tower's own on llava's; now
+    # only the language model (and the top-level config) carry S2's name
+    model = tiny_multimodal(kind, attn).train()
+    T, G = 40, 16
+    x = ids[:, :T]
+    before = implementations(model)
+    vision = vision_features(kind, model)
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(T, 4, G, 2)))
+    with longctx.applied(model, "s2attn", group_size=G) as patch:
+        assert torch.equal(vision_features(kind, model), vision)  # mllama's was S2 (0.036 off)
+        assert implementations(model) == {**before, "": patch.attn_implementation,
+                                          "text_config": patch.attn_implementation}
+        torch.testing.assert_close(logits(model, x), ref, rtol=1e-5, atol=1e-5)  # S2 in the language model
+
+
+@pytest.mark.parametrize("kind", ["llava", "mllama"])
+@pytest.mark.parametrize("attn", [{"text_config": "eager", "vision_config": "sdpa"},
+                                  {"text_config": "sdpa", "vision_config": "eager"}])
+def test_multimodal_remove_restores_every_sub_config(kind, attn, ids):
+    # sub-configs with their own implementations (top-level sdpa, text eager): inactive S2 delegated to the
+    # top-level one, and remove() set that one on every sub-config; now each keeps, and gets back, its own
+    model = tiny_multimodal(kind, attn)
+    x = ids[:, :40]
+    before = implementations(model)
+    assert len(set(before.values())) > 1
+    ref, vision = logits(model, x), vision_features(kind, model)
+    with longctx.applied(model, "s2attn", group_size=16):
+        assert torch.equal(logits(model, x), ref)  # eval: S2 inactive, the text model's own implementation
+    assert implementations(model) == before
+    assert torch.equal(logits(model, x), ref)
+    assert torch.equal(vision_features(kind, model), vision)
+    model.train()
+    assert torch.equal(vision_features(kind, model), vision)
+
+
+def test_multimodal_shifted_heads_checked_on_the_text_config(ids):
+    # the top-level config of a multimodal model has no num_attention_heads: 0.25 was checked against 2 heads
+    # ("shifts 0 of 2 query heads") although the language model has 4
+    model = tiny_multimodal("llava", "eager").train()
+    T, G = 40, 16
+    x = ids[:, :T]
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(T, 4, G, 1)))
+    with longctx.applied(model, "s2attn", group_size=G, shifted_heads=0.25):
+        torch.testing.assert_close(logits(model, x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="shifts 0 of 4 query heads"):
+        longctx.apply(model, "s2attn", group_size=G, shifted_heads=0.1)

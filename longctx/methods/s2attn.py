@@ -50,7 +50,10 @@ start of the sequence, so tokens there see the future; this implementation does 
 
 Mechanism: the patch registers an attention function (``transformers.AttentionInterface``) and a
 mask function (``masking_utils.AttentionMaskInterface``) under a name unique to the patch and
-switches the model with ``model.set_attn_implementation(name)``; ``remove()`` switches back. The
+switches the model with ``model.set_attn_implementation(name)``; ``remove()`` switches back. On a multimodal
+model only the language model's config (``get_text_config(decoder=True)``) and the top-level one are switched (the
+dict form): vision and audio towers keep their own implementations, and ``remove()`` restores every sub-config's
+own (they may differ: text eager, vision sdpa). The
 name travels with the config, so a ``deepcopy`` of the model, or a model sharing its config object,
 calls these functions too: they act as the original implementation for anything but this instance
 (masks are S2's only inside its base model's forward, counted by two forward hooks; attention only in
@@ -752,10 +755,14 @@ class S2AttnPatch(Patch):
         if o.backend == "flex" and not flex_available():
             raise ImportError("s2attn backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
         model = self.model
-        original = model.config._attn_implementation or "eager"
-        if original.startswith("longctx_s2attn"):
+        # a multimodal model: S2 is for its causal language model only; the other sub-configs (vision, audio
+        # towers) keep their own implementations, and remove() restores every sub-config's own
+        text = _text_config(model.config)
+        before = _implementations(model.config, text)
+        original = text._attn_implementation or "eager"
+        if any(str(x).startswith("longctx_s2attn") for x in (model.config._attn_implementation, original)):
             raise ValueError("this model already runs an s2attn attention function")
-        shifted_head_count(getattr(model.config, "num_attention_heads", 2) or 2, o.shifted_heads)  # error now
+        shifted_head_count(getattr(text, "num_attention_heads", 2) or 2, o.shifted_heads)  # error now
         name = f"longctx_s2attn_{next(_NAMES)}"
         state = _State(model, original, o)
         # the registered functions act for this instance only: masks inside its forwards (copies and models
@@ -766,29 +773,74 @@ class S2AttnPatch(Patch):
         AttentionInterface.register(name, state.attention)
         AttentionMaskInterface.register(name, state.mask)
         try:
-            model.set_attn_implementation(name)
-            if model.config._attn_implementation != name:
+            model.set_attn_implementation(name if text is model.config else _switched(model.config, text, name))
+            if model.config._attn_implementation != name or text._attn_implementation != name:
                 raise ValueError(f"cannot apply 's2attn': {type(model).__name__} does not support setting its "
                                  "attention implementation (it does not use transformers' AttentionInterface)")
         except BaseException:  # refused: leave the model as it was (no hooks, no marks on its modules)
             for hook in self._hooks:
                 hook.remove()
-            if model.config._attn_implementation != original:
-                model.set_attn_implementation(original)
+            if _implementations(model.config, text) != before:
+                model.set_attn_implementation(before)
             state.detach()
             raise
-        self._state, self._name, self._original = state, name, original
+        self._state, self._name, self._original, self._before = state, name, original, before
 
     def _detach(self) -> None:
         for hook in self._hooks:
             hook.remove()
-        self.model.set_attn_implementation(self._original)
+        self.model.set_attn_implementation(self._before)  # every sub-config's own, as before apply
         self._state.detach()  # the registered entries stay (no unregister API) but become inert
         del self._state
 
     @property
     def attn_implementation(self) -> str:
         return self._name
+
+
+def _text_config(config):
+    """The config of the causal language model: a multimodal model's text sub-config, else the config itself
+    (also where ``get_text_config`` returns a copy: legacy encoder-decoder configs)."""
+    try:
+        text = config.get_text_config(decoder=True)
+    except (AttributeError, TypeError, ValueError):  # an older signature, or several text configs
+        return config
+    return text if _holds(config, text) else config
+
+
+def _holds(config, sub) -> bool:
+    """Whether ``sub`` is ``config`` or one of its sub-configs, at any depth (by identity)."""
+    return config is sub or any(getattr(config, k, None) is not None and _holds(getattr(config, k), sub)
+                                for k in getattr(config, "sub_configs", None) or {})
+
+
+def _implementations(config, text=None) -> dict:
+    """Every (sub-)config's attention implementation, in the dict form ``set_attn_implementation`` takes (keyed
+    by sub-config name, ``""`` for the config itself; nested where a sub-config has sub-configs of its own).
+    Those that S2 switches (``text`` and the configs holding it) are restored to "eager" if they had none."""
+    def own(c):
+        return c._attn_implementation or ("eager" if text is not None and _holds(c, text) else None)
+    out = {"": own(config)}
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            out[key] = _implementations(sub, text) if getattr(sub, "sub_configs", None) else own(sub)
+    return out
+
+
+def _switched(config, text, name):
+    """``_implementations(config)`` with ``name`` for ``config``, for ``text`` and for the sub-configs between them;
+    every other sub-config (a vision or audio tower) keeps its own implementation."""
+    out = {"": name}
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is None:
+            continue
+        if getattr(sub, "sub_configs", None):
+            out[key] = _switched(sub, text, name) if _holds(sub, text) else _implementations(sub)
+        else:
+            out[key] = name if sub is text else sub._attn_implementation
+    return out
 
 
 class _State:
