@@ -14,7 +14,8 @@ A method is three things: a name, an options dataclass and a Patch subclass. Reg
 
 ``apply(model, "my_method", factor=4)`` validates the options, checks that no other active patch
 owns the same slot of that model, attaches, and returns the Patch; ``patch.remove()`` detaches.
-Patches are tracked per model instance (weakly), never on a transformers class.
+Patches are tracked per model instance (weakly: a patch holds its model by a weak reference, so a
+patched model dropped without ``remove()`` is freed), never on a transformers class.
 """
 
 from __future__ import annotations
@@ -150,6 +151,32 @@ class Patch:
         self.options = options
         self.active = False
 
+    # the model is held weakly: the registry (_ACTIVE) holds the patches of each model, so a strong reference
+    # from a patch back to its model kept every patched model alive for ever (a model dropped without
+    # remove(), e.g. one loaded per run, was never freed, nor its GPU memory)
+    @property
+    def model(self) -> nn.Module | None:
+        """The model this patch is attached to (None once that model was garbage-collected)."""
+        return self._model_ref()
+
+    @model.setter
+    def model(self, model: nn.Module | None) -> None:
+        self._model_ref = _dead if model is None else weakref.ref(model)
+
+    def __getstate__(self) -> dict:
+        # a weak reference can be neither pickled nor deep-copied (copy would keep pointing at the original):
+        # a copy carries the model itself
+        state = self.__dict__.copy()
+        state["_model_ref"] = self.model
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        model = state.pop("model", None)  # (pickled by longctx before the model was held weakly)
+        model = state.pop("_model_ref", model)
+        self.__dict__.update(state)
+        self.model = model
+
     # -- subclass hooks ------------------------------------------------------------------------
     def _attach(self) -> None:
         raise NotImplementedError
@@ -178,6 +205,8 @@ class Patch:
         """Undo the patch: the model behaves bit-identically to before ``apply``."""
         if not self.active:
             raise RuntimeError(f"this {self.method!r} patch was already removed")
+        if self.model is None:
+            raise RuntimeError(f"this {self.method!r} patch's model was garbage-collected: nothing to undo")
         self._detach()
         self._record(add=False)
         _ACTIVE[self.model].remove(self)
@@ -193,6 +222,18 @@ class Patch:
             raise ValueError(f"cannot apply {self.method!r}: this model was saved after longctx applied "
                              f"{saved[0]!r} (config.longctx), so its config already carries that scaling; "
                              f"load the original model to apply another")
+
+    def _track_copy(self) -> None:
+        """Track this patch for its model, where it arrived as a copy of an active patch along with a copy of
+        that model (``copy.deepcopy``, ``torch.save`` / ``torch.load``): patches whose copies act on the copied
+        model (streaming's hook and instance attributes are bound to the patch) call it from ``__setstate__``.
+        Untracked, the copy's patch was missing from ``active_patches``, could not be removed, and a second
+        patch of its slot was accepted on top of it. A shallow copy of a patch (its model already tracks a patch
+        of this slot) is left untracked."""
+        if self.active and self.model is not None:
+            patches = _ACTIVE.setdefault(self.model, [])  # (only hashed: the model may be half-built here)
+            if not any(p.slot == self.slot for p in patches):
+                patches.append(self)
 
     def _record(self, add: bool) -> None:
         """Keep ``model.config.longctx`` (saved with the model) listing the applied methods."""
@@ -216,6 +257,11 @@ class Patch:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.to_dict().items())
         state = "active" if self.active else "removed"
         return f"<{type(self).__name__} {self.method}({opts}) {state}>"
+
+
+def _dead() -> None:
+    """The model reference of a patch whose model is gone."""
+    return None
 
 
 def _slot_methods(slot: str) -> set[str]:

@@ -368,6 +368,24 @@ def test_other_handles_and_shared_configs_cannot_stack_patches():
     assert model.config.rope_parameters["rope_theta"] == theta
 
 
+@pytest.mark.parametrize("method, options", [("yarn", {"factor": 2}), ("s2attn", {}),
+                                             ("streaming", {"sink_size": 2, "window_size": 6})])
+def test_a_patched_model_dropped_without_remove_is_freed(method, options):
+    # the registry holds each model's patches (keyed weakly by the model), but every patch held its model strongly:
+    # a patched model was never freed (nor its GPU memory) unless its patch was removed first
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    patch = longctx.apply(model, method, **options)
+    copies = [copy.deepcopy(model)] if method == "streaming" else []  # a copy of it carries a copy of the patch
+    refs = [weakref.ref(m) for m in (model, *copies)]
+    del model, copies
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+    with pytest.raises(RuntimeError, match="model was garbage-collected"):
+        patch.remove()
+
 def test_failed_attach_leaves_the_model_unchanged(monkeypatch):
     model = tiny_model("llama")
     before = (copy.deepcopy(model.config.rope_parameters), model.config.max_position_embeddings)

@@ -1067,6 +1067,44 @@ def test_deepcopy_and_pickle_of_a_streaming_model_act_on_the_copy():
     assert torch.equal(twin.generate(out.sequences, past_key_values=out.past_key_values, **kw), want_continued)
 
 
+
+def test_copies_of_a_streaming_model_track_their_own_patch():
+    # a deepcopy (or torch.save / torch.load) of a streaming model streams with a copy of the patch, which the
+    # registry did not know: active_patches(copy) was [], stream_generate refused the copy, the copy's patch could
+    # not be removed (list.remove failed, after undoing half of it), and a second streaming patch was accepted on
+    # top of it (two hooks: generate failed on a mask of the wrong size; streaming_perplexity likewise)
+    import copy
+    import io
+
+    from longctx.chat import stream_generate
+
+    model = tiny_model("llama").double()
+    ids = ids_for(9)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=10)
+    dense = model.generate(ids, **kw)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        want = model.generate(ids, **kw)
+    assert not torch.equal(want, dense)  # the stream evicted tokens
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        [own] = longctx.active_patches(twin)
+        assert own is not patch and own.model is twin and own.active
+        with pytest.raises(ValueError, match="'streaming' is already applied to this model"):
+            longctx.apply(twin, "streaming", sink_size=2, window_size=8)
+        assert len(list(stream_generate(twin, ids, max_new_tokens=3))) == 3
+        assert torch.equal(twin.generate(ids, **kw), want)
+        own.remove()  # undoes the copy only
+        assert torch.equal(twin.generate(ids, **kw), dense) and longctx.active_patches(twin) == []
+        assert "prepare_inputs_for_generation" not in twin.__dict__ and not hasattr(twin.config, "longctx")
+        assert torch.equal(model.generate(ids, **kw), want) and longctx.active_patches(model) == [patch]
+        with longctx.applied(twin, "streaming", sink_size=2, window_size=6):  # and takes a patch again
+            assert torch.equal(twin.generate(ids, **kw), want)
+    patch.remove()
+    assert torch.equal(model.generate(ids, **kw), dense)
+
 # -- review fixes ------------------------------------------------------------------------------------------
 SPLIT_ROTARY = {"phi": dict(partial_rotary_factor=0.5), "stablelm": dict(partial_rotary_factor=0.25, num_key_value_heads=2),
                 "persimmon": dict(partial_rotary_factor=0.5)}
