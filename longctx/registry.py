@@ -176,6 +176,7 @@ class Patch:
         model = state.pop("_model_ref", model)
         self.__dict__.update(state)
         self.model = model
+        self._track_copy()  # a copy of an active patch with a copy of its model: that copy's patch, removable
 
     # -- subclass hooks ------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -225,8 +226,9 @@ class Patch:
 
     def _track_copy(self) -> None:
         """Track this patch for its model, where it arrived as a copy of an active patch along with a copy of
-        that model (``copy.deepcopy``, ``torch.save`` / ``torch.load``): patches whose copies act on the copied
-        model (streaming's hook and instance attributes are bound to the patch) call it from ``__setstate__``.
+        that model (``copy.deepcopy``, ``torch.save`` / ``torch.load``; of the model, where it holds its patch, as
+        streaming's hook and instance attributes do, or of both, e.g. ``copy.deepcopy((model, patch))``); called
+        from ``__setstate__``.
         Untracked, the copy's patch was missing from ``active_patches``, could not be removed, and a second
         patch of its slot was accepted on top of it. A shallow copy of a patch (its model already tracks a patch
         of this slot) is left untracked."""

@@ -379,12 +379,50 @@ def test_a_patched_model_dropped_without_remove_is_freed(method, options):
     model = tiny_model("llama")
     patch = longctx.apply(model, method, **options)
     copies = [copy.deepcopy(model)] if method == "streaming" else []  # a copy of it carries a copy of the patch
-    refs = [weakref.ref(m) for m in (model, *copies)]
+    # the weights too: a RoPE patch held the rotary module's parent (the decoder body, all but lm_head) for remove()
+    refs = [weakref.ref(m) for m in (model, *copies, model.base_model, model.base_model.embed_tokens.weight)]
     del model, copies
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
     with pytest.raises(RuntimeError, match="model was garbage-collected"):
         patch.remove()
+
+@pytest.mark.parametrize("method, options", [("yarn", {"factor": 2}), ("s2attn", {"group_size": 8}),
+                                             ("streaming", {"sink_size": 2, "window_size": 6})])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_model_and_its_patch_removes_on_the_copy(method, options, how):
+    # copy.deepcopy((model, patch)) (or torch.save of both): the copy of the patch carries the copy of the model,
+    # but the registry did not track it (only streaming's): its remove() undid the copy, then failed (KeyError), and
+    # s2attn's, sharing the original's state, switched S2 off in the original (silently: it kept running full attention)
+    import importlib
+    import io
+
+    importlib.import_module("longctx.methods.s2attn")  # registers "s2attn"
+    if method == "s2attn":
+        if how == "pickle":
+            pytest.skip("a model with an active s2attn patch cannot be pickled (its hooks' state holds weak references)")
+    model = tiny_model("llama").train(method == "s2attn")
+    x = torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(1))
+    ref = model(x).logits
+    patch = longctx.apply(model, method, **options)
+    patched = model(x).logits
+    assert not torch.equal(patched, ref) or method == "streaming"
+    if how == "deepcopy":
+        dup, dup_patch = copy.deepcopy((model, patch))
+    else:
+        buf = io.BytesIO()
+        torch.save({"model": model, "patch": patch}, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        dup, dup_patch = loaded["model"], loaded["patch"]
+    assert dup_patch.model is dup and longctx.active_patches(dup) == [dup_patch]
+    dup_patch.remove()
+    assert longctx.active_patches(dup) == [] and not hasattr(dup.config, "longctx")
+    assert torch.equal(dup(x).logits, ref)
+    assert torch.equal(model(x).logits, patched) and longctx.active_patches(model) == [patch]
+    patch.remove()
+    assert torch.equal(model(x).logits, ref)
+
 
 def test_failed_attach_leaves_the_model_unchanged(monkeypatch):
     model = tiny_model("llama")

@@ -1489,3 +1489,37 @@ def test_multimodal_shifted_heads_checked_on_the_text_config(ids):
         torch.testing.assert_close(logits(model, x), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="shifts 0 of 4 query heads"):
         longctx.apply(model, "s2attn", group_size=G, shifted_heads=0.1)
+
+
+def tiny_sub_config_lm(family):
+    """A plain causal LM whose config has sub-configs (``attn_config``), built without attn_implementation (as
+    from_pretrained loads it by default): those sub-configs have no implementation of their own (None)."""
+    from transformers import AutoModelForCausalLM
+    kw = dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB)
+    if family == "dbrx":
+        kw.update(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                  ffn_config=dict(ffn_hidden_size=128, moe_num_experts=2, moe_top_k=1))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw)).eval()
+
+
+def test_sub_configs_without_an_implementation_are_restored(ids):
+    # dbrx's attn_config / ffn_config have None: remove() passed None back in the dict form, which transformers
+    # refuses for a sub-config without a sub-model (ValueError): remove() failed half done (hooks gone, top-level
+    # restored, attn_config still naming S2, the patch still active); mpt (refused: no AttentionInterface) got
+    # that ValueError instead of the refusal, and its attn_config kept S2's name
+    model = tiny_sub_config_lm("dbrx")
+    subs = lambda m: [m.config.attn_config._attn_implementation, m.config.ffn_config._attn_implementation]  # noqa: E731
+    assert subs(model) == [None, None]
+    x = ids[:, :24]
+    ref, ref_train = logits(model, x), logits(model.train(), x)
+    patch = longctx.apply(model, "s2attn", group_size=8)
+    assert not torch.equal(logits(model, x), ref_train)  # S2 runs
+    patch.remove()
+    assert not patch.active and longctx.active_patches(model) == []
+    assert model.config._attn_implementation == "sdpa" and subs(model) == [None, None]
+    assert torch.equal(logits(model, x), ref_train) and torch.equal(logits(model.eval(), x), ref)
+    mpt = tiny_sub_config_lm("mpt")
+    with pytest.raises(ValueError, match="does not support setting its attention implementation"):
+        longctx.apply(mpt, "s2attn", group_size=8)
+    assert mpt.config._attn_implementation == "eager" and mpt.config.attn_config._attn_implementation is None

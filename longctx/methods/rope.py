@@ -184,7 +184,9 @@ class RopePatch(Patch):
             new_len = entry_len if new_len is None else max(new_len, entry_len)
 
         head_dim = getattr(config, "head_dim", 0)
-        saved = (config, config.rope_parameters, config.max_position_embeddings, parent, attr, old, head_dim)
+        # not the parent module (found again at remove()): held by the patch, it kept the decoder body, weights
+        # included, alive after the model was dropped without remove()
+        saved = (config, config.rope_parameters, config.max_position_embeddings, None, attr, old, head_dim)
         try:
             config.rope_parameters = params
             config.max_position_embeddings = int(new_len)
@@ -228,6 +230,8 @@ class RopePatch(Patch):
 
     def _detach(self) -> None:
         config, params, max_len, parent, attr, old, head_dim = self._saved
+        if parent is None:  # (a patch pickled by an older longctx holds it)
+            parent = rotary_module(self.model, self.method)[0]
         config.rope_parameters = params
         config.max_position_embeddings = max_len
         if head_dim is None:

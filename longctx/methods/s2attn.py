@@ -781,7 +781,7 @@ class S2AttnPatch(Patch):
             for hook in self._hooks:
                 hook.remove()
             if _implementations(model.config, text) != before:
-                model.set_attn_implementation(before)
+                _restore(model, before)
             state.detach()
             raise
         self._state, self._name, self._original, self._before = state, name, original, before
@@ -789,8 +789,10 @@ class S2AttnPatch(Patch):
     def _detach(self) -> None:
         for hook in self._hooks:
             hook.remove()
-        self.model.set_attn_implementation(self._before)  # every sub-config's own, as before apply
-        self._state.detach()  # the registered entries stay (no unregister API) but become inert
+        _restore(self.model, self._before)  # every sub-config's own, as before apply
+        # (a copy of the patch, with a copy of the model, shares the original's state: it acts for the original)
+        if self._state.model_ref() is self.model:
+            self._state.detach()  # the registered entries stay (no unregister API) but become inert
         del self._state
 
     @property
@@ -826,6 +828,25 @@ def _implementations(config, text=None) -> dict:
         if sub is not None:
             out[key] = _implementations(sub, text) if getattr(sub, "sub_configs", None) else own(sub)
     return out
+
+
+def _restore(model, implementations: dict) -> None:
+    """``model.set_attn_implementation(implementations)``, where a sub-config that had no implementation of its own
+    (None: dbrx's and mpt's attn_config as loaded) gets None back: transformers refuses None for a sub-config
+    without a sub-model (a ValueError, which left remove() half done), so it is set there directly."""
+    def defined(impls):
+        return {k: defined(v) if isinstance(v, dict) else v for k, v in impls.items() if v is not None}
+
+    def unset(config, impls):
+        for key, value in impls.items():
+            sub = config if key == "" else getattr(config, key, None)
+            if isinstance(value, dict):
+                unset(sub, value)
+            elif value is None and sub is not None:
+                sub._attn_implementation_internal = None
+
+    model.set_attn_implementation(defined(implementations))
+    unset(model.config, implementations)
 
 
 def _switched(config, text, name):

@@ -708,11 +708,6 @@ class StreamingPatch(Patch):
                 self._set[name] = _PatchedMethod(self, name)
                 setattr(self.model, name, self._set[name])
 
-    def __setstate__(self, state: dict) -> None:
-        # a deepcopy or an unpickled copy of the patched model carries a copy of this patch, acting on the copy
-        super().__setstate__(state)
-        self._track_copy()
-
     def _wrapped(self, name: str):
         """The bound method that the instance attribute ``name`` wraps (see _PatchedMethod)."""
         if self._own[name] is not None:
