@@ -1523,3 +1523,79 @@ def test_sub_configs_without_an_implementation_are_restored(ids):
     with pytest.raises(ValueError, match="does not support setting its attention implementation"):
         longctx.apply(mpt, "s2attn", group_size=8)
     assert mpt.config._attn_implementation == "eager" and mpt.config.attn_config._attn_implementation is None
+
+
+def test_a_dropped_model_leaves_nothing_cached(ids, fast_path_on_cpu):
+    # the registered functions hold the state for ever (transformers cannot unregister a name): a model dropped
+    # without remove() left its BlockMasks (on its GPU) and caches in that state
+    import gc
+    model = tiny_model("llama").eval()
+    patch = longctx.apply(model, "s2attn", group_size=16, backend="flex", train_only=False)
+    logits(model, ids[:1, :40])
+    state = patch._state
+    assert state.block_masks
+    del model
+    gc.collect()
+    assert not state.block_masks and not state._originals and state.model_ref() is None
+
+
+def test_torch_save_of_a_patched_model(ids, tmp_path):
+    # torch.save(model) failed (its hooks' state holds weak references). Loaded, the copy runs the original attention,
+    # as a deepcopy does, here and in another process (where the patch's name is unknown until the load registers
+    # it), and can be patched itself; remove() leaves a config naming the original implementation
+    import io
+    import subprocess
+
+    model = tiny_model("llama").train()
+    x = ids[:1, :24]
+    ref = logits(model, x)
+    patch = longctx.apply(model, "s2attn", group_size=8)
+    s2 = logits(model, x)
+    assert not torch.equal(s2, ref)
+    buf = io.BytesIO()
+    with pytest.warns(UserWarning, match="a copy of a patched model .* runs its original attention"):
+        torch.save(model, buf)
+    torch.save({"model": model, "x": x, "ref": ref, "s2": s2}, tmp_path / "saved.pt")
+    buf.seek(0)
+    dup = torch.load(buf, weights_only=False)
+    assert torch.equal(logits(dup, x), ref) and torch.equal(logits(model, x), s2)
+    own = longctx.apply(dup, "s2attn", group_size=8)
+    assert torch.equal(logits(dup, x), s2) and torch.equal(logits(model, x), s2)
+    own.remove()
+    assert dup.config._attn_implementation == "eager" and torch.equal(logits(dup, x), ref)
+    patch.remove()
+    script = f"""
+import torch, longctx
+saved = torch.load({str(tmp_path / 'saved.pt')!r}, weights_only=False)
+model, x = saved["model"], saved["x"]
+assert torch.equal(model(x).logits, saved["ref"])
+patch = longctx.apply(model, "s2attn", group_size=8)
+assert torch.equal(model(x).logits, saved["s2"]), "S2 on the loaded copy"
+patch.remove()
+assert model.config._attn_implementation == "eager" and torch.equal(model(x).logits, saved["ref"])
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_copy_can_be_patched(ids):
+    # a deepcopy of a patched model carries the patch's name in its config: applying s2attn to it was refused
+    # ("already runs an s2attn attention function") with no patch to remove
+    import copy
+    model = tiny_model("llama").train()
+    x = ids[:1, :24]
+    ref = logits(model, x)
+    patch = longctx.apply(model, "s2attn", group_size=8)
+    s2 = logits(model, x)
+    with pytest.warns(UserWarning, match="a copy of a patched model"):
+        dup = copy.deepcopy(model)
+    assert torch.equal(logits(dup, x), ref)
+    with longctx.applied(dup, "s2attn", group_size=8):
+        assert torch.equal(logits(dup, x), s2)
+        with pytest.raises(ValueError, match="already applied"):
+            longctx.apply(dup, "s2attn", group_size=8)
+    assert torch.equal(logits(dup, x), ref) and torch.equal(logits(model, x), s2)
+    with pytest.raises(ValueError, match="already applied"):
+        longctx.apply(model, "s2attn", group_size=8)
+    patch.remove()

@@ -72,7 +72,12 @@ function is active (an eval-mode layer inside a training model, a model sharing 
 inside the forward) gets its original implementation's own mask, rebuilt: causal, padding, packed
 documents; dense window masks in eager's additive form. transformers' flex_attention cannot take
 those dense masks (NotImplementedError, never a wrong result). Transformers has no API to unregister
-a name: the two small entries stay registered after ``remove()`` and hold no reference to the model.
+a name: the two small entries stay registered after ``remove()`` and hold no reference to the model (nor,
+once a patched model is dropped without ``remove()``, anything cached for it).
+
+Copies: a ``copy.deepcopy`` or ``torch.save``/``torch.load`` of a patched model (also in another process) runs
+its original attention, with a warning at the copy; ``longctx.apply(copy, "s2attn", ...)`` patches the copy
+itself (after removing a copied patch, where ``(model, patch)`` were copied together).
 
 Backends (``backend=``):
 - ``"sdpa"`` (default on CPU, and wherever flex is unavailable): the whole groups are reshaped
@@ -124,6 +129,7 @@ import inspect
 import itertools
 import math
 import numbers
+import secrets
 import sys
 import warnings
 import weakref
@@ -145,6 +151,16 @@ _MARK = "_longctx_s2attn_member"  # attribute of the patched instance's modules 
 _UNKNOWN = object()  # position_ids outside a forward, or passed positionally
 _FAST_PATH_DEVICES = ("cuda",)  # where the mask function returns S2's BlockMask, the fast path (tests add "cpu")
 _NAMES = itertools.count()
+
+
+def _nothing():  # a dead weak reference
+    return None
+
+
+# names unique across processes too: a model pickled with its patch's name (torch.save) and loaded in another
+# process must not meet a later patch there under the same name
+_RUN = secrets.token_hex(4)
+_STATES: "weakref.WeakValueDictionary[str, _State]" = weakref.WeakValueDictionary()  # name -> its state
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -745,9 +761,6 @@ class S2AttnPatch(Patch):
     slot = "attention"
 
     def _attach(self) -> None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
         o = self.options
         if o.backend == "flash" and not flash_available():
             raise ImportError("s2attn backend='flash' needs the flash_attn package (pip install flash-attn); "
@@ -760,18 +773,21 @@ class S2AttnPatch(Patch):
         text = _text_config(model.config)
         before = _implementations(model.config, text)
         original = text._attn_implementation or "eager"
-        if any(str(x).startswith("longctx_s2attn") for x in (model.config._attn_implementation, original)):
+        # a copy of a patched model (deepcopy, torch.save/load) carries the patch's name in its config but runs the
+        # original implementation: read as that one here, and restored as that one by remove()
+        before, original = _unpatched(before, model), _unpatched(original, model)
+        if any(str(x).startswith("longctx_s2attn") for x in (_unpatched(model.config._attn_implementation, model),
+                                                               original)):
             raise ValueError("this model already runs an s2attn attention function")
         shifted_head_count(getattr(text, "num_attention_heads", 2) or 2, o.shifted_heads)  # error now
-        name = f"longctx_s2attn_{next(_NAMES)}"
-        state = _State(model, original, o)
+        name = f"longctx_s2attn_{_RUN}_{next(_NAMES)}"
+        state = _State(model, original, o, name)
         # the registered functions act for this instance only: masks inside its forwards (copies and models
         # sharing its config get the original's), attention in its own modules
         base = model.base_model
         self._hooks = (base.register_forward_pre_hook(state.enter, with_kwargs=True),
                        base.register_forward_hook(state.exit, always_call=True))
-        AttentionInterface.register(name, state.attention)
-        AttentionMaskInterface.register(name, state.mask)
+        _register(state)
         try:
             model.set_attn_implementation(name if text is model.config else _switched(model.config, text, name))
             if model.config._attn_implementation != name or text._attn_implementation != name:
@@ -849,6 +865,37 @@ def _restore(model, implementations: dict) -> None:
     unset(model.config, implementations)
 
 
+def _register(state) -> None:
+    """Register ``state``'s attention and mask functions under its name (no API removes them: they stay, small)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(state.name, state.attention)
+    AttentionMaskInterface.register(state.name, state.mask)
+    _STATES[state.name] = state
+
+
+def _unpatched(implementations, model):
+    """An implementation name (or a nested ``_implementations`` dict) with each s2attn name whose state is not
+    this model's replaced by the implementation it stands in for (that state's original): a copy of a patched
+    model (deepcopy, torch.save/load) carries the patch's name in its config and runs the original."""
+    if isinstance(implementations, dict):
+        return {k: _unpatched(v, model) for k, v in implementations.items()}
+    state = _STATES.get(implementations) if isinstance(implementations, str) else None
+    return state.original if state is not None and state.model_ref() is not model else implementations
+
+
+def _state_for(name: str, original: str, options) -> "_State":
+    """Unpickling a state (``torch.load`` of a model pickled with its hooks): in the process that pickled it, the
+    live state (a copy of the model shares it, as a deepcopy does: the copy runs the original implementation);
+    in another process, an inert state registered under the same name, so the copy runs the original too."""
+    state = _STATES.get(name)
+    if state is None:
+        state = _State(None, original, options, name)
+        _register(state)
+    return state
+
+
 def _switched(config, text, name):
     """``_implementations(config)`` with ``name`` for ``config``, for ``text`` and for the sub-configs between them;
     every other sub-config (a vision or audio tower) keeps its own implementation."""
@@ -874,10 +921,16 @@ class _State:
     instance: the mask function only inside its base model's forward (the hooks count it), the
     attention function only for its own modules, and training mode is read from the module called."""
 
-    def __init__(self, model, original: str, options: S2AttnOptions):
-        self.model_ref = weakref.ref(model)
-        self.base_ref = weakref.ref(model.base_model)
-        self.members = weakref.WeakSet(model.modules())
+    def __init__(self, model, original: str, options: S2AttnOptions, name: str):
+        """``model`` None: an inert state (unpickled in another process), acting as ``original`` for everything."""
+        self.name = name
+        self.model_ref = weakref.ref(model) if model is not None else _nothing
+        self.base_ref = weakref.ref(model.base_model) if model is not None else _nothing
+        self.members = weakref.WeakSet(model.modules() if model is not None else ())
+        # the registered functions hold this state for ever (no unregister API): when the model is dropped without
+        # remove(), what the state caches for it (BlockMasks, on its device) goes with it
+        self._finalizer = weakref.finalize(model, self.detach) if model is not None else None
+        self.warned_copy = False
         # this instance's modules carry ``marker`` (a deepcopy gets a copy of it, not it): the attention function
         # checks it by identity, which torch.compile guards as one value for every layer (membership in the
         # WeakSet guarded each module's identity: a recompile per layer, past dynamo's limit of 8)
@@ -899,7 +952,9 @@ class _State:
         self.flex_unused_seen = False  # a compiled fast-path call ran sdpa although flex settings are set
 
     def detach(self):
-        self.model_ref = self.base_ref = lambda: None
+        if self._finalizer is not None:
+            self._finalizer.detach()  # (it held this state)
+        self.model_ref = self.base_ref = _nothing
         for m in list(self.members):
             rest = tuple(x for x in m.__dict__.get(_MARK, ()) if x is not self.marker)
             if rest:
@@ -916,7 +971,21 @@ class _State:
     def __deepcopy__(self, memo):
         # a deep copy of the model copies its hooks, which hold this state: the copy's hooks share it (they act
         # only for this model's base model, so for the copy they do nothing) instead of duplicating its caches
+        self._warn_copy()
         return self
+
+    def __reduce__(self):
+        # pickling the model (torch.save) pickles its hooks, which hold this state: the name, the original and the
+        # options travel; loaded, the copy shares this state (in this process) or an inert one (in another)
+        self._warn_copy()
+        return _state_for, (self.name, self.original, self.options)
+
+    def _warn_copy(self):
+        if self.model_ref() is not None and not self.warned_copy:
+            self.warned_copy = True
+            warnings.warn("s2attn: a copy of a patched model (copy.deepcopy, torch.save) runs its original attention: "
+                          "S2 acts for the patched instance only; apply s2attn to the copy to train it with S2 "
+                          "(after removing a copied patch, if one came with it)", stacklevel=3)
 
     # forward hooks of the patched base model (a copy's hooks are copies: they check the module too)
     def enter(self, module, args, kwargs):
