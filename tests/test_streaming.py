@@ -1227,3 +1227,26 @@ def test_streaming_perplexity_refuses_a_streaming_patch_on_another_handle():
             with pytest.raises(ValueError, match="applies the streaming patch itself"):
                 streaming_perplexity(model, ids_for(20)[0], 2, 6, policy=policy, progress=False)
     assert streaming_perplexity(model, ids_for(20)[0], 2, 6, policy="dense", progress=False)["tokens"] == 19
+
+
+def test_peft_prompt_learning_set_up_before_streaming_keeps_the_continuation_slicing():
+    # PeftModel.generate (prompt learning) sets its own prepare_inputs_for_generation on the model and then restores
+    # the one it saw at get_peft_model: streaming's wrapper was gone for good, and a later model.generate continuing
+    # a stream fed the tokens past the slots a second time (silently: 6 tokens instead of 1 here)
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = tiny_model("llama").double()
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids = ids_for(9)
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    peft_model.generate(input_ids=ids, max_new_tokens=3, **kw)
+    with peft_model.disable_adapter():
+        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
+        cache = out.past_key_values
+        assert (cache.seen_tokens, cache.get_seq_length()) == (13, 8)
+        model.generate(out.sequences, past_key_values=cache, max_new_tokens=3, **kw)
+        assert cache.seen_tokens == 13 + 1 + 2  # the one new token, then two steps
+    peft_model.generate(input_ids=ids, max_new_tokens=2, **kw)  # peft sets its own again, and restores the class's
+    patch.remove()
+    assert "prepare_inputs_for_generation" not in model.__dict__ and "_prefill" not in model.__dict__

@@ -662,6 +662,13 @@ def _stream_position_prefill(prefill, *args, **kwargs):
 _WRAPPERS = {"prepare_inputs_for_generation": _stream_position_prepare, "_prefill": _stream_position_prefill}
 
 
+def _is_class_method(model, name: str) -> bool:
+    """Whether ``model``'s instance attribute ``name`` is just its class's method bound to it (or is missing)."""
+    value = model.__dict__.get(name)
+    return value is None or (getattr(value, "__self__", None) is model
+                             and getattr(value, "__func__", None) is getattr(type(model), name, None))
+
+
 class _PatchedMethod:
     """What the patch sets as a model instance attribute (``prepare_inputs_for_generation``, ``_prefill``): a
     callable holding the patch, which finds the method it wraps through ``patch.model`` at each call. So a
@@ -678,6 +685,8 @@ class _PatchedMethod:
         return self.patch._wrapped(self.name)
 
     def __call__(self, *args, **kwargs):
+        if self.name == "_prefill":  # generate's prefill, before its first prepare_inputs_for_generation
+            self.patch._reinstall()
         return _WRAPPERS[self.name](self.patch._wrapped(self.name), *args, **kwargs)
 
 
@@ -715,10 +724,22 @@ class StreamingPatch(Patch):
         keeping = _cache_keeping_prepare(self.model) if name == "prepare_inputs_for_generation" else None
         return keeping or getattr(type(self.model), name).__get__(self.model, type(self.model))
 
+    def _reinstall(self) -> None:
+        """Put the wrappers back where the instance attribute was reset to the class's own method: peft's
+        ``PeftModel.generate`` for prompt learning sets its own ``prepare_inputs_for_generation`` on the model and
+        afterwards restores the one it saw when it was built, so with peft set up before streaming, every later
+        ``model.generate`` lost the continuation slicing (it fed tokens the stream had seen a second time). Anything
+        else set there (peft's own, during its generate, which slices a continuation itself) is left alone."""
+        for name, wrapper in self._set.items():
+            if self._own[name] is None and _is_class_method(self.model, name):
+                setattr(self.model, name, wrapper)
+
     def _detach(self) -> None:
         self._handle.remove()
         for name, wrapper in self._set.items():
-            if self.model.__dict__.get(name) is wrapper:
+            current = self.model.__dict__.get(name)
+            if current is wrapper or (current is not None and self._own[name] is None
+                                      and _is_class_method(self.model, name)):
                 if self._own[name] is not None:
                     setattr(self.model, name, self._own[name])
                 else:
