@@ -64,7 +64,7 @@ def test_prompt_length_hits_target(kind, task):
     slack = max_word_tokens(tok, TEXT + pk.PASSKEY_FILLER) + 2  # the filler is cut at a word
     for L in (300, 517, 1000, 2048, 4000):
         for depth in (0.0, 0.5, 1.0):
-            p = pk.make_prompt(tok, L, depth, 12345, task, haystack=TEXT, start=7)
+            p = pk.make_prompt(tok, L, depth, 12345, task, haystack=TEXT if task == "needle" else None, start=7)
             n = len(p.input_ids)
             assert L - slack <= n <= L, (kind, task, L, depth, n)
             assert p.input_ids == tok(p.text, add_special_tokens=False)["input_ids"]
@@ -102,7 +102,7 @@ def test_haystack_wrap_keeps_a_space_between_the_last_and_first_word():
 @pytest.mark.parametrize("task", pk.TASKS)
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
 def test_key_is_at_the_requested_depth(ctok, task, depth):
-    p = pk.make_prompt(ctok, 3000, depth, 54321, task, haystack=TEXT)
+    p = pk.make_prompt(ctok, 3000, depth, 54321, task, haystack=TEXT if task == "needle" else None)
     needle = (pk.PASSKEY_NEEDLE if task == "passkey" else pk.NEEDLE_NEEDLE).format(key="54321")
     assert p.text.count("54321") == (2 if task == "passkey" else 1)
     assert ctok.decode(p.input_ids[p.needle_start:p.needle_end]) == needle
@@ -365,3 +365,10 @@ def test_cli_refuses_duplicate_methods_and_bad_depths(ctok, monkeypatch):
         args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", "300", *extra])
         with pytest.raises((SystemExit, ValueError), match=match):
             args.func(args)
+
+
+def test_haystack_is_refused_for_the_passkey_task(ctok):
+    # the passkey filler is fixed text: a haystack given with task="passkey" was silently not used
+    with pytest.raises(ValueError, match="haystack applies to task='needle' only"):
+        pk.make_prompt(ctok, 600, 0.5, 12345, "passkey", haystack=TEXT)
+    assert "The grass is green." in pk.make_prompt(ctok, 600, 0.5, 12345, "passkey").text

@@ -445,3 +445,49 @@ def test_peft_model_and_argument_types():
         with pytest.raises(ValueError, match=match):
             perplexity(model, [doc], progress=False, **args)
     assert perplexity(model, [doc], 16, progress=False)[16]["tokens"] > 0  # one length as a number
+
+
+def test_lengths_as_a_one_pass_iterable(model, docs):
+    # a generator (or map) of lengths was consumed by the check: no length was evaluated and {} came back
+    want = perplexity(model, docs, [8, 16], progress=False)
+    assert perplexity(model, docs, (L for L in (8, 16)), progress=False) == want
+    assert perplexity(model, docs, map(int, "8,16".split(",")), progress=False) == want
+
+
+def test_a_document_of_several_rows_is_refused(model):
+    # a (2, N) batch as one document was flattened: windows ran across the end of one row into the next
+    rows = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"document 1 has shape \(2, 24\)"):
+        perplexity(model, [rows[0], rows], [16], progress=False)
+    one = perplexity(model, [rows[:1]], [16], progress=False)[16]      # (1, N) as a tokenizer returns it: fine
+    assert one == perplexity(model, [rows[0]], [16], progress=False)[16]
+
+
+def test_prompt_learning_peft_adapters_are_refused():
+    # prompt/prefix tuning add virtual tokens in PeftModel.forward, which the unwrapped body never runs:
+    # the base model's numbers came back, labelled as the adapter's
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    doc = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(0))
+    for config in (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                   PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = get_peft_model(tiny_llama(), config).eval()
+        with pytest.raises(TypeError, match="prompt learning"):
+            perplexity(peft_model, [doc], [16], progress=False)
+
+
+def test_a_streaming_patch_is_said_to_change_nothing(docs):
+    # perplexity runs each window without a cache, so a streaming patch changes nothing: the CLI and sweeps refuse
+    # such a row, the Python API returned the dense numbers without a word
+    import longctx
+    model = tiny_model("llama")
+    want = perplexity(model, docs, [16], progress=False)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        with pytest.warns(UserWarning, match="streaming patch, which changes nothing here"):
+            got = perplexity(model, docs, [16], progress=False)
+    assert got == want
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        perplexity(model, docs, [16], progress=False)

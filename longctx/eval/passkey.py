@@ -150,8 +150,9 @@ def make_prompt(tokenizer, length: int, depth: float, key, task: str = "passkey"
                 start: int = 0) -> Prompt:
     """Build the prompt for ``task`` with ``key`` at ``depth`` and at most ``length`` tokens.
 
-    ``haystack``: for ``task="needle"``, the filler words (a list of word strings with trailing
-    whitespace, or a text); ``start``: the filler's first word (wraps around).
+    ``haystack``: for ``task="needle"`` only (a ValueError with ``task="passkey"``, whose filler is fixed), the
+    filler words (a list of word strings with trailing whitespace, or a text); ``start``: the filler's first
+    word (wraps around).
     How the length is hit: the number of filler words ``n`` is the largest one for which the whole
     prompt tokenizes to <= ``length`` tokens (estimated from the tokens per word, then bracketed and
     bisected on the real tokenization, about 10 tokenizer calls). The words are taken ``length`` at a
@@ -163,6 +164,8 @@ def make_prompt(tokenizer, length: int, depth: float, key, task: str = "passkey"
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     key = str(key)
+    if task == "passkey" and haystack is not None:
+        raise ValueError("haystack applies to task='needle' only; task 'passkey' has its own fixed filler text")
     if task == "passkey":
         intro, needle, question, hay = PASSKEY_INTRO, PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION, _PASSKEY_HAYSTACK
     else:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..methods.rope import reset_rotary_state
-from ..registry import unwrap_model
+from ..registry import active_patches, unwrap_model
 from ..utils import layers_compiled, recompile_room
 
 MODES = ("chunks", "sliding")
@@ -75,6 +75,8 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
       score="tail" is rejected (ValueError) in sliding mode: the scored part of each window is
       already its tail, set by `stride`. Documents shorter than L have no window (dropped).
 
+    A peft model is scored through the transformers model inside (its LoRA layers included); a prompt
+    learning adapter (prompt/prefix tuning: virtual tokens added by PeftModel.forward) is a TypeError.
     Token-weighted: ppl = exp(sum of NLL over all scored tokens / number of scored tokens).
     batch_tokens: token budget per forward; windows (of one or several documents) are stacked
     into batches of max(1, batch_tokens // L). Default 65536 on CUDA, L (batch 1) elsewhere.
@@ -120,6 +122,7 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     positive_int("stride", stride, allow_none=True)
     if isinstance(lengths, (int, numbers.Integral)) and not isinstance(lengths, bool):
         lengths = [lengths]
+    lengths = list(lengths)  # a generator is read once: checked and evaluated from this list
     for L in lengths:
         positive_int("every entry of lengths", L)
     lengths = [int(L) for L in lengths]
@@ -136,13 +139,25 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
             raise ValueError(f"tail_fraction must be in (0, 1] with int(L * tail_fraction) >= 1, "
                              f"got {tail_fraction} for L={L}")
 
-    docs = [torch.as_tensor(d, dtype=None if torch.is_tensor(d) or len(d) else torch.long).flatten().cpu()
-            for d in docs]  # [] would be float32
+    docs = [torch.as_tensor(d, dtype=None if torch.is_tensor(d) or len(d) else torch.long) for d in docs]  # [] float32
+    rows = [i for i, d in enumerate(docs) if sum(n > 1 for n in d.shape) > 1]  # (1, N) is one document, (2, N) two
+    if rows:
+        raise ValueError(f"docs: document {rows[0]} has shape {tuple(docs[rows[0]].shape)}: each document must be "
+                         f"one sequence (1-D, or (1, N)); pass the rows of a batch as documents of their own")
+    docs = [d.flatten().cpu() for d in docs]
     bad = [i for i, d in enumerate(docs) if d.is_floating_point() or d.is_complex() or d.dtype == torch.bool]
     if bad:
         raise TypeError(f"docs must hold integer token ids; document {bad[0]} is {docs[bad[0]].dtype}")
     docs = [d.long() for d in docs]
+    adapters = getattr(getattr(model, "_orig_mod", model), "peft_config", None)  # peft: {adapter name: config}
+    if isinstance(adapters, dict) and any(getattr(c, "is_prompt_learning", False) for c in adapters.values()):
+        raise TypeError("perplexity: a peft model with a prompt learning adapter (prompt/prefix tuning) is not "
+                        "supported: its virtual tokens are added by PeftModel.forward, which the scoring never runs")
     model = unwrap_model(model)  # a peft model: the transformers model inside (its LoRA layers included)
+    if any(p.method == "streaming" for p in active_patches(model)):
+        warnings.warn("perplexity: the model has a streaming patch, which changes nothing here: each window runs "
+                      "without a cache (full attention); longctx.eval.streaming_perplexity scores under a sink cache",
+                      stacklevel=2)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
