@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from .methods.streaming import SinkCache, prefill
+from .methods.streaming import SinkCache, check_sizes, prefill
 
 
 class StreamingSession:
@@ -305,16 +305,31 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, g
 
 
 # -- commands ------------------------------------------------------------------------------------------
-def _load(args):
+def _methods(args) -> list[tuple[str, dict]]:
+    """The --method values as (name, options), every option checked (SystemExit naming the method)."""
     from . import registry
     from .cli import parse_method
+
+    out = []
+    for spec in args.method or []:
+        _, name, options = parse_method(spec, None, factor_hint="NAME:factor=F")  # (these commands have no --factor)
+        if name != "none":
+            try:
+                registry.make_options(registry.get_method(name), **options)
+            except (ValueError, TypeError) as err:
+                raise SystemExit(f"--method {spec!r}: {err}") from None
+            out.append((name, options))
+    return out
+
+
+def _load(args):
+    from . import registry
     from .models import load_model
 
+    methods = _methods(args)  # before the slow load
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    for spec in args.method or []:
-        _, name, options = parse_method(spec, getattr(args, "factor", None))
-        if name != "none":
-            registry.apply(model, name, **options)
+    for name, options in methods:
+        registry.apply(model, name, **options)
     return model, tokenizer
 
 
@@ -348,10 +363,12 @@ def cmd_generate(args) -> int:
         new = list(stream_generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    eos_token_id=list(eos_set), ignore_eos=args.ignore_eos, decoder=True,
                                    compile=compile))
-    else:  # top_k=0: only --temperature and --top-p shape the sampling, as on the --decoder path
+    else:  # top_k=0: only --temperature and --top-p shape the sampling, as on the --decoder path (greedy: not
+        # passed, transformers warns of a sampling flag given without sampling)
         new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                              do_sample=args.temperature > 0, temperature=args.temperature or None,
-                             top_p=args.top_p, top_k=0, pad_token_id=tokenizer.pad_token_id,
+                             top_p=args.top_p, **({"top_k": 0} if args.temperature > 0 else {}),
+                             pad_token_id=tokenizer.pad_token_id,
                              min_new_tokens=args.max_new_tokens if args.ignore_eos else None)[0, ids.shape[1]:].tolist()
         if new and new[-1] in eos_set:
             new = new[:-1]  # counted and printed like the --decoder path, which never yields it
@@ -379,8 +396,13 @@ def chat_sizes(args) -> tuple[int, int]:
             if sizes[key] is not None and sizes[key] != value:
                 raise SystemExit(f"longctx chat: {key} is {sizes[key]} from one option and {value} from another")
             sizes[key] = value
-    return (4 if sizes["sink_size"] is None else sizes["sink_size"],
-            2044 if sizes["window_size"] is None else sizes["window_size"])
+    sizes = (4 if sizes["sink_size"] is None else sizes["sink_size"],
+             2044 if sizes["window_size"] is None else sizes["window_size"])
+    try:
+        check_sizes(*sizes)  # before the slow load
+    except ValueError as err:
+        raise SystemExit(f"longctx chat: {err}") from None
+    return sizes
 
 
 def cmd_chat(args) -> int:

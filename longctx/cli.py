@@ -23,24 +23,30 @@ import time
 from . import registry
 
 
-def parse_method(spec: str, factor: float | None) -> tuple[str, str, dict]:
+def parse_method(spec: str, factor: float | None, where: str | None = None,
+                 factor_hint: str = "--factor F or NAME:factor=F") -> tuple[str, str, dict]:
     """``"yarn:factor=8:beta_fast=16"`` -> (label, name, options); label is what tables show. A value
-    reads as an int, a float, true/false (a bool) or none (None), case-insensitive; else a string."""
+    reads as an int, a float, true/false (a bool) or none (None), case-insensitive; else a string.
+    ``where`` starts the error messages (default ``--method 'SPEC'``); ``factor_hint``: how to give a missing
+    factor, NAME standing for the method (commands without ``--factor`` pass "NAME:factor=F")."""
+    where = where or f"--method {spec!r}"
     name, *pairs = spec.split(":")
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--method {spec!r}: expected NAME:key=value, got {pair!r}")
+            raise SystemExit(f"{where}: expected NAME:key=value, got {pair!r}")
         if key in options:
-            raise SystemExit(f"--method {spec!r}: option {key!r} is given twice")
+            raise SystemExit(f"{where}: option {key!r} is given twice")
         options[key] = _value(value)
-    return method_label(name, options, factor, f"--method {spec!r}")
+    return method_label(name, options, factor, where, factor_hint)
 
 
-def method_label(name: str, options: dict, factor: float | None, where: str) -> tuple[str, str, dict]:
+def method_label(name: str, options: dict, factor: float | None, where: str,
+                 factor_hint: str = "--factor F or NAME:factor=F") -> tuple[str, str, dict]:
     """(label, name, options) for a method and its options, taken as they are; ``factor`` fills in the
-    factor of a method that takes one and was not given it. ``where`` starts the error messages."""
+    factor of a method that takes one and was not given it. ``where`` starts the error messages;
+    ``factor_hint``: how to give a missing factor there (NAME stands for the method)."""
     options = dict(options)
     if name == "none":
         if options:
@@ -50,10 +56,14 @@ def method_label(name: str, options: dict, factor: float | None, where: str) -> 
         method = registry.get_method(name)
     except ValueError as err:
         raise SystemExit(f"{where}: {err}") from None
-    fields = {f.name for f in dataclasses.fields(method.options)}
+    fields = [f.name for f in dataclasses.fields(method.options)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:  # before the factor: a misspelt factor= would read as a missing one
+        raise SystemExit(f"{where}: unknown option(s) {', '.join(map(repr, unknown))} for method {method.name!r}; "
+                         f"allowed options: {', '.join(fields) or '(none)'}")
     if "factor" in fields and "factor" not in options:
         if factor is None:
-            raise SystemExit(f"{where}: method {name} needs a factor: --factor F or {name}:factor=F")
+            raise SystemExit(f"{where}: method {name} needs a factor: {factor_hint.replace('NAME', name)}")
         options["factor"] = factor
     label = name
     if "factor" in options:

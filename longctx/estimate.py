@@ -833,11 +833,17 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
 
 # ------------------------------------------------------------------------------------------- CLI
 def cmd_estimate(args) -> int:
+    ignored = [message for given, message in (
+        (args.lora_r is not None and args.train != "lora", "--lora-r applies to --train lora only"),
+        (args.no_gradient_checkpointing and not args.train, "--no-gradient-checkpointing applies to --train only"),
+        (args.new_tokens and args.train, "--new-tokens applies to inference only (not --train)")) if given]
+    if ignored:
+        raise SystemExit("; ".join(ignored))
     lengths = [int(x) for x in str(args.length).split(",") if x]
     for i, L in enumerate(lengths):
         est = estimate(args.model, L, method=args.method, train=args.train, batch=args.batch, dtype=args.dtype,
                        gpus=args.gpus, zero=args.zero, gradient_checkpointing=not args.no_gradient_checkpointing,
-                       lora_r=args.lora_r, gpu_memory=args.gpu_memory, logits=args.logits,
+                       lora_r=8 if args.lora_r is None else args.lora_r, gpu_memory=args.gpu_memory, logits=args.logits,
                        new_tokens=args.new_tokens)
         if i:
             print()
@@ -860,7 +866,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-r", type=int, default=None, help="--train lora: LoRA rank (default 8)")
     p.add_argument("--logits", choices=LOGITS, default=None, help="inference: logits of the last or all positions")
     p.add_argument("--new-tokens", type=int, default=0, help="inference: tokens generated after the prompt")
     p.add_argument("--gpu-memory", default=None, help="per-GPU memory, e.g. 80GiB, 80GB, 24G")

@@ -88,9 +88,10 @@ def method_spec(entry) -> tuple[str, str, dict]:
             name = options.pop("name", None) or options.pop("method", None)
             if not name:
                 raise ValueError(f"method entry {entry} needs a name")
-            label, name, options = method_label(str(name), options, None, f"method entry {entry}")
+            label, name, options = method_label(str(name), options, None, f"method entry {entry}",
+                                                factor_hint="{name: NAME, factor: F}")
         else:
-            label, name, options = parse_method(str(entry), None)
+            label, name, options = parse_method(str(entry), None, f"method entry {str(entry)!r}", "NAME:factor=F")
     except SystemExit as err:  # the ppl CLI's parser exits; here it is a config error
         raise ValueError(str(err)) from None
     if name != "none":

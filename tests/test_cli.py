@@ -142,3 +142,51 @@ def test_stream_ppl_doc_shared_by_two_documents_is_refused(monkeypatch):
     monkeypatch.setattr(longctx.data, "load_corpus", lambda name, **k: [Document("A", "x"), Document("A", "y")])
     with pytest.raises(SystemExit, match=r"--doc: \['A'\] name more than one document"):
         cli.main(["stream-ppl", "--corpus", "c.jsonl", "--doc", "A", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    # a misspelt factor= read as a missing factor: "needs a factor", the typo unnamed
+    (["ppl", "--method", "yarn:factr=4"], r"--method 'yarn:factr=4': unknown option\(s\) 'factr' for method 'yarn'; "
+                                          r"allowed options: .*factor"),
+    (["passkey", "--method", "linear:factr=4"], r"unknown option\(s\) 'factr' for method 'linear'"),
+    (["generate", "--prompt", "x", "--method", "yarn:factr=4"], r"unknown option\(s\) 'factr' for method 'yarn'"),
+    # generate and chat have no --factor; the error offered it
+    (["generate", "--prompt", "x", "--method", "yarn"], r"method yarn needs a factor: yarn:factor=F$"),
+    (["chat", "--method", "linear"], r"method linear needs a factor: linear:factor=F$"),
+    # generate and chat checked their methods' options only once the model had loaded (a traceback)
+    (["generate", "--prompt", "x", "--method", "yarn:factor=4:foo=1"], r"unknown option\(s\) 'foo' for method 'yarn'"),
+    (["generate", "--prompt", "x", "--method", "yarn:factor=0"], "option 'factor' must be a number > 0"),
+    (["chat", "--method", "s2attn:backend=fast"], "option 'backend' must be one of"),
+    (["chat", "--window-size", "0"], "option 'window_size' must be a positive integer, got 0")])
+def test_method_options_are_checked_before_loading_with_errors_naming_them(monkeypatch, argv, match):
+    monkeypatch.setattr(longctx.data, "load_corpus", _boom)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit, match=match):
+        cli.main([*argv, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--policy", "sink"], "--policy: expected distinct comma-separated names from sinks, window, dense, recompute"),
+    (["--policy", "sinks,sinks"], "--policy: expected distinct"),
+    (["--window-size", "0"], "option 'window_size' must be a positive integer"),
+    (["--sink-size", "-1"], "option 'sink_size' must be an integer >= 0"),
+    (["--window-size", "20", "--chunk-size", "30"], "--chunk-size must be >= 1 and, for policies other than dense"),
+    (["--chunk-size", "0"], "--chunk-size must be >= 1"),
+    (["--curve-every", "0"], "--curve-every must be >= 1")])
+def test_stream_ppl_checks_its_options_before_loading(monkeypatch, argv, match):
+    # these failed only after the corpus and the model had loaded, with a traceback
+    monkeypatch.setattr(longctx.data, "load_corpus", _boom)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["stream-ppl", *argv, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("option", ["--max-tokens", "--dense-max-tokens"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_stream_ppl_refuses_token_counts_below_one(monkeypatch, capsys, option, value):
+    # --max-tokens -5 streamed all but the last 5 tokens (ids[:-5]); --dense-max-tokens 0 the whole stream
+    monkeypatch.setattr(longctx.data, "load_corpus", _boom)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit):
+        cli.main(["stream-ppl", option, value, "--device", "cpu"])
+    assert f"argument {option}: must be an integer >= 1" in capsys.readouterr().err

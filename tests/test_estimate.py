@@ -378,3 +378,20 @@ def test_streaming_does_not_change_training_flops():
     stream = estimate(SMALL, 4096, train="lora", method="streaming:sink_size=4:window_size=60")
     assert stream.flops == plain.flops and stream.total == plain.total
     assert estimate(SMALL, 4096, method="streaming:window_size=60").flops < estimate(SMALL, 4096).flops
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--lora-r", "64"], "--lora-r applies to --train lora only"),
+    (["--train", "full", "--lora-r", "64"], "--lora-r applies to --train lora only"),
+    (["--no-gradient-checkpointing"], "--no-gradient-checkpointing applies to --train only"),
+    (["--train", "lora", "--new-tokens", "100"], r"--new-tokens applies to inference only")])
+def test_cli_refuses_options_that_would_change_nothing(capsys, argv, match):
+    # each was silently ignored: the estimate printed as without it
+    parser = argparse.ArgumentParser()
+    est_mod.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["estimate", "--model", "smollm2-135m", "--length", "8192", *argv])
+    with pytest.raises(SystemExit, match=match):
+        args.func(args)
+    args = parser.parse_args(["estimate", "--model", "smollm2-135m", "--length", "8192", "--train", "lora",
+                              "--lora-r", "64"])
+    assert args.func(args) == 0 and "LoRA" in capsys.readouterr().out

@@ -632,7 +632,8 @@ def test_chat_command_takes_the_streaming_sizes():
     assert chat_sizes(parser.parse_args(["chat", "--window-size", "30", "--method", "streaming:sink_size=1"])) == (1, 30)
     with pytest.raises(SystemExit, match="window_size is 30 from one option and 10 from another"):
         chat_sizes(parser.parse_args(["chat", "--window-size", "30", "--method", "streaming:window_size=10"]))
-    with pytest.raises(SystemExit, match=r"takes sink_size and window_size here, got \['max_position'\]"):
+    with pytest.raises(SystemExit, match=r"unknown option\(s\) 'max_position' for method 'streaming'; allowed options: "
+                                         r"sink_size, window_size"):
         chat_sizes(parser.parse_args(["chat", "--method", "streaming:max_position=100"]))
 
 
@@ -1250,3 +1251,37 @@ def test_peft_prompt_learning_set_up_before_streaming_keeps_the_continuation_sli
     peft_model.generate(input_ids=ids, max_new_tokens=2, **kw)  # peft sets its own again, and restores the class's
     patch.remove()
     assert "prepare_inputs_for_generation" not in model.__dict__ and "_prefill" not in model.__dict__
+
+
+@pytest.mark.parametrize("temperature, top_k", [("0", None), ("0.7", 0)])
+def test_generate_command_passes_top_k_only_when_sampling(monkeypatch, capsys, temperature, top_k):
+    # greedy `longctx generate` passed top_k=0 to model.generate, and transformers printed "The following
+    # generation flags are not valid and may be ignored: ['top_k']" on every default run
+    import longctx.chat as chat
+    from longctx.cli import build_parser
+    from transformers import GenerationConfig
+
+    seen = {}
+
+    class Model:
+        device = torch.device("cpu")
+        generation_config = GenerationConfig(eos_token_id=None)
+
+        def generate(self, ids, **kwargs):
+            seen.update(kwargs)
+            return torch.cat([ids, torch.tensor([[5, 6]])], dim=1)
+
+    class Tok:
+        eos_token_id, pad_token_id = None, 0
+
+        def __call__(self, text, add_special_tokens=False, return_tensors=None):
+            return {"input_ids": torch.tensor([[1, 2, 3]])}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    monkeypatch.setattr(chat, "_load", lambda args: (Model(), Tok()))
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--max-new-tokens", "2", "--temperature",
+                                      temperature])
+    assert chat.cmd_generate(args) == 0 and capsys.readouterr().out.strip() == "5 6"
+    assert seen.get("top_k") == top_k and ("top_k" in seen) == (top_k is not None)

@@ -318,7 +318,7 @@ def test_ppl_cli_checks_before_loading(monkeypatch, capsys):
     for argv, match in [(["--method", "streaming:window_size=10"], "--method streaming: .*without a cache"),
                         (["--method", "s2attn"], "--method s2attn: s2attn is active only in training"),
                         (["--method", "nosuch"], "nosuch"),
-                        (["--method", "yarn:factor=4:nosuch=1"], "--method yarn: .*nosuch"),
+                        (["--method", "yarn:factor=4:nosuch=1"], "--method 'yarn:factor=4:nosuch=1': .*nosuch"),
                         (["--stride", "8"], "--stride only applies to --mode sliding"),
                         (["--mode", "sliding", "--score", "tail"], "--score tail only applies to --mode chunks"),
                         (["--mode", "sliding", "--stride", "9", "--lengths", "8,16"], "--stride must be in 1..8"),
@@ -435,3 +435,14 @@ def test_cli_and_shipped_configs(tiny_dir, tmp_path, capsys):
                                           "tail_fraction": 0.25}
     assert [m[0] for m in rope["methods"]] == ["none", "linear x4", "dynamic_ntk x4", "yarn x4", "yarn x8", "ntk x4",
                                                "abf (rope_theta=1000000)"]
+
+
+def test_method_entry_errors_name_the_yaml_not_the_command_line():
+    # a method without its factor was refused with "--method 'yarn': ... --factor F or yarn:factor=F": neither
+    # --method nor --factor exists in a sweep YAML
+    with pytest.raises(ValueError, match=r"^method entry 'yarn': method yarn needs a factor: yarn:factor=F$"):
+        sweep.method_spec("yarn")
+    with pytest.raises(ValueError, match=r"method linear needs a factor: \{name: linear, factor: F\}$"):
+        sweep.method_spec({"name": "linear"})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) 'factr' for method 'yarn'"):
+        sweep.method_spec("yarn:factr=4")

@@ -123,6 +123,20 @@ def cmd_stream_ppl(args) -> int:
 
     from ..data import select_documents
 
+    policies = args.policy.split(",")  # the options before the corpus and the model
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or len(set(policies)) != len(policies):
+        raise SystemExit(f"--policy: expected distinct comma-separated names from {', '.join(POLICIES)}, "
+                         f"got {args.policy!r}")
+    try:
+        check_sizes(args.sink_size, args.window_size)
+    except ValueError as err:
+        raise SystemExit(f"--sink-size/--window-size: {err}") from None
+    if args.chunk_size < 1 or (args.chunk_size > args.window_size and set(policies) - {"dense"}):
+        raise SystemExit(f"--chunk-size must be >= 1 and, for policies other than dense, <= --window-size "
+                         f"({args.window_size}); got {args.chunk_size}")
+    if args.curve_every is not None and args.curve_every < 1:
+        raise SystemExit(f"--curve-every must be >= 1, got {args.curve_every}")
     try:  # the corpus and --doc before the (slower) model
         docs = load_corpus(args.corpus)
         if args.doc:
@@ -133,7 +147,7 @@ def cmd_stream_ppl(args) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     ids = torch.cat(encode_documents(tokenizer, docs))[: args.max_tokens]
     rows = []
-    for policy in args.policy.split(","):
+    for policy in policies:
         limit = args.dense_max_tokens if policy in ("dense", "recompute") else None
         r = streaming_perplexity(model, ids[:limit] if limit else ids, args.sink_size, args.window_size,
                                  policy=policy, chunk_size=args.chunk_size, curve_every=args.curve_every)
@@ -150,16 +164,18 @@ def cmd_stream_ppl(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from ..cli import _positive_int
+
     p = sub.add_parser("stream-ppl", help="perplexity of a long stream under a bounded (sink) cache")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--corpus", default="kjv")
     p.add_argument("--doc", help="one document of the corpus, by name")
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="stream the first N tokens")
     p.add_argument("--sink-size", type=int, default=4)
     p.add_argument("--window-size", type=int, default=2044)
     p.add_argument("--policy", default="sinks", help=f"comma-separated, from {', '.join(POLICIES)}")
     p.add_argument("--chunk-size", type=int, default=1, help="tokens per forward (1 = as generation)")
-    p.add_argument("--dense-max-tokens", type=int, default=None, help="stream length for dense/recompute")
+    p.add_argument("--dense-max-tokens", type=_positive_int, default=None, help="stream length for dense/recompute")
     p.add_argument("--curve-every", type=int, default=None, help="record ppl/cache/memory every N tokens")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
