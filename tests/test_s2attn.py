@@ -1599,3 +1599,95 @@ def test_a_copy_can_be_patched(ids):
     with pytest.raises(ValueError, match="already applied"):
         longctx.apply(model, "s2attn", group_size=8)
     patch.remove()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_patched_copy_gets_every_sub_config_back(how):
+    # a copy of a patched model carries S2's name in every sub-config S2 switched: applying s2attn to the copy read
+    # each as the text config's original, so remove() left llava's top-level config (sdpa) at the text model's eager,
+    # and dbrx's attn_config / ffn_config (None) at sdpa
+    import copy
+    import io
+
+    def copied(model):
+        if how == "deepcopy":
+            return copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    llava = tiny_multimodal("llava", {"text_config": "eager", "vision_config": "sdpa"})
+    dbrx = tiny_sub_config_lm("dbrx")
+    subs = lambda m: [m.config._attn_implementation, m.config.attn_config._attn_implementation,  # noqa: E731
+                      m.config.ffn_config._attn_implementation]
+    for model, impls in ((llava, implementations), (dbrx, subs)):
+        before = impls(model)
+        with pytest.warns(UserWarning, match="a copy of a patched model"):
+            with longctx.applied(model, "s2attn", group_size=16):
+                dup = copied(model)
+        with longctx.applied(dup, "s2attn", group_size=16):
+            pass
+        assert impls(dup) == before and impls(model) == before
+
+
+def test_a_forked_process_names_its_patches_apart():
+    # a forked process (multiprocessing's default on Linux) inherited _RUN and the name counter: its patches took the
+    # names the parent's next ones take, so the parent, loading a model the child saved, took the child's patch for its
+    # own live one (the copy ran, and after apply/remove was restored to, the parent model's original)
+    import os
+    s2 = sys.modules["longctx.methods.s2attn"]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, s2._RUN.encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child and child != s2._RUN
+
+
+def test_a_loaded_copy_keeps_hooks_registered_later_apart(ids, monkeypatch):
+    # torch.save of a patched model pickles its hooks without their handles: in a fresh process (its next hook id
+    # low again) a hook registered on the loaded model took the id of the patch's pre-hook, and with it that one's
+    # with_kwargs flag: a plain forward pre-hook was called with kwargs (TypeError); also for a copy saved again
+    import io
+    import weakref
+
+    from torch.utils.hooks import RemovableHandle
+    s2 = sys.modules["longctx.methods.s2attn"]
+    model = tiny_model("llama").train()
+    x = ids[:1, :24]
+    ref = logits(model, x)
+
+    def fresh_process():  # what another process has: no states, a low next hook id
+        monkeypatch.setattr(s2, "_STATES", weakref.WeakValueDictionary())
+        RemovableHandle.next_id = 0
+
+    def reloaded(obj):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        fresh_process()
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    saved = RemovableHandle.next_id
+    try:
+        RemovableHandle.next_id = 0  # the patch's hooks get low ids, as in a fresh process
+        with longctx.applied(model, "s2attn", group_size=8), pytest.warns(UserWarning, match="a copy of a patched"):
+            buf = io.BytesIO()
+            torch.save(model, buf)
+        fresh_process()
+        buf.seek(0)
+        dup = torch.load(buf, weights_only=False)
+        for loaded in (dup, reloaded(dup)):  # (the second: the copy saved again, loaded in a third process)
+            seen = []
+            pre = loaded.model.register_forward_pre_hook(lambda module, args: seen.append("pre"))
+            post = loaded.model.register_forward_hook(lambda module, args, out: seen.append("post"))
+            assert torch.equal(logits(loaded, x), ref) and seen == ["pre", "post"]
+            pre.remove()
+            post.remove()
+    finally:
+        RemovableHandle.next_id = max(RemovableHandle.next_id, saved)

@@ -1285,3 +1285,62 @@ def test_generate_command_passes_top_k_only_when_sampling(monkeypatch, capsys, t
                                       temperature])
     assert chat.cmd_generate(args) == 0 and capsys.readouterr().out.strip() == "5 6"
     assert seen.get("top_k") == top_k and ("top_k" in seen) == (top_k is not None)
+
+
+def test_peft_prompt_learning_generate_run_before_streaming_keeps_the_continuation_slicing():
+    # once PeftModel.generate (prompt learning) has run, the model's instance attribute is the class's method, bound
+    # (what peft restores): streaming applied after that took it for the model's own, wrapped it as is (phi3: its
+    # cache-dropping prepare) and never put its wrapper back after the next peft generate (6 tokens fed, not 1)
+    from peft import PromptTuningConfig, get_peft_model
+
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids = ids_for(9)
+    model = tiny_model("llama").double()
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    peft_model.generate(input_ids=ids, max_new_tokens=1, **kw)
+    left = model.__dict__["prepare_inputs_for_generation"]  # the class's, bound
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    peft_model.generate(input_ids=ids, max_new_tokens=3, **kw)
+    with peft_model.disable_adapter():
+        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
+        cache = out.past_key_values
+        model.generate(out.sequences, past_key_values=cache, max_new_tokens=3, **kw)
+        assert cache.seen_tokens == 13 + 1 + 2
+    patch.remove()
+    assert model.__dict__["prepare_inputs_for_generation"] is left and "_prefill" not in model.__dict__
+    # phi3: the wrapper wraps the cache-keeping prepare (the cache was dropped past original_max_position_embeddings)
+    model = tiny_model("phi3", original_max_position_embeddings=32).double()
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    peft_model.generate(input_ids=ids_for(7), max_new_tokens=1, **kw)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=10), peft_model.disable_adapter():
+        got = model.generate(ids_for(7), max_new_tokens=40, **kw)
+        assert got.shape == (1, 47)
+
+
+def test_a_removed_patchs_wrapper_put_back_by_peft_is_inert():
+    # peft set up while streaming was on saw its wrapper, and PeftModel.generate (prompt learning) puts that back
+    # after the patch was removed: it still sliced, and a new streaming patch wrapped it, slicing twice (a ValueError)
+    from peft import PromptTuningConfig, get_peft_model
+
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids = ids_for(9)
+    model = tiny_model("llama").double()
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    patch.remove()
+    peft_model.generate(input_ids=ids, max_new_tokens=2, **kw)
+    stale = model.__dict__["prepare_inputs_for_generation"]
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    peft_model.generate(input_ids=ids, max_new_tokens=2, **kw)  # puts the stale one back again
+    with peft_model.disable_adapter():
+        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
+        cache = out.past_key_values
+        model.generate(out.sequences, past_key_values=cache, max_new_tokens=3, **kw)
+        assert cache.seen_tokens == 13 + 1 + 2
+    patch.remove()
+    assert model.__dict__["prepare_inputs_for_generation"] is stale
+    # unpatched, the stale wrapper is the class's method (it sliced by the sink cache's evicted tokens still)
+    seq = torch.cat([out.sequences, ids_for(2, seed=1)], dim=1)
+    call = dict(past_key_values=cache, next_sequence_length=seq.shape[1] - 8, is_first_iteration=True)
+    want = type(model).prepare_inputs_for_generation(model, seq, **call)["input_ids"]
+    assert want.shape[1] == seq.shape[1] - 8 and torch.equal(stale(seq, **call)["input_ids"], want)

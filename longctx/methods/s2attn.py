@@ -129,6 +129,7 @@ import inspect
 import itertools
 import math
 import numbers
+import os
 import secrets
 import sys
 import warnings
@@ -161,6 +162,15 @@ def _nothing():  # a dead weak reference
 # process must not meet a later patch there under the same name
 _RUN = secrets.token_hex(4)
 _STATES: "weakref.WeakValueDictionary[str, _State]" = weakref.WeakValueDictionary()  # name -> its state
+
+
+def _new_run():  # a forked process (multiprocessing's default on Linux) inherits _RUN and _NAMES: a run of its own
+    global _RUN
+    _RUN = secrets.token_hex(4)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_run)
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -781,12 +791,13 @@ class S2AttnPatch(Patch):
             raise ValueError("this model already runs an s2attn attention function")
         shifted_head_count(getattr(text, "num_attention_heads", 2) or 2, o.shifted_heads)  # error now
         name = f"longctx_s2attn_{_RUN}_{next(_NAMES)}"
-        state = _State(model, original, o, name)
+        state = _State(model, original, o, name, before)
         # the registered functions act for this instance only: masks inside its forwards (copies and models
         # sharing its config get the original's), attention in its own modules
         base = model.base_model
         self._hooks = (base.register_forward_pre_hook(state.enter, with_kwargs=True),
                        base.register_forward_hook(state.exit, always_call=True))
+        state.hook_ids = tuple(hook.id for hook in self._hooks)
         _register(state)
         try:
             model.set_attn_implementation(name if text is model.config else _switched(model.config, text, name))
@@ -877,21 +888,46 @@ def _register(state) -> None:
 
 def _unpatched(implementations, model):
     """An implementation name (or a nested ``_implementations`` dict) with each s2attn name whose state is not
-    this model's replaced by the implementation it stands in for (that state's original): a copy of a patched
-    model (deepcopy, torch.save/load) carries the patch's name in its config and runs the original."""
+    this model's replaced by the implementation it stands in for (what that state's model had there before the
+    patch): a copy of a patched model (deepcopy, torch.save/load) carries the patch's name in its config and runs
+    the original."""
+    return _unpatched_at(implementations, model, None)
+
+
+def _unpatched_at(implementations, model, path):
+    """``_unpatched`` at ``path`` (keys into the dict form; None: a single name, the text config's): a sub-config
+    gets back what that state's model had there before (the top-level config, a vision tower's parent, a sub-config
+    with None), not the text config's implementation."""
     if isinstance(implementations, dict):
-        return {k: _unpatched(v, model) for k, v in implementations.items()}
+        return {k: _unpatched_at(v, model, (*(path or ()), k)) for k, v in implementations.items()}
     state = _STATES.get(implementations) if isinstance(implementations, str) else None
-    return state.original if state is not None and state.model_ref() is not model else implementations
+    if state is None or state.model_ref() is model:
+        return implementations
+    if path is None:
+        return state.original
+    before = state.before
+    for key in path:
+        if not isinstance(before, dict) or key not in before:
+            return state.original
+        before = before[key]
+    return state.original if isinstance(before, dict) else before
 
 
-def _state_for(name: str, original: str, options) -> "_State":
+def _state_for(name: str, original: str, options, before: dict | None = None, hook_ids: tuple = ()) -> "_State":
     """Unpickling a state (``torch.load`` of a model pickled with its hooks): in the process that pickled it, the
     live state (a copy of the model shares it, as a deepcopy does: the copy runs the original implementation);
-    in another process, an inert state registered under the same name, so the copy runs the original too."""
+    in another process, an inert state registered under the same name, so the copy runs the original too.
+    The hooks come back under their ids without their handles (torch's next hook id follows an unpickled handle,
+    not a module's hook dicts): in a fresh process a hook registered later took such an id, and with it the loaded
+    hook's flags (a plain forward pre-hook was called with kwargs: a TypeError), so the next id is moved past them."""
+    from torch.utils.hooks import RemovableHandle
+
+    if hook_ids:
+        RemovableHandle.next_id = max(RemovableHandle.next_id, max(hook_ids) + 1)
     state = _STATES.get(name)
     if state is None:
-        state = _State(None, original, options, name)
+        state = _State(None, original, options, name, before)
+        state.hook_ids = tuple(hook_ids)  # (pickled again with the copy)
         _register(state)
     return state
 
@@ -921,9 +957,12 @@ class _State:
     instance: the mask function only inside its base model's forward (the hooks count it), the
     attention function only for its own modules, and training mode is read from the module called."""
 
-    def __init__(self, model, original: str, options: S2AttnOptions, name: str):
-        """``model`` None: an inert state (unpickled in another process), acting as ``original`` for everything."""
+    def __init__(self, model, original: str, options: S2AttnOptions, name: str, before: dict | None = None):
+        """``model`` None: an inert state (unpickled in another process), acting as ``original`` for everything.
+        ``before``: every sub-config's implementation before the patch (what a copy's remove() restores)."""
         self.name = name
+        self.before = before
+        self.hook_ids: tuple = ()  # its hooks' ids on the base model (set by the patch)
         self.model_ref = weakref.ref(model) if model is not None else _nothing
         self.base_ref = weakref.ref(model.base_model) if model is not None else _nothing
         self.members = weakref.WeakSet(model.modules() if model is not None else ())
@@ -978,7 +1017,7 @@ class _State:
         # pickling the model (torch.save) pickles its hooks, which hold this state: the name, the original and the
         # options travel; loaded, the copy shares this state (in this process) or an inert one (in another)
         self._warn_copy()
-        return _state_for, (self.name, self.original, self.options)
+        return _state_for, (self.name, self.original, self.options, self.before, self.hook_ids)
 
     def _warn_copy(self):
         if self.model_ref() is not None and not self.warned_copy:

@@ -663,8 +663,12 @@ _WRAPPERS = {"prepare_inputs_for_generation": _stream_position_prepare, "_prefil
 
 
 def _is_class_method(model, name: str) -> bool:
-    """Whether ``model``'s instance attribute ``name`` is just its class's method bound to it (or is missing)."""
+    """Whether ``model``'s instance attribute ``name`` is just its class's method bound to it (or is missing), or
+    the wrapper of a removed streaming patch (peft, set up while one was on, puts back the wrapper it saw): what
+    peft's ``PeftModel.generate`` restores, standing for the class's method."""
     value = model.__dict__.get(name)
+    if isinstance(value, _PatchedMethod) and not value.patch.active:
+        return True
     return value is None or (getattr(value, "__self__", None) is model
                              and getattr(value, "__func__", None) is getattr(type(model), name, None))
 
@@ -685,6 +689,8 @@ class _PatchedMethod:
         return self.patch._wrapped(self.name)
 
     def __call__(self, *args, **kwargs):
+        if not self.patch.active:  # left behind by a removed patch (peft put it back): the method it wrapped
+            return self.patch._wrapped(self.name)(*args, **kwargs)
         if self.name == "_prefill":  # generate's prefill, before its first prepare_inputs_for_generation
             self.patch._reinstall()
         return _WRAPPERS[self.name](self.patch._wrapped(self.name), *args, **kwargs)
@@ -711,15 +717,24 @@ class StreamingPatch(Patch):
         # a model's own instance attribute (e.g. peft's prepare_inputs_for_generation) is kept and wrapped;
         # generate's chunked prefill slices by get_seq_length() without prepare's next_sequence_length
         self._own = {name: self.model.__dict__.get(name) for name in _WRAPPERS}
+        # the class's method bound as an instance attribute (left there by peft's PeftModel.generate, prompt learning,
+        # once it ran), or a removed patch's wrapper: wrapped as the class's method (phi3: the cache-keeping one), and
+        # put back where peft resets it again; remove() restores what was there
+        self._plain = {name: _is_class_method(self.model, name) for name in _WRAPPERS}
         self._set = {}
         for name in _WRAPPERS:  # a bare decoder (no generate) has neither
             if hasattr(self.model, name):
                 self._set[name] = _PatchedMethod(self, name)
                 setattr(self.model, name, self._set[name])
 
+    def __setstate__(self, state: dict) -> None:
+        if "_own" in state and "_plain" not in state:  # (pickled by longctx before _plain)
+            state = {**state, "_plain": {name: own is None for name, own in state["_own"].items()}}
+        super().__setstate__(state)
+
     def _wrapped(self, name: str):
         """The bound method that the instance attribute ``name`` wraps (see _PatchedMethod)."""
-        if self._own[name] is not None:
+        if not self._plain[name]:
             return self._own[name]
         keeping = _cache_keeping_prepare(self.model) if name == "prepare_inputs_for_generation" else None
         return keeping or getattr(type(self.model), name).__get__(self.model, type(self.model))
@@ -731,14 +746,14 @@ class StreamingPatch(Patch):
         ``model.generate`` lost the continuation slicing (it fed tokens the stream had seen a second time). Anything
         else set there (peft's own, during its generate, which slices a continuation itself) is left alone."""
         for name, wrapper in self._set.items():
-            if self._own[name] is None and _is_class_method(self.model, name):
+            if self._plain[name] and _is_class_method(self.model, name):
                 setattr(self.model, name, wrapper)
 
     def _detach(self) -> None:
         self._handle.remove()
         for name, wrapper in self._set.items():
             current = self.model.__dict__.get(name)
-            if current is wrapper or (current is not None and self._own[name] is None
+            if current is wrapper or (current is not None and self._plain[name]
                                       and _is_class_method(self.model, name)):
                 if self._own[name] is not None:
                     setattr(self.model, name, self._own[name])
