@@ -1344,3 +1344,22 @@ def test_a_removed_patchs_wrapper_put_back_by_peft_is_inert():
     call = dict(past_key_values=cache, next_sequence_length=seq.shape[1] - 8, is_first_iteration=True)
     want = type(model).prepare_inputs_for_generation(model, seq, **call)["input_ids"]
     assert want.shape[1] == seq.shape[1] - 8 and torch.equal(stale(seq, **call)["input_ids"], want)
+
+
+def test_a_copy_of_a_sink_cache_shares_the_model():
+    # copy.deepcopy(cache) (transformers' prompt-cache pattern) copied the whole model with the cache
+    import copy
+    model = tiny_model("llama").double()
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+        out = model.generate(ids_for(9), max_new_tokens=5, return_dict_in_generate=True, **kw)
+        cache = out.past_key_values
+        dup = copy.deepcopy(cache)
+        assert dup._model is model and dup.seen_tokens == cache.seen_tokens == 13
+        got = model.generate(out.sequences, past_key_values=dup, max_new_tokens=4, **kw)
+        assert cache.seen_tokens == 13  # the original is untouched
+        assert torch.equal(model.generate(out.sequences, past_key_values=cache, max_new_tokens=4, **kw), got)
+        twin, twin_cache = copy.deepcopy((model, cache))  # copied together: the copy's cache streams through the copy
+        assert twin_cache._model is twin and twin is not model
+        cache_first, model_first = copy.deepcopy((cache, model))
+        assert model_first is not model  # the model is copied still, where asked (the cache got the original)

@@ -239,6 +239,18 @@ class SinkCache(Cache):
     sliding layers' keys down by b too. Padded batches are refused on such models.
     """
 
+    def __deepcopy__(self, memo):
+        # a copy of the cache (transformers' prompt-cache pattern: copy.deepcopy(prompt_cache) per request) streams
+        # through the same model, or through its copy where the same deepcopy made one first: it copied the whole
+        # model along with it (on a GPU, the weights a second time)
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = memo.get(id(value), value) if key == "_model" else copy.deepcopy(value, memo)
+        return new
+
     def __init__(self, model, sink_size: int = 4, window_size: int = 2044, max_position: int | None = None):
         check_sizes(sink_size, window_size)
         self.sink_size, self.window_size = sink_size, window_size
