@@ -247,6 +247,8 @@ def save(model: nn.Module, folder, state_dict: dict | None = None) -> Path:
     extra = trainable_base_state(model, state_dict)
     if extra:
         save_file(extra, folder / TRAINABLE_FILE)
+    else:  # an earlier save's tensors in this folder would be loaded as this model's
+        (folder / TRAINABLE_FILE).unlink(missing_ok=True)
     info = {k: v for k, v in getattr(model, "longctx_lora", {}).items()}
     info["trainable_names"] = sorted(extra)
     (folder / LORA_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -40,8 +40,10 @@ DEFAULTS: dict = {
     "dtype": None,  # weights as loaded: null (checkpoint's own), bf16, fp16, fp32
     "attn_implementation": "sdpa",
     "target_length": 32768,  # the context length to train for
-    "rope": {"method": "linear"},  # + the method's options; factor defaults to target / trained length
-    "s2attn": {"enabled": "auto"},  # auto: on if the s2attn method is registered; + its options
+    # method: linear (pi), ntk, yarn, abf or none; + the method's options; factor defaults to target / trained length
+    "rope": {"method": "linear"},
+    # auto: on if the s2attn method is registered; + its options (train_only must stay true: full attention in eval)
+    "s2attn": {"enabled": "auto"},
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None, "trainable": ["embed", "norm"],
              "quantize_4bit": False},
     "data": {"corpus": ["austen"], "holdout": [], "seq_len": None},  # seq_len null: target_length
@@ -121,6 +123,12 @@ def check_config(cfg: dict) -> None:
         if not ok:
             raise ValueError(f"config key {key!r} must be {allowed}, got {value!r}")
 
+    for section in ("train", "data", "lora"):  # not a TypeError below ('NoneType' object is not subscriptable)
+        need(isinstance(cfg[section], dict), section, "a mapping of its settings", cfg[section])
+    need(cfg["eval"] in (None, False) or isinstance(cfg["eval"], dict), "eval",
+         "a mapping of its settings, false or null (no held-out evaluation)", cfg["eval"])
+    need(cfg["make_tiny"] is None or isinstance(cfg["make_tiny"], dict), "make_tiny",
+         "null or a mapping of make_tiny arguments", cfg["make_tiny"])
     t, d, lo = cfg["train"], cfg["data"], cfg["lora"]
     for key in ("steps", "micro_batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
         need(_is_int(t[key]) and t[key] >= 1, f"train.{key}", "an integer >= 1", t[key])
@@ -169,13 +177,35 @@ def check_config(cfg: dict) -> None:
     need(rope.get("method") != "dynamic_ntk", "rope.method", "a method for training (linear, ntk, yarn, abf or "
          "none); dynamic_ntk is for inference only: its rotary state grows with the longest input seen, so "
          "evaluations would change training and resume would not be exact", rope.get("method"))
+    method = rope.get("method")
+    if method in (None, "none"):  # rope_options then applies nothing: options would be silently ignored
+        extra = sorted(k for k in rope if k != "method")
+        if extra:
+            raise ValueError(f"config key 'rope' options {extra} do nothing without a rope.method (it is {method!r}): "
+                             f"name the method (e.g. rope.method=linear) or drop them")
+    else:  # not the s2attn or streaming patch (applied in the rope slot, trained with, recorded and merged)
+        need(isinstance(method, str) and method in training_rope_methods(), "rope.method",
+             f"a RoPE method for training ({', '.join(training_rope_methods())}) or none", method)
     enabled = cfg["s2attn"].get("enabled", "auto")
     need(isinstance(enabled, bool) or enabled == "auto", "s2attn.enabled", "true, false or auto", enabled)
+    # S2 in eval mode too would make the held-out evaluation sparse, and the merged model (no S2) not the trained one
+    need(enabled is False or cfg["s2attn"].get("train_only", True) is True, "s2attn.train_only",
+         "true (S2-Attn in training only: the held-out evaluation and the merged model use full attention)",
+         cfg["s2attn"].get("train_only"))
     w = cfg["wandb"]  # a string (wandb=online, wandb=disabled) would have meant wandb on, offline
     need(w is None or isinstance(w, bool) or isinstance(w, dict) and all(isinstance(k, str) for k in w), "wandb",
          "a mapping of wandb.init settings (e.g. {project: longctx, mode: offline}), true, false or null", w)
     if isinstance(w, dict):
         need(w.get("mode") in (None, *WANDB_MODES), "wandb.mode", " or ".join(WANDB_MODES), w.get("mode"))
+
+
+def training_rope_methods() -> list[str]:
+    """The registered RoPE methods (and aliases) the recipe trains with: all but dynamic_ntk (inference only)."""
+    from . import registry
+
+    rope = [registry.get_method(name) for name in registry.methods() if name != "dynamic_ntk"]
+    rope = [m for m in rope if getattr(m.patch, "slot", None) == "rope"]
+    return sorted({name for m in rope for name in (m.name, *m.aliases)})
 
 
 def _update(cfg: dict, new: dict, where: str) -> None:
@@ -518,7 +548,9 @@ class Tracker:
         project = opts.pop("project", "longctx")
         # to this run's init, not os.environ (a later run in this process would inherit it)
         mode = opts.pop("mode", None) or os.environ.get("WANDB_MODE") or "offline"
-        self.wandb = wandb.init(project=project, mode=mode, config=cfg, dir=cfg["output_dir"], resume="allow", **opts)
+        # the other settings are wandb.init's own; they may replace these defaults (dir, resume, ...)
+        self.wandb = wandb.init(**{"config": cfg, "dir": cfg["output_dir"], "resume": "allow", **opts,
+                                   "project": project, "mode": mode})
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.main:
@@ -746,10 +778,14 @@ def check_resume(folder, cfg: dict) -> None:
                          f"wandb may change) or start a new output_dir")
 
 
-def check_resumed_state(output_dir, state: TrainState, processes: int) -> None:
+def check_resumed_state(output_dir, state: TrainState, processes: int, steps: int | None = None) -> None:
     """After loading a checkpoint: refuse a different process count (the data position and the RNG states are
-    per process) and later checkpoints in the same output_dir (a rollback: they would count as the newest, so
-    pruning would delete the new ones, and resume=true would continue the abandoned run)."""
+    per process), ``steps`` (train.steps) below the checkpoint's step (nothing would be trained, and the artifact
+    would be the checkpoint's longer run) and later checkpoints in the same output_dir (a rollback: they would
+    count as the newest, so pruning would delete the new ones, and resume=true would continue the abandoned run)."""
+    if steps is not None and steps < state.step:
+        raise ValueError(f"resume: train.steps={steps} is below the checkpoint's step {state.step}: set train.steps "
+                         f">= {state.step}, or resume from an earlier checkpoint (resume_from=...)")
     if state.processes not in (0, processes):
         raise ValueError(f"resume: the checkpoint was written by {state.processes} processes, this run has "
                          f"{processes}: the data position and the per-process RNG states would not carry over")

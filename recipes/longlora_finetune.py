@@ -92,7 +92,7 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
     if checkpoint is not None:
         train.check_resume(checkpoint, cfg)
         state = train.load_checkpoint(accelerator, checkpoint)
-        train.check_resumed_state(out, state, accelerator.num_processes)
+        train.check_resumed_state(out, state, accelerator.num_processes, t["steps"])
         if main_process:
             print(f"resumed from {checkpoint} at step {state.step}", file=sys.stderr)
     state.processes = accelerator.num_processes
@@ -117,7 +117,11 @@ def run(cfg: dict, use_wandb: bool = True) -> dict:
             train.save_artifact(accelerator, model, out / "best", settings)
 
     if evaluator is not None:
-        evaluator.resume(train.read_log(out) if main_process else [])
+        rows = train.read_log(out) if main_process else []
+        evaluator.resume(rows)
+        # resumed: the latest held-out perplexity so far (at the last step nothing more is evaluated; the artifact
+        # records it as the uninterrupted run's does)
+        last_eval = next((r for r in reversed(rows) if "heldout_ppl" in r), None)
         if state.step == 0:
             evaluate()  # the starting point
     accumulation = accelerator.gradient_accumulation_steps

@@ -161,3 +161,20 @@ def test_summary_counts_zero3_partitioned_parameters():
     for p in model.parameters():
         p.ds_numel, p.data = p.numel(), torch.empty(0, dtype=p.dtype)
     assert lora.trainable_summary(model) == want and want["total"] > want["trainable"] > want["lora"] > 0
+
+
+def test_save_over_an_earlier_save_leaves_no_stale_trained_tensors(tmp_path, ids):
+    # saving plain LoRA (or trainable=("norm",)) into a folder that held a LoRA+ save kept the old
+    # trainable.safetensors; load copied its embedding into the base: another model than the one saved
+    lora_plus = lora.prepare(tiny_model("llama"), verbose=False)
+    with torch.no_grad():
+        lora_plus.base_model.model.model.embed_tokens.weight.add_(0.5)
+    lora.save(lora_plus, tmp_path / "a")
+    plain = lora.prepare(tiny_model("llama"), trainable=(), verbose=False).eval()
+    with torch.no_grad():
+        plain.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.fill_(0.01)
+        want = plain(ids).logits
+    lora.save(plain, tmp_path / "a")
+    again = lora.load(tiny_model("llama"), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)

@@ -99,6 +99,18 @@ def test_numbers_yaml_reads_as_strings():
     ("dtype=bf61", "'dtype' must be null or one of bf16"),
     ("s2attn=[1]", "'s2attn' must be a mapping of options, false or null"),
     ("rope.method=dynamic_ntk", "'rope.method' must be a method for training .*dynamic_ntk is for inference only"),
+    # a method that is no RoPE method trained (streaming) or failed after loading (s2attn) instead
+    ("rope.method=streaming", r"'rope.method' must be a RoPE method for training \(abf, linear, ntk, pi, yarn\) or "
+                              r"none, got 'streaming'"),
+    ("rope.method=s2attn", "'rope.method' must be a RoPE method for training"),
+    ("rope.method=lineer", "'rope.method' must be a RoPE method for training"),
+    ("rope={method: none, factor: 4}", r"'rope' options \['factor'\] do nothing without a rope.method \(it is 'none'\)"),
+    # a section that is no mapping crashed in check_config (TypeError: 'NoneType' object is not subscriptable)
+    ("lora=null", "config key 'lora' must be a mapping of its settings"),
+    ("train=5", "config key 'train' must be a mapping of its settings"),
+    ("eval=5", "config key 'eval' must be a mapping of its settings, false or null"),
+    # S2 in eval mode too: the held-out evaluation would not be full attention, the merged model not the trained one
+    ("s2attn.train_only=false", "'s2attn.train_only' must be true"),
 ])
 def test_config_values_checked_before_loading(override, match):
     with pytest.raises(ValueError, match=match):
@@ -186,6 +198,23 @@ def test_resume_refusals(tiny, full_run, tmp_path):
     train.check_resume(tmp_path / "ck", train.load_config(CONFIG, ["train.lr_scheduler=cosine", "train.steps=6"]))
     with pytest.raises(ValueError, match=r"train.steps: 6 -> 10 \(the cosine schedule decays over train.steps\)"):
         train.check_resume(tmp_path / "ck", train.load_config(CONFIG, ["train.lr_scheduler=cosine", "train.steps=10"]))
+    # train.steps below the checkpoint's step (constant schedule): nothing was trained, the artifact was the 20-step model
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"train.steps=15 is below the checkpoint's step 20"):
+        finetune(tiny, run, "resume=true", "train.steps=15")
+
+
+def test_resume_at_the_last_step_keeps_the_heldout_perplexity(tiny, full_run, tmp_path):
+    # a run stopped after its last checkpoint (before or while writing final/): resumed there, it trains and
+    # evaluates nothing more, and final/longctx.json lost the held-out perplexity the uninterrupted run recorded
+    run = tmp_path / "run"
+    shutil.copytree(tiny / "full", run)
+    shutil.rmtree(run / "final")
+    again = finetune(tiny, run, "resume=true")
+    assert again["state"].step == 20 and train_rows(again) == train_rows(full_run)
+    want = json.loads((full_run["artifact"] / "longctx.json").read_text())
+    got = json.loads((again["artifact"] / "longctx.json").read_text())
+    assert got["heldout_ppl"] == want["heldout_ppl"] == eval_rows(full_run)[-1]["heldout_ppl"]
 
 
 def checkpoint(run_dir, step):
@@ -529,6 +558,15 @@ def test_wandb_settings_reach_this_runs_init(monkeypatch, tmp_path):
                             ("wandb.mode=onlin", "'wandb.mode' must be offline or online or disabled or shared")]:
         with pytest.raises(ValueError, match=match):
             train.load_config(CONFIG, [override])
+    # any wandb.init setting, those the recipe sets too (dir, resume, config): a TypeError (multiple values for 'dir')
+    calls.clear()
+    seen = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        init=lambda **kw: seen.append(kw) or types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)))
+    cfg = train.load_config(CONFIG, [f"output_dir={tmp_path / 'dir'}", f"wandb.dir={tmp_path / 'wandb'}",
+                                     "wandb.resume=never"])
+    train.Tracker(accelerator, cfg).close()
+    assert seen[0]["dir"] == str(tmp_path / "wandb") and seen[0]["resume"] == "never" and seen[0]["mode"] == "online"
     assert train.load_config(CONFIG, ["wandb=off"])["wandb"] is False
     assert train.load_config(CONFIG, ["wandb=null"])["wandb"] is None
 
