@@ -310,14 +310,25 @@ def _methods(args) -> list[tuple[str, dict]]:
     from . import registry
     from .cli import parse_method
 
-    out = []
+    out, slots = [], {}
     for spec in args.method or []:
         _, name, options = parse_method(spec, None, factor_hint="NAME:factor=F")  # (these commands have no --factor)
         if name != "none":
+            method = registry.get_method(name)
             try:
-                registry.make_options(registry.get_method(name), **options)
+                registry.make_options(method, **options)
             except (ValueError, TypeError) as err:
                 raise SystemExit(f"--method {spec!r}: {err}") from None
+            if method.name == "s2attn" and options.get("train_only", True) is not False:
+                raise SystemExit(f"--method {spec!r}: s2attn is active only in training (train_only=True) and the "
+                                 f"model generates in eval mode, so it would change nothing; use "
+                                 f"s2attn:train_only=false to generate with S2-Attn")
+            slot = method.patch.slot  # registry.apply would refuse the second only once the model has loaded
+            if slot in slots:
+                other_spec, other = slots[slot]
+                raise SystemExit(f"--method {spec!r}: {name!r} and {other!r} (--method {other_spec!r}) both change "
+                                 f"the model's {slot}; give only one of them")
+            slots[slot] = (spec, name)
             out.append((name, options))
     return out
 

@@ -482,9 +482,10 @@ def _wandb_start(cfg, grid, out):
         print("sweep: wandb is not installed: logging to wandb skipped (pip install wandb)", file=sys.stderr)
         return None
     cfg = dict(cfg)
-    settings = {"project": cfg.pop("project", "longctx"), "mode": cfg.pop("mode", "offline"), **cfg}
-    return wandb.init(name=grid["name"], dir=str(out), config={k: v for k, v in grid.items() if k != "wandb"},
-                      **settings)
+    # the other settings are wandb.init's own; they may replace the sweep's defaults (name, dir, config)
+    config = {k: v for k, v in grid.items() if k != "wandb"}
+    return wandb.init(**{"name": grid["name"], "dir": str(out), "config": config, **cfg,
+                         "project": cfg.get("project", "longctx"), "mode": cfg.get("mode", "offline")})
 
 
 def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:

@@ -127,8 +127,8 @@ def check_config(cfg: dict) -> None:
         need(isinstance(cfg[section], dict), section, "a mapping of its settings", cfg[section])
     need(cfg["eval"] in (None, False) or isinstance(cfg["eval"], dict), "eval",
          "a mapping of its settings, false or null (no held-out evaluation)", cfg["eval"])
-    need(cfg["make_tiny"] is None or isinstance(cfg["make_tiny"], dict), "make_tiny",
-         "null or a mapping of make_tiny arguments", cfg["make_tiny"])
+    need(cfg["make_tiny"] in (None, False) or isinstance(cfg["make_tiny"], dict), "make_tiny",
+         "null, false or a mapping of make_tiny arguments", cfg["make_tiny"])
     t, d, lo = cfg["train"], cfg["data"], cfg["lora"]
     for key in ("steps", "micro_batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
         need(_is_int(t[key]) and t[key] >= 1, f"train.{key}", "an integer >= 1", t[key])
@@ -178,25 +178,53 @@ def check_config(cfg: dict) -> None:
          "none); dynamic_ntk is for inference only: its rotary state grows with the longest input seen, so "
          "evaluations would change training and resume would not be exact", rope.get("method"))
     method = rope.get("method")
-    if method in (None, "none"):  # rope_options then applies nothing: options would be silently ignored
-        extra = sorted(k for k in rope if k != "method")
+    if method is None or method is False or method == "none":  # no RoPE method (rope_options: a falsy one too)
+        extra = sorted(k for k in rope if k != "method")  # rope_options then applies nothing: silently ignored
         if extra:
             raise ValueError(f"config key 'rope' options {extra} do nothing without a rope.method (it is {method!r}): "
                              f"name the method (e.g. rope.method=linear) or drop them")
     else:  # not the s2attn or streaming patch (applied in the rope slot, trained with, recorded and merged)
         need(isinstance(method, str) and method in training_rope_methods(), "rope.method",
              f"a RoPE method for training ({', '.join(training_rope_methods())}) or none", method)
+        # its options as longctx.apply checks them, once the model has loaded; the factor (default: target /
+        # trained length) and abf's max_position_embeddings (default: target_length) are filled in as rope_options does
+        options = {k: v for k, v in rope.items() if k != "method"}
+        if options.get("factor") is None and "factor" in _option_names(method):
+            options["factor"] = 2  # (a stand-in: the trained length is known once the model has loaded)
+        if method == "abf" and options.get("max_position_embeddings") is None:
+            options["max_position_embeddings"] = cfg["target_length"]
+        _check_options("rope", method, options)
     enabled = cfg["s2attn"].get("enabled", "auto")
     need(isinstance(enabled, bool) or enabled == "auto", "s2attn.enabled", "true, false or auto", enabled)
     # S2 in eval mode too would make the held-out evaluation sparse, and the merged model (no S2) not the trained one
     need(enabled is False or cfg["s2attn"].get("train_only", True) is True, "s2attn.train_only",
          "true (S2-Attn in training only: the held-out evaluation and the merged model use full attention)",
          cfg["s2attn"].get("train_only"))
+    if enabled is not False and s2attn_available():  # (off: its options are left as they are, unused)
+        _check_options("s2attn", "s2attn", {k: v for k, v in cfg["s2attn"].items() if k != "enabled"})
     w = cfg["wandb"]  # a string (wandb=online, wandb=disabled) would have meant wandb on, offline
     need(w is None or isinstance(w, bool) or isinstance(w, dict) and all(isinstance(k, str) for k in w), "wandb",
          "a mapping of wandb.init settings (e.g. {project: longctx, mode: offline}), true, false or null", w)
     if isinstance(w, dict):
         need(w.get("mode") in (None, *WANDB_MODES), "wandb.mode", " or ".join(WANDB_MODES), w.get("mode"))
+
+
+def _option_names(method: str) -> set[str]:
+    import dataclasses
+
+    from . import registry
+
+    return {f.name for f in dataclasses.fields(registry.get_method(method).options)}
+
+
+def _check_options(section: str, method: str, options: dict) -> None:
+    """The options of config section ``section`` (method ``method``) as ``longctx.apply`` would check them."""
+    from . import registry
+
+    try:
+        registry.make_options(registry.get_method(method), **options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config key {section!r}: {err}") from None
 
 
 def training_rope_methods() -> list[str]:

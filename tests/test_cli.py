@@ -190,3 +190,19 @@ def test_stream_ppl_refuses_token_counts_below_one(monkeypatch, capsys, option, 
     with pytest.raises(SystemExit):
         cli.main(["stream-ppl", option, value, "--device", "cpu"])
     assert f"argument {option}: must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    # two methods of one slot: registry.apply refused the second only once the model had loaded (a traceback)
+    (["generate", "--prompt", "x", "--method", "yarn:factor=2", "--method", "ntk:factor=2"],
+     r"--method 'ntk:factor=2': 'ntk' and 'yarn' \(--method 'yarn:factor=2'\) both change the model's rope"),
+    (["chat", "--method", "pi:factor=2", "--method", "linear:factor=4"], r"'linear' and 'pi' .* both change"),
+    (["generate", "--prompt", "x", "--method", "streaming", "--method", "streaming:window_size=10"],
+     r"'streaming' and 'streaming' .* both change the model's cache"),
+    # s2attn (train_only, the default) is inactive in eval mode: generation ran the plain model under its name
+    (["generate", "--prompt", "x", "--method", "s2attn"], r"--method 's2attn': s2attn is active only in training"),
+    (["chat", "--method", "s2attn:backend=sdpa"], r"s2attn is active only in training .*s2attn:train_only=false")])
+def test_generate_and_chat_refuse_methods_that_clash_or_do_nothing_before_loading(monkeypatch, argv, match):
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit, match=match):
+        cli.main([*argv, "--device", "cpu"])

@@ -111,10 +111,30 @@ def test_numbers_yaml_reads_as_strings():
     ("eval=5", "config key 'eval' must be a mapping of its settings, false or null"),
     # S2 in eval mode too: the held-out evaluation would not be full attention, the merged model not the trained one
     ("s2attn.train_only=false", "'s2attn.train_only' must be true"),
+    # the method's options were checked only by longctx.apply, once the model had loaded (a TypeError/ValueError)
+    ("rope.factr=4", r"config key 'rope': unknown option\(s\) 'factr' for method 'linear'; allowed options: "
+                     r"layer_types, factor"),
+    ("rope.factor=-2", "config key 'rope': option 'factor' must be a number > 0, got -2"),
+    ("rope={method: abf}", r"config key 'rope': method 'abf' needs option\(s\): rope_theta"),
+    ("s2attn.group_size_ration=0.25", r"config key 's2attn': unknown option\(s\) 'group_size_ration' for method "
+                                      r"'s2attn'; allowed options: group_size_ratio, "),
+    ("s2attn.backend=fast", "config key 's2attn': option 'backend' must be one of"),
 ])
 def test_config_values_checked_before_loading(override, match):
     with pytest.raises(ValueError, match=match):
         train.load_config(CONFIG, [override])
+
+
+def test_false_still_turns_make_tiny_and_the_rope_method_off():
+    # both loaded before the sections were checked (the recipe skips a falsy make_tiny; rope_options reads a falsy
+    # method as none), then were refused: such a config, or a checkpoint's run_config resumed with it, no longer loaded
+    cfg = train.load_config(CONFIG, ["make_tiny=false", "rope.method=false"])
+    assert cfg["make_tiny"] is False and train.rope_options(cfg, 32) is None
+    with pytest.raises(ValueError, match=r"'rope' options \['factor'\] do nothing without a rope.method \(it is False"):
+        train.load_config(CONFIG, ["rope={method: false, factor: 4}"])
+    # s2attn off: its options stay unchecked (the experiments turn it off with s2attn.enabled=false on a config
+    # that sets them)
+    assert train.load_config(CONFIG, ["s2attn.enabled=false", "s2attn.group_size_ratio=0.25"])
 
 
 def test_single_strings_where_lists_are_expected():

@@ -446,3 +446,19 @@ def test_method_entry_errors_name_the_yaml_not_the_command_line():
         sweep.method_spec({"name": "linear"})
     with pytest.raises(ValueError, match=r"unknown option\(s\) 'factr' for method 'yarn'"):
         sweep.method_spec("yarn:factr=4")
+
+
+def test_wandb_settings_may_replace_the_sweeps_own(tiny_dir, tmp_path, monkeypatch):
+    # wandb: {name: ...} (or dir, config: any wandb.init setting) was a TypeError: wandb.init() got multiple values
+    # for keyword argument 'name'
+    import sys
+    import types
+
+    seen = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: seen.append(kw) or "run"))
+    grid = sweep.load_config(write_yaml(tmp_path / "w.yaml", tiny_dir, wandb={"name": "mine", "dir": str(tmp_path)}))
+    assert sweep._wandb_start(grid["wandb"], grid, tmp_path / "out") == "run"
+    assert seen[0]["name"] == "mine" and seen[0]["dir"] == str(tmp_path) and seen[0]["mode"] == "offline"
+    grid = sweep.load_config(write_yaml(tmp_path / "v.yaml", tiny_dir, wandb={"project": "p"}))
+    sweep._wandb_start(grid["wandb"], grid, tmp_path / "out")
+    assert seen[1]["name"] == grid["name"] and seen[1]["dir"] == str(tmp_path / "out") and seen[1]["project"] == "p"
