@@ -1363,3 +1363,56 @@ def test_a_copy_of_a_sink_cache_shares_the_model():
         assert twin_cache._model is twin and twin is not model
         cache_first, model_first = copy.deepcopy((cache, model))
         assert model_first is not model  # the model is copied still, where asked (the cache got the original)
+
+
+def test_a_removed_patchs_wrapper_on_phi3_is_the_class_prepare_again():
+    # phi3: the patch wraps the cache-keeping prepare (its parent's) while it is on. A removed patch's wrapper that
+    # peft (set up while the patch was on) puts back still ran that one: the unpatched phi3 kept a cache of fewer than
+    # original_max_position_embeddings tokens past that length instead of dropping it (its longrope recompute)
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import DynamicCache
+
+    model = tiny_model("phi3", original_max_position_embeddings=32).double()
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=10)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    patch.remove()
+    peft_model.generate(input_ids=ids_for(7), max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0)
+    stale = model.__dict__["prepare_inputs_for_generation"]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids_for(32), past_key_values=cache, use_cache=True)
+    call = dict(past_key_values=cache, next_sequence_length=1)
+    seq = ids_for(33)
+    want = type(model).prepare_inputs_for_generation(model, seq, **call)
+    assert "past_key_values" not in want and want["input_ids"].shape == (1, 33)  # phi3 drops the cache
+    got = stale(seq, **call)
+    assert "past_key_values" not in got and torch.equal(got["input_ids"], want["input_ids"])
+
+
+def test_a_removed_patchs_wrapper_of_a_models_own_prepare_stays_that_one():
+    # a removed patch's wrapper of the model's own prepare (put back by peft, set up while the patch was on) stands
+    # for that own prepare, not the class's: a later patch took it for the class's method and bypassed the own one
+    from peft import PromptTuningConfig, get_peft_model
+
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    model = tiny_model("llama").double()
+    calls = []
+
+    def own(*args, **kwargs):
+        calls.append(kwargs.get("next_sequence_length"))
+        return type(model).prepare_inputs_for_generation(model, *args, **kwargs)
+    model.prepare_inputs_for_generation = own
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    patch.remove()
+    peft_model.generate(input_ids=ids_for(9), max_new_tokens=2, **kw)
+    stale = model.__dict__["prepare_inputs_for_generation"]
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    peft_model.generate(input_ids=ids_for(9), max_new_tokens=2, **kw)  # puts the stale one back again
+    with peft_model.disable_adapter():
+        out = model.generate(ids_for(9), max_new_tokens=5, return_dict_in_generate=True, **kw)
+        calls.clear()
+        model.generate(out.sequences, past_key_values=out.past_key_values, max_new_tokens=3, **kw)
+        assert calls == [1, 1, 1] and out.past_key_values.seen_tokens == 13 + 1 + 2  # own, sliced once
+    patch.remove()
+    assert model.__dict__["prepare_inputs_for_generation"] is stale

@@ -676,11 +676,12 @@ _WRAPPERS = {"prepare_inputs_for_generation": _stream_position_prepare, "_prefil
 
 def _is_class_method(model, name: str) -> bool:
     """Whether ``model``'s instance attribute ``name`` is just its class's method bound to it (or is missing), or
-    the wrapper of a removed streaming patch (peft, set up while one was on, puts back the wrapper it saw): what
-    peft's ``PeftModel.generate`` restores, standing for the class's method."""
+    the wrapper of a removed streaming patch that wrapped the class's method (peft, set up while one was on, puts
+    back the wrapper it saw): what peft's ``PeftModel.generate`` restores, standing for the class's method. A removed
+    patch's wrapper of the model's own method stands for that one (a later patch wraps it as the model's own)."""
     value = model.__dict__.get(name)
     if isinstance(value, _PatchedMethod) and not value.patch.active:
-        return True
+        return value.patch._plain[value.name]
     return value is None or (getattr(value, "__self__", None) is model
                              and getattr(value, "__func__", None) is getattr(type(model), name, None))
 
@@ -748,7 +749,9 @@ class StreamingPatch(Patch):
         """The bound method that the instance attribute ``name`` wraps (see _PatchedMethod)."""
         if not self._plain[name]:
             return self._own[name]
-        keeping = _cache_keeping_prepare(self.model) if name == "prepare_inputs_for_generation" else None
+        # the cache-keeping prepare only while the patch is on: a removed patch's wrapper is the class's method
+        keeping = (_cache_keeping_prepare(self.model) if name == "prepare_inputs_for_generation" and self.active
+                   else None)
         return keeping or getattr(type(self.model), name).__get__(self.model, type(self.model))
 
     def _reinstall(self) -> None:
@@ -758,7 +761,10 @@ class StreamingPatch(Patch):
         ``model.generate`` lost the continuation slicing (it fed tokens the stream had seen a second time). Anything
         else set there (peft's own, during its generate, which slices a continuation itself) is left alone."""
         for name, wrapper in self._set.items():
-            if self._plain[name] and _is_class_method(self.model, name):
+            current = self.model.__dict__.get(name)
+            # (or a removed patch's wrapper of the model's own method, which this one wraps: peft put it back)
+            if (self._plain[name] and _is_class_method(self.model, name)) or (
+                    isinstance(current, _PatchedMethod) and current is self._own[name]):
                 setattr(self.model, name, wrapper)
 
     def _detach(self) -> None:
