@@ -5,7 +5,8 @@ kernels and CPU ops, to see where a case's time goes.
     python benchmarks/profile_step.py --cpu-smoke
 
 Prints two tables (by device time and by CPU time, top --rows), plus the step's wall time with and
-without the profiler. --trace writes a Chrome trace.
+without the profiler: without it, the median of --steps steps (benchmarks/timing.py; one step alone can
+carry a garbage collection or another host pause), with it one step. --trace writes a Chrome trace.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import longlora_step as ls  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 import longctx  # noqa: E402
 
@@ -33,10 +35,13 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="longctx.utils.compile_layers first")
     ap.add_argument("--compile-scope", choices=["parts", "layer"], default="parts",
                     help="with --compile: each layer's parts, or each whole layer")
+    ap.add_argument("--steps", type=int, default=5, help="unprofiled steps timed after the warm-up (median)")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--trace", default=None, help="write a Chrome trace here")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
     args.smollm2_random = True
     if args.cpu_smoke:
         device, amp_dtype, name, args.length = torch.device("cpu"), None, "tiny", 256
@@ -58,10 +63,8 @@ def main(argv=None):
         for _ in range(3):
             step()
         sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        plain = time.perf_counter() - t
+        steps_ms = []
+        plain = median_ms(step, args.steps, device, steps_ms) / 1e3
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
@@ -71,7 +74,8 @@ def main(argv=None):
             profiled = time.perf_counter() - t
     print(f"{label}, T={args.length}, {args.attention}" + (f" ({args.s2_backend})" if args.attention == "s2" else "")
           + f", SDPA {args.kernel}{f', compiled ({args.compile_scope})' if args.compile else ''}: step {plain * 1e3:.1f} ms "
-          f"({profiled * 1e3:.1f} ms under the profiler)")
+          f"(median of {len(steps_ms)}: {', '.join(f'{t:.1f}' for t in steps_ms)}; "
+          f"{profiled * 1e3:.1f} ms under the profiler)")
     avg = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(avg.table(sort_by=key, row_limit=args.rows, max_name_column_width=70))
