@@ -1384,7 +1384,7 @@ def test_a_removed_patchs_wrapper_on_phi3_is_the_class_prepare_again():
     call = dict(past_key_values=cache, next_sequence_length=1)
     seq = ids_for(33)
     want = type(model).prepare_inputs_for_generation(model, seq, **call)
-    assert "past_key_values" not in want and want["input_ids"].shape == (1, 33)  # phi3 drops the cache
+    assert "past_key_values" not in want  # phi3 drops the cache (the ids it keeps differ between 5.17 and 5.23)
     got = stale(seq, **call)
     assert "past_key_values" not in got and torch.equal(got["input_ids"], want["input_ids"])
 
