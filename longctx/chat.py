@@ -178,8 +178,9 @@ def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperatur
     Arguments are checked when this is called, before the first token.
     """
     from .methods.sink_decoder import check_compile, check_supported
-    from .registry import active_patches
+    from .registry import active_patches, check_language_model
 
+    check_language_model(model, "stream_generate")
     patch = next((p for p in active_patches(model) if p.method == "streaming"), None)
     if patch is None:
         raise ValueError("stream_generate needs the streaming patch: longctx.apply(model, 'streaming', ...)")

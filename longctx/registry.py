@@ -25,6 +25,7 @@ import copy
 import math
 import numbers
 import dataclasses
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -56,6 +57,7 @@ _METHODS: dict[str, Method] = {}
 _ALIASES: dict[str, str] = {}
 # model instance -> its active patches, in the order they were applied
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, list[Patch]]" = weakref.WeakKeyDictionary()
+_ORDER = itertools.count(1)
 
 
 def register(name: str, options: type[Options], description: str, aliases: tuple[str, ...] = ()) -> Callable:
@@ -114,19 +116,60 @@ def make_options(method: Method, **options: Any) -> Options:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers PreTrainedModel inside ``model`` (torch.compile's wrapper and a peft PeftModel
-    are unwrapped)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile(model)
-    if hasattr(model, "get_base_model") and callable(model.get_base_model):
-        model = model.get_base_model()
+    """The transformers PreTrainedModel inside ``model`` (torch.compile's wrapper, a peft PeftModel or its tuner
+    ``peft_model.base_model`` (LoraModel), and torch's DataParallel / DistributedDataParallel, as
+    ``accelerator.prepare`` returns on several devices, are unwrapped)."""
+    for _ in range(8):  # wrappers of wrappers: DDP(torch.compile(peft_model)), ...
+        inner = getattr(model, "_orig_mod", None)  # torch.compile(model)
+        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if inner is None and hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+        if inner is None and _is_peft_tuner(model):
+            # peft_model.base_model (LoraModel, ...): its attributes forward to the model, so it read as one and
+            # its patch was kept under the tuner, where active_patches(peft_model) never looked
+            inner = model.model
+        if inner is None or inner is model:
+            break
+        model = inner
     if not hasattr(model, "config"):
         raise TypeError(f"expected a transformers model with a .config, got {type(model).__name__}")
     return model
 
 
+def check_language_model(model: nn.Module, where: str) -> None:
+    """A TypeError naming the fix where ``model`` is a decoder body (``model.model``: no language-model head, its
+    forward returns hidden states, no logits), not the causal language model it belongs to."""
+    inner = unwrap_model(model)
+    get = getattr(inner, "get_output_embeddings", None)
+    if getattr(inner, "base_model", inner) is inner and callable(get) and get() is None:
+        raise TypeError(f"{where} needs a causal language model (one that returns logits); got "
+                        f"{type(inner).__name__}, a decoder body without a language-model head: pass the model it "
+                        f"belongs to (the ...ForCausalLM whose .model / .base_model this is)")
+
+
+def _is_peft_tuner(model) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError:
+        return False
+    return isinstance(model, BaseTuner) and isinstance(getattr(model, "model", None), nn.Module)
+
+
+def _handles(model: nn.Module) -> Callable[[nn.Module], bool]:
+    """Whether a tracked model is ``model`` or another handle of the same forwards: its base model (the decoder
+    body, ``model.model``), or the model whose base model ``model`` is."""
+    base = getattr(model, "base_model", None)
+    return lambda m: m is model or m is base or getattr(m, "base_model", None) is model
+
+
 def active_patches(model: nn.Module) -> list["Patch"]:
-    """The patches currently attached to ``model``, oldest first."""
-    return list(_ACTIVE.get(unwrap_model(model), []))
+    """The patches currently attached to ``model``, oldest first; also those applied through another handle of it
+    (its base model ``model.model``, or the causal LM whose base model it is): they act on its forwards."""
+    model = unwrap_model(model)
+    same = _handles(model)
+    found = [p for m, ps in list(_ACTIVE.items()) if same(m) for p in ps]
+    return sorted(found, key=lambda p: getattr(p, "_order", 0))
 
 
 def sharing_patches(model: nn.Module) -> list["Patch"]:
@@ -200,6 +243,7 @@ class Patch:
         self._record(add=True)
         patches.append(self)
         self.active = True
+        self._order = next(_ORDER)  # active_patches lists the patches of several handles, oldest first
         return self
 
     def remove(self) -> None:

@@ -491,3 +491,11 @@ def test_a_streaming_patch_is_said_to_change_nothing(docs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         perplexity(model, docs, [16], progress=False)
+
+
+def test_the_decoder_body_is_refused_with_a_clear_error():
+    # perplexity(model.model, ...) (the base decoder, no lm_head) failed at the first window with
+    # "AttributeError: 'BaseModelOutputWithPast' object has no attribute 'logits'"
+    body = tiny_llama().model
+    with pytest.raises(TypeError, match=r"perplexity needs a causal language model.*LlamaModel.*ForCausalLM"):
+        perplexity(body, [torch.arange(3, 60)], [16], progress=False)

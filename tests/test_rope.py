@@ -232,6 +232,28 @@ def test_peft_wrapped_model(ids):
     assert torch.equal(logits(model, ids), before)
 
 
+def test_wrapped_handles_are_one_model():
+    # peft_model.base_model (peft's LoraModel) forwards its attributes to the model: the patch was kept under the
+    # tuner, so active_patches(peft_model) was []; DataParallel / DistributedDataParallel (accelerator.prepare on
+    # several devices) was refused ("expected a transformers model with a .config"); a patch applied through
+    # model.model was missing from active_patches(model)
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for handle in (wrapped.base_model, torch.nn.DataParallel(model), model.model):
+        with longctx.applied(handle, "yarn", factor=2) as patch:
+            assert model.config.rope_parameters["rope_type"] == "yarn"
+            assert patch.model is (model.model if handle is model.model else model)
+            for other in (handle, wrapped, model, model.model):
+                assert longctx.active_patches(other) == [patch]
+        assert longctx.active_patches(wrapped) == [] and model.config.rope_parameters["rope_type"] == "default"
+    first = longctx.apply(model.model, "yarn", factor=2)
+    second = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    assert longctx.active_patches(wrapped) == [first, second]  # oldest first, across handles
+    second.remove()
+    first.remove()
+
+
 # -- errors: each names the option and the allowed values ---------------------------------------------
 def test_unknown_method_lists_known():
     with pytest.raises(ValueError, match=r"unknown method 'rope_magic'.*dynamic_ntk.*linear.*yarn"):

@@ -1416,3 +1416,21 @@ def test_a_removed_patchs_wrapper_of_a_models_own_prepare_stays_that_one():
         assert calls == [1, 1, 1] and out.past_key_values.seen_tokens == 13 + 1 + 2  # own, sliced once
     patch.remove()
     assert model.__dict__["prepare_inputs_for_generation"] is stale
+
+
+def test_stream_generate_sees_a_patch_applied_through_the_base_model():
+    # applied through model.model (another handle of the model: model.generate streams under it), the patch was
+    # missing from active_patches(model), and stream_generate(model) said "needs the streaming patch:
+    # longctx.apply(model, 'streaming', ...)", which then failed as "already applied"
+    from longctx.chat import stream_generate
+
+    ids = ids_for(30)
+    with longctx.applied(tiny_model("llama"), "streaming", sink_size=2, window_size=8) as ref:
+        want = list(stream_generate(ref.model, ids, 8))
+    model = tiny_model("llama")
+    with longctx.applied(model.model, "streaming", sink_size=2, window_size=8) as patch:
+        assert longctx.active_patches(model) == [patch] == longctx.active_patches(model.model)
+        assert list(stream_generate(model, ids, 8)) == want
+        # the body itself has no head: a clear error, not an AttributeError on its output's missing logits
+        with pytest.raises(TypeError, match=r"stream_generate needs a causal language model.*LlamaModel.*ForCausalLM"):
+            stream_generate(model.model, ids, 8)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..methods.rope import reset_rotary_state
-from ..registry import active_patches, unwrap_model
+from ..registry import active_patches, check_language_model, unwrap_model
 from ..utils import layers_compiled, recompile_room
 
 MODES = ("chunks", "sliding")
@@ -153,6 +153,7 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
     if isinstance(adapters, dict) and any(getattr(c, "is_prompt_learning", False) for c in adapters.values()):
         raise TypeError("perplexity: a peft model with a prompt learning adapter (prompt/prefix tuning) is not "
                         "supported: its virtual tokens are added by PeftModel.forward, which the scoring never runs")
+    check_language_model(model, "perplexity")
     model = unwrap_model(model)  # a peft model: the transformers model inside (its LoRA layers included)
     if any(p.method == "streaming" for p in active_patches(model)):
         warnings.warn("perplexity: the model has a streaming patch, which changes nothing here: each window runs "
