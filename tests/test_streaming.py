@@ -1434,3 +1434,74 @@ def test_stream_generate_sees_a_patch_applied_through_the_base_model():
         # the body itself has no head: a clear error, not an AttributeError on its output's missing logits
         with pytest.raises(TypeError, match=r"stream_generate needs a causal language model.*LlamaModel.*ForCausalLM"):
             stream_generate(model.model, ids, 8)
+
+
+@pytest.mark.parametrize("removed_first", [False, True])
+def test_peft_restoring_a_models_own_prepare_gets_the_wrapper_back(removed_first):
+    # the wrapper was put back only where peft restored the class's method or the very object the patch wrapped: where
+    # peft restored the model's own prepare itself (set up before the patch), or a removed patch's wrapper of it (the
+    # patch applied before peft's generate put that back), later continuations fed 6 tokens, not 1 (silently)
+    from peft import PromptTuningConfig, get_peft_model
+
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    model = tiny_model("llama").double()
+    calls = []
+
+    def own(*args, **kwargs):
+        calls.append(kwargs.get("next_sequence_length"))
+        return type(model).prepare_inputs_for_generation(model, *args, **kwargs)
+    model.prepare_inputs_for_generation = own
+    first = longctx.apply(model, "streaming", sink_size=2, window_size=6) if removed_first else None
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    if first is not None:  # peft saw that patch's wrapper; the next patch is applied before peft puts it back
+        first.remove()
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    peft_model.generate(input_ids=ids_for(9), max_new_tokens=2, **kw)  # restores what it saw
+    with peft_model.disable_adapter():
+        out = model.generate(ids_for(9), max_new_tokens=5, return_dict_in_generate=True, **kw)
+        calls.clear()
+        model.generate(out.sequences, past_key_values=out.past_key_values, max_new_tokens=3, **kw)
+        assert calls == [1, 1, 1] and out.past_key_values.seen_tokens == 13 + 1 + 2
+    peft_model.generate(input_ids=ids_for(9), max_new_tokens=2, **kw)
+    patch.remove()
+    assert model.__dict__["prepare_inputs_for_generation"] is own
+
+
+@pytest.mark.parametrize("patch_first", [False, True])
+def test_a_patch_pickled_before_plain_keeps_the_peft_reinstall(patch_first, monkeypatch):
+    # a patch pickled by longctx before _plain, applied after peft's generate (prompt learning) had left the class's
+    # method bound on the model: loaded, it took that for the model's own method, so after the next peft generate the
+    # wrapper was not put back (6 tokens fed, not 1); pickled after the model, its own method came back as its wrapper
+    # (a bound method pickles as getattr(model, name)): generate failed on a wrapper loop
+    import io
+
+    from peft import PromptTuningConfig, get_peft_model
+
+    from longctx.methods.streaming import StreamingPatch
+
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids = ids_for(9)
+    model = tiny_model("llama").double()
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    peft_model.generate(input_ids=ids, max_new_tokens=1, **kw)
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    saving = StreamingPatch.__getstate__
+    monkeypatch.setattr(StreamingPatch, "__getstate__", lambda self: {
+        k: v for k, v in saving(self).items() if k != "_plain"})
+    buf = io.BytesIO()
+    torch.save((patch, peft_model) if patch_first else (peft_model, patch), buf)
+    monkeypatch.undo()
+    buf.seek(0)
+    got = torch.load(buf, weights_only=False)
+    loaded, twin = (got[0], got[1]) if patch_first else (got[1], got[0])
+    base = twin.get_base_model()
+    assert longctx.active_patches(base) == [loaded]
+    twin.generate(input_ids=ids, max_new_tokens=2, **kw)
+    with twin.disable_adapter():
+        out = base.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
+        base.generate(out.sequences, past_key_values=out.past_key_values, max_new_tokens=3, **kw)
+        assert out.past_key_values.seen_tokens == 13 + 1 + 2
+    loaded.remove()
+    left = base.__dict__["prepare_inputs_for_generation"]
+    assert left.__self__ is base and left.__func__ is type(base).prepare_inputs_for_generation
+    assert "_prefill" not in base.__dict__

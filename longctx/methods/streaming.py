@@ -674,16 +674,25 @@ def _stream_position_prefill(prefill, *args, **kwargs):
 _WRAPPERS = {"prepare_inputs_for_generation": _stream_position_prepare, "_prefill": _stream_position_prefill}
 
 
+def _stands_for(model, name: str, value):
+    """What the instance attribute value ``value`` of ``model``'s ``name`` stands for: None for the class's method
+    (missing, the class's method bound to ``model``, or the wrapper of a removed streaming patch that wrapped the
+    class's method: what peft's ``PeftModel.generate`` restores where it was set up while a patch was on), else the
+    model's own method (itself, or the one a removed patch's wrapper wrapped, followed through such wrappers)."""
+    while isinstance(value, _PatchedMethod) and not value.patch.active:
+        inner = None if value.patch._plain[value.name] else value.patch._own[value.name]
+        if inner is value:
+            break
+        value = inner
+    if value is None or (getattr(value, "__self__", None) is model
+                         and getattr(value, "__func__", None) is getattr(type(model), name, None)):
+        return None
+    return value
+
+
 def _is_class_method(model, name: str) -> bool:
-    """Whether ``model``'s instance attribute ``name`` is just its class's method bound to it (or is missing), or
-    the wrapper of a removed streaming patch that wrapped the class's method (peft, set up while one was on, puts
-    back the wrapper it saw): what peft's ``PeftModel.generate`` restores, standing for the class's method. A removed
-    patch's wrapper of the model's own method stands for that one (a later patch wraps it as the model's own)."""
-    value = model.__dict__.get(name)
-    if isinstance(value, _PatchedMethod) and not value.patch.active:
-        return value.patch._plain[value.name]
-    return value is None or (getattr(value, "__self__", None) is model
-                             and getattr(value, "__func__", None) is getattr(type(model), name, None))
+    """Whether ``model``'s instance attribute ``name`` stands for its class's method (see _stands_for)."""
+    return _stands_for(model, name, model.__dict__.get(name)) is None
 
 
 class _PatchedMethod:
@@ -741,8 +750,17 @@ class StreamingPatch(Patch):
                 setattr(self.model, name, self._set[name])
 
     def __setstate__(self, state: dict) -> None:
-        if "_own" in state and "_plain" not in state:  # (pickled by longctx before _plain)
-            state = {**state, "_plain": {name: own is None for name, own in state["_own"].items()}}
+        if "_own" in state:
+            # a bound method pickles as getattr(model, name): where the model was rebuilt before this patch's state
+            # (torch.save((patch, model))), the class's method bound to it came back as this patch's own wrapper
+            model, own = state.get("_model_ref", state.get("model")), dict(state["_own"])
+            for name, value in own.items():
+                if isinstance(value, _PatchedMethod) and value.patch is self:
+                    own[name] = getattr(type(model), name).__get__(model, type(model))
+            state = {**state, "_own": own}
+            if "_plain" not in state:  # (pickled by longctx before _plain): the class's method bound is plain too
+                state["_plain"] = {name: value is None or (getattr(value, "__self__", None) is model and getattr(
+                    value, "__func__", None) is getattr(type(model), name, None)) for name, value in own.items()}
         super().__setstate__(state)
 
     def _wrapped(self, name: str):
@@ -762,17 +780,20 @@ class StreamingPatch(Patch):
         else set there (peft's own, during its generate, which slices a continuation itself) is left alone."""
         for name, wrapper in self._set.items():
             current = self.model.__dict__.get(name)
-            # (or a removed patch's wrapper of the model's own method, which this one wraps: peft put it back)
-            if (self._plain[name] and _is_class_method(self.model, name)) or (
-                    isinstance(current, _PatchedMethod) and current is self._own[name]):
+            # (also a removed patch's wrapper standing for the method this one wraps: peft put it back)
+            if current is not wrapper and _stands_for(self.model, name, current) is self._target(name):
                 setattr(self.model, name, wrapper)
+
+    def _target(self, name: str):
+        """What this patch's wrapper ``name`` stands for (see _stands_for): None where it wraps the class's method."""
+        return None if self._plain[name] else _stands_for(self.model, name, self._own[name])
 
     def _detach(self) -> None:
         self._handle.remove()
         for name, wrapper in self._set.items():
             current = self.model.__dict__.get(name)
-            if current is wrapper or (current is not None and self._plain[name]
-                                      and _is_class_method(self.model, name)):
+            if current is wrapper or (current is not None
+                                      and _stands_for(self.model, name, current) is self._target(name)):
                 if self._own[name] is not None:
                     setattr(self.model, name, self._own[name])
                 else:
