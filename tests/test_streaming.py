@@ -1302,10 +1302,7 @@ def test_peft_prompt_learning_generate_run_before_streaming_keeps_the_continuati
     patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
     peft_model.generate(input_ids=ids, max_new_tokens=3, **kw)
     with peft_model.disable_adapter():
-        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
-        cache = out.past_key_values
-        model.generate(out.sequences, past_key_values=cache, max_new_tokens=3, **kw)
-        assert cache.seen_tokens == 13 + 1 + 2
+        _continues_with_one_new_token(model, ids, kw)
     patch.remove()
     assert model.__dict__["prepare_inputs_for_generation"] is left and "_prefill" not in model.__dict__
     # phi3: the wrapper wraps the cache-keeping prepare (the cache was dropped past original_max_position_embeddings)
@@ -1333,10 +1330,7 @@ def test_a_removed_patchs_wrapper_put_back_by_peft_is_inert():
     patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
     peft_model.generate(input_ids=ids, max_new_tokens=2, **kw)  # puts the stale one back again
     with peft_model.disable_adapter():
-        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
-        cache = out.past_key_values
-        model.generate(out.sequences, past_key_values=cache, max_new_tokens=3, **kw)
-        assert cache.seen_tokens == 13 + 1 + 2
+        out, cache = _continues_with_one_new_token(model, ids, kw)
     patch.remove()
     assert model.__dict__["prepare_inputs_for_generation"] is stale
     # unpatched, the stale wrapper is the class's method (it sliced by the sink cache's evicted tokens still)
@@ -1389,12 +1383,18 @@ def test_a_removed_patchs_wrapper_on_phi3_is_the_class_prepare_again():
     assert "past_key_values" not in got and torch.equal(got["input_ids"], want["input_ids"])
 
 
-def test_a_removed_patchs_wrapper_of_a_models_own_prepare_stays_that_one():
-    # a removed patch's wrapper of the model's own prepare (put back by peft, set up while the patch was on) stands
-    # for that own prepare, not the class's: a later patch took it for the class's method and bypassed the own one
-    from peft import PromptTuningConfig, get_peft_model
+def _continues_with_one_new_token(model, ids, kw):
+    """model.generate continuing a stream from its returned SinkCache feeds the one new token (not the tokens past the
+    slot count again): 9 prompt tokens + 4 generated = 13 seen, then the new token and two steps."""
+    out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)
+    cache = out.past_key_values
+    model.generate(out.sequences, past_key_values=cache, max_new_tokens=3, **kw)
+    assert cache.seen_tokens == 13 + 1 + 2
+    return out, cache
 
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+def _model_with_own_prepare():
+    """A tiny llama whose instance has its own prepare_inputs_for_generation, which records next_sequence_length."""
     model = tiny_model("llama").double()
     calls = []
 
@@ -1402,6 +1402,16 @@ def test_a_removed_patchs_wrapper_of_a_models_own_prepare_stays_that_one():
         calls.append(kwargs.get("next_sequence_length"))
         return type(model).prepare_inputs_for_generation(model, *args, **kwargs)
     model.prepare_inputs_for_generation = own
+    return model, calls  # (the own method: model.__dict__["prepare_inputs_for_generation"])
+
+
+def test_a_removed_patchs_wrapper_of_a_models_own_prepare_stays_that_one():
+    # a removed patch's wrapper of the model's own prepare (put back by peft, set up while the patch was on) stands
+    # for that own prepare, not the class's: a later patch took it for the class's method and bypassed the own one
+    from peft import PromptTuningConfig, get_peft_model
+
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    model, calls = _model_with_own_prepare()
     patch = longctx.apply(model, "streaming", sink_size=2, window_size=6)
     peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     patch.remove()
@@ -1444,13 +1454,8 @@ def test_peft_restoring_a_models_own_prepare_gets_the_wrapper_back(removed_first
     from peft import PromptTuningConfig, get_peft_model
 
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-    model = tiny_model("llama").double()
-    calls = []
-
-    def own(*args, **kwargs):
-        calls.append(kwargs.get("next_sequence_length"))
-        return type(model).prepare_inputs_for_generation(model, *args, **kwargs)
-    model.prepare_inputs_for_generation = own
+    model, calls = _model_with_own_prepare()
+    own = model.__dict__["prepare_inputs_for_generation"]
     first = longctx.apply(model, "streaming", sink_size=2, window_size=6) if removed_first else None
     peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     if first is not None:  # peft saw that patch's wrapper; the next patch is applied before peft puts it back
