@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,6 +92,15 @@ def test_ppl_throughput_warms_up_the_attention_bound(tmp_path, monkeypatch):
     rows = res["rows"]
     assert set(rows) == {"(a) naive", "(b) perplexity", "(b) batch1"}
     assert all(r["ppl_rel_diff_vs_a"] < 1e-5 for r in rows.values())  # fp32: same tokens scored, same NLL
+    # the linear layers alone: tiny llama (see build_tiny), 2 windows of 64 tokens, every nn.Linear once per window
+    cfg = mod.build_tiny(64, torch.float32, torch.device("cpu"))[0].config
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (cfg.head_dim or h // cfg.num_attention_heads)
+    per_layer = h * h * 2 + h * kv * 2 + h * i * 3                  # q, o; k, v; gate, up, down
+    assert res["linears_alone"]["flops"] == 2 * 2 * 64 * (cfg.num_hidden_layers * per_layer + h * v)
+    both = res["attention_plus_linears"]
+    assert both["seconds"] == res["attention_alone"]["seconds_median"] + res["linears_alone"]["seconds_median"]
+    assert both["max_speedup_vs_a"] < res["attention_alone"]["max_speedup_vs_a"]
 
 
 def test_streaming_decode_recompute_keeps_only_the_last_logits():
@@ -119,3 +130,12 @@ def test_profile_step_reports_a_median_of_several_steps():
                            "--rows", "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(median of 3: " in proc.stdout
+
+
+def test_matmul_peak_cpu_smoke(tmp_path):
+    data, stdout = _smoke(tmp_path, "matmul_peak.py", "--repeats", "2", "--inner", "2")
+    assert [r["n"] for r in data["rows"]] == [64, 128]
+    for r in data["rows"]:  # TFLOP/s is the FLOPs of the timed matmuls over their median time
+        assert len(r["runs_ms"]) == 2
+        assert abs(r["tflops_per_s"] - 2 * r["n"] ** 3 * 2 / (r["ms_per_run"] / 1e3) / 1e12) < 1e-9
+    assert "| n | TFLOP/s |" in stdout
