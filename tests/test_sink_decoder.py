@@ -342,3 +342,24 @@ def test_decoder_on_partial_rotary_split_off_by_the_attention(family):
     want = stream(model, prompt, steps, max_position=20)
     got = stream(model, prompt, steps, decoder=True, max_position=20)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_decoder_takes_over_a_cache_loaded_with_torch_load():
+    # a saved SinkCache keeps no model (see test_streaming); SinkDecoder(model, loaded) binds it to its model and
+    # decodes exactly as it does on the original cache
+    import io
+
+    model = tiny_model("llama").double()
+    steps = ids_for(6, seed=3)
+    with longctx.applied(model, "streaming", sink_size=3, window_size=9), torch.no_grad():
+        cache = SinkCache(model, 3, 9)
+        prefill(model, ids_for(20), cache, chunk_size=4)
+        buf = io.BytesIO()
+        torch.save(cache, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        outs = []
+        for c in (cache, loaded):
+            with SinkDecoder(model, c, cuda_graph=False) as dec:
+                outs.append(torch.cat([dec.step(steps[:, t:t + 1]).clone() for t in range(steps.shape[1])], dim=1))
+    assert loaded.model is model and torch.equal(outs[0], outs[1])

@@ -1510,3 +1510,58 @@ def test_a_patch_pickled_before_plain_keeps_the_peft_reinstall(patch_first, monk
     left = base.__dict__["prepare_inputs_for_generation"]
     assert left.__self__ is base and left.__func__ is type(base).prepare_inputs_for_generation
     assert "_prefill" not in base.__dict__
+
+
+def _saved(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_a_saved_sink_cache_keeps_no_model_and_streams_on_bit_identically(family):
+    # torch.save of a SinkCache pickled the whole model with it (the file held every weight; a loaded cache
+    # re-rotated its keys through that copy). Now the model stays out; a loaded cache is bound to the model it
+    # is next used with, and continues the stream exactly as the original cache does
+    import copy
+
+    model = tiny_model(family).double()
+    ids = ids_for(30)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
+        cache = patch.new_cache()
+        decode(model, ids[:, :20], cache)                                # 20 tokens: 10 evicted
+        buf = _saved(cache)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert buf.getbuffer().nbytes < weights / 4                      # the cache's tensors, not the model
+        loaded = torch.load(io_of(buf), weights_only=False)
+        assert loaded._model is None and copy.copy(cache)._model is model
+        with pytest.raises(RuntimeError, match="cache.bind"):
+            loaded.model
+        want = decode(model, ids[:, 20:], cache)
+        got = decode(model, ids[:, 20:], loaded)                         # bound on its first forward
+        assert loaded._model is model and torch.equal(got, want)
+
+
+def io_of(buf):
+    buf.seek(0)
+    return buf
+
+
+def test_binding_a_saved_sink_cache_checks_the_model_layout():
+    model, other = tiny_model("llama").double(), tiny_model("gpt_neox").double()
+    with longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
+        cache = patch.new_cache()
+        decode(model, ids_for(12), cache)
+    loaded = torch.load(io_of(_saved(cache)), weights_only=False)
+    with pytest.raises(ValueError, match="another model layout"):
+        loaded.bind(other)
+    assert loaded.bind(model) is loaded and loaded.model is model
+    with pytest.raises(ValueError, match="already bound"):
+        loaded.bind(tiny_model("llama").double())
+    # a directly driven (managed) cache: make_room re-rotates through the bound model, unbound it says what to do
+    loaded = torch.load(io_of(_saved(cache)), weights_only=False)
+    loaded.managed = True
+    with pytest.raises(RuntimeError, match="torch.load"):
+        loaded.make_room(1)

@@ -122,6 +122,8 @@ class SinkDecoder:
     def __init__(self, model, cache: SinkCache, cuda_graph: bool | None = None, warmup: int = 2,
                  compile: bool | dict = False):
         compile_kw = check_compile(compile)
+        if isinstance(cache, SinkCache) and cache._model is None:  # loaded with torch.load
+            cache.bind(model)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"SinkDecoder: option 'warmup' must be an integer >= 0, got {warmup!r}")
         check_supported(cache)
@@ -137,7 +139,7 @@ class SinkDecoder:
             layer.flush()
         first = cache.layers[0].keys
         device, self.dtype = first.device, first.dtype
-        _, _, self.rotary = rotary_module(cache._model, "streaming")
+        _, _, self.rotary = rotary_module(cache.model, "streaming")
         # looked up once: the cache's property imports the modeling module, which would break the compiled graph
         self.apply_rotary, self.rotary_width = cache._apply_rotary, cache._rotary_width
         # RoPE types whose rotary module reads the positions on the host (dynamic, longrope) cannot be captured

@@ -237,6 +237,9 @@ class SinkCache(Cache):
     bounded by their own window; everything above (slots, places, eviction) is about the
     full-attention layers (``sink_layers``). When b returns to 0, ``_move_sliding`` moves the
     sliding layers' keys down by b too. Padded batches are refused on such models.
+
+    ``torch.save`` / pickle keep everything but the model: a loaded cache is bound to the model it is next used
+    with (the streaming patch's forward, ``SinkDecoder``, ``prefill``) or by ``bind(model)``.
     """
 
     def __deepcopy__(self, memo):
@@ -250,6 +253,50 @@ class SinkCache(Cache):
         for key, value in self.__dict__.items():
             new.__dict__[key] = memo.get(id(value), value) if key == "_model" else copy.deepcopy(value, memo)
         return new
+
+    def __copy__(self):  # (without this, copy.copy would go through __getstate__ and drop the model)
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __getstate__(self):
+        # torch.save / pickle: everything but the model. With it, a saved cache held the whole model (its weights a
+        # second time) and a loaded one re-rotated keys through that copy. A loaded cache is bound to the model it
+        # is next used with (the streaming patch's forward, SinkDecoder, prefill) or by ``bind(model)``.
+        state = dict(self.__dict__)
+        state["_model"] = None
+        return state
+
+    def bind(self, model) -> "SinkCache":
+        """Attach ``model`` to a cache loaded with torch.load / pickle (which keep no model); it must have the
+        layout the cache was made for (its layer kinds, positions and rotary width). Returns the cache."""
+        model = _check_model(model)
+        if self._model is model:
+            return self
+        if self._model is not None:
+            raise ValueError("SinkCache.bind: this cache is already bound to a model (only a cache loaded with "
+                             "torch.load / pickle has none)")
+        windows, rotated = layer_windows(model), rope_layers(model)
+        layout = [("sink" if w is None else ("sliding", w), r) for w, r in zip(windows, rotated)]
+        ours = [("sink" if isinstance(layer, SinkLayer) else ("sliding", layer.sliding_window), layer.rope)
+                for layer in self.layers]
+        rope = arch_of(model).positions == "rope"
+        if (layout != ours or rope != self.rope
+                or (rope and rotary_width(model) != self._rotary_width)):
+            raise ValueError(f"SinkCache.bind: this cache was made for another model layout ({len(ours)} layers, "
+                             f"{'RoPE' if self.rope else 'ALiBi'}); {model.config.model_type!r} has {len(layout)} "
+                             f"layers ({'RoPE' if rope else 'ALiBi'}) or other layer kinds / rotary width")
+        self._model = model
+        return self
+
+    @property
+    def model(self):
+        """The model whose rotary embedding re-rotates the keys; a clear error for a loaded, unbound cache."""
+        if self._model is None:
+            raise RuntimeError("this SinkCache was loaded with torch.load / pickle, which keep no model: use it "
+                               "with a streaming-patched model (bound on its first forward) or call "
+                               "cache.bind(model) first")
+        return self._model
 
     def __init__(self, model, sink_size: int = 4, window_size: int = 2044, max_position: int | None = None):
         check_sizes(sink_size, window_size)
@@ -467,7 +514,7 @@ class SinkCache(Cache):
         their targets: R(target - original), unscaled."""
         device = self.sink_layers[0].orig_keys.device
         delta = (self._targets(start, stop) - self.places[:, start:stop]).to(device)
-        return rope_cos_sin(rotary_module(self._model, "streaming")[2], delta, "full_attention")
+        return rope_cos_sin(rotary_module(self.model, "streaming")[2], delta, "full_attention")
 
     def _sink_keys(self, layers, start: int) -> torch.Tensor:
         """(L, B, H, start, D) original keys of the sink slots of all layers, stacked once and kept
@@ -495,7 +542,7 @@ class SinkCache(Cache):
     def _move_sliding(self, shift: torch.Tensor) -> None:
         """Move every key the sliding-window layers hold by ``shift`` (B,) positions: each is its
         original rotated once by all the moves since it was made (R(layer.shift) orig_keys, fp32)."""
-        rotary = rotary_module(self._model, "streaming")[2]
+        rotary = rotary_module(self.model, "streaming")[2]
         for layer in self.sliding_layers:
             if not layer.rope or not layer.is_initialized or layer.keys.shape[-2] == 0:
                 continue
@@ -505,7 +552,7 @@ class SinkCache(Cache):
 
     @property
     def _apply_rotary(self):
-        module = importlib.import_module(type(self._model.base_model).__module__)
+        module = importlib.import_module(type(self.model.base_model).__module__)
         return module.apply_rotary_pos_emb
 
     def to_device(self, device) -> None:
@@ -611,6 +658,8 @@ def prefill(model, input_ids: torch.Tensor, cache: SinkCache, chunk_size: int | 
     """Feed a prompt of any length into ``cache`` in chunks of at most ``chunk_size`` (default:
     window_size) tokens; memory stays bounded by the cache. Returns the last chunk's model output."""
     chunk_size = chunk_size or cache.window_size
+    if cache._model is None:  # loaded with torch.load
+        cache.bind(model)
     out = None
     for start in range(0, input_ids.shape[1], chunk_size):
         out = model(input_ids[:, start:start + chunk_size], past_key_values=cache, use_cache=True)
@@ -813,6 +862,8 @@ class StreamingPatch(Patch):
             cache = kwargs["past_key_values"] = self.new_cache()
         if not isinstance(cache, SinkCache) or cache.managed:
             return None  # a cache the caller chose (e.g. static) or drives itself: theirs
+        if cache._model is None:  # loaded with torch.load: bound to this model
+            cache.bind(self.model)
         if args:  # the decoder body called positionally: input_ids first
             kwargs["input_ids"], args = args[0], ()
         key = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
