@@ -162,7 +162,9 @@ def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperatur
     The prompt goes into a fresh sink cache in chunks as ``model.generate`` feeds it under the patch
     (window-sized chunks, the last ``window_size`` tokens as one), then tokens are sampled (``sample``:
     greedy at temperature 0, else nucleus sampling with ``top_p``) and fed one at a time. Generation
-    stops after ``max_new_tokens`` or at an ``eos_token_id`` (an id or a list; not yielded). With
+    stops after ``max_new_tokens`` or at an ``eos_token_id`` (an id or a list; not yielded; None, the default:
+    no eos, unlike ``model.generate``, which stops at ``model.generation_config.eos_token_id``: pass that
+    or ``tokenizer.eos_token_id`` to stop there too). With
     ``ignore_eos`` those ids are never sampled instead, as ``min_new_tokens`` does in ``model.generate``.
     No logits processor of ``model.generation_config`` (repetition penalty, top-k, ...) is applied: with
     greedy decoding and a neutral generation config the tokens are ``model.generate``'s (tested).

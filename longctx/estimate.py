@@ -628,15 +628,16 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
     s = shape_of(config)
     if train not in TRAIN_MODES:
         raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
-    if dtype not in DTYPE_BYTES or lora_dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}")
+    for opt, value in (("dtype", dtype), ("lora_dtype", lora_dtype)):
+        if value not in DTYPE_BYTES:
+            raise ValueError(f"{opt} must be one of {', '.join(DTYPE_BYTES)}, got {value!r}")
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero}")
     for opt, value, low in (("length", length, 1), ("batch", batch, 1), ("gpus", gpus, 1), ("lora_r", lora_r, 1),
                             ("new_tokens", new_tokens, 0), ("chunk", 1 if chunk is None else chunk, 1)):
         _check_int(opt, value, low)
     if logits not in (None, *LOGITS):
-        raise ValueError(f"logits must be one of {LOGITS}")
+        raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
     e, la, T, B = DTYPE_BYTES[dtype], DTYPE_BYTES[lora_dtype], int(length), int(batch)
     notes = []
 

@@ -440,8 +440,9 @@ def evaluate_cell(model, tokenizer, cell, data: _Data) -> tuple[dict, float | No
     s, L = cell["settings"], cell["length"]
     if cell["metric"] == "ppl":
         ids = data.ppl_ids(cell["model"], tokenizer, s)
-        res = perplexity(model, ids, [L], mode=s["mode"], stride=s["stride"], score=s["score"],
-                         tail_fraction=s["tail_fraction"], progress=False)[L]
+        tail = {"tail_fraction": s["tail_fraction"]} if s["score"] == "tail" else {}  # (score all: not used)
+        res = perplexity(model, ids, [L], mode=s["mode"], stride=s["stride"], score=s["score"], **tail,
+                         progress=False)[L]
         return res, res["ppl"]
     corpus = data.needle_texts(s["corpus"]) if cell["metric"] == "needle" else None
     res = passkey_accuracy(model, tokenizer, [L], depths=s["depths"], trials=s["trials"], seed=s["seed"],

@@ -738,7 +738,7 @@ class HeldoutEval:
             try:
                 with preserve_rng(self.accelerator.device), self.autocast():
                     res = perplexity(inner, self.ids, self.settings["lengths"], mode="chunks",
-                                     score=self.settings["score"], tail_fraction=0.25, progress=False)
+                                     score=self.settings["score"], progress=False)
             finally:
                 model.train(was_training)
             metrics = {"heldout_ppl": {str(L): r["ppl"] for L, r in res.items()},

@@ -395,3 +395,12 @@ def test_cli_refuses_options_that_would_change_nothing(capsys, argv, match):
     args = parser.parse_args(["estimate", "--model", "smollm2-135m", "--length", "8192", "--train", "lora",
                               "--lora-r", "64"])
     assert args.func(args) == 0 and "LoRA" in capsys.readouterr().out
+
+
+def test_dtype_errors_name_the_option_and_the_value():
+    with pytest.raises(ValueError, match=r"^lora_dtype must be one of bf16, .*, got 'int8'$"):
+        estimate(SMALL, 128, train="lora", lora_dtype="int8")
+    with pytest.raises(ValueError, match=r"^dtype must be one of bf16, .*, got 'int4'$"):
+        estimate(SMALL, 128, dtype="int4")
+    with pytest.raises(ValueError, match=r"logits must be one of .*, got 'first'"):
+        estimate(SMALL, 128, logits="first")

@@ -499,3 +499,15 @@ def test_the_decoder_body_is_refused_with_a_clear_error():
     body = tiny_llama().model
     with pytest.raises(TypeError, match=r"perplexity needs a causal language model.*LlamaModel.*ForCausalLM"):
         perplexity(body, [torch.arange(3, 60)], [16], progress=False)
+
+
+def test_tail_fraction_applies_to_score_tail_only(model):
+    """tail_fraction with score='all' changed nothing (silently); it is refused, as `longctx ppl` refuses it."""
+    docs = [torch.randint(0, V, (64,), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(ValueError, match=r"tail_fraction only applies to score='tail', got score='all'"):
+        perplexity(model, docs, [16], tail_fraction=0.5, progress=False)
+    with pytest.raises(ValueError, match="tail_fraction only applies to score='tail'"):
+        perplexity(model, docs, [16], mode="sliding", tail_fraction=0.25, progress=False)
+    default = perplexity(model, docs, [16], score="tail", progress=False)[16]
+    assert default == perplexity(model, docs, [16], score="tail", tail_fraction=0.25, progress=False)[16]
+    assert default["tokens"] == 4 * 4  # the default fraction: a quarter of each 16-token window

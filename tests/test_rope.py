@@ -537,3 +537,18 @@ def test_abf_smaller_max_position_embeddings_is_applied():
     model = tiny_model("llama")
     longctx.apply(model, "abf", rope_theta=1e5, max_position_embeddings=TRAINED_LEN // 2)
     assert model.config.max_position_embeddings == TRAINED_LEN // 2
+
+
+@pytest.mark.parametrize("method,options", ALL_METHODS)
+def test_rotary_module_follows_the_models_train_eval_mode(method, options):
+    """The swapped-in rotary module was built in training mode inside an eval model (the one module training),
+    and the original came back in the mode it had at apply, whatever model.train()/eval() did meanwhile."""
+    model = tiny_model("llama")
+    with longctx.applied(model, method, **options):
+        assert not any(m.training for m in model.modules())
+        model.train()
+    assert all(m.training for m in model.modules())
+    with longctx.applied(model, method, **options):
+        assert all(m.training for m in model.modules())
+        model.eval()
+    assert not any(m.training for m in model.modules())

@@ -937,6 +937,31 @@ def test_phi3_generate_keeps_the_sink_cache_past_original_max_position():
     assert model.prepare_inputs_for_generation.__func__ is cls_prepare
 
 
+def test_streaming_perplexity_restores_training_mode_and_refuses_a_batch():
+    model = tiny_model("llama").train()
+    ids = ids_for(30, batch=2)
+    res = streaming_perplexity(model, ids[0], 2, 8, progress=False)
+    assert model.training and all(m.training for m in model.modules())  # left as it was, not in eval mode
+    model.eval()
+    streaming_perplexity(model, ids[:1], 2, 8, policy="dense", progress=False)  # (1, N): one stream
+    assert not model.training
+    with pytest.raises(ValueError, match=r"ids must be one token stream \(1-D, or \(1, N\)\), got shape \(2, 30\)"):
+        streaming_perplexity(model, ids, 2, 8, progress=False)  # two streams were flattened into one
+    assert res["tokens"] == 29
+
+
+def test_numpy_integer_sizes_are_accepted():
+    """sink_size, like window_size and every other option, takes numpy integers (np.arange sweeps)."""
+    np = pytest.importorskip("numpy")
+    model = tiny_model("llama")
+    with longctx.applied(model, "streaming", sink_size=np.int64(2), window_size=np.int64(8)) as patch:
+        assert patch.options.to_dict() == {"sink_size": 2, "window_size": 8}
+        assert type(patch.new_cache().sink_size) is int
+    assert type(SinkCache(model, np.int32(2), np.int32(8)).sink_size) is int
+    res = streaming_perplexity(model, ids_for(12)[0], np.int64(2), np.int64(8), progress=False)
+    assert res["sink_size"] == 2 and type(res["sink_size"]) is int
+
+
 def test_streaming_perplexity_needs_two_tokens():
     # the first token is context only: an empty or 1-token stream scores nothing (was ppl 1.0 over 0 tokens)
     from longctx.eval.streaming import POLICIES

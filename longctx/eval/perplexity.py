@@ -42,7 +42,7 @@ def inactive_in_eval(name: str, options: dict, with_cache: bool = False) -> str 
     return None
 
 
-def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *, tail_fraction=0.25,
+def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *, tail_fraction=None,
                batch_tokens=None, logits_chunk=4096, progress=True, compile=False) -> dict[int, dict]:
     """Perplexity of `model` on `docs` (1-D token-id tensors or lists) for each window length L.
 
@@ -58,6 +58,7 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
       score="all":  tokens 1..L-1 of each window (L-1 per window; token 0 has no context).
       score="tail": only the last int(L * tail_fraction) tokens of each window (the long-context
                     part; every scored token has >= L - int(L*tail_fraction) tokens of context).
+                    tail_fraction: default 0.25; it applies to score="tail" only (ValueError otherwise).
 
     mode="sliding": windows of exactly L tokens whose ends advance by `stride` (default L // 2);
     the last window ends at the document end. Each token is scored once, in the window where it
@@ -110,6 +111,10 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
                          "already scores only its tail, the last `stride` tokens (lower stride instead)")
     if mode == "chunks" and stride is not None:
         raise ValueError("stride only applies to mode='sliding' (chunks never overlap)")
+    if tail_fraction is None:
+        tail_fraction = 0.25
+    elif score != "tail":  # (as `longctx ppl --tail-fraction` without --score tail): it would change nothing
+        raise ValueError(f"tail_fraction only applies to score='tail', got score={score!r}")
     if not isinstance(compile, bool) and compile not in ("parts", "layer"):
         raise TypeError(f"compile must be True, False, 'parts' or 'layer', got {compile!r}")
     def positive_int(name, value, allow_none=False):

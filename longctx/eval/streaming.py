@@ -34,13 +34,18 @@ POLICIES = ("sinks", "window", "dense", "recompute")
 @torch.inference_mode()
 def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044, *, policy: str = "sinks",
                          chunk_size: int = 1, curve_every: int | None = None, progress: bool = True) -> dict:
-    """Returns {"ppl", "nll", "tokens", "seconds", "tokens_per_s", "max_cache", "curve"}; ``curve``
+    """Perplexity of the one token stream ``ids`` (1-D, or (1, N)) under the cache ``policy``.
+
+    Returns {"ppl", "nll", "tokens", "seconds", "tokens_per_s", "max_cache", "curve"} and the settings
+    ("policy", "sink_size", "window_size", "chunk_size"); ``curve``
     lists (tokens so far, running ppl, cached tokens, CUDA memory allocated) every ``curve_every`` tokens:
     a point at the first chunk end at or past each multiple of it, so at most one point per chunk (its
-    tokens-so-far says where it was taken; pick curve_every >= chunk_size for evenly spaced points)."""
+    tokens-so-far says where it was taken; pick curve_every >= chunk_size for evenly spaced points).
+    The model runs in eval mode; its training mode is restored afterwards."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     check_sizes(sink_size, window_size)
+    sink_size, window_size = int(sink_size), int(window_size)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if policy != "dense" and chunk_size > window_size:
@@ -50,12 +55,26 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
         # (on this model or another handle of it, e.g. its base model: that one's forward runs inside this one's)
         raise ValueError("streaming_perplexity applies the streaming patch itself (policies sinks and window) and "
                          "needs the model without it; remove the model's streaming patch first")
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if sum(n > 1 for n in ids.shape) > 1:  # (2, N): two streams, which flatten() would join into one
+        raise ValueError(f"ids must be one token stream (1-D, or (1, N)), got shape {tuple(ids.shape)}; "
+                         f"score the rows of a batch one by one")
+    ids = ids.flatten()
     if len(ids) < 2:  # the first token is context only: nothing would be scored
         raise ValueError(f"ids must hold at least 2 tokens (the first is not scored), got {len(ids)}")
     device = next(model.parameters()).device
     capacity = sink_size + window_size
+    was_training = model.training
     model.eval()
+    try:
+        return _stream_ppl(model, ids, sink_size, window_size, policy, chunk_size, curve_every, progress, device,
+                           capacity)
+    finally:
+        model.train(was_training)
+
+
+def _stream_ppl(model, ids, sink_size, window_size, policy, chunk_size, curve_every, progress, device, capacity):
+    """streaming_perplexity's scoring, on the model in eval mode."""
     nll = torch.zeros((), dtype=torch.float64, device=device)
     scored, max_cache, curve = 0, 0, []
     bar = tqdm(total=len(ids) - 1, desc=f"stream {policy}", unit="tok", disable=not progress)

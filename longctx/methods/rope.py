@@ -199,11 +199,13 @@ class RopePatch(Patch):
                 config.head_dim = None
             raise
         self._saved = saved
-        # follow the old module's device (and dtype, if someone cast the buffers)
+        # follow the old module's device (and dtype, if someone cast the buffers), and its train/eval mode (a new
+        # module is in training mode, which left model.eval()'s rotary module the one module training)
         buf = next(old.buffers())
         new.to(device=buf.device)
         if buf.dtype != torch.float32:
             new.to(dtype=buf.dtype)
+        new.train(old.training)
         setattr(parent, attr, new)
 
     def _as_longrope(self, rotary_cls, config, layer_type, entry, new_len, allowed) -> dict:
@@ -236,13 +238,15 @@ class RopePatch(Patch):
         config.max_position_embeddings = max_len
         if head_dim is None:
             config.head_dim = None
-        # follow casts and moves made while patched (the old module was outside the model then)
+        # follow casts, moves and model.train() / model.eval() made while patched (the old module was outside the
+        # model then)
         cur = getattr(parent, attr)
         ref = next((b for n, b in cur.named_buffers() if n.endswith("original_inv_freq")), next(cur.buffers()))
         old_buf = next(old.buffers())
         old.to(device=ref.device)
         if ref.dtype != old_buf.dtype:
             old.to(dtype=ref.dtype)
+        old.train(cur.training)
         setattr(parent, attr, old)
         del self._saved
 

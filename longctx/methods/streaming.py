@@ -54,6 +54,7 @@ cover the last ``window_size`` tokens only (``generate`` needs no more; a warnin
 from __future__ import annotations
 
 import importlib
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -300,7 +301,7 @@ class SinkCache(Cache):
 
     def __init__(self, model, sink_size: int = 4, window_size: int = 2044, max_position: int | None = None):
         check_sizes(sink_size, window_size)
-        self.sink_size, self.window_size = sink_size, window_size
+        self.sink_size, self.window_size = int(sink_size), int(window_size)
         self._model = _check_model(model)
         self.rope = arch_of(self._model).positions == "rope"  # ALiBi: biases follow the slot index already
         # full-attention layers hold the sinks + window; sliding-window layers keep their own window
@@ -619,7 +620,8 @@ def layer_windows(model) -> list[int | None]:
 
 
 def check_sizes(sink_size, window_size) -> None:
-    if isinstance(sink_size, bool) or not isinstance(sink_size, int) or sink_size < 0:
+    """sink_size an integer >= 0, window_size an integer >= 1 (numpy integers included, as for every option)."""
+    if isinstance(sink_size, bool) or not isinstance(sink_size, numbers.Integral) or sink_size < 0:
         raise ValueError(f"option 'sink_size' must be an integer >= 0, got {sink_size!r}")
     check_positive("window_size", window_size, integer=True)
 
