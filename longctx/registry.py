@@ -282,11 +282,26 @@ class Patch:
                 patches.append(self)
 
     def _record(self, add: bool) -> None:
-        """Keep ``model.config.longctx`` (saved with the model) listing the applied methods."""
+        """Keep ``model.config.longctx`` (saved with the model) listing the applied methods. An entry of this
+        method already there (a model saved while a patch of it was on, reloaded) is replaced in its place while
+        this patch is on, and put back by remove(): removing it deleted the saved entry (remove() left the config
+        changed, and a later save lost the record)."""
         config = self.model.config
-        entries = [e for e in getattr(config, "longctx", None) or [] if e.get("method") != self.method]
+        entries = list(getattr(config, "longctx", None) or [])
+        at = next((i for i, e in enumerate(entries) if e.get("method") == self.method), None)
         if add:
-            entries.append({"method": self.method, **copy.deepcopy(self.options.to_dict())})
+            self._replaced = None if at is None else entries[at]
+            entry = {"method": self.method, **copy.deepcopy(self.options.to_dict())}
+            if at is None:
+                entries.append(entry)
+            else:
+                entries[at] = entry
+        elif at is not None:
+            replaced = getattr(self, "_replaced", None)  # (None in a patch pickled by an older longctx)
+            if replaced is None:
+                del entries[at]
+            else:
+                entries[at] = replaced
         if entries:
             config.longctx = entries
         elif hasattr(config, "longctx"):

@@ -1,6 +1,7 @@
 """RoPE scaling: parity with transformers' own rope types, exact removal, save/reload, all families."""
 
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -552,3 +553,28 @@ def test_rotary_module_follows_the_models_train_eval_mode(method, options):
         assert all(m.training for m in model.modules())
         model.eval()
     assert not any(m.training for m in model.modules())
+
+
+def test_remove_restores_a_saved_record_of_the_same_method(tmp_path, ids):
+    # a model saved with patches on carries their record (config.longctx); applying one of those methods again to
+    # the reloaded model (streaming, s2attn: other slots than the saved scaling) and removing it deleted the saved
+    # entry: remove() left the config changed (to_dict differed, and a second save lost the record)
+    importlib.import_module("longctx.methods.s2attn")  # registers "s2attn"
+    model = tiny_model("llama")
+    for method, options in (("ntk", {"factor": 4}), ("s2attn", {"group_size": 8}),
+                            ("streaming", {"sink_size": 2, "window_size": 6})):
+        longctx.apply(model, method, **options)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    before, ref = reloaded.config.to_dict(), logits(reloaded, ids)
+    for method, options in (("streaming", {"sink_size": 4, "window_size": 12}), ("s2attn", {"group_size": 4})):
+        patch = longctx.apply(reloaded, method, **options)
+        assert [e["method"] for e in reloaded.config.longctx] == ["ntk", "s2attn", "streaming"]
+        assert {"method": method, **patch.options.to_dict()} in reloaded.config.longctx  # what is on now
+        patch.remove()
+        assert reloaded.config.to_dict() == before
+    first = longctx.apply(reloaded, "streaming", sink_size=4, window_size=12)
+    second = longctx.apply(reloaded, "s2attn", group_size=4)
+    first.remove()  # not in the order applied
+    second.remove()
+    assert reloaded.config.to_dict() == before and torch.equal(logits(reloaded, ids), ref)

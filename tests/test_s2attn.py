@@ -1602,6 +1602,40 @@ def test_a_copy_can_be_patched(ids):
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_loses_its_marks_with_its_patch(how):
+    # a copy of a patched model carries copies of the marks on its modules (they match no state): removing the copy's
+    # patch, or a patch applied to the copy, left _longctx_s2attn_member on every module of the copy
+    import copy
+    import io
+    import warnings
+
+    def marked(m):
+        return [name for name, module in m.named_modules() if "_longctx_s2attn_member" in module.__dict__]
+
+    def dup(obj):
+        if how == "deepcopy":
+            return copy.deepcopy(obj)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    model = tiny_model("llama")
+    patch = longctx.apply(model, "s2attn", group_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "a copy of a patched model runs its original attention"
+        copied, copied_patch = dup((model, patch))
+        alone = dup(model)
+    copied_patch.remove()
+    assert marked(copied) == []
+    longctx.apply(alone, "s2attn", group_size=8).remove()
+    assert marked(alone) == []
+    assert marked(model) == [name for name, _ in model.named_modules()]  # the original's stay while it is on
+    patch.remove()
+    assert marked(model) == []
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_a_patched_copy_gets_every_sub_config_back(how):
     # a copy of a patched model carries S2's name in every sub-config S2 switched: applying s2attn to the copy read
     # each as the text config's original, so remove() left llava's top-level config (sdpa) at the text model's eager,

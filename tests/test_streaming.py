@@ -919,6 +919,28 @@ def test_longrope_positions_stay_in_the_short_factor_range():
             SinkCache(model, s, w, max_position=48)
 
 
+@pytest.mark.parametrize("method, options", [("yarn", {"factor": 4}), ("linear", {"factor": 4})])
+def test_a_rope_patch_on_phi3_streams_past_the_trained_length(method, options):
+    # longctx writes its static methods on phi3 as longrope with equal short and long factors: the switch at
+    # original_max_position_embeddings changes nothing there, but streaming refused every cache longer than the
+    # trained length on such a model (the very case a RoPE patch is applied for). One layer: exact
+    from conftest import build, tiny_config
+    model = build(tiny_config("phi3", num_hidden_layers=1, original_max_position_embeddings=64)).double()
+    s, w = 3, 70  # capacity 73 > 64
+    ids = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(0))
+    with longctx.applied(model, method, **options), longctx.applied(model, "streaming", sink_size=s, window_size=w), \
+            torch.no_grad():
+        cache = SinkCache(model, s, w)
+        prefill(model, ids[:, :20], cache)
+        for t in range(20, 300):
+            got = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            kept = ids[:, :t + 1] if t < s + w else torch.cat([ids[0, :s], ids[0, t + 1 - w:t + 1]])[None]
+            want = model(kept, position_ids=torch.arange(kept.shape[1])[None]).logits[0, -1]  # positions by place
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"original_max_position_embeddings \(32\)"):  # a real switch: refused
+        SinkCache(_longrope_model(), s, w)
+
+
 def test_phi3_generate_keeps_the_sink_cache_past_original_max_position():
     # phi3's prepare_inputs_for_generation drops the cache once the sequence passes
     # original_max_position_embeddings (to redo it with longrope's long factors): under streaming that was a

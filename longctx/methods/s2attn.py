@@ -820,11 +820,26 @@ class S2AttnPatch(Patch):
         # (a copy of the patch, with a copy of the model, shares the original's state: it acts for the original)
         if self._state.model_ref() is self.model:
             self._state.detach()  # the registered entries stay (no unregister API) but become inert
+        else:  # the copy's modules carry copies of the original's marks: gone with the copy's patch
+            _unmark(list(self.model.modules()))
         del self._state
 
     @property
     def attn_implementation(self) -> str:
         return self._name
+
+
+def _unmark(modules) -> None:
+    """Take off ``modules`` every mark (``_MARK``) that no patched model's live state holds: the one of a state being
+    detached, and the copies that a ``copy.deepcopy`` or ``torch.save`` of a patched model gives its modules (they match
+    no state; removing the copy's patch, or a patch applied to the copy later, left them on every module)."""
+    live = [s.marker for s in list(_STATES.values()) if s.model_ref() is not None]
+    for m in modules:
+        rest = tuple(x for x in m.__dict__.get(_MARK, ()) if any(x is marker for marker in live))
+        if rest:
+            m.__dict__[_MARK] = rest
+        else:
+            m.__dict__.pop(_MARK, None)
 
 
 def _text_config(config):
@@ -994,12 +1009,7 @@ class _State:
         if self._finalizer is not None:
             self._finalizer.detach()  # (it held this state)
         self.model_ref = self.base_ref = _nothing
-        for m in list(self.members):
-            rest = tuple(x for x in m.__dict__.get(_MARK, ()) if x is not self.marker)
-            if rest:
-                m.__dict__[_MARK] = rest
-            else:
-                m.__dict__.pop(_MARK, None)
+        _unmark(list(self.members))
         self.members = weakref.WeakSet()
         self.cache.clear()
         self.block_masks.clear()

@@ -368,6 +368,8 @@ class SinkCache(Cache):
         for layer_type, kind in types.items():
             if "longrope" in str(kind):
                 p = params.get(layer_type, params) if layer_type is not None else params
+                if p.get("short_factor") is not None and p.get("short_factor") == p.get("long_factor"):
+                    continue  # one set of factors (longctx's static methods on phi3): the switch changes nothing
                 limits.append(p.get("original_max_position_embeddings")
                               or getattr(self._model.config, "original_max_position_embeddings", None))
         limits = [x for x in limits if x]
