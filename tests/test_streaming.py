@@ -1612,3 +1612,47 @@ def test_binding_a_saved_sink_cache_checks_the_model_layout():
     loaded.managed = True
     with pytest.raises(RuntimeError, match="torch.load"):
         loaded.make_room(1)
+
+
+def test_a_rope_patch_on_phi3_streams_as_far_as_on_llama(monkeypatch):
+    # longctx's static methods on phi3 (longrope, equal factors) have frequencies no position changes, as on llama:
+    # streaming counted them as dynamic (max_position = the patched max_position_embeddings instead of it +
+    # capacity), so a cache longer than that re-rotated every key at every token. One layer: exact
+    from conftest import build, tiny_config
+    model = build(tiny_config("phi3", num_hidden_layers=1, original_max_position_embeddings=64)).double()
+    s, w = 3, 150  # capacity 153 > 128, the patched max_position_embeddings
+    calls = []
+    rerotate = SinkCache._rerotate
+    monkeypatch.setattr(SinkCache, "_rerotate", lambda self, start: (calls.append(self.seen_tokens),
+                                                                      rerotate(self, start)))
+    ids = torch.randint(3, 128, (1, 420), generator=torch.Generator().manual_seed(0))
+    with longctx.applied(model, "linear", factor=2), longctx.applied(model, "streaming", sink_size=s, window_size=w), \
+            torch.no_grad():
+        llama = tiny_model("llama")
+        with longctx.applied(llama, "linear", factor=2):
+            assert SinkCache(model, s, w).max_position == SinkCache(llama, s, w).max_position == 128 + 153
+        cache = SinkCache(model, s, w)
+        prefill(model, ids[:, :20], cache)
+        for t in range(20, 420):
+            got = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            kept = ids[:, :t + 1] if t < s + w else torch.cat([ids[0, :s], ids[0, t + 1 - w:t + 1]])[None]
+            want = model(kept, position_ids=torch.arange(kept.shape[1])[None]).logits[0, -1]  # positions by place
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert calls == [281, 410]  # once per max_position - capacity + 1 = 129 tokens, not at every token past 128
+
+
+@pytest.mark.parametrize("short, long", [
+    (torch.tensor([1.5, 2.0, 2.5, 3.0, 3.5, 4.0]), torch.tensor([1.5, 2.0, 2.5, 3.0, 3.5, 4.0])),
+    ((1.5, 2.0, 2.5, 3.0, 3.5, 4.0), [1.5, 2.0, 2.5, 3.0, 3.5, 4.0]),
+    ([1.5, 2.0, 2.5, 3.0, 3.5, 4.0], [1.5 + 1e-12, 2.0, 2.5, 3.0, 3.5, 4.0]),  # equal in float32, as transformers reads
+])
+def test_one_set_of_longrope_factors_in_any_form(short, long):
+    # factors as tensors (a config edited in memory) made SinkCache raise "Boolean value of Tensor ... ambiguous";
+    # a tuple against a list, or factors equal in float32 (transformers' tensors) only, read as two sets: refused
+    model = _longrope_model()
+    model.config.rope_parameters.update(short_factor=short, long_factor=long)
+    cache = SinkCache(model, 3, 40)  # capacity 43 > original_max_position_embeddings (32)
+    assert cache.max_position == 64 + 43
+    model.config.rope_parameters.update(long_factor=[4.0 + i for i in range(6)])
+    with pytest.raises(ValueError, match=r"original_max_position_embeddings \(32\)"):  # two sets: refused still
+        SinkCache(model, 3, 40)

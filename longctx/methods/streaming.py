@@ -341,15 +341,16 @@ class SinkCache(Cache):
         """Static RoPE (default, linear, yarn, llama3) only sees position differences, which stay below
         the capacity: positions may run to trained length + capacity (float32 angles at most ~2x as
         large as the model's own), so a cache as long as the trained length (Llama-2, 4096) re-rotates
-        every key once per ~4096 steps, not at every step. RoPE whose frequencies depend on the largest
-        position (dynamic, longrope) and ALiBi: the trained length."""
+        every key once per ~4096 steps, not at every step (longrope with one set of factors, as longctx's static
+        methods on phi3 write it, included). RoPE whose frequencies depend on the largest position (dynamic,
+        longrope) and ALiBi: the trained length."""
         trained = getattr(self._model.config, "max_position_embeddings", None)
         short = self._longrope_limit()
         if short is not None:  # longrope: its short factors up to original_max_position_embeddings
             return max(short, self.capacity)  # (a larger capacity is refused in __init__)
         if not trained:
             return 2**62
-        if self.rope and static_rope(rotary_module(self._model, "streaming")[2]):
+        if self.rope and (static_rope(rotary_module(self._model, "streaming")[2]) or self._fixed_longrope()):
             return trained + self.capacity
         return trained
 
@@ -360,20 +361,34 @@ class SinkCache(Cache):
         rotate queries, new keys and re-rotated keys with the same factors. None for other models."""
         if not self.rope:
             return None
-        rotary = rotary_module(self._model, "streaming")[2]
-        rope_type = getattr(rotary, "rope_type", "default")
-        types = rope_type if isinstance(rope_type, dict) else {None: rope_type}
-        params = getattr(self._model.config, "rope_parameters", None) or {}
         limits = []
-        for layer_type, kind in types.items():
+        for kind, p in self._rope_kinds():
             if "longrope" in str(kind):
-                p = params.get(layer_type, params) if layer_type is not None else params
-                if p.get("short_factor") is not None and p.get("short_factor") == p.get("long_factor"):
+                if _one_factor_set(p):
                     continue  # one set of factors (longctx's static methods on phi3): the switch changes nothing
                 limits.append(p.get("original_max_position_embeddings")
                               or getattr(self._model.config, "original_max_position_embeddings", None))
         limits = [x for x in limits if x]
         return min(limits) if limits else None
+
+    def _rope_kinds(self) -> list[tuple]:
+        """(rope type, its rope parameters) per layer type of the rotary module."""
+        rotary = rotary_module(self._model, "streaming")[2]
+        rope_type = getattr(rotary, "rope_type", "default")
+        types = rope_type if isinstance(rope_type, dict) else {None: rope_type}
+        params = getattr(self._model.config, "rope_parameters", None) or {}
+        return [(kind, params.get(layer_type, params) if layer_type is not None else params)
+                for layer_type, kind in types.items()]
+
+    def _fixed_longrope(self) -> bool:
+        """Whether every layer type's RoPE is static or longrope with one set of factors (longctx's static methods
+        on phi3): frequencies that no position changes, so positions may run as far as static RoPE's. Counted as
+        dynamic, such a patch re-rotated every key once per trained length - capacity tokens (every token where
+        the cache was longer than the patched max_position_embeddings), where the same patch on llama did so once
+        per trained length."""
+        kinds = self._rope_kinds()
+        return any(kind == "longrope" for kind, _ in kinds) and all(
+            kind in STATIC_ROPE_TYPES or (kind == "longrope" and _one_factor_set(p)) for kind, p in kinds)
 
     @property
     def capacity(self) -> int:
@@ -561,6 +576,20 @@ class SinkCache(Cache):
     def to_device(self, device) -> None:
         if self.places is not None:
             self.places, self.offset, self.pads = (t.to(device) for t in (self.places, self.offset, self.pads))
+
+
+def _one_factor_set(params) -> bool:
+    """Whether longrope ``params`` hold one set of factors: short and long factors equal as transformers reads them
+    (float32 tensors; lists, tuples or tensors alike), so its switch at original_max_position_embeddings changes
+    no frequency (the attention factor never depends on the position)."""
+    short, long = params.get("short_factor"), params.get("long_factor")
+    if short is None or long is None:
+        return False
+    try:
+        short, long = (torch.as_tensor(f, dtype=torch.float32).cpu() for f in (short, long))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return short.shape == long.shape and torch.equal(short, long)
 
 
 def static_rope(rotary) -> bool:
