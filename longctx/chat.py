@@ -32,6 +32,13 @@ class StreamingSession:
         self.fed_text = ""  # the rendered conversation whose tokens are in the cache (or evicted)
         self.last_logits: torch.Tensor | None = None
 
+    def __setstate__(self, state: dict) -> None:
+        # torch.save / pickle keep a SinkCache's model out of it (see SinkCache), and the patch's forward, which
+        # binds a loaded cache, leaves this session's managed cache alone: bound here to the session's model
+        self.__dict__.update(state)
+        if isinstance(self.cache, SinkCache) and self.cache._model is None:
+            self.cache.bind(self.model)
+
     def eos_ids(self) -> set[int]:
         """Ids that end a reply: the tokenizer's eos and the model's generation_config eos ids (end-of-turn
         tokens such as Phi-3's <|end|> or Gemma's <end_of_turn> are often declared only there)."""

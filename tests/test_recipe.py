@@ -604,3 +604,13 @@ def test_fresh_run_log_keeps_no_rows_of_an_abandoned_run(tmp_path):
     assert train.read_log(tmp_path) == old[:2]
     train.Tracker(accelerator, cfg, False, start_step=0)  # a fresh run: none
     assert train.read_log(tmp_path) == []
+
+
+def test_heldout_eval_scores_every_token_with_eval_score_all(tiny):
+    """eval.score=all: perplexity refuses tail_fraction without score='tail', so the held-out evaluation must not
+    pass it (it passed tail_fraction=0.25 whatever eval.score said): every token but each window's first is scored."""
+    run = finetune(tiny, tiny / "eval-all", "train.steps=1", "train.checkpoint_every=100", "eval.every=1",
+                   "eval.score=all")
+    evals = eval_rows(run)
+    assert [r["step"] for r in evals] == [0, 1]
+    assert all(r["heldout_tokens"] == {"128": 8 * 127} for r in evals)  # 1024 tokens: 8 windows, 127 each

@@ -363,3 +363,23 @@ def test_decoder_takes_over_a_cache_loaded_with_torch_load():
             with SinkDecoder(model, c, cuda_graph=False) as dec:
                 outs.append(torch.cat([dec.step(steps[:, t:t + 1]).clone() for t in range(steps.shape[1])], dim=1))
     assert loaded.model is model and torch.equal(outs[0], outs[1])
+
+
+def test_a_held_cache_is_not_saved():
+    # while a SinkDecoder holds the cache, the keys and values are the decoder's (the cache's are None): a saved
+    # copy held no tensors and came back held, refusing every forward for a decoder that no longer exists
+    import io
+
+    model = tiny_model("llama").double()
+    with longctx.applied(model, "streaming", sink_size=3, window_size=9), torch.no_grad():
+        cache = SinkCache(model, 3, 9)
+        prefill(model, ids_for(20), cache, chunk_size=4)
+        with SinkDecoder(model, cache, cuda_graph=False) as dec:
+            dec.step(ids_for(1, seed=2))
+            with pytest.raises(RuntimeError, match="held by a SinkDecoder.*close the decoder"):
+                torch.save(cache, io.BytesIO())
+        buf = io.BytesIO()
+        torch.save(cache, buf)  # handed back: saved as usual
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+    assert not loaded.held and torch.equal(loaded.layers[0].keys, cache.layers[0].keys)

@@ -984,6 +984,18 @@ def test_numpy_integer_sizes_are_accepted():
     assert res["sink_size"] == 2 and type(res["sink_size"]) is int
 
 
+def test_streaming_perplexity_takes_a_numpy_chunk_size():
+    # sink_size and window_size took numpy integers, chunk_size (the same call, an np.arange sweep) was refused
+    # ("chunk_size must be a positive integer, got np.int64(4)"); True was taken as chunk_size 1
+    np = pytest.importorskip("numpy")
+    model, ids = tiny_model("llama"), ids_for(20)[0]
+    res = streaming_perplexity(model, ids, 2, 8, chunk_size=np.int64(4), progress=False)
+    assert res == {**res, "chunk_size": 4} and type(res["chunk_size"]) is int
+    assert res["ppl"] == streaming_perplexity(model, ids, 2, 8, chunk_size=4, progress=False)["ppl"]
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got True"):
+        streaming_perplexity(model, ids, 2, 8, chunk_size=True, progress=False)
+
+
 def test_streaming_perplexity_needs_two_tokens():
     # the first token is context only: an empty or 1-token stream scores nothing (was ppl 1.0 over 0 tokens)
     from longctx.eval.streaming import POLICIES
@@ -1113,7 +1125,6 @@ def test_deepcopy_and_pickle_of_a_streaming_model_act_on_the_copy():
     out = twin.generate(ids, max_new_tokens=5, return_dict_in_generate=True,
                         **{k: v for k, v in kw.items() if k != "max_new_tokens"})
     assert torch.equal(twin.generate(out.sequences, past_key_values=out.past_key_values, **kw), want_continued)
-
 
 
 def test_copies_of_a_streaming_model_track_their_own_patch():
@@ -1656,3 +1667,57 @@ def test_one_set_of_longrope_factors_in_any_form(short, long):
     model.config.rope_parameters.update(long_factor=[4.0 + i for i in range(6)])
     with pytest.raises(ValueError, match=r"original_max_position_embeddings \(32\)"):  # two sets: refused still
         SinkCache(model, 3, 40)
+
+
+def test_a_saved_streaming_session_continues_the_conversation():
+    # torch.save(session) keeps the model (the session's own attribute) but no longer inside its SinkCache; the
+    # session's cache is managed, so the patch's forward never binds it: its next turn failed with "this SinkCache
+    # was loaded with torch.load". The loaded session binds its cache to its model and goes on exactly as the original
+    from longctx.chat import StreamingSession
+
+    model, tok = tiny_model("llama").double(), tiny_tokenizer()
+    session = StreamingSession(model, tok, sink_size=2, window_size=12)
+    list(session.chat("w1 w2 w3 w4 w5 w6 w7 w8", max_new_tokens=4))
+    assert session.cache.evicted_tokens > 0
+    loaded = torch.load(io_of(_saved(session)), weights_only=False)
+    want = "".join(session.chat("w9 w10 w11 w12", max_new_tokens=5))
+    got = "".join(loaded.chat("w9 w10 w11 w12", max_new_tokens=5))
+    assert got == want and torch.equal(loaded.last_logits, session.last_logits)
+    assert loaded.cache.model is loaded.model
+    assert loaded.cache.seen_tokens == session.cache.seen_tokens and loaded.cache.evicted_tokens > 0
+
+
+def test_binding_a_saved_sink_cache_checks_the_rope_frequencies():
+    # the layout check let a cache made under a RoPE method (yarn) bind to the same model without it (a fresh
+    # process that applied only streaming): keys rotated with yarn's frequencies were re-rotated and attended by
+    # queries with the plain ones, silently wrong. Another head_dim (same layer layout) only failed deep inside a
+    # forward with a shape mismatch. Both are refused by bind; the same RoPE method on a fresh model binds
+    ids = ids_for(30)
+    model = tiny_model("llama").double()
+    with longctx.applied(model, "yarn", factor=2), \
+            longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
+        cache = patch.new_cache()
+        decode(model, ids[:, :20], cache)
+        want = decode(model, ids[:, 20:], copy_of(cache))
+    plain = tiny_model("llama").double()
+    with longctx.applied(plain, "streaming", sink_size=2, window_size=8):
+        with pytest.raises(ValueError, match="other RoPE frequencies"):
+            decode(plain, ids[:, 20:], torch.load(io_of(_saved(cache)), weights_only=False))
+    with pytest.raises(ValueError, match="other RoPE frequencies"):
+        torch.load(io_of(_saved(cache)), weights_only=False).bind(tiny_model("llama", hidden_size=128).double())
+    with pytest.raises(ValueError, match="other RoPE frequencies"):
+        torch.load(io_of(_saved(cache)), weights_only=False).bind(tiny_model("llama", rope_theta=500.0).double())
+    fresh = tiny_model("llama").double()
+    with longctx.applied(fresh, "yarn", factor=2), longctx.applied(fresh, "streaming", sink_size=2, window_size=8):
+        got = decode(fresh, ids[:, 20:], torch.load(io_of(_saved(cache)), weights_only=False))
+    assert torch.equal(got, want)
+    half = tiny_model("llama").double()
+    with longctx.applied(half, "yarn", factor=2):
+        half.half()  # (its frequencies rounded to fp16: still the same RoPE)
+        assert torch.load(io_of(_saved(cache)), weights_only=False).bind(half).model is half
+
+
+def copy_of(cache):
+    import copy
+
+    return copy.deepcopy(cache)

@@ -18,6 +18,7 @@ first is scored once: ids[t] is predicted from the logits at t - 1.
 
 from __future__ import annotations
 
+import numbers
 import time
 
 import torch
@@ -46,8 +47,9 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     check_sizes(sink_size, window_size)
     sink_size, window_size = int(sink_size), int(window_size)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = int(chunk_size)  # (numpy integers too, as sink_size and window_size)
     if policy != "dense" and chunk_size > window_size:
         raise ValueError(f"chunk_size ({chunk_size}) must be <= window_size ({window_size}): a chunk has to "
                          f"fit in the cache window")

@@ -264,13 +264,17 @@ class SinkCache(Cache):
         # torch.save / pickle: everything but the model. With it, a saved cache held the whole model (its weights a
         # second time) and a loaded one re-rotated keys through that copy. A loaded cache is bound to the model it
         # is next used with (the streaming patch's forward, SinkDecoder, prefill) or by ``bind(model)``.
+        if self.held:  # its keys and values are the decoder's: a saved copy would hold none, and stay held for ever
+            raise RuntimeError("this SinkCache is held by a SinkDecoder, which holds its keys and values: close the "
+                               "decoder (it hands the cache back) before saving the cache")
         state = dict(self.__dict__)
         state["_model"] = None
         return state
 
     def bind(self, model) -> "SinkCache":
         """Attach ``model`` to a cache loaded with torch.load / pickle (which keep no model); it must have the
-        layout the cache was made for (its layer kinds, positions and rotary width). Returns the cache."""
+        layout the cache was made for (its layer kinds, positions and rotary width) and, for RoPE, the rotary
+        frequencies its keys were rotated with (bf16 / fp16 roundings aside). Returns the cache."""
         model = _check_model(model)
         if self._model is model:
             return self
@@ -287,6 +291,17 @@ class SinkCache(Cache):
             raise ValueError(f"SinkCache.bind: this cache was made for another model layout ({len(ours)} layers, "
                              f"{'RoPE' if self.rope else 'ALiBi'}); {model.config.model_type!r} has {len(layout)} "
                              f"layers ({'RoPE' if rope else 'ALiBi'}) or other layer kinds / rotary width")
+        ours, theirs = getattr(self, "_frequencies", None), rope_frequencies(model) if rope else None
+        if ours is not None and (ours.keys() != theirs.keys() or any(
+                ours[k].shape != theirs[k].shape
+                or not torch.allclose(ours[k].to(theirs[k].device), theirs[k], rtol=1e-2, atol=1e-6)
+                for k in ours)):
+            # (the same checkpoint with a RoPE method, e.g. yarn, applied on one side only: the keys held were
+            # rotated with other frequencies than the ones that would re-rotate them and rotate new tokens, silently
+            # wrong; atol: fp16 rounds the smallest frequencies to subnormals)
+            raise ValueError(f"SinkCache.bind: this cache's keys were rotated with other RoPE frequencies than "
+                             f"{model.config.model_type!r}'s rotary embedding has (another head_dim, rope_theta or "
+                             f"RoPE scaling): apply the RoPE method (yarn, linear, ...) the cache was made with")
         self._model = model
         return self
 
@@ -336,6 +351,7 @@ class SinkCache(Cache):
         self._top, self._max_pads = 0, 0
         self._sink_stack = None  # see _sink_keys
         self._rotary_width = rotary_width(self._model) if self.rope else None  # see rotate_keys
+        self._frequencies = rope_frequencies(self._model) if self.rope else None  # checked by bind
 
     def _default_max_position(self) -> int:
         """Static RoPE (default, linear, yarn, llama3) only sees position differences, which stay below
@@ -608,6 +624,16 @@ def rotary_width(model) -> int | None:
         if isinstance(width, int) and not isinstance(width, bool):
             return width
     return None
+
+
+def rope_frequencies(model) -> dict[str, torch.Tensor]:
+    """The frequencies the model's rotary module was built with (its ``original_inv_freq`` buffers, one per layer
+    type), fp32 copies where they are (no wait for the GPU): what the keys of a SinkCache made now are rotated
+    with (``SinkCache.bind`` checks them)."""
+    rotary = rotary_module(model, "streaming")[2]
+    buffers = dict(rotary.named_buffers())
+    names = [n for n in buffers if n.endswith("original_inv_freq")] or [n for n in buffers if n.endswith("inv_freq")]
+    return {n: buffers[n].detach().float().clone() for n in names}
 
 
 def rotate_keys(apply_rotary, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
