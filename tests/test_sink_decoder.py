@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import longctx
-from longctx.methods.sink_decoder import SinkDecoder
+from longctx.methods.sink_decoder import SinkDecoder, check_supported
 from longctx.methods.streaming import SinkCache, prefill
 from conftest import tiny_model
 
@@ -98,6 +98,12 @@ def test_decoder_refuses_sliding_and_nope_layers():
             prefill(model, ids_for(8), cache)
             with pytest.raises(NotImplementedError, match=match):
                 SinkDecoder(model, cache)
+            # also on a cache loaded with torch.load (no model yet): the same error, not an AttributeError
+            buf = __import__("io").BytesIO()
+            torch.save(cache, buf)
+            buf.seek(0)
+            with pytest.raises(NotImplementedError, match=match):
+                check_supported(torch.load(buf, weights_only=False))
 
 
 def test_compiled_decoder_equals_eager():

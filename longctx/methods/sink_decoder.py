@@ -81,12 +81,13 @@ def check_supported(cache) -> None:
     if not cache.rope:
         raise NotImplementedError("SinkDecoder: ALiBi models bias keys by slot index, which a ring buffer "
                                   "reorders; decode them with the SinkCache itself")
+    family = repr(cache._model.config.model_type) if cache._model is not None else "this cache's model"
     if cache.sliding_layers:
         raise NotImplementedError(f"SinkDecoder: models with sliding-window layers "
-                                  f"({cache._model.config.model_type!r}) are not supported; decode them with "
+                                  f"({family}) are not supported; decode them with "
                                   f"the SinkCache itself (the streaming patch's forwards)")
     if not all(layer.rope for layer in cache.layers):
-        raise NotImplementedError(f"SinkDecoder: models with NoPE layers ({cache._model.config.model_type!r}) "
+        raise NotImplementedError(f"SinkDecoder: models with NoPE layers ({family}) "
                                   f"are not supported; decode them with the SinkCache itself")
 
 
