@@ -1601,31 +1601,34 @@ def test_a_copy_can_be_patched(ids):
     patch.remove()
 
 
+def _copy_of(obj, how):
+    """``obj`` copied with copy.deepcopy (how="deepcopy") or through torch.save / torch.load."""
+    import copy
+    import io
+
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_a_copy_loses_its_marks_with_its_patch(how):
     # a copy of a patched model carries copies of the marks on its modules (they match no state): removing the copy's
     # patch, or a patch applied to the copy, left _longctx_s2attn_member on every module of the copy
-    import copy
-    import io
     import warnings
 
     def marked(m):
         return [name for name, module in m.named_modules() if "_longctx_s2attn_member" in module.__dict__]
 
-    def dup(obj):
-        if how == "deepcopy":
-            return copy.deepcopy(obj)
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        buf.seek(0)
-        return torch.load(buf, weights_only=False)
-
     model = tiny_model("llama")
     patch = longctx.apply(model, "s2attn", group_size=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "a copy of a patched model runs its original attention"
-        copied, copied_patch = dup((model, patch))
-        alone = dup(model)
+        copied, copied_patch = _copy_of((model, patch), how)
+        alone = _copy_of(model, how)
     copied_patch.remove()
     assert marked(copied) == []
     longctx.apply(alone, "s2attn", group_size=8).remove()
@@ -1640,17 +1643,6 @@ def test_a_patched_copy_gets_every_sub_config_back(how):
     # a copy of a patched model carries S2's name in every sub-config S2 switched: applying s2attn to the copy read
     # each as the text config's original, so remove() left llava's top-level config (sdpa) at the text model's eager,
     # and dbrx's attn_config / ffn_config (None) at sdpa
-    import copy
-    import io
-
-    def copied(model):
-        if how == "deepcopy":
-            return copy.deepcopy(model)
-        buf = io.BytesIO()
-        torch.save(model, buf)
-        buf.seek(0)
-        return torch.load(buf, weights_only=False)
-
     llava = tiny_multimodal("llava", {"text_config": "eager", "vision_config": "sdpa"})
     dbrx = tiny_sub_config_lm("dbrx")
     subs = lambda m: [m.config._attn_implementation, m.config.attn_config._attn_implementation,  # noqa: E731
@@ -1659,7 +1651,7 @@ def test_a_patched_copy_gets_every_sub_config_back(how):
         before = impls(model)
         with pytest.warns(UserWarning, match="a copy of a patched model"):
             with longctx.applied(model, "s2attn", group_size=16):
-                dup = copied(model)
+                dup = _copy_of(model, how)
         with longctx.applied(dup, "s2attn", group_size=16):
             pass
         assert impls(dup) == before and impls(model) == before

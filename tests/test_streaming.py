@@ -919,6 +919,16 @@ def test_longrope_positions_stay_in_the_short_factor_range():
             SinkCache(model, s, w, max_position=48)
 
 
+def _streams_by_place(model, cache, ids, s, w, start, stop):
+    """Feed ids[start:stop] one token at a time into ``cache`` (s sinks + w window): each token's logits equal a dense
+    forward over the tokens the cache keeps, with positions by place (fp64, one layer: exact to 1e-6)."""
+    for t in range(start, stop):
+        got = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+        kept = ids[:, :t + 1] if t < s + w else torch.cat([ids[0, :s], ids[0, t + 1 - w:t + 1]])[None]
+        want = model(kept, position_ids=torch.arange(kept.shape[1])[None]).logits[0, -1]  # positions by place
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("method, options", [("yarn", {"factor": 4}), ("linear", {"factor": 4})])
 def test_a_rope_patch_on_phi3_streams_past_the_trained_length(method, options):
     # longctx writes its static methods on phi3 as longrope with equal short and long factors: the switch at
@@ -932,11 +942,7 @@ def test_a_rope_patch_on_phi3_streams_past_the_trained_length(method, options):
             torch.no_grad():
         cache = SinkCache(model, s, w)
         prefill(model, ids[:, :20], cache)
-        for t in range(20, 300):
-            got = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
-            kept = ids[:, :t + 1] if t < s + w else torch.cat([ids[0, :s], ids[0, t + 1 - w:t + 1]])[None]
-            want = model(kept, position_ids=torch.arange(kept.shape[1])[None]).logits[0, -1]  # positions by place
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        _streams_by_place(model, cache, ids, s, w, 20, 300)
     with pytest.raises(ValueError, match=r"original_max_position_embeddings \(32\)"):  # a real switch: refused
         SinkCache(_longrope_model(), s, w)
 
@@ -1644,11 +1650,7 @@ def test_a_rope_patch_on_phi3_streams_as_far_as_on_llama(monkeypatch):
             assert SinkCache(model, s, w).max_position == SinkCache(llama, s, w).max_position == 128 + 153
         cache = SinkCache(model, s, w)
         prefill(model, ids[:, :20], cache)
-        for t in range(20, 420):
-            got = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
-            kept = ids[:, :t + 1] if t < s + w else torch.cat([ids[0, :s], ids[0, t + 1 - w:t + 1]])[None]
-            want = model(kept, position_ids=torch.arange(kept.shape[1])[None]).logits[0, -1]  # positions by place
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        _streams_by_place(model, cache, ids, s, w, 20, 420)
     assert calls == [281, 410]  # once per max_position - capacity + 1 = 129 tokens, not at every token past 128
 
 
