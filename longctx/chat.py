@@ -36,7 +36,12 @@ class StreamingSession:
         # torch.save / pickle keep a SinkCache's model out of it (see SinkCache), and the patch's forward, which
         # binds a loaded cache, leaves this session's managed cache alone: bound here to the session's model
         self.__dict__.update(state)
-        if isinstance(self.cache, SinkCache) and self.cache._model is None:
+        self._bind()
+
+    def _bind(self) -> None:
+        """Bind a loaded cache to the session's model; a session saved without its model (``model = None``, to
+        keep the weights out of the file) loads, and binds on its next turn once ``session.model`` is set."""
+        if isinstance(self.cache, SinkCache) and self.cache._model is None and self.model is not None:
             self.cache.bind(self.model)
 
     def eos_ids(self) -> set[int]:
@@ -48,6 +53,7 @@ class StreamingSession:
     @torch.inference_mode()
     def feed(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed token ids (1, n) in window-sized pieces; returns the logits of the last token (V,)."""
+        self._bind()
         device = next(self.model.parameters()).device
         step = self.cache.window_size
         for start in range(0, ids.shape[1], step):
@@ -137,6 +143,7 @@ class StreamingSession:
         n_new = len(self._ids(new))
         # evict up front: nothing is evicted mid-reply while prompt + reply fit the window (beyond it, the
         # window slides during the reply as in any streaming generation)
+        self._bind()
         self.cache.reserve(n_new + max_new_tokens)
         self._feed_text(prompt, new)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None

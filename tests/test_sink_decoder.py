@@ -389,3 +389,25 @@ def test_a_held_cache_is_not_saved():
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
     assert not loaded.held and torch.equal(loaded.layers[0].keys, cache.layers[0].keys)
+
+
+def test_a_held_cache_is_not_copied():
+    # as with saving: copy.deepcopy (the prompt-cache pattern) of a held cache gave a copy without keys or values that
+    # stayed held for ever (the decoder hands them back to the original only), refusing every forward; so did
+    # copy.copy. Refused while held; once handed back, a deep copy decodes on exactly as the cache does
+    import copy
+
+    model = tiny_model("llama").double()
+    steps = ids_for(4, seed=3)
+    with longctx.applied(model, "streaming", sink_size=3, window_size=9), torch.no_grad():
+        cache = SinkCache(model, 3, 9)
+        prefill(model, ids_for(20), cache, chunk_size=4)
+        with SinkDecoder(model, cache, cuda_graph=False) as dec:
+            dec.step(ids_for(1, seed=2))
+            for copier in (copy.deepcopy, copy.copy):
+                with pytest.raises(RuntimeError, match="held by a SinkDecoder.*before copying"):
+                    copier(cache)
+        twin = copy.deepcopy(cache)
+        outs = [torch.cat([model(steps[:, t:t + 1], past_key_values=c, use_cache=True).logits
+                           for t in range(steps.shape[1])], dim=1) for c in (cache, twin)]
+    assert not twin.held and twin.model is model and torch.equal(outs[0], outs[1])

@@ -1689,6 +1689,26 @@ def test_a_saved_streaming_session_continues_the_conversation():
     assert loaded.cache.seen_tokens == session.cache.seen_tokens and loaded.cache.evicted_tokens > 0
 
 
+def test_a_streaming_session_saved_without_its_model_loads_and_continues():
+    # a session saved without its model (session.model = None: the weights kept out of the file) could not be
+    # loaded at all (its __setstate__ bound the cache to None: TypeError). It loads; given its model, it binds on
+    # its next turn and goes on exactly as the original
+    from longctx.chat import StreamingSession
+
+    model, tok = tiny_model("llama").double(), tiny_tokenizer()
+    session = StreamingSession(model, tok, sink_size=2, window_size=12)
+    list(session.chat("w1 w2 w3 w4 w5 w6 w7 w8", max_new_tokens=4))
+    session.model = None
+    buf = _saved(session)
+    session.model = model
+    loaded = torch.load(io_of(buf), weights_only=False)
+    assert loaded.model is None and loaded.cache._model is None
+    loaded.model = model
+    want = "".join(session.chat("w9 w10 w11 w12", max_new_tokens=5))
+    got = "".join(loaded.chat("w9 w10 w11 w12", max_new_tokens=5))
+    assert got == want and torch.equal(loaded.last_logits, session.last_logits) and loaded.cache.model is model
+
+
 def test_binding_a_saved_sink_cache_checks_the_rope_frequencies():
     # the layout check let a cache made under a RoPE method (yarn) bind to the same model without it (a fresh
     # process that applied only streaming): keys rotated with yarn's frequencies were re-rotated and attended by
@@ -1717,6 +1737,73 @@ def test_binding_a_saved_sink_cache_checks_the_rope_frequencies():
     with longctx.applied(half, "yarn", factor=2):
         half.half()  # (its frequencies rounded to fp16: still the same RoPE)
         assert torch.load(io_of(_saved(cache)), weights_only=False).bind(half).model is half
+
+
+def test_binding_a_saved_sink_cache_checks_the_rope_attention_scaling():
+    # yarn's attention factor (or mscale) scales cos and sin, so every key the cache holds, and is not in the
+    # frequencies: a cache made under yarn bound to the same yarn with another attention_factor (1.0) passed the
+    # frequency check, and its held keys kept the old scale while new keys and queries had the new one (silently
+    # wrong logits). Refused; the same options bind and continue exactly
+    ids = ids_for(40)
+    model = tiny_model("llama").double()
+    with longctx.applied(model, "yarn", factor=4), \
+            longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
+        cache = patch.new_cache()
+        decode(model, ids[:, :20], cache)
+        want = decode(model, ids[:, 20:], copy_of(cache))
+    other = tiny_model("llama").double()
+    with longctx.applied(other, "yarn", factor=4, attention_factor=1.0):
+        with pytest.raises(ValueError, match="attention scaling"):
+            torch.load(io_of(_saved(cache)), weights_only=False).bind(other)
+    fresh = tiny_model("llama").double()
+    with longctx.applied(fresh, "yarn", factor=4), longctx.applied(fresh, "streaming", sink_size=2, window_size=8):
+        assert torch.equal(decode(fresh, ids[:, 20:], torch.load(io_of(_saved(cache)), weights_only=False)), want)
+
+
+def test_binding_a_saved_sink_cache_checks_where_dynamic_rope_changes_its_frequencies():
+    # dynamic_ntk (and longrope with two sets of factors) have their plain original_inv_freq, equal to the model
+    # without the method, but change them for positions past the trained length (original_max_position_embeddings).
+    # A cache made under static RoPE places tokens up to trained length + capacity: bound to the dynamic model, new
+    # tokens past 64 got grown frequencies while the keys held and their re-rotations kept the plain ones (silently
+    # wrong). Refused; the other way round (a dynamic cache stays below the trained length) binds and is exact
+    ids = ids_for(200)
+    plain, dynamic = tiny_model("llama").double(), tiny_model("llama").double()
+    longctx.apply(dynamic, "dynamic_ntk", factor=2)
+    caches = {}
+    for name, model in (("plain", plain), ("dynamic", dynamic)):
+        with longctx.applied(model, "streaming", sink_size=4, window_size=40) as patch:
+            caches[name] = patch.new_cache()
+            decode(model, ids[:, :100], caches[name])
+            want = decode(model, ids[:, 100:], copy_of(caches[name]))
+    assert caches["plain"].max_position == 64 + 44 and caches["dynamic"].max_position == 64
+    with pytest.raises(ValueError, match="max_position=108, past 64"):
+        torch.load(io_of(_saved(caches["plain"])), weights_only=False).bind(dynamic)
+    with longctx.applied(plain, "streaming", sink_size=4, window_size=40):
+        got = decode(plain, ids[:, 100:], torch.load(io_of(_saved(caches["dynamic"])), weights_only=False))
+    assert torch.equal(got, want)
+    # longrope: one set of factors (longctx's static methods on phi3) streams past original_max_position_embeddings
+    # (32); the same short factors with other long ones switch there
+    one = _longrope_model()
+    one.config.rope_parameters.update(long_factor=[1.0] * 6)
+    cache = SinkCache(one, 3, 40)
+    assert cache.max_position == 64 + 43
+    with pytest.raises(ValueError, match="max_position=107, past 32"):
+        torch.load(io_of(_saved(cache)), weights_only=False).bind(_longrope_model())
+
+
+def test_binding_compares_fp32_frequencies_closely():
+    # the frequency check took rtol=1e-2 for every dtype (for bf16 / fp16 roundings): fp32 models whose rope_theta
+    # differed by 1% bound (for a 7B shape at 8k positions, middle frequencies several radians apart). Now one rounding
+    # of the coarser dtype: fp32 against fp32 is close, a bf16 or fp16 copy of the same model still binds
+    cache = SinkCache(tiny_model("llama"), 2, 8)
+    with pytest.raises(ValueError, match="other RoPE frequencies"):
+        torch.load(io_of(_saved(cache)), weights_only=False).bind(tiny_model("llama", rope_theta=10100.0))
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        same = tiny_model("llama").to(dtype)
+        assert torch.load(io_of(_saved(cache)), weights_only=False).bind(same).model is same
+    half = SinkCache(tiny_model("llama").to(torch.bfloat16), 2, 8)  # (its record: bf16)
+    fp32 = tiny_model("llama")
+    assert torch.load(io_of(_saved(half)), weights_only=False).bind(fp32).model is fp32
 
 
 def copy_of(cache):

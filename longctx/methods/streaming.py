@@ -54,6 +54,7 @@ cover the last ``window_size`` tokens only (``generate`` needs no more; a warnin
 from __future__ import annotations
 
 import importlib
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -249,6 +250,7 @@ class SinkCache(Cache):
         # model along with it (on a GPU, the weights a second time)
         import copy
 
+        self._check_not_held("copying")
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -256,6 +258,7 @@ class SinkCache(Cache):
         return new
 
     def __copy__(self):  # (without this, copy.copy would go through __getstate__ and drop the model)
+        self._check_not_held("copying")
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
         return new
@@ -264,17 +267,23 @@ class SinkCache(Cache):
         # torch.save / pickle: everything but the model. With it, a saved cache held the whole model (its weights a
         # second time) and a loaded one re-rotated keys through that copy. A loaded cache is bound to the model it
         # is next used with (the streaming patch's forward, SinkDecoder, prefill) or by ``bind(model)``.
-        if self.held:  # its keys and values are the decoder's: a saved copy would hold none, and stay held for ever
-            raise RuntimeError("this SinkCache is held by a SinkDecoder, which holds its keys and values: close the "
-                               "decoder (it hands the cache back) before saving the cache")
+        self._check_not_held("saving")
         state = dict(self.__dict__)
         state["_model"] = None
         return state
 
+    def _check_not_held(self, action: str) -> None:
+        # its keys and values are the decoder's: a saved or copied cache would hold none, and stay held for ever (the
+        # decoder hands them back to this cache only)
+        if self.held:
+            raise RuntimeError(f"this SinkCache is held by a SinkDecoder, which holds its keys and values: close the "
+                               f"decoder (it hands the cache back) before {action} the cache")
+
     def bind(self, model) -> "SinkCache":
         """Attach ``model`` to a cache loaded with torch.load / pickle (which keep no model); it must have the
         layout the cache was made for (its layer kinds, positions and rotary width) and, for RoPE, the rotary
-        frequencies its keys were rotated with (bf16 / fp16 roundings aside). Returns the cache."""
+        frequencies and attention scaling its keys were rotated with (bf16 / fp16 roundings aside), which for
+        dynamic RoPE (dynamic_ntk, longrope) must hold up to the cache's ``max_position``. Returns the cache."""
         model = _check_model(model)
         if self._model is model:
             return self
@@ -292,16 +301,31 @@ class SinkCache(Cache):
                              f"{'RoPE' if self.rope else 'ALiBi'}); {model.config.model_type!r} has {len(layout)} "
                              f"layers ({'RoPE' if rope else 'ALiBi'}) or other layer kinds / rotary width")
         ours, theirs = getattr(self, "_frequencies", None), rope_frequencies(model) if rope else None
-        if ours is not None and (ours.keys() != theirs.keys() or any(
-                ours[k].shape != theirs[k].shape
-                or not torch.allclose(ours[k].to(theirs[k].device), theirs[k], rtol=1e-2, atol=1e-6)
-                for k in ours)):
+        if ours is not None and (ours.keys() != theirs.keys()
+                                 or not all(_same_frequencies(ours[k], theirs[k]) for k in ours)):
             # (the same checkpoint with a RoPE method, e.g. yarn, applied on one side only: the keys held were
             # rotated with other frequencies than the ones that would re-rotate them and rotate new tokens, silently
-            # wrong; atol: fp16 rounds the smallest frequencies to subnormals)
+            # wrong)
             raise ValueError(f"SinkCache.bind: this cache's keys were rotated with other RoPE frequencies than "
                              f"{model.config.model_type!r}'s rotary embedding has (another head_dim, rope_theta or "
                              f"RoPE scaling): apply the RoPE method (yarn, linear, ...) the cache was made with")
+        # the attention scaling (yarn's attention_factor / mscale, longrope's) is in the keys held, not in inv_freq:
+        # yarn with another attention_factor has the same frequencies, and its new keys and queries another scale
+        scales, theirs = getattr(self, "_attention_scaling", None), attention_scalings(model) if rope else None
+        if scales is not None and (scales.keys() != theirs.keys() or any(
+                not math.isclose(scales[k], theirs[k], rel_tol=1e-6) for k in scales)):
+            raise ValueError(f"SinkCache.bind: this cache's keys were rotated with another RoPE attention scaling "
+                             f"({scales}) than {model.config.model_type!r}'s rotary embedding has ({theirs}): apply "
+                             f"the RoPE method with the options (yarn's attention_factor, ...) the cache was made with")
+        # frequencies that change with the positions (dynamic, longrope): the same ones only below the model's limit.
+        # A cache made under static RoPE runs its positions past the trained length, where a dynamic_ntk model grows
+        # its frequencies for new tokens while the keys held and their re-rotations keep the original ones
+        limit = self._position_limit(model)
+        if limit is not None and self.max_position > limit:
+            raise ValueError(f"SinkCache.bind: this cache places tokens up to max_position={self.max_position}, past "
+                             f"{limit}, where {model.config.model_type!r}'s RoPE (dynamic / longrope) changes its "
+                             f"frequencies: it was made for a model with static RoPE; apply the RoPE method the "
+                             f"cache was made with")
         self._model = model
         return self
 
@@ -352,6 +376,7 @@ class SinkCache(Cache):
         self._sink_stack = None  # see _sink_keys
         self._rotary_width = rotary_width(self._model) if self.rope else None  # see rotate_keys
         self._frequencies = rope_frequencies(self._model) if self.rope else None  # checked by bind
+        self._attention_scaling = attention_scalings(self._model) if self.rope else None  # checked by bind
 
     def _default_max_position(self) -> int:
         """Static RoPE (default, linear, yarn, llama3) only sees position differences, which stay below
@@ -370,41 +395,53 @@ class SinkCache(Cache):
             return trained + self.capacity
         return trained
 
-    def _longrope_limit(self) -> int | None:
+    def _longrope_limit(self, model=None) -> int | None:
         """For longrope models: the smallest original_max_position_embeddings over layer types. transformers'
         rotary module uses the short factors while every position is below it and the long ones past it,
         deciding per call from the largest position, so a stream must keep all its positions below it to
         rotate queries, new keys and re-rotated keys with the same factors. None for other models."""
         if not self.rope:
             return None
+        model = model if model is not None else self._model
         limits = []
-        for kind, p in self._rope_kinds():
+        for kind, p in self._rope_kinds(model):
             if "longrope" in str(kind):
                 if _one_factor_set(p):
                     continue  # one set of factors (longctx's static methods on phi3): the switch changes nothing
                 limits.append(p.get("original_max_position_embeddings")
-                              or getattr(self._model.config, "original_max_position_embeddings", None))
+                              or getattr(model.config, "original_max_position_embeddings", None))
         limits = [x for x in limits if x]
         return min(limits) if limits else None
 
-    def _rope_kinds(self) -> list[tuple]:
-        """(rope type, its rope parameters) per layer type of the rotary module."""
-        rotary = rotary_module(self._model, "streaming")[2]
+    def _rope_kinds(self, model=None) -> list[tuple]:
+        """(rope type, its rope parameters) per layer type of the rotary module (of ``model``, default the cache's)."""
+        model = model if model is not None else self._model
+        rotary = rotary_module(model, "streaming")[2]
         rope_type = getattr(rotary, "rope_type", "default")
         types = rope_type if isinstance(rope_type, dict) else {None: rope_type}
-        params = getattr(self._model.config, "rope_parameters", None) or {}
+        params = getattr(model.config, "rope_parameters", None) or {}
         return [(kind, params.get(layer_type, params) if layer_type is not None else params)
                 for layer_type, kind in types.items()]
 
-    def _fixed_longrope(self) -> bool:
+    def _fixed_longrope(self, model=None) -> bool:
         """Whether every layer type's RoPE is static or longrope with one set of factors (longctx's static methods
         on phi3): frequencies that no position changes, so positions may run as far as static RoPE's. Counted as
         dynamic, such a patch re-rotated every key once per trained length - capacity tokens (every token where
         the cache was longer than the patched max_position_embeddings), where the same patch on llama did so once
         per trained length."""
-        kinds = self._rope_kinds()
+        kinds = self._rope_kinds(model)
         return any(kind == "longrope" for kind, _ in kinds) and all(
             kind in STATIC_ROPE_TYPES or (kind == "longrope" and _one_factor_set(p)) for kind, p in kinds)
+
+    def _position_limit(self, model) -> int | None:
+        """The largest max_position below which ``model``'s RoPE keeps the frequencies it has now, as
+        ``_default_max_position`` counts it: None for frequencies no position changes (static RoPE, longrope with
+        one set of factors, ALiBi); dynamic RoPE: the trained length; longrope: original_max_position_embeddings."""
+        if not self.rope or static_rope(rotary_module(model, "streaming")[2]) or self._fixed_longrope(model):
+            return None
+        limits = [self._longrope_limit(model), getattr(model.config, "max_position_embeddings", None)]
+        limits = [x for x in limits if x]
+        return min(limits) if limits else None
 
     @property
     def capacity(self) -> int:
@@ -628,12 +665,34 @@ def rotary_width(model) -> int | None:
 
 def rope_frequencies(model) -> dict[str, torch.Tensor]:
     """The frequencies the model's rotary module was built with (its ``original_inv_freq`` buffers, one per layer
-    type), fp32 copies where they are (no wait for the GPU): what the keys of a SinkCache made now are rotated
-    with (``SinkCache.bind`` checks them)."""
+    type), copies in their dtype where they are (no wait for the GPU): what the keys of a SinkCache made now are
+    rotated with (``SinkCache.bind`` checks them)."""
     rotary = rotary_module(model, "streaming")[2]
     buffers = dict(rotary.named_buffers())
     names = [n for n in buffers if n.endswith("original_inv_freq")] or [n for n in buffers if n.endswith("inv_freq")]
-    return {n: buffers[n].detach().float().clone() for n in names}
+    return {n: buffers[n].detach().clone() for n in names}
+
+
+def _same_frequencies(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Whether two ``rope_frequencies`` entries are the same frequencies, up to one rounding of the coarser dtype
+    (a model cast to bf16 / fp16 after the cache was made, or before; fp16's subnormals for the smallest) and
+    1e-5 at least (computed on another device). With a fixed rtol=1e-2, fp32 models whose rope_theta differed by
+    1% passed (at 8k positions, several radians apart in the middle frequencies)."""
+    if ours.shape != theirs.shape:
+        return False
+    coarse = [torch.finfo(t.dtype) for t in (ours, theirs)]
+    rtol, atol = max(1e-5, *(f.eps for f in coarse)), max(f.tiny * f.eps for f in coarse)  # (a subnormal's step)
+    return torch.allclose(ours.cpu().double(), theirs.cpu().double(), rtol=rtol, atol=atol)  # (no fp64 on mps)
+
+
+def attention_scalings(model) -> dict[str, float]:
+    """The attention scaling the model's rotary module multiplies its cos and sin by (yarn's attention factor /
+    mscale, longrope's), per layer type (``attention_scaling`` or ``{layer_type}_attention_scaling``): in every key
+    it rotates, and not in its frequencies (``SinkCache.bind`` checks it)."""
+    rotary = rotary_module(model, "streaming")[2]
+    rope_type = getattr(rotary, "rope_type", None)
+    names = [f"{t}_attention_scaling" for t in rope_type] if isinstance(rope_type, dict) else ["attention_scaling"]
+    return {n: float(getattr(rotary, n, 1.0)) for n in names}
 
 
 def rotate_keys(apply_rotary, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
