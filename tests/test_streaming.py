@@ -1378,6 +1378,60 @@ def test_peft_prompt_learning_generate_run_before_streaming_keeps_the_continuati
         assert got.shape == (1, 47)
 
 
+def _prompt_tuned(streaming_first):
+    """A tiny fp64 llama under peft prompt tuning (2 virtual tokens) and streaming (2 sinks + 6), in either order."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = tiny_model("llama").double()
+    patch = longctx.apply(model, "streaming", sink_size=2, window_size=6) if streaming_first else None
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    if patch is None:
+        longctx.apply(model, "streaming", sink_size=2, window_size=6)
+    return model, peft_model
+
+
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("streaming_first", [True, False])
+def test_peft_prompt_tuning_continues_a_stream_as_one_call(streaming_first, mask):
+    # PeftModel.generate feeds prompt tuning's virtual tokens into the stream before the prompt; out.sequences does
+    # not hold them. Continuing it with out.sequences was refused with streaming applied before get_peft_model ("got
+    # 14 tokens with a sink cache that has seen 15"); applied after, peft's prepare (which calls the class's, not the
+    # patch's wrapper) sliced by the slot count and kept one token by its own rule only while the slots reached that
+    # slice: past twice the slots (21 tokens here) it fed 13 tokens the stream had seen a second time (silently)
+    model, peft_model = _prompt_tuned(streaming_first)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    ids = ids_for(9)
+    masked = (lambda x: dict(attention_mask=torch.ones_like(x))) if mask else (lambda x: {})
+    for a, b in ((5, 4), (12, 4)):
+        want = peft_model.generate(input_ids=ids, max_new_tokens=a + b, **masked(ids), **kw)
+        out = peft_model.generate(input_ids=ids, max_new_tokens=a, **masked(ids), **kw)
+        cache = out.past_key_values
+        assert cache.seen_tokens == 2 + 9 + a - 1 > cache.get_seq_length()  # the virtual tokens too; evicted
+        got = peft_model.generate(input_ids=out.sequences, past_key_values=cache, max_new_tokens=b,
+                                  **masked(out.sequences), **kw)
+        assert cache.seen_tokens == 2 + 9 + a + b - 1  # the one new token, then b - 1 steps
+        assert torch.equal(got.sequences, want.sequences)
+        assert torch.equal(torch.stack(out.logits + got.logits), torch.stack(want.logits))
+
+
+@pytest.mark.parametrize("streaming_first", [True, False])
+def test_peft_prompt_tuning_stream_refuses_what_it_has_seen(streaming_first):
+    # a sequence the stream has seen all of is refused in either order, the message counting the virtual tokens
+    # (applied after get_peft_model, peft's last-token rule fed its last token a second time); model.generate
+    # continuing a stream that PeftModel.generate began feeds the one new token (it was refused)
+    model, peft_model = _prompt_tuned(streaming_first)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
+    out = peft_model.generate(input_ids=ids_for(9), max_new_tokens=5, **kw)
+    cache = out.past_key_values
+    for seen in (out.sequences[:, :-1], out.sequences[:, :-3]):
+        with pytest.raises(ValueError, match=r"has seen 15 \(2 of them before the sequence, e\.g\. prompt tuning"):
+            peft_model.generate(input_ids=seen, past_key_values=cache, max_new_tokens=2, **kw)
+    assert cache.seen_tokens == 15  # nothing was fed
+    with peft_model.disable_adapter():
+        model.generate(out.sequences, past_key_values=cache, max_new_tokens=3, **kw)
+    assert cache.seen_tokens == 15 + 1 + 2
+
+
 def test_a_removed_patchs_wrapper_put_back_by_peft_is_inert():
     # peft set up while streaming was on saw its wrapper, and PeftModel.generate (prompt learning) puts that back
     # after the patch was removed: it still sliced, and a new streaming patch wrapped it, slicing twice (a ValueError)

@@ -53,6 +53,7 @@ cover the last ``window_size`` tokens only (``generate`` needs no more; a warnin
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
@@ -244,6 +245,8 @@ class SinkCache(Cache):
     with (the streaming patch's forward, ``SinkDecoder``, ``prefill``) or by ``bind(model)``.
     """
 
+    prefix_tokens = 0  # (a cache pickled before it had one)
+
     def __deepcopy__(self, memo):
         # a copy of the cache (transformers' prompt-cache pattern: copy.deepcopy(prompt_cache) per request) streams
         # through the same model, or through its copy where the same deepcopy made one first: it copied the whole
@@ -367,6 +370,7 @@ class SinkCache(Cache):
         self.pads = None  # (B,): pad slots per row (after the sinks once reordered)
         self._reorder = False  # the first forward had padding: reorder the slots before the next one
         self.seen_tokens = 0  # tokens fed so far (the stream position)
+        self.prefix_tokens = 0  # of those, fed before the sequence generate returns (see _stream_position_prefill)
         self.evicted_tokens = 0  # slots dropped so far (pads included)
         self.managed = False  # True: the caller makes room and sets positions (the patch's hook keeps off)
         self.held = False  # True while a SinkDecoder holds the slots (sink_decoder.py)
@@ -458,7 +462,7 @@ class SinkCache(Cache):
         """Empty the cache for a new stream: every layer and the per-stream bookkeeping."""
         super().reset()
         self.places = self.offset = self.pads = None
-        self._reorder, self.seen_tokens, self.evicted_tokens = False, 0, 0
+        self._reorder, self.seen_tokens, self.evicted_tokens, self.prefix_tokens = False, 0, 0, 0
         self._top, self._max_pads, self._sink_stack = 0, 0, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -810,15 +814,21 @@ def _stream_position_prepare(prepare, *args, **kwargs):
     tokens it has seen. ``model.generate(sequences, past_key_values=sink_cache)`` feeds the tokens past
     ``get_seq_length()``; a SinkCache's is the slot count (what the masks need), so once tokens were
     evicted, generate would feed tokens the stream has already seen a second time. On the first
-    iteration the slice is moved by the evicted count; later steps (one token each) are left alone."""
+    iteration the slice is set to the tokens given past the stream's (its seen tokens but those it saw before the
+    sequence, ``prefix_tokens``: prompt tuning's virtual tokens); later steps (one token each) are left alone. Where
+    generate's slice was already set so (this wraps a prepare that calls another wrapper), it is left as it is."""
     cache, n = kwargs.get("past_key_values"), kwargs.get("next_sequence_length")
-    if (kwargs.get("is_first_iteration") and n is not None and isinstance(cache, SinkCache)
-            and not cache.managed and cache.seen_tokens != cache.get_seq_length()):
-        n -= cache.seen_tokens - cache.get_seq_length()
-        if n <= 0:
-            raise ValueError(f"streaming patch: model.generate got {n + cache.seen_tokens} tokens with a sink cache "
-                             f"that has seen {cache.seen_tokens}: pass the whole stream so far plus the new tokens")
-        kwargs["next_sequence_length"] = n
+    if kwargs.get("is_first_iteration") and n is not None and isinstance(cache, SinkCache) and not cache.managed:
+        embeds = kwargs.get("inputs_embeds")
+        given = (embeds if embeds is not None else args[0] if args else kwargs["input_ids"]).shape[1]
+        seen = cache.seen_tokens - cache.prefix_tokens  # of the sequence (generate's n: given - the slot count)
+        if given - seen != n:
+            if given <= seen:
+                before = (f" ({cache.prefix_tokens} of them before the sequence, e.g. prompt tuning's virtual tokens)"
+                          if cache.prefix_tokens else "")
+                raise ValueError(f"streaming patch: model.generate got {given} tokens with a sink cache that has seen "
+                                 f"{cache.seen_tokens}{before}: pass the whole stream so far plus the new tokens")
+            kwargs["next_sequence_length"] = given - seen
     return prepare(*args, **kwargs)
 
 
@@ -826,16 +836,26 @@ def _stream_position_prefill(prefill, *args, **kwargs):
     """``prefill(*args, **kwargs)`` (generate's bound ``_prefill``), refusing a chunked prefill (``prefill_chunk_size``)
     that continues a stream whose sink cache evicted tokens: that path slices the input by ``get_seq_length()``
     (the slot count) itself, without ``next_sequence_length``, so ``_stream_position_prepare`` cannot move
-    the slice, and tokens the stream has seen would be fed a second time (silently wrong outputs)."""
+    the slice, and tokens the stream has seen would be fed a second time (silently wrong outputs). A new stream
+    records the tokens it was fed beyond the sequence given (``prefix_tokens``: prompt tuning's virtual tokens, which
+    peft's prepare puts before the prompt; they are in the stream, not in the sequences generate returns)."""
     given = {**dict(zip(("input_ids", "generation_config", "model_kwargs"), args)), **kwargs}
     cache = (given.get("model_kwargs") or {}).get("past_key_values")
     if (getattr(given.get("generation_config"), "prefill_chunk_size", None) is not None
-            and isinstance(cache, SinkCache) and not cache.managed and cache.seen_tokens != cache.get_seq_length()):
+            and isinstance(cache, SinkCache) and not cache.managed
+            and cache.seen_tokens - cache.prefix_tokens != cache.get_seq_length()):
         raise ValueError("streaming patch: model.generate with prefill_chunk_size cannot continue from a sink "
-                         "cache that evicted tokens (its chunks are cut by the slot count, not by the tokens "
-                         "seen); pass prefill_chunk_size=None: the patch prefills inputs longer than window_size "
-                         "in window_size chunks itself")
-    return prefill(*args, **kwargs)
+                         "cache that evicted tokens or was fed tokens before the sequence (its chunks are cut by "
+                         "the slot count, not by the tokens seen); pass prefill_chunk_size=None: the patch "
+                         "prefills inputs longer than window_size in window_size chunks itself")
+    # (a stream begun from inputs_embeds: continued with the embeddings of the whole stream, they count as its sequence)
+    new = ((not isinstance(cache, SinkCache) or cache.seen_tokens == 0)  # (generate's empty DynamicCache: the hook's)
+           and (given.get("model_kwargs") or {}).get("inputs_embeds") is None)
+    out = prefill(*args, **kwargs)
+    cache = getattr(out, "past_key_values", None)
+    if new and isinstance(cache, SinkCache) and not cache.managed and given.get("input_ids") is not None:
+        cache.prefix_tokens = max(cache.seen_tokens - given["input_ids"].shape[1], 0)
+    return out
 
 
 _WRAPPERS = {"prepare_inputs_for_generation": _stream_position_prepare, "_prefill": _stream_position_prefill}
@@ -882,7 +902,20 @@ class _PatchedMethod:
             return self.patch._wrapped(self.name)(*args, **kwargs)
         if self.name == "_prefill":  # generate's prefill, before its first prepare_inputs_for_generation
             self.patch._reinstall()
+            with self.patch._slicing_prepare():
+                return _WRAPPERS[self.name](self.patch._wrapped(self.name), *args, **kwargs)
         return _WRAPPERS[self.name](self.patch._wrapped(self.name), *args, **kwargs)
+
+
+class _SlicingPrepare:
+    """Another's prepare_inputs_for_generation on the model (peft's, set by ``PeftModel.generate``), made to slice a
+    continued stream for one prefill (see StreamingPatch._slicing_prepare)."""
+
+    def __init__(self, prepare):
+        self.__wrapped__ = prepare
+
+    def __call__(self, *args, **kwargs):
+        return _stream_position_prepare(self.__wrapped__, *args, **kwargs)
 
 
 @dataclass(kw_only=True)
@@ -944,12 +977,32 @@ class StreamingPatch(Patch):
         ``PeftModel.generate`` for prompt learning sets its own ``prepare_inputs_for_generation`` on the model and
         afterwards restores the one it saw when it was built, so with peft set up before streaming, every later
         ``model.generate`` lost the continuation slicing (it fed tokens the stream had seen a second time). Anything
-        else set there (peft's own, during its generate, which slices a continuation itself) is left alone."""
+        else set there (peft's own, during its generate) is left alone; _slicing_prepare wraps it for the prefill."""
         for name, wrapper in self._set.items():
             current = self.model.__dict__.get(name)
             # (also a removed patch's wrapper standing for the method this one wraps: peft put it back)
             if current is not wrapper and _stands_for(self.model, name, current) is self._target(name):
                 setattr(self.model, name, wrapper)
+
+    @contextlib.contextmanager
+    def _slicing_prepare(self):
+        """While generate's prefill runs: where the model's prepare_inputs_for_generation is another's (peft's, set by
+        ``PeftModel.generate`` for prompt learning; it calls the prepare peft saw at ``get_peft_model``: the class's
+        where peft was set up before this patch), that one wrapped to slice the continued stream too. Its own
+        last-token rule does not: it keeps one token only where the slot count reaches generate's slice, so a
+        stream past twice the cache's slots fed tokens it had seen a second time (silently), and prompt tuning's
+        virtual tokens were not counted. (Where it calls this patch's wrapper, the slice is set once.)"""
+        current = self.model.__dict__.get("prepare_inputs_for_generation")
+        if current is None or current is self._set.get("prepare_inputs_for_generation"):
+            yield
+            return
+        wrapper = _SlicingPrepare(current)
+        self.model.prepare_inputs_for_generation = wrapper
+        try:
+            yield
+        finally:
+            if self.model.__dict__.get("prepare_inputs_for_generation") is wrapper:
+                self.model.prepare_inputs_for_generation = current
 
     def _target(self, name: str):
         """What this patch's wrapper ``name`` stands for (see _stands_for): None where it wraps the class's method."""
@@ -990,7 +1043,10 @@ class StreamingPatch(Patch):
         mask = kwargs.pop("attention_mask", None)
         pads = None
         if mask is not None:
-            if mask.dim() == 2 and mask.shape[1] > n and mask.shape[1] != cache.seen_tokens + n:
+            # (over the stream: seen + new; over the sequence generate returns, where the stream was fed tokens
+            # before it, e.g. prompt tuning's virtual tokens: seen - prefix_tokens + new)
+            if mask.dim() == 2 and mask.shape[1] > n and mask.shape[1] not in (cache.seen_tokens + n,
+                                                                            cache.seen_tokens - cache.prefix_tokens + n):
                 # a mask over the history must cover exactly what the stream has seen plus the new tokens.
                 # It does not when model.generate continues from a returned SinkCache with the whole
                 # sequence: generate slices off get_seq_length() = the slot count, not the tokens seen,
