@@ -1432,6 +1432,79 @@ def test_peft_prompt_tuning_stream_refuses_what_it_has_seen(streaming_first):
     assert cache.seen_tokens == 15 + 1 + 2
 
 
+@pytest.mark.parametrize("streaming_first", [True, False])
+def test_peft_prompt_tuning_feeds_every_new_token(streaming_first):
+    # peft's prepare keeps only the last input id wherever the slot count reaches the ids given: a continuation with
+    # more than one new token (the sequence plus new ones, or the new ones with a mask over the sequence) and every
+    # chunk but the first of a chunked prefill (prefill_chunk_size) fed their last token only (silently under 5.23:
+    # 16 tokens seen instead of 19; a ValueError about the mask under 5.17)
+    import copy
+
+    model, peft_model = _prompt_tuned(streaming_first)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    ids, extra = ids_for(9), ids_for(3, seed=7)
+    for new_only in (False, True):
+        out = peft_model.generate(input_ids=ids, max_new_tokens=5, **kw)
+        cache = out.past_key_values
+        seq = torch.cat([out.sequences, extra], dim=1)
+        ref = copy.deepcopy(cache)
+        with torch.no_grad():
+            want = model(seq[:, -4:], past_key_values=ref).logits[:, -1]
+        given = dict(input_ids=seq[:, -4:], attention_mask=torch.ones_like(seq)) if new_only else dict(input_ids=seq)
+        got = peft_model.generate(past_key_values=cache, max_new_tokens=1, **given, **kw)
+        assert cache.seen_tokens == ref.seen_tokens == 15 + 4
+        assert torch.equal(got.logits[0], want.float())  # (generate's logits are float32)
+    # a new stream prefilled in chunks of 3: the virtual tokens and the first chunk, then the others whole
+    got = peft_model.generate(input_ids=ids, max_new_tokens=1, prefill_chunk_size=3, **kw)
+    cache = SinkCache(model, 2, 6)
+    with torch.no_grad():
+        prompt = peft_model.get_prompt(batch_size=1).to(torch.float64)
+        model(inputs_embeds=torch.cat([prompt, model.get_input_embeddings()(ids[:, :3])], dim=1), past_key_values=cache)
+        model(ids[:, 3:6], past_key_values=cache)
+        want = model(ids[:, 6:], past_key_values=cache).logits[:, -1]
+    assert got.past_key_values.seen_tokens == 2 + 9 and got.past_key_values.prefix_tokens == 2
+    assert torch.equal(got.logits[0], want.float())
+
+
+def test_peft_forward_feeding_the_virtual_tokens_again_is_refused():
+    # PeftModel's forward (prompt tuning) puts the virtual tokens before every input and their mask before the one
+    # given: continuing a stream that PeftModel.generate began through it with a mask over the sequence fed the two
+    # virtual tokens a second time (silently: the mask over the sequence was taken for one over the new tokens);
+    # model's forward with the same mask feeds the one new token
+    import copy
+
+    model, peft_model = _prompt_tuned(True)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
+    out = peft_model.generate(input_ids=ids_for(9), max_new_tokens=5, **kw)
+    cache, seq = out.past_key_values, out.sequences
+    with torch.no_grad(), pytest.raises(ValueError, match="the attention mask covers 16 tokens, but the sink cache "
+                                                          "has seen 15 and 3 are new"):
+        peft_model(input_ids=seq[:, -1:], attention_mask=torch.ones_like(seq), past_key_values=cache)
+    assert cache.seen_tokens == 15
+    with torch.no_grad():
+        model(seq[:, -1:], attention_mask=torch.ones_like(seq), past_key_values=cache)
+    assert cache.seen_tokens == 16
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_generate_refuses_a_sequence_the_stream_has_seen_before_it_evicted(chunk):
+    # a sequence the stream has seen all of was refused only once tokens were evicted: before, generate's slice
+    # (the slot count, as many as the tokens seen) was input_ids[:, -0:], the whole sequence fed a second time
+    # (silently: 23 tokens seen instead of 11, the chunked prefill too), or past it for a shorter one
+    model = tiny_model("llama").double()
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
+    with torch.no_grad(), longctx.applied(model, "streaming", sink_size=2, window_size=60):
+        out = model.generate(ids_for(9), max_new_tokens=3, **kw)
+        cache = out.past_key_values
+        assert cache.seen_tokens == cache.get_seq_length() == 11
+        for seen in (out.sequences[:, :-1], out.sequences[:, :-3]):
+            with pytest.raises(ValueError, match=r"sink cache that has seen 11: pass the whole stream"):
+                model.generate(seen, past_key_values=cache, max_new_tokens=2, prefill_chunk_size=chunk, **kw)
+        assert cache.seen_tokens == 11  # nothing was fed
+        got = model.generate(out.sequences, past_key_values=cache, max_new_tokens=2, **kw)
+        assert cache.seen_tokens == 13 and got.sequences.shape[1] == 14
+
+
 def test_a_removed_patchs_wrapper_put_back_by_peft_is_inert():
     # peft set up while streaming was on saw its wrapper, and PeftModel.generate (prompt learning) puts that back
     # after the patch was removed: it still sliced, and a new streaming patch wrapped it, slicing twice (a ValueError)

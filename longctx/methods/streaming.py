@@ -817,19 +817,31 @@ def _stream_position_prepare(prepare, *args, **kwargs):
     iteration the slice is set to the tokens given past the stream's (its seen tokens but those it saw before the
     sequence, ``prefix_tokens``: prompt tuning's virtual tokens); later steps (one token each) are left alone. Where
     generate's slice was already set so (this wraps a prepare that calls another wrapper), it is left as it is."""
+    return prepare(*args, **_stream_slice(args, kwargs))
+
+
+def _stream_slice(args, kwargs) -> dict:
+    """``kwargs`` of a prepare_inputs_for_generation call with the first iteration's slice set as
+    _stream_position_prepare says (a sequence the stream has seen all of is refused, also where generate's own slice,
+    the slot count, happens to be the same: it was ``input_ids[:, -0:]``, the whole sequence fed a second time)."""
     cache, n = kwargs.get("past_key_values"), kwargs.get("next_sequence_length")
     if kwargs.get("is_first_iteration") and n is not None and isinstance(cache, SinkCache) and not cache.managed:
         embeds = kwargs.get("inputs_embeds")
         given = (embeds if embeds is not None else args[0] if args else kwargs["input_ids"]).shape[1]
         seen = cache.seen_tokens - cache.prefix_tokens  # of the sequence (generate's n: given - the slot count)
+        _check_new_tokens(given, cache)
         if given - seen != n:
-            if given <= seen:
-                before = (f" ({cache.prefix_tokens} of them before the sequence, e.g. prompt tuning's virtual tokens)"
-                          if cache.prefix_tokens else "")
-                raise ValueError(f"streaming patch: model.generate got {given} tokens with a sink cache that has seen "
-                                 f"{cache.seen_tokens}{before}: pass the whole stream so far plus the new tokens")
-            kwargs["next_sequence_length"] = given - seen
-    return prepare(*args, **kwargs)
+            kwargs = {**kwargs, "next_sequence_length": given - seen}
+    return kwargs
+
+
+def _check_new_tokens(given: int, cache: SinkCache) -> None:
+    """Refuse a sequence of ``given`` tokens continuing ``cache``'s stream that holds no token it has not seen."""
+    if cache.seen_tokens and given <= cache.seen_tokens - cache.prefix_tokens:
+        before = (f" ({cache.prefix_tokens} of them before the sequence, e.g. prompt tuning's virtual tokens)"
+                  if cache.prefix_tokens else "")
+        raise ValueError(f"streaming patch: model.generate got {given} tokens with a sink cache that has seen "
+                         f"{cache.seen_tokens}{before}: pass the whole stream so far plus the new tokens")
 
 
 def _stream_position_prefill(prefill, *args, **kwargs):
@@ -840,14 +852,21 @@ def _stream_position_prefill(prefill, *args, **kwargs):
     records the tokens it was fed beyond the sequence given (``prefix_tokens``: prompt tuning's virtual tokens, which
     peft's prepare puts before the prompt; they are in the stream, not in the sequences generate returns)."""
     given = {**dict(zip(("input_ids", "generation_config", "model_kwargs"), args)), **kwargs}
-    cache = (given.get("model_kwargs") or {}).get("past_key_values")
-    if (getattr(given.get("generation_config"), "prefill_chunk_size", None) is not None
-            and isinstance(cache, SinkCache) and not cache.managed
-            and cache.seen_tokens - cache.prefix_tokens != cache.get_seq_length()):
-        raise ValueError("streaming patch: model.generate with prefill_chunk_size cannot continue from a sink "
-                         "cache that evicted tokens or was fed tokens before the sequence (its chunks are cut by "
-                         "the slot count, not by the tokens seen); pass prefill_chunk_size=None: the patch "
-                         "prefills inputs longer than window_size in window_size chunks itself")
+    config, model_kwargs, ids = given.get("generation_config"), given.get("model_kwargs") or {}, given.get("input_ids")
+    cache = model_kwargs.get("past_key_values")
+    if (getattr(config, "prefill_chunk_size", None) is not None and isinstance(cache, SinkCache)
+            and not cache.managed):
+        if cache.seen_tokens - cache.prefix_tokens != cache.get_seq_length():
+            raise ValueError("streaming patch: model.generate with prefill_chunk_size cannot continue from a sink "
+                             "cache that evicted tokens or was fed tokens before the sequence (its chunks are cut by "
+                             "the slot count, not by the tokens seen); pass prefill_chunk_size=None: the patch "
+                             "prefills inputs longer than window_size in window_size chunks itself")
+        # the whole sequence, as generate tells it (a mask as long, or none and its _mask_length): one the stream has
+        # seen all of was cut by the slot count as input_ids[:, -0:] (or past it), the whole of it fed a second time
+        mask = model_kwargs.get("attention_mask")
+        if ids is not None and (mask.shape[1] if mask is not None else getattr(config, "_mask_length", -1)) \
+                == ids.shape[1]:
+            _check_new_tokens(ids.shape[1], cache)
     # (a stream begun from inputs_embeds: continued with the embeddings of the whole stream, they count as its sequence)
     new = ((not isinstance(cache, SinkCache) or cache.seen_tokens == 0)  # (generate's empty DynamicCache: the hook's)
            and (given.get("model_kwargs") or {}).get("inputs_embeds") is None)
@@ -915,7 +934,21 @@ class _SlicingPrepare:
         self.__wrapped__ = prepare
 
     def __call__(self, *args, **kwargs):
-        return _stream_position_prepare(self.__wrapped__, *args, **kwargs)
+        kwargs = _stream_slice(args, kwargs)
+        inputs = self.__wrapped__(*args, **kwargs)
+        # peft's last-token rule (prompt learning: it keeps only the last input id wherever the slot count reaches
+        # them) cut a prefill into a stream to one token: a continuation with more than one new token, a chunk of a
+        # chunked prefill (prefill_chunk_size) past the first, dropped the others silently. Every id this prefill
+        # call is to feed is put back: the slice set above, or all of them where generate sets none
+        cache, ids = kwargs.get("past_key_values"), args[0] if args else kwargs.get("input_ids")
+        fed = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        if isinstance(cache, SinkCache) and not cache.managed and cache.seen_tokens and ids is not None \
+                and fed is not None and fed.dim() == 2 and ids.dim() == 2:
+            n = kwargs.get("next_sequence_length")
+            want = ids.shape[1] if n is None else min(n, ids.shape[1])
+            if 0 < fed.shape[1] < want and torch.equal(fed, ids[:, ids.shape[1] - fed.shape[1]:]):
+                inputs["input_ids"] = ids[:, -want:].clone(memory_format=torch.contiguous_format)
+        return inputs
 
 
 @dataclass(kw_only=True)
@@ -1044,9 +1077,12 @@ class StreamingPatch(Patch):
         pads = None
         if mask is not None:
             # (over the stream: seen + new; over the sequence generate returns, where the stream was fed tokens
-            # before it, e.g. prompt tuning's virtual tokens: seen - prefix_tokens + new)
-            if mask.dim() == 2 and mask.shape[1] > n and mask.shape[1] not in (cache.seen_tokens + n,
-                                                                            cache.seen_tokens - cache.prefix_tokens + n):
+            # before it, e.g. prompt tuning's virtual tokens: seen - prefix_tokens + new, for new token ids only:
+            # peft's forward puts the virtual tokens' embeddings before every input, and their mask before the
+            # one given, so a mask over the sequence came as long with the virtual tokens fed a second time)
+            over = (cache.seen_tokens + n,) + ((cache.seen_tokens - cache.prefix_tokens + n,) if key == "input_ids"
+                                               else ())
+            if mask.dim() == 2 and mask.shape[1] > n and mask.shape[1] not in over:
                 # a mask over the history must cover exactly what the stream has seen plus the new tokens.
                 # It does not when model.generate continues from a returned SinkCache with the whole
                 # sequence: generate slices off get_seq_length() = the slot count, not the tokens seen,
