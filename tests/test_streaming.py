@@ -1081,21 +1081,29 @@ def test_generate_takes_inputs_embeds_and_continues_from_them():
     assert torch.equal(torch.cat([seen, got], dim=1), want)
 
 
-def test_chunked_prefill_does_not_continue_a_stream_silently_wrong():
-    # generate's chunked prefill (prefill_chunk_size) cuts its input by get_seq_length() (the slot count) and
-    # never passes next_sequence_length: continuing an evicted stream re-fed the tokens past the slots
+def test_chunked_prefill_continues_a_stream_as_unchunked():
+    # generate's chunked prefill (prefill_chunk_size) cuts its input by get_seq_length() (the slot count) and never
+    # passes next_sequence_length (5.17 does not slice a continuation at all): continuing an evicted stream re-fed the
+    # tokens past the slots (then refused; under 5.17 after the first chunk had gone into the cache). A continuation
+    # now runs unchunked (the patch chunks long inputs itself): the same tokens and logits as without the option
+    import copy
+
     model = tiny_model("llama").double()
     ids = ids_for(9)
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=3)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad(), longctx.applied(model, "streaming", sink_size=2, window_size=6):
-        out = model.generate(ids, max_new_tokens=5, return_dict_in_generate=True, **kw)  # a fresh stream: fine
-        cache = out.past_key_values
-        with pytest.raises(ValueError, match="prefill_chunk_size cannot continue"):
-            model.generate(out.sequences, past_key_values=cache, max_new_tokens=3, **kw)
-        assert cache.seen_tokens == 13  # nothing was fed
-        got = model.generate(out.sequences, past_key_values=cache, max_new_tokens=3,
-                             **{**kw, "prefill_chunk_size": None})
-        assert cache.seen_tokens == 16 and got.shape[1] == 17
+        out = model.generate(ids, max_new_tokens=5, prefill_chunk_size=3, **kw)  # a fresh stream: chunked
+        assert out.past_key_values.seen_tokens == 13
+        seq = torch.cat([out.sequences, ids_for(8, seed=5)], dim=1)  # the sequence plus 8 new tokens (9 unseen)
+        results = []
+        for chunk in (3, None):
+            cache = copy.deepcopy(out.past_key_values)
+            got = model.generate(seq, past_key_values=cache, max_new_tokens=3, prefill_chunk_size=chunk, **kw)
+            assert cache.seen_tokens == 13 + 9 + 2
+            results.append((got.sequences, torch.stack(got.logits)))
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+        with pytest.raises(ValueError, match="sink cache that has seen 24: pass the whole stream"):
+            model.generate(seq, past_key_values=cache, max_new_tokens=1, prefill_chunk_size=3, **kw)
     assert "_prefill" not in model.__dict__ and "prepare_inputs_for_generation" not in model.__dict__
 
 

@@ -845,28 +845,25 @@ def _check_new_tokens(given: int, cache: SinkCache) -> None:
 
 
 def _stream_position_prefill(prefill, *args, **kwargs):
-    """``prefill(*args, **kwargs)`` (generate's bound ``_prefill``), refusing a chunked prefill (``prefill_chunk_size``)
-    that continues a stream whose sink cache evicted tokens: that path slices the input by ``get_seq_length()``
-    (the slot count) itself, without ``next_sequence_length``, so ``_stream_position_prepare`` cannot move
-    the slice, and tokens the stream has seen would be fed a second time (silently wrong outputs). A new stream
-    records the tokens it was fed beyond the sequence given (``prefix_tokens``: prompt tuning's virtual tokens, which
-    peft's prepare puts before the prompt; they are in the stream, not in the sequences generate returns)."""
+    """``prefill(*args, **kwargs)`` (generate's bound ``_prefill``). A chunked prefill (``prefill_chunk_size``) that
+    continues a stream runs unchunked: generate cuts its chunks by ``get_seq_length()`` (the slot count) without
+    ``next_sequence_length`` (5.2x), or feeds the whole sequence (5.17), so ``_stream_position_prepare`` could not set
+    the slice and tokens the stream has seen would be fed a second time; the patch's forward prefills an input longer
+    than window_size in window_size chunks itself, so memory stays bounded. A new stream records the tokens it was fed
+    beyond the sequence given (``prefix_tokens``: prompt tuning's virtual tokens, which peft's prepare puts before the
+    prompt; they are in the stream, not in the sequences generate returns)."""
+    import copy
+
     given = {**dict(zip(("input_ids", "generation_config", "model_kwargs"), args)), **kwargs}
-    config, model_kwargs, ids = given.get("generation_config"), given.get("model_kwargs") or {}, given.get("input_ids")
-    cache = model_kwargs.get("past_key_values")
+    config, cache = given.get("generation_config"), (given.get("model_kwargs") or {}).get("past_key_values")
     if (getattr(config, "prefill_chunk_size", None) is not None and isinstance(cache, SinkCache)
-            and not cache.managed):
-        if cache.seen_tokens - cache.prefix_tokens != cache.get_seq_length():
-            raise ValueError("streaming patch: model.generate with prefill_chunk_size cannot continue from a sink "
-                             "cache that evicted tokens or was fed tokens before the sequence (its chunks are cut by "
-                             "the slot count, not by the tokens seen); pass prefill_chunk_size=None: the patch "
-                             "prefills inputs longer than window_size in window_size chunks itself")
-        # the whole sequence, as generate tells it (a mask as long, or none and its _mask_length): one the stream has
-        # seen all of was cut by the slot count as input_ids[:, -0:] (or past it), the whole of it fed a second time
-        mask = model_kwargs.get("attention_mask")
-        if ids is not None and (mask.shape[1] if mask is not None else getattr(config, "_mask_length", -1)) \
-                == ids.shape[1]:
-            _check_new_tokens(ids.shape[1], cache)
+            and not cache.managed and cache.seen_tokens):
+        config = copy.copy(config)  # (generate's own copy for this call; the caller's is not touched)
+        config.prefill_chunk_size = None
+        if len(args) > 1:
+            args = (args[0], config, *args[2:])
+        else:
+            kwargs["generation_config"] = config
     # (a stream begun from inputs_embeds: continued with the embeddings of the whole stream, they count as its sequence)
     new = ((not isinstance(cache, SinkCache) or cache.seen_tokens == 0)  # (generate's empty DynamicCache: the hook's)
            and (given.get("model_kwargs") or {}).get("inputs_embeds") is None)
