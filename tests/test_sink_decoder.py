@@ -1,5 +1,7 @@
 """SinkDecoder (static ring buffers, CUDA graph on GPU) against the SinkCache it takes over."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -371,15 +373,22 @@ def test_decoder_takes_over_a_cache_loaded_with_torch_load():
     assert loaded.model is model and torch.equal(outs[0], outs[1])
 
 
+@contextlib.contextmanager
+def _prefilled(model):
+    """Under a streaming patch (3 sinks + 9) and no_grad: a SinkCache prefilled with 20 tokens, full."""
+    with longctx.applied(model, "streaming", sink_size=3, window_size=9), torch.no_grad():
+        cache = SinkCache(model, 3, 9)
+        prefill(model, ids_for(20), cache, chunk_size=4)
+        yield cache
+
+
 def test_a_held_cache_is_not_saved():
     # while a SinkDecoder holds the cache, the keys and values are the decoder's (the cache's are None): a saved
     # copy held no tensors and came back held, refusing every forward for a decoder that no longer exists
     import io
 
     model = tiny_model("llama").double()
-    with longctx.applied(model, "streaming", sink_size=3, window_size=9), torch.no_grad():
-        cache = SinkCache(model, 3, 9)
-        prefill(model, ids_for(20), cache, chunk_size=4)
+    with _prefilled(model) as cache:
         with SinkDecoder(model, cache, cuda_graph=False) as dec:
             dec.step(ids_for(1, seed=2))
             with pytest.raises(RuntimeError, match="held by a SinkDecoder.*close the decoder"):
@@ -399,9 +408,7 @@ def test_a_held_cache_is_not_copied():
 
     model = tiny_model("llama").double()
     steps = ids_for(4, seed=3)
-    with longctx.applied(model, "streaming", sink_size=3, window_size=9), torch.no_grad():
-        cache = SinkCache(model, 3, 9)
-        prefill(model, ids_for(20), cache, chunk_size=4)
+    with _prefilled(model) as cache:
         with SinkDecoder(model, cache, cuda_graph=False) as dec:
             dec.step(ids_for(1, seed=2))
             for copier in (copy.deepcopy, copy.copy):

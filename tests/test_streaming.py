@@ -1748,19 +1748,24 @@ def io_of(buf):
     return buf
 
 
+def _reloaded(obj):
+    """``obj`` through torch.save and torch.load."""
+    return torch.load(io_of(_saved(obj)), weights_only=False)
+
+
 def test_binding_a_saved_sink_cache_checks_the_model_layout():
     model, other = tiny_model("llama").double(), tiny_model("gpt_neox").double()
     with longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
         cache = patch.new_cache()
         decode(model, ids_for(12), cache)
-    loaded = torch.load(io_of(_saved(cache)), weights_only=False)
+    loaded = _reloaded(cache)
     with pytest.raises(ValueError, match="another model layout"):
         loaded.bind(other)
     assert loaded.bind(model) is loaded and loaded.model is model
     with pytest.raises(ValueError, match="already bound"):
         loaded.bind(tiny_model("llama").double())
     # a directly driven (managed) cache: make_room re-rotates through the bound model, unbound it says what to do
-    loaded = torch.load(io_of(_saved(cache)), weights_only=False)
+    loaded = _reloaded(cache)
     loaded.managed = True
     with pytest.raises(RuntimeError, match="torch.load"):
         loaded.make_room(1)
@@ -1844,34 +1849,44 @@ def test_a_streaming_session_saved_without_its_model_loads_and_continues():
     assert got == want and torch.equal(loaded.last_logits, session.last_logits) and loaded.cache.model is model
 
 
+def _yarn_stream(ids, factor):
+    """A sink cache (2 + 8) that streamed ids[:20] under yarn x factor, and the logits of ids[20:] continuing it."""
+    model = tiny_model("llama").double()
+    with longctx.applied(model, "yarn", factor=factor), \
+            longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
+        cache = patch.new_cache()
+        decode(model, ids[:, :20], cache)
+        return cache, decode(model, ids[:, 20:], copy_of(cache))
+
+
+def _yarn_continued(cache, ids, factor):
+    """The logits of ids[20:] continuing ``cache`` (loaded) on a fresh model with the same yarn and streaming."""
+    fresh = tiny_model("llama").double()
+    with longctx.applied(fresh, "yarn", factor=factor), \
+            longctx.applied(fresh, "streaming", sink_size=2, window_size=8):
+        return decode(fresh, ids[:, 20:], cache)
+
+
 def test_binding_a_saved_sink_cache_checks_the_rope_frequencies():
     # the layout check let a cache made under a RoPE method (yarn) bind to the same model without it (a fresh
     # process that applied only streaming): keys rotated with yarn's frequencies were re-rotated and attended by
     # queries with the plain ones, silently wrong. Another head_dim (same layer layout) only failed deep inside a
     # forward with a shape mismatch. Both are refused by bind; the same RoPE method on a fresh model binds
     ids = ids_for(30)
-    model = tiny_model("llama").double()
-    with longctx.applied(model, "yarn", factor=2), \
-            longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
-        cache = patch.new_cache()
-        decode(model, ids[:, :20], cache)
-        want = decode(model, ids[:, 20:], copy_of(cache))
+    cache, want = _yarn_stream(ids, factor=2)
     plain = tiny_model("llama").double()
     with longctx.applied(plain, "streaming", sink_size=2, window_size=8):
         with pytest.raises(ValueError, match="other RoPE frequencies"):
-            decode(plain, ids[:, 20:], torch.load(io_of(_saved(cache)), weights_only=False))
+            decode(plain, ids[:, 20:], _reloaded(cache))
     with pytest.raises(ValueError, match="other RoPE frequencies"):
-        torch.load(io_of(_saved(cache)), weights_only=False).bind(tiny_model("llama", hidden_size=128).double())
+        _reloaded(cache).bind(tiny_model("llama", hidden_size=128).double())
     with pytest.raises(ValueError, match="other RoPE frequencies"):
-        torch.load(io_of(_saved(cache)), weights_only=False).bind(tiny_model("llama", rope_theta=500.0).double())
-    fresh = tiny_model("llama").double()
-    with longctx.applied(fresh, "yarn", factor=2), longctx.applied(fresh, "streaming", sink_size=2, window_size=8):
-        got = decode(fresh, ids[:, 20:], torch.load(io_of(_saved(cache)), weights_only=False))
-    assert torch.equal(got, want)
+        _reloaded(cache).bind(tiny_model("llama", rope_theta=500.0).double())
+    assert torch.equal(_yarn_continued(_reloaded(cache), ids, factor=2), want)
     half = tiny_model("llama").double()
     with longctx.applied(half, "yarn", factor=2):
         half.half()  # (its frequencies rounded to fp16: still the same RoPE)
-        assert torch.load(io_of(_saved(cache)), weights_only=False).bind(half).model is half
+        assert _reloaded(cache).bind(half).model is half
 
 
 def test_binding_a_saved_sink_cache_checks_the_rope_attention_scaling():
@@ -1880,19 +1895,12 @@ def test_binding_a_saved_sink_cache_checks_the_rope_attention_scaling():
     # frequency check, and its held keys kept the old scale while new keys and queries had the new one (silently
     # wrong logits). Refused; the same options bind and continue exactly
     ids = ids_for(40)
-    model = tiny_model("llama").double()
-    with longctx.applied(model, "yarn", factor=4), \
-            longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
-        cache = patch.new_cache()
-        decode(model, ids[:, :20], cache)
-        want = decode(model, ids[:, 20:], copy_of(cache))
+    cache, want = _yarn_stream(ids, factor=4)
     other = tiny_model("llama").double()
     with longctx.applied(other, "yarn", factor=4, attention_factor=1.0):
         with pytest.raises(ValueError, match="attention scaling"):
-            torch.load(io_of(_saved(cache)), weights_only=False).bind(other)
-    fresh = tiny_model("llama").double()
-    with longctx.applied(fresh, "yarn", factor=4), longctx.applied(fresh, "streaming", sink_size=2, window_size=8):
-        assert torch.equal(decode(fresh, ids[:, 20:], torch.load(io_of(_saved(cache)), weights_only=False)), want)
+            _reloaded(cache).bind(other)
+    assert torch.equal(_yarn_continued(_reloaded(cache), ids, factor=4), want)
 
 
 def test_binding_a_saved_sink_cache_checks_where_dynamic_rope_changes_its_frequencies():
@@ -1923,7 +1931,7 @@ def test_binding_a_saved_sink_cache_checks_where_dynamic_rope_changes_its_freque
     cache = SinkCache(one, 3, 40)
     assert cache.max_position == 64 + 43
     with pytest.raises(ValueError, match="max_position=107, past 32"):
-        torch.load(io_of(_saved(cache)), weights_only=False).bind(_longrope_model())
+        _reloaded(cache).bind(_longrope_model())
 
 
 def test_binding_compares_fp32_frequencies_closely():
@@ -1932,10 +1940,10 @@ def test_binding_compares_fp32_frequencies_closely():
     # of the coarser dtype: fp32 against fp32 is close, a bf16 or fp16 copy of the same model still binds
     cache = SinkCache(tiny_model("llama"), 2, 8)
     with pytest.raises(ValueError, match="other RoPE frequencies"):
-        torch.load(io_of(_saved(cache)), weights_only=False).bind(tiny_model("llama", rope_theta=10100.0))
+        _reloaded(cache).bind(tiny_model("llama", rope_theta=10100.0))
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
         same = tiny_model("llama").to(dtype)
-        assert torch.load(io_of(_saved(cache)), weights_only=False).bind(same).model is same
+        assert _reloaded(cache).bind(same).model is same
     half = SinkCache(tiny_model("llama").to(torch.bfloat16), 2, 8)  # (its record: bf16)
     fp32 = tiny_model("llama")
     assert torch.load(io_of(_saved(half)), weights_only=False).bind(fp32).model is fp32
