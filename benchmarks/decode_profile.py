@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_decode import COMPILE_VARIANTS, dense_static_step, graphed  # noqa: E402
 from timing import median_ms  # noqa: E402
 
-from longctx.utils import recompile_room  # noqa: E402
+from longctx.utils import recompile_room, strict_dumps  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -300,7 +300,7 @@ def main(argv=None):
         res["sink_steps"] = sink_rows(model, C, args.sink_variants.split(","), device, steps,
                                      [int(x) for x in args.sinks.split(",")]) if args.sink_variants else []
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        Path(args.out).write_text(strict_dumps(res, indent=1))  # strict JSON: a NaN median as "NaN"
     if cuda:
         print(f"\n{res['gpu']}, torch {res['torch']}: Llama-2-7B shape x{L}, cache {C}, batch 1, bf16")
         b = res["bandwidth"]

@@ -34,6 +34,7 @@ from timing import median_ms  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from longctx.methods.s2attn import (_Cache, flash_available, flex_available, group_size_for,  # noqa: E402
                                     s2_attention, shifted_head_count)
+from longctx.utils import strict_dumps  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -239,7 +240,7 @@ def main():
                 wall_s=round(time.perf_counter() - t_start, 1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        Path(args.out).write_text(strict_dumps({"meta": meta, "results": results}, indent=1))  # NaN speedup: "NaN"
 
     print(f"\n{dev}; " + ", ".join(f"{k} {v}" for k, v in versions.items())
           + f"; {args.dtype}, batch {B}, {H} heads ({Hk} K/V) of {D}, ratio {args.ratio}, fwd+bwd"

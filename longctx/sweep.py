@@ -32,7 +32,10 @@ cell is reset (``reset_rotary_state``): a cell's value does not depend on the ce
 Every cell (model, method, metric, length) is appended to
 ``results.jsonl`` in the output folder (default: next to the YAML, ``experiments/<name>/``) as one
 JSON line with its full settings, the git commit, library versions and the hardware, as soon as it
-is computed. A rerun skips the cells already there, so an interrupted sweep resumes where it stopped.
+is computed. The lines are strict JSON: a non-finite value or result (a perplexity that overflowed to
+inf, NaN from a diverged model) is written as the string "Infinity", "-Infinity" or "NaN"
+(``longctx.utils.strict_dumps``), and turned back into the float when the file is read. A rerun skips
+the cells already there, so an interrupted sweep resumes where it stopped.
 The key of a cell: model, method spec, metric, length, metric settings and dtype, in a canonical form
 (``cell_key``): a method alias as its name (pi -> linear), options as the method validates them with
 2 and 2.0 alike and defaults left out, the dtype's short name (FP32 -> fp32), ppl docs sorted and only
@@ -60,6 +63,7 @@ from pathlib import Path
 from .eval.passkey import DEPTHS, check_settings, passkey_accuracy
 from .eval.perplexity import MODES, SCORES, _fmt, inactive_in_eval, perplexity
 from .methods.rope import reset_rotary_state
+from .utils import decode_nonfinite, strict_dumps
 
 METRICS: dict[str, dict] = {
     "ppl": {"corpus": "austen", "docs": None, "max_tokens": None, "mode": "chunks", "stride": None,
@@ -351,7 +355,9 @@ def cells(grid) -> list[dict]:
 # -------------------------------------------------------------------------------- results file
 def read_results(path: Path) -> list[dict]:
     """The cells in a results.jsonl. A last line cut short by an interruption is dropped (and
-    removed from the file, so that appending stays valid JSON lines)."""
+    removed from the file, so that appending stays valid JSON lines). The "value" (and a ppl "result") of
+    a row get back the non-finite floats written as "Infinity", "-Infinity" or "NaN" (``decode_nonfinite``);
+    rows written with json's bare Infinity/NaN tokens (before strict JSON) read the same."""
     if not path.exists():
         return []
     text = path.read_text()
@@ -361,7 +367,7 @@ def read_results(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(_decoded(json.loads(line)))
             good.append(line)
         except json.JSONDecodeError:
             if i < len(lines) - 1 and any(x.strip() for x in lines[i + 1:]):
@@ -373,9 +379,18 @@ def read_results(path: Path) -> list[dict]:
     return rows
 
 
+def _decoded(row):
+    """A results.jsonl row with the non-finite floats of its "value" and of a ppl "result" (all numbers; a
+    passkey result holds the model's output text, which could read "NaN") back as floats."""
+    if not isinstance(row, dict):
+        return row
+    numeric = ("value", "result") if row.get("metric") == "ppl" else ("value",)
+    return {k: decode_nonfinite(v) if k in numeric else v for k, v in row.items()}
+
+
 def _append(path: Path, row: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(row, default=str) + "\n")
+        f.write(strict_dumps(row, default=str) + "\n")  # non-finite floats as "Infinity", "NaN" strings
         f.flush()
         os.fsync(f.fileno())
 

@@ -33,6 +33,7 @@ import torch
 from . import lora
 from .data import select_documents as select_documents_by_name
 from .utils import compile_layers, uncompile_layers  # noqa: F401  (train.compile)
+from .utils import decode_nonfinite, encode_nonfinite, strict_dumps
 
 # --------------------------------------------------------------------------------------- config
 DEFAULTS: dict = {
@@ -553,7 +554,9 @@ def trainable_dtype(accelerator):
 
 
 class Tracker:
-    """Metrics to ``output_dir/log.jsonl`` (main process) and to wandb when enabled and installed."""
+    """Metrics to ``output_dir/log.jsonl`` (main process) and to wandb when enabled and installed. The lines
+    are strict JSON: a non-finite metric (a NaN loss, an overflowed perplexity) is written as the string
+    "Infinity", "-Infinity" or "NaN" (``longctx.utils.strict_dumps``); ``read_log`` turns it back."""
 
     def __init__(self, accelerator, cfg: dict, enabled_wandb: bool = True, start_step: int = 0):
         self.accelerator = accelerator
@@ -563,7 +566,7 @@ class Tracker:
         if self.main and self.path.exists():  # keep the rows up to where this run starts (a fresh run: none;
             # its step-0 evaluation is made again, and rows of an abandoned run there are not this run's)
             rows = [r for r in read_log(cfg["output_dir"]) if r["step"] <= start_step] if start_step else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.path.write_text("".join(strict_dumps(r) + "\n" for r in rows))
         settings = cfg.get("wandb")
         if not (self.main and enabled_wandb and settings):
             return
@@ -584,7 +587,7 @@ class Tracker:
         if not self.main:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(strict_dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
@@ -594,8 +597,10 @@ class Tracker:
 
 
 def read_log(output_dir) -> list[dict]:
+    """The rows of ``output_dir/log.jsonl``, with "Infinity", "-Infinity" and "NaN" back as floats (every
+    logged value is a number)."""
     path = Path(output_dir) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [decode_nonfinite(json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 # ---------------------------------------------------------------------------- held-out evaluation
@@ -790,7 +795,8 @@ def check_resume(folder, cfg: dict) -> None:
     path = Path(folder) / RUN_CONFIG
     if not path.is_file():
         return
-    saved, now = json.loads(path.read_text()), json.loads(json.dumps(cfg, default=str))
+    # compared with non-finite floats as strict_dumps writes them (a file written before that: bare Infinity/NaN)
+    saved, now = encode_nonfinite(json.loads(path.read_text())), json.loads(strict_dumps(cfg, default=str))
 
     def get(c, key):
         for part in key.split("."):
@@ -842,7 +848,7 @@ def save_checkpoint(accelerator, output_dir, state: TrainState, keep: int | None
     accelerator.save_state(str(folder), **kwargs)
     if accelerator.is_main_process:
         if config is not None:
-            (folder / RUN_CONFIG).write_text(json.dumps(config, default=str, indent=1) + "\n")
+            (folder / RUN_CONFIG).write_text(strict_dumps(config, default=str, indent=1) + "\n")
         (folder / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")  # written last: complete
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
@@ -897,14 +903,15 @@ SETTINGS_FILE = "longctx.json"
 def save_artifact(accelerator, model, folder, settings: dict) -> Path:
     """The final artifact: peft adapter, ``trainable.safetensors`` (embedding/norm tensors),
     ``longctx.json`` (``settings``: base model, dtype, RoPE method and options, s2attn options,
-    LoRA settings). Call on every process (a sharded model is gathered)."""
+    LoRA settings; strict JSON, a non-finite held-out perplexity as "Infinity"/"NaN": ``strict_dumps``).
+    Call on every process (a sharded model is gathered)."""
     state_dict = accelerator.get_state_dict(model)
     folder = Path(folder)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         lora.save(unwrapped, folder, state_dict=state_dict)
         (folder / "README.md").unlink(missing_ok=True)  # peft's model card template
-        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n")
+        (folder / SETTINGS_FILE).write_text(strict_dumps(settings, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
     return folder
 

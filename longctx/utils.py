@@ -1,9 +1,12 @@
-"""Small shared helpers: the user cache folder, dynamo's recompile limit, compiled decoder layers."""
+"""Small shared helpers: the user cache folder, strict JSON for results, dynamo's recompile limit, compiled
+decoder layers."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import math
 import os
 from pathlib import Path
 
@@ -18,6 +21,45 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# Non-finite floats in written results (a perplexity that overflowed to inf, NaN from a diverged model):
+# Python's json writes them as the bare tokens Infinity / NaN, which strict parsers (JSON.parse, jq, ...)
+# reject. longctx writes them as these strings instead: the same words, quoted, which Python's float()
+# and JavaScript's Number() both turn back into the number.
+NONFINITE = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def encode_nonfinite(value):
+    """``value`` with every non-finite float, at any depth of dicts, lists and tuples (as lists), replaced
+    by the string "Infinity", "-Infinity" or "NaN"; everything else as it is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: encode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_nonfinite(v) for v in value]
+    return value
+
+
+def decode_nonfinite(value):
+    """The inverse of ``encode_nonfinite``: the strings "Infinity", "-Infinity" and "NaN", at any depth,
+    back to floats. Apply it to the numeric parts of a file read back (a string field that happens to
+    read "NaN" would become a float too); values already floats (a file written by json's own
+    Infinity/NaN tokens) pass unchanged."""
+    if isinstance(value, str):
+        return NONFINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: decode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_nonfinite(v) for v in value]
+    return value
+
+
+def strict_dumps(value, **kwargs) -> str:
+    """``json.dumps(value, **kwargs)`` as strict JSON: non-finite floats as the strings "Infinity",
+    "-Infinity", "NaN" (``encode_nonfinite``; read them back with ``decode_nonfinite``)."""
+    return json.dumps(encode_nonfinite(value), allow_nan=False, **kwargs)
 
 
 def recompile_room(limit: int = 64):

@@ -1,5 +1,7 @@
 """Tiny random-weight models of several families, built in-process (no network)."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -25,6 +27,14 @@ FAMILY_KWARGS = {
     "bloom": dict(n_layer=2, n_head=4),  # ALiBi
 }
 ROPE_FAMILIES = ["llama", "mistral", "qwen2", "gpt_neox", "glm", "phi3"]
+
+
+def strict_loads(text: str):
+    """json.loads as a strict parser (JavaScript's JSON.parse, jq) reads: the bare tokens Infinity, -Infinity
+    and NaN, which Python's json writes for non-finite floats, are an error."""
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
 
 
 def tiny_config(family: str, **overrides):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_model
+from conftest import strict_loads, tiny_model
 from longctx.eval.perplexity import format_table, perplexity, save_json
 
 V = 97
@@ -177,6 +177,23 @@ def test_save_json(model, docs, tmp_path):
     data = json.loads(p.read_text())
     assert data["results"]["8"]["tokens"] == out[8]["tokens"]
     assert data["settings"]["method"] == "baseline" and "torch" in data["env"]
+
+
+def test_save_json_writes_non_finite_values_as_strict_json(tmp_path):
+    # a perplexity that overflowed to inf and one that is NaN (a diverged model): json's bare Infinity/NaN
+    # tokens are refused by strict parsers; they are written as strings and read back as the floats
+    from longctx.utils import decode_nonfinite
+
+    res = {"yarn x4": {256: {"ppl": math.inf, "nll": 800.0, "tokens": 10},
+                       1024: {"ppl": math.nan, "tokens": 10, "curve": (1.0, -math.inf)}}}
+    p = save_json(res, tmp_path / "r.json", model="tiny", lengths=[256, 1024])
+    saved = strict_loads(p.read_text())["results"]["yarn x4"]
+    assert saved["256"] == {"ppl": "Infinity", "nll": 800.0, "tokens": 10} and float(saved["256"]["ppl"]) == math.inf
+    assert saved["1024"] == {"ppl": "NaN", "tokens": 10, "curve": [1.0, "-Infinity"]}
+    back = decode_nonfinite(saved)
+    assert back["256"]["ppl"] == math.inf and math.isnan(back["1024"]["ppl"]) and back["1024"]["curve"] == [1.0, -math.inf]
+    assert format_table({"yarn x4": back}) == format_table(res) == (
+        "| method | 256 | 1024 |\n|---|---:|---:|\n| yarn x4 | inf | nan |")
 
 
 def _no_warning_run(m, docs, L):

@@ -606,6 +606,45 @@ def test_fresh_run_log_keeps_no_rows_of_an_abandoned_run(tmp_path):
     assert train.read_log(tmp_path) == []
 
 
+def test_log_and_run_config_are_strict_json_with_non_finite_values(tmp_path):
+    # a NaN loss, a held-out perplexity that overflowed, train.max_grad_norm=inf: log.jsonl, run_config.json and
+    # longctx.json stay strict JSON (json's bare Infinity/NaN tokens are refused by JSON.parse, jq), and what the
+    # recipe reads back (read_log: the best perplexity when resuming; check_resume) is as before
+    import math
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from conftest import strict_loads
+
+    cfg = train.load_config(CONFIG, [f"output_dir={tmp_path}"])
+    cfg["train"]["max_grad_norm"] = math.inf
+    accelerator = SimpleNamespace(is_main_process=True, distributed_type=DistributedType.NO, _longctx_hook=True,
+                                  save_state=lambda folder, **kw: Path(folder).mkdir(parents=True),
+                                  wait_for_everyone=lambda: None)
+    tracker = train.Tracker(accelerator, cfg, False)
+    tracker.log({"heldout_ppl": {"128": math.inf}, "eval_seconds": 1.0}, 0)
+    tracker.log({"loss": math.nan, "lr": 1e-4}, 1)
+    tracker.log({"heldout_ppl": {"128": 1.5}, "eval_seconds": 1.0}, 2)
+    text = (tmp_path / "log.jsonl").read_text()
+    assert [strict_loads(line) for line in text.splitlines()][:2] == [
+        {"step": 0, "heldout_ppl": {"128": "Infinity"}, "eval_seconds": 1.0}, {"step": 1, "loss": "NaN", "lr": 1e-4}]
+    rows = train.read_log(tmp_path)
+    assert rows[0]["heldout_ppl"]["128"] == math.inf and math.isnan(rows[1]["loss"])
+    evaluator = SimpleNamespace(key_length=128, best=None)
+    train.HeldoutEval.resume(evaluator, rows)
+    assert evaluator.best == 1.5
+    train.Tracker(accelerator, cfg, False, start_step=1)  # resumed at step 1: rewrites the rows up to it
+    assert (tmp_path / "log.jsonl").read_text() == "".join(text.splitlines(keepends=True)[:2])
+    folder = train.save_checkpoint(accelerator, tmp_path, train.TrainState(step=1), config=cfg)
+    assert strict_loads((folder / train.RUN_CONFIG).read_text())["train"]["max_grad_norm"] == "Infinity"
+    train.check_resume(folder, cfg)
+    (folder / train.RUN_CONFIG).write_text(json.dumps(cfg, default=str))  # written before: a bare Infinity
+    train.check_resume(folder, cfg)
+    with pytest.raises(ValueError, match=r"train.max_grad_norm: 'Infinity' -> 1.0"):
+        train.check_resume(folder, {**cfg, "train": {**cfg["train"], "max_grad_norm": 1.0}})
+
+
 def test_heldout_eval_scores_every_token_with_eval_score_all(tiny):
     """eval.score=all: perplexity refuses tail_fraction without score='tail', so the held-out evaluation must not
     pass it (it passed tail_fraction=0.25 whatever eval.score said): every token but each window's first is scored."""

@@ -637,6 +637,29 @@ def test_chat_command_takes_the_streaming_sizes():
         chat_sizes(parser.parse_args(["chat", "--method", "streaming:max_position=100"]))
 
 
+def test_stream_ppl_out_is_strict_json_with_non_finite_ppl(tmp_path, monkeypatch, capsys):
+    # a stream whose perplexity overflowed: --out is strict JSON (no bare Infinity, which JSON.parse and jq refuse)
+    import math
+
+    import longctx.eval.streaming as streaming
+    import longctx.models
+    from longctx.cli import build_parser
+
+    from conftest import strict_loads
+    from test_passkey import TEXT, char_tokenizer
+
+    (tmp_path / "c.txt").write_text(TEXT)
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (None, char_tokenizer()))
+    monkeypatch.setattr(streaming, "streaming_perplexity", lambda model, ids, sink, window, policy, chunk_size,
+                        curve_every: {"policy": policy, "ppl": math.inf, "tokens": len(ids), "max_cache": 8,
+                                      "chunk_size": chunk_size, "tokens_per_s": 1.0, "curve": [(4, math.nan, 4, None)]})
+    args = build_parser().parse_args(["stream-ppl", "--corpus", str(tmp_path / "c.txt"), "--policy", "sinks",
+                                      "--window-size", "8", "--out", str(tmp_path / "s.json")])
+    assert args.func(args) == 0 and "| inf |" in capsys.readouterr().out
+    saved = strict_loads((tmp_path / "s.json").read_text())["results"][0]
+    assert saved["ppl"] == "Infinity" and saved["curve"] == [[4, "NaN", 4, None]]
+
+
 def test_cli_lists_streaming_commands():
     from longctx.cli import build_parser
 

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import longctx
 from longctx import sweep
 from longctx.data import encode_documents, load_corpus
 from longctx.eval.perplexity import perplexity
+from conftest import strict_loads
 from test_passkey import TEXT, char_tokenizer
 
 
@@ -227,6 +229,30 @@ def test_rows_written_with_older_keys_still_resume(tiny_dir, tmp_path, monkeypat
     monkeypatch.setattr(sweep, "perplexity", count)
     assert sweep.run(cfg, plots=False)["computed"] == 0 and count.calls == 0
     assert "| pi x2 | " + sweep._fmt(row["value"]) + " |" in (tmp_path / "o" / "table.md").read_text()
+
+
+def test_non_finite_values_are_strict_json_and_resume(tiny_dir, tmp_path, monkeypatch):
+    # a perplexity that overflowed to inf, NaN from a diverged model: results.jsonl stays strict JSON (json's bare
+    # Infinity/NaN tokens are refused by JSON.parse, jq), and the sweep resumes from it and tabulates as before
+    def diverged(model, ids, lengths, **kwargs):
+        return {L: {"ppl": math.inf if L == 300 else math.nan, "nll": math.inf if L == 300 else math.nan,
+                    "tokens": 3} for L in lengths}
+    monkeypatch.setattr(sweep, "perplexity", diverged)
+    cfg = write_yaml(tmp_path / "n.yaml", tiny_dir, methods=["none"])
+    sweep.run(cfg)
+    out = tmp_path / "n"
+    rows = [strict_loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["value"], r["result"]["ppl"]) for r in rows] == [("Infinity", "Infinity"), ("NaN", "NaN")]
+    table = (out / "table.md").read_text()
+    assert "| none | inf | nan |" in table
+    back = sweep.read_results(out / "results.jsonl")
+    assert back[0]["value"] == back[0]["result"]["nll"] == math.inf and math.isnan(back[1]["value"])
+    monkeypatch.setattr(sweep, "perplexity", Counter(diverged, fail_at=1))   # resumed: nothing is run again
+    assert sweep.run(cfg)["computed"] == 0 and (out / "table.md").read_text() == table
+    # a file written before (json's bare tokens) reads the same
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in back))
+    assert "Infinity," in (out / "results.jsonl").read_text()
+    assert sweep.run(cfg)["computed"] == 0 and (out / "table.md").read_text() == table
 
 
 @pytest.mark.parametrize("over, match", [

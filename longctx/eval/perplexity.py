@@ -8,7 +8,6 @@ scored positions are kept, and the output embedding is applied `logits_chunk` ro
 
 import contextlib
 import inspect
-import json
 import math
 import numbers
 import platform
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from ..methods.rope import reset_rotary_state
 from ..registry import active_patches, check_language_model, unwrap_model
-from ..utils import layers_compiled, recompile_room
+from ..utils import layers_compiled, recompile_room, strict_dumps
 
 MODES = ("chunks", "sliding")
 SCORES = ("all", "tail")
@@ -341,7 +340,11 @@ def _chunked_nll(rows, tgt, to_logits, chunk):
 
 def save_json(result, path, **settings):
     """Write {"results", "settings", "env"} to `path` (settings: model, method, options, mode,
-    stride, score, lengths, ...; torch/transformers versions and the device name are added)."""
+    stride, score, lengths, ...; torch/transformers versions and the device name are added).
+
+    The file is strict JSON: a non-finite float (a perplexity that overflowed, NaN from a diverged model)
+    is written as the string "Infinity", "-Infinity" or "NaN" (``longctx.utils.strict_dumps``; read back
+    with ``longctx.utils.decode_nonfinite``, or float() on the value)."""
     import transformers
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -350,7 +353,7 @@ def save_json(result, path, **settings):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": result, "settings": settings, "env": env}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    path.write_text(strict_dumps(payload, indent=2, default=str) + "\n")
     return path
 
 

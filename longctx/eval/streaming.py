@@ -136,11 +136,11 @@ def _curve(curve, every, scored, nll, cache_len, device):
 
 # -- command: longctx stream-ppl ---------------------------------------------------------------------------
 def cmd_stream_ppl(args) -> int:
-    import json
     import sys
 
     from ..data import encode_documents, load_corpus
     from ..models import load_model
+    from ..utils import strict_dumps
 
     from ..data import select_documents
 
@@ -179,8 +179,8 @@ def cmd_stream_ppl(args) -> int:
     for r in rows:
         print(f"| {r['policy']} | {r['tokens']:,} | {r['max_cache']} | {r['chunk_size']} | {r['ppl']:.4g} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"settings": vars(args) | {"func": None}, "results": rows}, f, indent=1)
+        with open(args.out, "w") as f:  # strict JSON: a non-finite ppl as "Infinity"/"NaN" (strict_dumps)
+            f.write(strict_dumps({"settings": vars(args) | {"func": None}, "results": rows}, indent=1))
     return 0
 
 
