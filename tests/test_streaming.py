@@ -1517,6 +1517,37 @@ def test_peft_forward_feeding_the_virtual_tokens_again_is_refused():
     assert cache.seen_tokens == 16
 
 
+def test_peft_begun_stream_continues_from_inputs_embeds():
+    # a stream PeftModel.generate began (2 virtual tokens before the sequence) continued by model.generate with the
+    # embeddings of the sequence: the hook took a mask over the sequence for token ids only, so the one generate
+    # passes with them (5.17 keeps an all-ones mask; 5.23 drops it, but not one with zeros) was refused ("the
+    # attention mask covers 17 tokens, but the sink cache has seen 15 and 4 are new"); generate's first prepare as
+    # 5.17 calls it is run here directly, under either version
+    import copy
+
+    model, peft_model = _prompt_tuned(True)
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    out = peft_model.generate(input_ids=ids_for(9), max_new_tokens=5, **kw)
+    cache = out.past_key_values
+    assert cache.seen_tokens == 15 and cache.prefix_tokens == 2
+    seq = torch.cat([out.sequences, ids_for(3, seed=7)], dim=1)
+    ref = copy.deepcopy(cache)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(seq)
+        want = model(seq[:, -4:], past_key_values=ref).logits[:, -1]
+        c = copy.deepcopy(cache)
+        inputs = model.prepare_inputs_for_generation(seq, inputs_embeds=embeds, attention_mask=torch.ones_like(seq),
+                                                     past_key_values=c, next_sequence_length=seq.shape[1] - 13,
+                                                     is_first_iteration=True, use_cache=True)
+        assert torch.equal(model(**inputs).logits[:, -1], want) and c.seen_tokens == 19
+        by_ids = model.generate(seq, past_key_values=copy.deepcopy(cache), max_new_tokens=3, **kw)
+        got = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(seq), past_key_values=cache,
+                             max_new_tokens=3, **kw)
+    assert cache.seen_tokens == 19 + 2
+    assert torch.equal(got.logits[0], want.float())
+    assert torch.equal(torch.stack(got.logits), torch.stack(by_ids.logits))
+
+
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_generate_refuses_a_sequence_the_stream_has_seen_before_it_evicted(chunk):
     # a sequence the stream has seen all of was refused only once tokens were evicted: before, generate's slice

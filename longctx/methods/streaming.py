@@ -832,6 +832,14 @@ def _stream_slice(args, kwargs) -> dict:
         _check_new_tokens(given, cache)
         if given - seen != n:
             kwargs = {**kwargs, "next_sequence_length": given - seen}
+        mask = kwargs.get("attention_mask")
+        if embeds is not None and cache.prefix_tokens and isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+                and mask.shape[1] == given:
+            # the embeddings of the sequence with a mask over it, in a stream fed tokens before it (prompt tuning's
+            # virtual tokens): the hook takes a mask over the sequence for token ids only (peft's forward re-feeding
+            # the virtual tokens comes as long), so this one is put over the stream (5.17 keeps an all-ones mask)
+            ones = mask.new_ones(mask.shape[0], cache.prefix_tokens)
+            kwargs = {**kwargs, "attention_mask": torch.cat([ones, mask], dim=1)}
     return kwargs
 
 
