@@ -196,6 +196,29 @@ def test_save_json_writes_non_finite_values_as_strict_json(tmp_path):
         "| method | 256 | 1024 |\n|---|---:|---:|\n| yarn x4 | inf | nan |")
 
 
+def test_austen_rope_plot_reads_an_overflowed_perplexity_as_a_number(tmp_path):
+    # experiments/austen_rope/plot.py plots the ppl of a `longctx ppl --out` file: an overflowed one is the string
+    # "Infinity" since strict JSON, which put the whole curve on a category axis (a wrong plot, no error)
+    import runpy
+    import shutil
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "experiments/austen_rope/plot.py", tmp_path / "plot.py")
+    save_json({"yarn x4": {2048: {"ppl": 12.5}, 8192: {"ppl": 14.0}, 32768: {"ppl": math.inf}}},
+              tmp_path / "results_austen-lines.json", model="tiny")
+    try:
+        ax = runpy.run_path(str(tmp_path / "plot.py"))["ax"]
+        assert [list(line.get_ydata(orig=True)) for line in ax.lines if line.get_label() == "yarn x4"] == [
+            [12.5, 14.0, math.inf]]
+        assert (tmp_path / "austen_rope.png").is_file()
+    finally:
+        plt.close("all")
+
+
 def _no_warning_run(m, docs, L):
     with warnings.catch_warnings():
         warnings.simplefilter("error")                       # the fast split path, no fallback

@@ -645,6 +645,31 @@ def test_log_and_run_config_are_strict_json_with_non_finite_values(tmp_path):
         train.check_resume(folder, {**cfg, "train": {**cfg["train"], "max_grad_norm": 1.0}})
 
 
+@pytest.mark.parametrize("script, variants", [
+    ("longlora_compile", ["eager", "compile"]), ("longlora_gc", ["gc0", "gc10"]),
+    ("longlora_compile_layer", ["s2_parts", "s2_layer", "full_parts", "full_layer"])])
+def test_experiment_log_reports_read_a_nan_loss(tmp_path, script, variants):
+    # the experiments' run.sh reports (their python heredoc) format each step's loss from log.jsonl: a NaN loss is the
+    # string "NaN" there since strict JSON, which `{loss:.4f}` refused (ValueError); read_log gives the float back
+    import math
+    import subprocess
+    import sys
+
+    from longctx.utils import strict_dumps
+
+    text = (ROOT / "experiments" / script / "run.sh").read_text()
+    code = text.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    for v in variants:
+        (tmp_path / v).mkdir()
+        (tmp_path / v / "log.jsonl").write_text("".join(
+            strict_dumps({"step": s, "loss": math.nan if s == 4 else 1.0 / s, "lr": 1e-4, "step_seconds": 0.5 + s / 100,
+                          "max_memory_gib": 1.0}) + "\n" for s in range(1, 9)))
+    proc = subprocess.run([sys.executable, "-", str(tmp_path), *variants], input=code, capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 4 | 0.540 | nan |" in proc.stdout and "| 3 | 0.530 | 0.3333 |" in proc.stdout
+
+
 def test_heldout_eval_scores_every_token_with_eval_score_all(tiny):
     """eval.score=all: perplexity refuses tail_fraction without score='tail', so the held-out evaluation must not
     pass it (it passed tail_fraction=0.25 whatever eval.score said): every token but each window's first is scored."""

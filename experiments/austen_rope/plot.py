@@ -13,7 +13,8 @@ results = json.loads((here / "results_austen-lines.json").read_text())["results"
 fig, ax = plt.subplots(figsize=(6.4, 4.2))
 for label, by_length in results.items():
     lengths = sorted(int(L) for L in by_length)
-    ax.plot(lengths, [by_length[str(L)]["ppl"] for L in lengths], marker="o", label=label)
+    ppl = [by_length[str(L)]["ppl"] for L in lengths]  # an overflowed one is the string "Infinity" (strict JSON)
+    ax.plot(lengths, [float(v) if isinstance(v, str) else v for v in ppl], marker="o", label=label)
 ax.axvline(8192, color="grey", ls=":", lw=1)
 ax.text(8192, 22, " trained 8k", color="grey", fontsize=8)
 ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity (last quarter of window)",

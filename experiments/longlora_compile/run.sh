@@ -11,10 +11,10 @@ for variant in eager compile; do
     output_dir="$out/$variant" train.steps=8 train.checkpoint_every=100 eval.every=0 train.compile=$flag
 done
 python3 - "$out" <<'PY'
-import json, statistics, sys
+import statistics, sys
 from pathlib import Path
-rows = {v: [json.loads(l) for l in (Path(sys.argv[1]) / v / "log.jsonl").read_text().splitlines()]
-        for v in ("eager", "compile")}
+from longctx.train import read_log  # a NaN loss is the string "NaN" in log.jsonl (strict JSON): back to the float
+rows = {v: read_log(Path(sys.argv[1]) / v) for v in ("eager", "compile")}
 print("| step | eager s | eager loss | compile s | compile loss |\n|---:|---:|---:|---:|---:|")
 for e, c in zip(rows["eager"], rows["compile"]):
     print(f"| {e['step']} | {e['step_seconds']:.3f} | {e['loss']:.4f} | {c['step_seconds']:.3f} | {c['loss']:.4f} |")

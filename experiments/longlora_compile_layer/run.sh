@@ -15,10 +15,11 @@ for variant in $variants; do
     train.compile_scope="${variant#*_}" s2attn.enabled=$s2 2>&1 | grep -v "Warning\|warn" | tail -3
 done
 python3 - "$out" $variants <<'PY'
-import json, statistics, sys
+import statistics, sys
 from pathlib import Path
+from longctx.train import read_log  # a NaN loss is the string "NaN" in log.jsonl (strict JSON): back to the float
 out, variants = Path(sys.argv[1]), sys.argv[2:]
-rows = {v: [json.loads(l) for l in (out / v / "log.jsonl").read_text().splitlines() if '"loss"' in l] for v in variants}
+rows = {v: [r for r in read_log(out / v) if "loss" in r] for v in variants}
 print("| step | " + " | ".join(f"{v} s | {v} loss" for v in variants) + " |")
 print("|---:|" + "---:|---:|" * len(variants))
 for i, r in enumerate(rows[variants[0]]):

@@ -14,10 +14,10 @@ for every in 0 10; do
     output_dir="$out/gc$every" train.steps=$steps train.checkpoint_every=1000 eval.every=0 train.gc_every=$every
 done
 python3 - "$out" <<'PY'
-import json, statistics, sys
+import statistics, sys
 from pathlib import Path
-rows = {v: [json.loads(l) for l in (Path(sys.argv[1]) / v / "log.jsonl").read_text().splitlines()]
-        for v in ("gc0", "gc10")}
+from longctx.train import read_log  # a NaN loss is the string "NaN" in log.jsonl (strict JSON): back to the float
+rows = {v: read_log(Path(sys.argv[1]) / v) for v in ("gc0", "gc10")}
 print("| step | gc_every 0: s | loss | gc_every 10: s | loss |\n|---:|---:|---:|---:|---:|")
 for a, b in zip(rows["gc0"], rows["gc10"]):
     print(f"| {a['step']} | {a['step_seconds']:.3f} | {a['loss']:.4f} | {b['step_seconds']:.3f} | {b['loss']:.4f} |")

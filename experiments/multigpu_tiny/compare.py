@@ -12,8 +12,8 @@ name, root = sys.argv[1], Path(sys.argv[2])
 
 
 def losses(run):
-    rows = [json.loads(line) for line in (root / run / "log.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    from longctx.train import read_log  # a NaN loss is the string "NaN" in log.jsonl (strict JSON): back to the float
+    return {r["step"]: r["loss"] for r in read_log(root / run) if "loss" in r}
 
 
 def tensors(run):
