@@ -1,5 +1,5 @@
-"""Small shared helpers: the user cache folder, strict JSON for results, dynamo's recompile limit, compiled
-decoder layers."""
+"""Small shared helpers: the user cache folder, strict JSON for results, float64 sums of scores, dynamo's
+recompile limit, compiled decoder layers."""
 
 from __future__ import annotations
 
@@ -60,6 +60,21 @@ def strict_dumps(value, **kwargs) -> str:
     """``json.dumps(value, **kwargs)`` as strict JSON: non-finite floats as the strings "Infinity",
     "-Infinity", "NaN" (``encode_nonfinite``; read them back with ``decode_nonfinite``)."""
     return json.dumps(encode_nonfinite(value), allow_nan=False, **kwargs)
+
+
+# Scores (summed negative log-likelihoods) are added up in float64, so that a sum over millions of tokens
+# keeps its digits. Apple's MPS has no float64: there the sum lives on the CPU (one copy per batch).
+def float64_zero(device):
+    """A float64 zero scalar to sum scores into: on ``device`` where it has float64, else on the CPU."""
+    import torch
+
+    device = torch.device(device)
+    return torch.zeros((), dtype=torch.float64, device="cpu" if device.type == "mps" else device)
+
+
+def as_float64(value, total):
+    """``value`` (a tensor on any device) as float64 on ``total``'s device, ready to add to ``total``."""
+    return value.to(total.device).double()
 
 
 def recompile_room(limit: int = 64):

@@ -551,3 +551,29 @@ def test_tail_fraction_applies_to_score_tail_only(model):
     default = perplexity(model, docs, [16], score="tail", progress=False)[16]
     assert default == perplexity(model, docs, [16], score="tail", tail_fraction=0.25, progress=False)[16]
     assert default["tokens"] == 4 * 4  # the default fraction: a quarter of each 16-token window
+
+
+def test_float64_sums_avoid_float64_on_mps():
+    # Apple's MPS has no float64: the score sums live on the CPU there, on the device elsewhere
+    from longctx.utils import as_float64, float64_zero
+
+    for name, where in (("mps", "cpu"), ("cpu", "cpu"), ("meta", "meta")):
+        zero = float64_zero(torch.device(name))
+        assert zero.dtype == torch.float64 and zero.device.type == where and zero.shape == ()
+    total = float64_zero("cpu")
+    total += as_float64(torch.tensor(1.5, dtype=torch.bfloat16), total)
+    assert total.dtype == torch.float64 and total.item() == 1.5
+
+
+def test_eval_modules_make_no_float64_on_the_model_device():
+    # every float64 score sum goes through float64_zero/as_float64 (a .double() or torch.float64 on the
+    # model's device would fail on MPS)
+    import inspect
+    import re
+
+    import longctx.eval.perplexity as ppl_mod
+    import longctx.eval.streaming as stream_mod
+
+    for mod in (ppl_mod, stream_mod):
+        src = inspect.getsource(mod)
+        assert not re.search(r"\.double\(\)|torch\.float64", src), mod.__name__

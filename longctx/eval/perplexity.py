@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..methods.rope import reset_rotary_state
 from ..registry import active_patches, check_language_model, unwrap_model
-from ..utils import layers_compiled, recompile_room, strict_dumps
+from ..utils import as_float64, float64_zero, layers_compiled, recompile_room, strict_dumps
 
 MODES = ("chunks", "sliding")
 SCORES = ("all", "tail")
@@ -186,12 +186,12 @@ def perplexity(model, docs, lengths, mode="chunks", stride=None, score="all", *,
                                           compile)
                 budget = batch_tokens or (65536 if device.type == "cuda" else L)
                 B = max(1, budget // L)                                # windows per forward
-                nll = torch.zeros((), dtype=torch.float64, device=device)
+                nll = float64_zero(device)
                 bar = tqdm(total=len(specs), desc=f"ppl L={L}", unit="win", disable=not progress)
                 for k in range(0, len(specs), B):
                     batch = specs[k:k + B]
                     x = torch.stack([docs[i][s:s + L] for i, s, _ in batch]).to(device)  # (B, L)
-                    nll += scorer(x, [f for _, _, f in batch], logits_chunk)
+                    nll += as_float64(scorer(x, [f for _, _, f in batch], logits_chunk), nll)
                     bar.update(len(batch))
                 bar.close()
                 tokens = sum(L - f for _, _, f in specs)
@@ -316,8 +316,9 @@ def _check_split(model, body, head, to_logits, probe) -> str | None:
             return "body + output embedding does not reproduce model(x).logits"
         # the logit check alone lets a few % of scaling through in bf16: the probe's NLL must agree too
         tgt = probe[0, 1:]
-        nll_ref = F.cross_entropy(ref[0, :-1].double(), tgt)
-        nll_ours = F.cross_entropy(ours[0, :-1].double(), tgt)
+        zero = float64_zero(ref.device)
+        nll_ref = F.cross_entropy(as_float64(ref[0, :-1], zero), tgt.to(zero.device))
+        nll_ours = F.cross_entropy(as_float64(ours[0, :-1], zero), tgt.to(zero.device))
         if not (nll_ours - nll_ref).abs() <= 1e-3 * nll_ref.abs().clamp(min=1):
             return f"body + output embedding changes the probe's NLL ({nll_ours.item():.5g} vs {nll_ref.item():.5g})"
         return None
@@ -331,10 +332,10 @@ def _hidden(out):
 
 def _chunked_nll(rows, tgt, to_logits, chunk):
     """Sum of -log p(tgt) over rows, `chunk` rows at a time, fp32 softmax, float64 sum."""
-    total = torch.zeros((), dtype=torch.float64, device=rows.device)
+    total = float64_zero(rows.device)
     for i in range(0, rows.shape[0], chunk):
         logits = to_logits(rows[i:i + chunk])                                      # (c, V) fp32
-        total += F.cross_entropy(logits, tgt[i:i + chunk], reduction="sum").double()
+        total += as_float64(F.cross_entropy(logits, tgt[i:i + chunk], reduction="sum"), total)
     return total
 
 

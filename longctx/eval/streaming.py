@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from ..methods.streaming import check_sizes
 from ..registry import applied, sharing_patches
+from ..utils import as_float64, float64_zero
 
 POLICIES = ("sinks", "window", "dense", "recompute")
 
@@ -77,7 +78,7 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
 
 def _stream_ppl(model, ids, sink_size, window_size, policy, chunk_size, curve_every, progress, device, capacity):
     """streaming_perplexity's scoring, on the model in eval mode."""
-    nll = torch.zeros((), dtype=torch.float64, device=device)
+    nll = float64_zero(device)
     scored, max_cache, curve = 0, 0, []
     bar = tqdm(total=len(ids) - 1, desc=f"stream {policy}", unit="tok", disable=not progress)
     start = time.perf_counter()
@@ -91,7 +92,7 @@ def _stream_ppl(model, ids, sink_size, window_size, policy, chunk_size, curve_ev
                 logits = model(torch.stack(ctx).to(device), use_cache=False).logits[:, -1]
             else:  # the first windows of the stream are shorter: one by one
                 logits = torch.cat([model(c[None].to(device), use_cache=False).logits[:, -1] for c in ctx])
-            nll += F.cross_entropy(logits.float(), ids[list(targets)].to(device), reduction="sum").double()
+            nll += as_float64(F.cross_entropy(logits.float(), ids[list(targets)].to(device), reduction="sum"), nll)
             scored += len(targets)
             max_cache = max(max_cache, L)
             bar.update(len(targets))
@@ -109,7 +110,7 @@ def _stream_ppl(model, ids, sink_size, window_size, policy, chunk_size, curve_ev
             for s in range(0, len(ids) - 1, chunk_size):
                 x = on_device[s:s + chunk_size + 1]  # (c + 1,): inputs and their next tokens
                 logits = model(x[None, :-1], past_key_values=cache, use_cache=True).logits[0]  # (c, V)
-                nll += F.cross_entropy(logits.float(), x[1:], reduction="sum").double()
+                nll += as_float64(F.cross_entropy(logits.float(), x[1:], reduction="sum"), nll)
                 scored += len(x) - 1
                 max_cache = max(max_cache, *(layer.keys.shape[-2] for layer in cache.layers))  # longest layer
                 bar.update(len(x) - 1)
