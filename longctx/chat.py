@@ -41,8 +41,8 @@ class StreamingSession:
     def _bind(self) -> None:
         """Bind a loaded cache to the session's model; a session saved without its model (``model = None``, to
         keep the weights out of the file) loads, and binds on its next turn once ``session.model`` is set."""
-        if isinstance(self.cache, SinkCache) and self.cache._model is None and self.model is not None:
-            self.cache.bind(self.model)
+        if isinstance(self.cache, SinkCache) and self.model is not None:
+            self.cache._bind_for(self.model)
 
     def eos_ids(self) -> set[int]:
         """Ids that end a reply: the tokenizer's eos and the model's generation_config eos ids (end-of-turn

@@ -1,5 +1,7 @@
 """StreamingLLM sink cache: exactness against dense decoding and an explicit reference."""
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -1609,7 +1611,7 @@ def test_a_copy_of_a_sink_cache_shares_the_model():
         twin, twin_cache = copy.deepcopy((model, cache))  # copied together: the copy's cache streams through the copy
         assert twin_cache._model is twin and twin is not model
         cache_first, model_first = copy.deepcopy((cache, model))
-        assert model_first is not model  # the model is copied still, where asked (the cache got the original)
+        assert model_first is not model  # the model is copied still, where asked (the cache moves to it when used)
 
 
 def test_a_removed_patchs_wrapper_on_phi3_is_the_class_prepare_again():
@@ -1816,8 +1818,13 @@ def test_binding_a_saved_sink_cache_checks_the_model_layout():
     with pytest.raises(ValueError, match="another model layout"):
         loaded.bind(other)
     assert loaded.bind(model) is loaded and loaded.model is model
-    with pytest.raises(ValueError, match="already bound"):
-        loaded.bind(tiny_model("llama").double())
+    # bound to one model, it moves to another after the same checks (e.g. a copy of the model)
+    twin = tiny_model("llama").double()
+    assert loaded.bind(twin) is loaded and loaded.model is twin
+    longctx.apply(twin, "yarn", factor=2)
+    with pytest.raises(ValueError, match="other RoPE frequencies"):
+        loaded.bind(copy.deepcopy(twin))
+    assert loaded.model is twin
     # a directly driven (managed) cache: make_room re-rotates through the bound model, unbound it says what to do
     loaded = _reloaded(cache)
     loaded.managed = True
@@ -2007,3 +2014,23 @@ def copy_of(cache):
     import copy
 
     return copy.deepcopy(cache)
+
+
+def test_a_cache_copied_before_its_model_streams_through_the_copy():
+    # copy.deepcopy((cache, model)) copies the cache first, while its model is still the original: the copied cache
+    # re-rotated its keys through the original model when used with the copy (silently wrong once the copy changes)
+    model = tiny_model("llama").double()
+    ids = ids_for(30)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
+        cache = patch.new_cache()
+        decode(model, ids[:, :14], cache)
+        cache_copy, model_copy = copy.deepcopy((cache, model))
+        assert cache_copy._model is model  # (the copy of the cache is made first)
+        want = decode(model, ids[:, 14:], cache)
+        got = decode(model_copy, ids[:, 14:], cache_copy)
+        assert cache_copy._model is model_copy and torch.equal(got, want)
+        # a cache bound to a model with other RoPE frequencies is refused, not re-rotated with the wrong ones
+        again = copy.deepcopy(cache)
+        longctx.apply(model_copy, "yarn", factor=2)
+        with pytest.raises(ValueError, match="other RoPE frequencies"):
+            decode(model_copy, ids[:, 14:16], again)

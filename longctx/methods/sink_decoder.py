@@ -123,8 +123,8 @@ class SinkDecoder:
     def __init__(self, model, cache: SinkCache, cuda_graph: bool | None = None, warmup: int = 2,
                  compile: bool | dict = False):
         compile_kw = check_compile(compile)
-        if isinstance(cache, SinkCache) and cache._model is None:  # loaded with torch.load
-            cache.bind(model)
+        if isinstance(cache, SinkCache):  # a loaded cache, or one bound to another model: checked, bound here
+            cache._bind_for(model)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"SinkDecoder: option 'warmup' must be an integer >= 0, got {warmup!r}")
         check_supported(cache)

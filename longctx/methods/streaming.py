@@ -242,7 +242,8 @@ class SinkCache(Cache):
     sliding layers' keys down by b too. Padded batches are refused on such models.
 
     ``torch.save`` / pickle keep everything but the model: a loaded cache is bound to the model it is next used
-    with (the streaming patch's forward, ``SinkDecoder``, ``prefill``) or by ``bind(model)``.
+    with (the streaming patch's forward, ``SinkDecoder``, ``prefill``) or by ``bind(model)``; so is a cache bound
+    to another model (after the same checks of layout, frequencies and scaling).
     """
 
     prefix_tokens = 0  # (a cache pickled before it had one)
@@ -283,16 +284,18 @@ class SinkCache(Cache):
                                f"decoder (it hands the cache back) before {action} the cache")
 
     def bind(self, model) -> "SinkCache":
-        """Attach ``model`` to a cache loaded with torch.load / pickle (which keep no model); it must have the
-        layout the cache was made for (its layer kinds, positions and rotary width) and, for RoPE, the rotary
-        frequencies and attention scaling its keys were rotated with (bf16 / fp16 roundings aside), which for
-        dynamic RoPE (dynamic_ntk, longrope) must hold up to the cache's ``max_position``. Returns the cache."""
+        """Attach ``model`` to a cache loaded with torch.load / pickle (which keep no model), or move a cache bound
+        to another model to this one (e.g. ``copy.deepcopy((cache, model))`` copies the cache first, while its
+        model is still the original). ``model`` must have the layout the cache was made for (its layer kinds,
+        positions and rotary width) and, for RoPE, the rotary frequencies and attention scaling its keys were
+        rotated with (bf16 / fp16 roundings aside), which for dynamic RoPE (dynamic_ntk, longrope) must hold up
+        to the cache's ``max_position``. The streaming patch's forward, ``prefill``, ``SinkDecoder`` and
+        ``StreamingSession`` bind the cache to the model they run. Returns the cache."""
         model = _check_model(model)
         if self._model is model:
             return self
-        if self._model is not None:
-            raise ValueError("SinkCache.bind: this cache is already bound to a model (only a cache loaded with "
-                             "torch.load / pickle has none)")
+        if self._model is not None:  # bound to another model: it moves, after the same checks
+            self._check_not_held("moving")
         windows, rotated = layer_windows(model), rope_layers(model)
         layout = [("sink" if w is None else ("sliding", w), r) for w, r in zip(windows, rotated)]
         ours = [("sink" if isinstance(layer, SinkLayer) else ("sliding", layer.sliding_window), layer.rope)
@@ -331,6 +334,13 @@ class SinkCache(Cache):
                              f"cache was made with")
         self._model = model
         return self
+
+    def _bind_for(self, model) -> None:
+        """``bind(model)`` unless the cache is bound to it already (the check every forward can afford)."""
+        from ..registry import unwrap_model
+
+        if self._model is None or self._model is not unwrap_model(model):
+            self.bind(model)
 
     @property
     def model(self):
@@ -780,8 +790,7 @@ def prefill(model, input_ids: torch.Tensor, cache: SinkCache, chunk_size: int | 
     """Feed a prompt of any length into ``cache`` in chunks of at most ``chunk_size`` (default:
     window_size) tokens; memory stays bounded by the cache. Returns the last chunk's model output."""
     chunk_size = chunk_size or cache.window_size
-    if cache._model is None:  # loaded with torch.load
-        cache.bind(model)
+    cache._bind_for(model)  # a loaded cache, or one bound to another model: checked, bound to this one
     out = None
     for start in range(0, input_ids.shape[1], chunk_size):
         out = model(input_ids[:, start:start + chunk_size], past_key_values=cache, use_cache=True)
@@ -1071,8 +1080,7 @@ class StreamingPatch(Patch):
             cache = kwargs["past_key_values"] = self.new_cache()
         if not isinstance(cache, SinkCache) or cache.managed:
             return None  # a cache the caller chose (e.g. static) or drives itself: theirs
-        if cache._model is None:  # loaded with torch.load: bound to this model
-            cache.bind(self.model)
+        cache._bind_for(self.model)  # a loaded cache, or one bound to another model (a copy's): checked, bound here
         if args:  # the decoder body called positionally: input_ids first
             kwargs["input_ids"], args = args[0], ()
         key = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
