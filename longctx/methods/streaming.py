@@ -339,7 +339,7 @@ class SinkCache(Cache):
         """``bind(model)`` unless the cache is bound to it already (the check every forward can afford)."""
         from ..registry import unwrap_model
 
-        if self._model is None or self._model is not unwrap_model(model):
+        if self._model is not model and (self._model is None or self._model is not unwrap_model(model)):
             self.bind(model)
 
     @property
