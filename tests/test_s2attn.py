@@ -1717,3 +1717,50 @@ def test_a_loaded_copy_keeps_hooks_registered_later_apart(ids, monkeypatch):
             post.remove()
     finally:
         RemovableHandle.next_id = max(RemovableHandle.next_id, saved)
+
+
+def test_prompt_against_a_static_cache_is_reported(ids):
+    """generate with a pre-allocated (static) cache gives the prompt more keys than queries: S2 cannot run there
+    (full attention, as for decoding), and that is said, once, instead of silently scoring the prompt in full."""
+    model = tiny_model("llama")
+    x = ids[:1, :24]
+    H = model.config.num_attention_heads
+    ref = logits(model, x, attention_mask=float_mask(rule_mask(24, H, 8, H // 2)))[:, -1]
+    longctx.apply(model, "s2attn", group_size=8, train_only=False)
+    kw = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            dynamic = model.generate(x, **kw)
+    assert not [w for w in seen if "keys (a KV cache" in str(w.message)]
+    torch.testing.assert_close(dynamic.logits[0], ref, rtol=1e-5, atol=1e-5)  # S2 on the prompt
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model.generate(x, cache_implementation="static", **kw)
+            model.generate(x, cache_implementation="static", **kw)
+    said = [w for w in seen if "s2attn: an attention call of 24 queries over" in str(w.message)]
+    assert len(said) == 1 and "runs the original full attention, not S2" in str(said[0].message)
+
+
+def test_flash_backend_window_with_padding_holes(monkeypatch):
+    """flash measures a sliding window over the unpadded tokens: with left/right padding (one run of valid keys per
+    row) that is the rule's distance; a hole inside a row would shrink it (keys past the window seen): an error."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake_flash_varlen))
+    B, H, Hk, T, G = 2, 4, 2, 37, 16
+    q, k, v = qkv(B, H, Hk, T, seed=5)
+    for kind in ("left", "right"):
+        valid = padding(kind, B, T)
+        out = s2_attention(q, k, v, group_size=G, n_shift=2, scale=0.3, backend="flash", valid=valid, window=3)
+        mask = rule_mask(T, H, G, 2, valid, None, 3)
+        assert_close_rows(out, dense_attention(q, k, v, mask, 0.3), mask, queries=valid)
+    holes = torch.ones(B, T, dtype=torch.bool)
+    holes[0, [5, 6, 7, 20]] = False
+    with pytest.raises(RuntimeError, match="'flash' cannot combine a sliding window with padding that leaves holes"):
+        s2_attention(q, k, v, group_size=G, n_shift=2, scale=0.3, backend="flash", valid=holes, window=3)
+    out = s2_attention(q, k, v, group_size=G, n_shift=2, scale=0.3, backend="flash", valid=holes)  # no window: exact
+    mask = rule_mask(T, H, G, 2, holes)
+    assert_close_rows(out, dense_attention(q, k, v, mask, 0.3), mask, queries=holes)

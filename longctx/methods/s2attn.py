@@ -46,7 +46,9 @@ start of the sequence, so tokens there see the future; this implementation does 
 - Decoding with a KV cache (query length != key length), non-causal modules (encoders), and S2
   while inactive (eval mode with ``train_only=True``) all delegate to the model's original
   attention function and mask unchanged: bit-identical to the unpatched model. So generation
-  with ``train_only=False`` uses S2 for the prompt and full attention for new tokens.
+  with ``train_only=False`` uses S2 for the prompt and full attention for new tokens (with a dynamic cache: a
+  pre-allocated static or hybrid cache gives the prompt more keys than queries, so it runs full attention too,
+  with a warning, once).
 
 Mechanism: the patch registers an attention function (``transformers.AttentionInterface``) and a
 mask function (``masking_utils.AttentionMaskInterface``) under a name unique to the patch and
@@ -623,6 +625,11 @@ def _flash_backend(q, k, v, G, n_shift, cons, scale, dropout, softcap):
         raise RuntimeError("s2attn backend 'flash' cannot apply a dense 4-D attention mask (custom masks, packing "
                            "detected by transformers, sliding windows shorter than the sequence); use "
                            "backend='sdpa' or 'flex'")
+    if cons.window is not None and cons.valid is not None:
+        runs = cons.valid[:, 0].long() + (cons.valid[:, 1:] & ~cons.valid[:, :-1]).sum(-1)
+        if bool((runs > 1).any()):  # padding is removed first: a hole would shrink the distances the window measures
+            raise RuntimeError("s2attn backend 'flash' cannot combine a sliding window with padding that leaves holes "
+                               "in a row (its valid keys not one run); use backend='sdpa' or 'flex'")
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     if Dv < D:  # flash-attn takes one head size: narrower values (DeepSeek-V3) are zero-padded, the output cropped
@@ -1003,6 +1010,7 @@ class _State:
         self._originals: dict[type, Callable] = {}
         self.warned_flex = False
         self.warned_mode = False
+        self.warned_cache = False  # S2 on, but a call had more keys than queries (a KV cache)
         self.flex_unused_seen = False  # a compiled fast-path call ran sdpa although flex settings are set
 
     def detach(self):
@@ -1186,6 +1194,14 @@ class _State:
         # (on the mask, or, for a copy made by BlockMask.to(), on its mask_mod)
         plain = isinstance(attention_mask, BlockMask) and _s2_marks(attention_mask)[0] is self.marker
         if not (self.enabled(module) and causal and key.shape[-2] == T):
+            if T > 1 and causal and key.shape[-2] > T and not self.warned_cache and self.enabled(module):
+                # not S2 although it is on: a prompt run against a pre-allocated cache (generate with a static or
+                # hybrid cache) has more keys than queries; say so, once, instead of training/scoring full attention
+                self.warned_cache = True
+                warnings.warn(f"s2attn: an attention call of {T} queries over {key.shape[-2]} keys (a KV cache: a "
+                              "pre-allocated static/hybrid cache, or a chunk added to a filled cache) runs the original "
+                              "full attention, not S2; for S2 on a prompt use a dynamic cache (generate(..., "
+                              "cache_implementation='dynamic'))", stacklevel=2)
             # S2's masks (its BlockMask, or None / the 2-D padding mask for a causal forward) are not what the
             # original takes; it gets its own mask function's mask (sdpa and flash take None and 2-D masks as is)
             # (only for a causal self-attention call after an active mask call: a non-causal module, or
