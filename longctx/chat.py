@@ -369,14 +369,19 @@ _PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_re
 
 def cmd_generate(args) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, "longctx generate")  # before the slow load
+    _check_top_p(args, "longctx generate")
     if args.decoder and not any(spec.split(":")[0] == "streaming" for spec in args.method or []):
         raise SystemExit("longctx generate: --decoder needs --method streaming[:sink_size=N:window_size=M]")
     model, tokenizer = _load(args)
+    if args.chat_template:
+        check_chat_template(tokenizer, args.model, "longctx generate --chat-template")
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+    if ids.shape[1] == 0:
+        raise SystemExit("longctx generate: the prompt is empty (0 tokens): give --prompt TEXT or text on stdin")
     config = model.generation_config
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     eos_set = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
@@ -391,12 +396,16 @@ def cmd_generate(args) -> int:
         new = list(stream_generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    eos_token_id=list(eos_set), ignore_eos=args.ignore_eos, decoder=True,
                                    compile=compile))
+    elif args.max_new_tokens == 0:  # model.generate refuses 0 (a ValueError after the load): nothing to generate
+        new = []
     else:  # top_k=0: only --temperature and --top-p shape the sampling, as on the --decoder path (greedy: not
         # passed, transformers warns of a sampling flag given without sampling)
         new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                              do_sample=args.temperature > 0, temperature=args.temperature or None,
                              top_p=args.top_p, **({"top_k": 0} if args.temperature > 0 else {}),
                              pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=sorted(eos_set) or None,  # the --decoder path's: the tokenizer's where
+                             # generation_config has none
                              min_new_tokens=args.max_new_tokens if args.ignore_eos else None)[0, ids.shape[1]:].tolist()
         if new and new[-1] in eos_set:
             new = new[:-1]  # counted and printed like the --decoder path, which never yields it
@@ -405,6 +414,20 @@ def cmd_generate(args) -> int:
     print(f"[{ids.shape[1]} prompt tokens, {len(new)} new in {seconds:.2f} s: {len(new) / seconds:.1f} tokens/s, "
           f"prefill and any compilation included]", file=sys.stderr)
     return 0
+
+
+def _check_top_p(args, where: str) -> None:
+    """--top-p shapes sampling only: with greedy decoding (--temperature 0) it would change nothing."""
+    if args.top_p != 1 and args.temperature == 0:
+        raise SystemExit(f"{where}: --top-p applies to sampling only (--temperature > 0); at --temperature 0 "
+                         f"decoding is greedy")
+
+
+def check_chat_template(tokenizer, model: str, where: str) -> None:
+    """A SystemExit (before any input is read) if ``tokenizer`` has no chat template to render turns with."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise SystemExit(f"{where}: the tokenizer of {model} has no chat template (a base model?); use a model "
+                         f"with one, or `longctx generate` (without --chat-template) for plain text")
 
 
 def chat_sizes(args) -> tuple[int, int]:
@@ -435,9 +458,11 @@ def chat_sizes(args) -> tuple[int, int]:
 
 def cmd_chat(args) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, "longctx chat")  # before the slow load
+    _check_top_p(args, "longctx chat")
     sink_size, window_size = chat_sizes(args)
     args.sink_size, args.window_size = sink_size, window_size
     model, tokenizer = _load(args)
+    check_chat_template(tokenizer, args.model, "longctx chat")
     session = StreamingSession(model, tokenizer, args.sink_size, args.window_size, system=args.system)
     print(f"longctx chat: {args.model}, cache {args.sink_size} sinks + {args.window_size} window. "
           f"Ctrl-D to quit.", file=sys.stderr)

@@ -19,13 +19,20 @@ Other families are approximated with the same terms. Symbols:
 Parameters (P):  per layer  h*a*d + 2*h*g*d + a*d*h        (q, k, v, o projections)
                           + 3*h*f (gated MLP; 2*h*f plain)   + 2*h (two norms)
                  + V*h (embedding) + V*h unless tied (lm_head) + h (final norm)
+                 + the family's own terms: q/k/v biases (qwen2, attention_bias, use_qkv_bias), o biases
+                 (attention_bias but in glm/stablelm; gpt_neox, phi, bloom, starcoder2), MLP biases (mlp_bias;
+                 gpt_neox, phi, bloom, starcoder2), LayerNorm biases, q/k norms (qwen3, gemma3, olmo2), 4 norms per
+                 layer (gemma2/3) or 1 (phi, cohere), none (olmo). Exact (sum of p.numel(), tested) for
+                 llama, mistral, qwen2/3, gemma/2/3, phi, phi3, glm, gpt_neox, bloom, starcoder2,
+                 olmo/2, cohere, stablelm, granite; gpt2/opt/falcon (learned positions, other layouts)
+                 and mixture-of-experts models (one MLP counted) are only approximated.
 
 Memory terms (bytes; each is documented where it is computed, see the functions below):
 
     weights          P * e
     kv_cache         2 * L * g * d * T_kv * B * e     (inference only; T_kv = T + new tokens;
                      a sliding-window layer (window W): min(T_kv, W - 1);
-                     "streaming": T_kv = min(T, sink_size + window_size), and 3 instead of 2 tensors:
+                     "streaming": T_kv = min(T + new tokens, sink_size + window_size), and 3 tensors:
                      longctx's SinkCache keeps each key as produced as well as re-rotated)
     attention_mask   T * T (inference, models with sliding-window layers and T >= W: transformers'
                      boolean mask, in place of SDPA's is_causal)
@@ -105,6 +112,18 @@ _PLAIN_MLP = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "falcon", "phi",
               "persimmon", "stablelm_epoch"}
 _LAYERNORM = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "falcon", "phi", "bloom", "starcoder2", "stablelm",
               "persimmon", "cohere"}
+# the parameters families add to the llama layout (checked against sum(p.numel()) of tiny models,
+# tests/test_estimate.py): q/k/v biases whatever the config says (qwen2), biases of every linear
+# (the config's flag, or always), norms per layer and their parameters per hidden unit (olmo: none;
+# cohere: LayerNorm without bias, one per layer), q/k norms (per head_dim, or over all heads: olmo2),
+# a LayerNorm after the embedding (bloom)
+_QKV_BIAS = {"qwen2"}
+_QKV_ONLY = {"glm", "glm4", "stablelm"}  # their attention_bias / use_qkv_bias: q/k/v only (llama and the rest: o too)
+_ATTN_BIAS = {"gpt_neox": "attention_bias", "starcoder2": "use_bias", "phi": True, "bloom": True}  # q/k/v/o
+_MLP_BIAS = {"gpt_neox": True, "starcoder2": "use_bias", "phi": True, "bloom": True}
+_NORMS_PER_LAYER = {"gemma2": 4, "gemma3_text": 4, "phi": 1, "cohere": 1}
+_NORM_WEIGHTS = {"olmo": 0, "cohere": 1}
+_QK_NORM = {"qwen3": "head", "gemma3_text": "head", "olmo2": "all"}
 
 
 # --------------------------------------------------------------------------------- the model shape
@@ -128,6 +147,13 @@ class Shape:
     max_position_embeddings: int | None = None
     sliding_window: int | None = None  # window of the sliding-attention layers
     sliding_layers: int = 0            # how many layers use it (the rest attend to everything)
+    o_bias: bool = False               # o_proj has a bias (q/k/v: attention_bias)
+    mlp_bias: bool = False             # the MLP's linears have biases
+    norms_per_layer: int = 2
+    norm_weights: int | None = None    # parameters per hidden unit of a norm (default 2 with layernorm, else 1)
+    qk_norm_params: int = 0            # q/k norms of one layer
+    embed_norm: bool = False           # a norm right after the embedding (bloom)
+    head_bias: bool = False            # the lm_head has a bias (phi)
 
     # -- parameter counts --------------------------------------------------------------------
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -145,11 +171,19 @@ class Shape:
         n = sum(i * o for i, o in self.linear_shapes().values())
         if self.attention_bias:
             n += (self.heads + 2 * self.kv_heads) * self.head_dim
+        attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+        n += sum(o for k, (_, o) in self.linear_shapes().items()
+                 if (self.o_bias and k == "o_proj") or (self.mlp_bias and k not in attention))
         return n
 
     @property
+    def _norm(self) -> int:
+        """Parameters of one norm over the hidden size."""
+        return self.hidden * ((2 if self.layernorm else 1) if self.norm_weights is None else self.norm_weights)
+
+    @property
     def norm_params_per_layer(self) -> int:
-        return 2 * self.hidden * (2 if self.layernorm else 1)
+        return self.norms_per_layer * self._norm + self.qk_norm_params
 
     @property
     def layer_params(self) -> int:
@@ -161,11 +195,11 @@ class Shape:
 
     @property
     def lm_head_params(self) -> int:
-        return 0 if self.tied else self.vocab * self.hidden
+        return (0 if self.tied else self.vocab * self.hidden) + (self.vocab if self.head_bias else 0)
 
     @property
     def final_norm_params(self) -> int:
-        return self.hidden * (2 if self.layernorm else 1)
+        return self._norm * (2 if self.embed_norm else 1)
 
     @property
     def params(self) -> int:
@@ -199,19 +233,32 @@ def shape_of(config, name: str | None = None) -> Shape:
     if g is None:
         g = 1 if _get(config, "multi_query", default=False) else a
     d = _get(config, "head_dim", default=None) or h // a
-    f = _get(config, "intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * h
+    mt = str(_get(config, "model_type", default="llama"))
+    f = (None if mt == "bloom" else _get(config, "intermediate_size", "n_inner", "ffn_dim", default=None)) or 4 * h
     V = _get(config, "vocab_size")
     if V is None:
         raise ValueError("config needs vocab_size")
-    mt = str(_get(config, "model_type", default="llama"))
     tied = _get(config, "tie_word_embeddings", default=None)
     if tied is None:
         tied = mt in ("gpt2", "gpt_bigcode", "opt", "bloom", "gemma", "gemma2", "gemma3_text")
     window, n_sliding = _sliding_layers(config, int(L))
+    bias, mlp_bias = (_get(config, b, default=False) if isinstance(b, str) else b
+                      for b in (_ATTN_BIAS.get(mt, False), _MLP_BIAS.get(mt, False)))
+    flag = bool(_get(config, "attention_bias", "use_qkv_bias", default=False))
+    qk = _QK_NORM.get(mt)
+    if mt == "cohere" and _get(config, "use_qk_norm", default=False):
+        qk = "all"
+    if mt == "phi" and _get(config, "qk_layernorm", default=False):
+        qk = "head_ln"
+    qk_params = {None: 0, "head": 2 * int(d), "head_ln": 4 * int(d), "all": (int(a) + int(g)) * int(d)}[qk]
     return Shape(name=name or str(_get(config, "_name_or_path", default="") or mt), model_type=mt, hidden=int(h),
                  layers=int(L), heads=int(a), kv_heads=int(g), head_dim=int(d), intermediate=int(f), vocab=int(V),
                  tied=bool(tied), gated_mlp=mt not in _PLAIN_MLP, layernorm=mt in _LAYERNORM,
-                 attention_bias=bool(_get(config, "attention_bias", default=False)),
+                 attention_bias=bool(bias) or flag or mt in _QKV_BIAS,
+                 o_bias=bool(bias) or (flag and mt not in _QKV_ONLY),
+                 mlp_bias=bool(mlp_bias) or bool(_get(config, "mlp_bias", default=False)),
+                 norms_per_layer=_NORMS_PER_LAYER.get(mt, 2), norm_weights=_NORM_WEIGHTS.get(mt),
+                 qk_norm_params=qk_params, embed_norm=mt == "bloom", head_bias=mt == "phi",
                  max_position_embeddings=_get(config, "max_position_embeddings", "n_positions"),
                  sliding_window=window, sliding_layers=n_sliding)
 
@@ -296,12 +343,16 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
 def parse_bytes(text) -> int:
     """``"80GiB"`` -> 80 * 2**30, ``"80GB"`` -> 80 * 10**9, ``"80G"`` -> 80 * 2**30 (as nvidia-smi
     means it), ``"1.5TiB"``, ``"512MiB"``, plain numbers are bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot parse a memory size from {text!r}: use e.g. 80GiB, 80GB, 24G, 512MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        n = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot parse a memory size from {text!r}: use e.g. 80GiB, 80GB, 24G, 512MiB")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 1:
+        raise ValueError(f"a memory size must be at least 1 byte, got {text!r}")
+    return n
 
 
 def human(n: float) -> str:
@@ -840,7 +891,13 @@ def cmd_estimate(args) -> int:
         (args.new_tokens and args.train, "--new-tokens applies to inference only (not --train)")) if given]
     if ignored:
         raise SystemExit("; ".join(ignored))
-    lengths = [int(x) for x in str(args.length).split(",") if x]
+    try:
+        lengths = [int(x) for x in str(args.length).split(",") if x.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise SystemExit(f"--length must be one or more comma-separated token counts (integers >= 1), "
+                         f"got {args.length!r}")
     for i, L in enumerate(lengths):
         est = estimate(args.model, L, method=args.method, train=args.train, batch=args.batch, dtype=args.dtype,
                        gpus=args.gpus, zero=args.zero, gradient_checkpointing=not args.no_gradient_checkpointing,

@@ -23,8 +23,10 @@ value stands for a one-item list (``lengths: 2048``); a model or length listed t
 so are two methods that are the same method (``pi:factor=2`` and ``linear:factor=2.0``).
 
 Metric settings (defaults in ``METRICS``): ppl -> corpus, docs, max_tokens, mode, stride, score,
-tail_fraction (see ``longctx.eval.perplexity``); passkey/needle -> depths, trials, seed,
-max_new_tokens, and corpus for needle (see ``longctx.eval.passkey``).
+tail_fraction (see ``longctx.eval.perplexity``; stride only with mode: sliding, tail_fraction only with
+score: tail, else an error); passkey/needle -> depths, trials, seed, max_new_tokens, and corpus for
+needle (see ``longctx.eval.passkey``). Corpora (and ppl docs) are loaded, and so checked, before the
+first model.
 
 Each model is loaded once; for each method the patch is applied, every metric is evaluated at every
 length, and the patch is removed. Before each cell, rotary state that dynamic RoPE grew in an earlier
@@ -201,6 +203,10 @@ def _metric_settings(metrics, config, lengths) -> dict[str, dict]:
         if "docs" in s and isinstance(s["docs"], str):
             s["docs"] = [d.strip() for d in s["docs"].split(",") if d.strip()]
         out[name] = _check_settings(name, s, lengths)
+        if name == "ppl" and "tail_fraction" in given and s["score"] != "tail":  # (as stride without mode: sliding;
+            # its default is in every ppl cell's settings, and left out of the key)
+            raise ValueError(f"ppl setting 'tail_fraction' only applies to score: tail (score: {s['score']} scores "
+                             f"every token of a window)")
     unused = [m for m in METRICS if m in config and m not in out]
     if unused:
         raise ValueError(f"top-level settings {unused} are for metric(s) the sweep does not run: add them to "
@@ -304,6 +310,9 @@ def load_config(path) -> dict:
         dtype = dtype_name(raw.get("dtype"))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if raw.get("device") is not None and (not isinstance(raw["device"], str) or not raw["device"].strip()):
+        raise ValueError(f"{path}: 'device' must be null (cuda when available) or a device name such as cuda, cuda:1 "
+                         f"or cpu, got {raw['device']!r}")
     wandb = raw.get("wandb")
     if not (wandb is None or wandb is False or (isinstance(wandb, dict) and all(isinstance(k, str) for k in wandb))):
         raise ValueError(f"{path}: 'wandb' must be a mapping of wandb.init settings (e.g. {{project: longctx, "
@@ -427,24 +436,35 @@ class _Data:
     """Corpora loaded once per run (token ids per tokenizer for ppl, texts for needle)."""
 
     def __init__(self):
-        self.ids, self.texts = {}, {}
+        self.ids, self.texts, self.corpora = {}, {}, {}
+
+    def documents(self, metric, s):
+        """The documents of a metric's corpus (ppl: its docs), loaded once; a corpus that does not load or a
+        doc it lacks is a ValueError naming the metric's setting."""
+        from .data import load_corpus, select_documents
+
+        if s["corpus"] not in self.corpora:
+            try:
+                self.corpora[s["corpus"]] = load_corpus(s["corpus"])
+            except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:
+                message = err.args[0] if isinstance(err, KeyError) and err.args else err
+                raise ValueError(f"{metric} setting 'corpus' {s['corpus']!r}: {message}") from None
+        docs = self.corpora[s["corpus"]]
+        if metric == "ppl" and s["docs"]:
+            docs = select_documents(docs, list(s["docs"]), f"ppl setting 'docs' (corpus {s['corpus']!r})")[0]
+        return docs
 
     def ppl_ids(self, model_name, tokenizer, s):
-        from .data import encode_documents, load_corpus, select_documents
+        from .data import encode_documents
 
         key = (model_name, s["corpus"], tuple(s["docs"] or ()), s["max_tokens"])
         if key not in self.ids:
-            docs = load_corpus(s["corpus"])
-            if s["docs"]:
-                docs = select_documents(docs, list(s["docs"]), f"ppl docs (corpus {s['corpus']!r})")[0]
-            self.ids[key] = encode_documents(tokenizer, docs, max_tokens=s["max_tokens"])
+            self.ids[key] = encode_documents(tokenizer, self.documents("ppl", s), max_tokens=s["max_tokens"])
         return self.ids[key]
 
     def needle_texts(self, corpus):
-        from .data import load_corpus
-
         if corpus not in self.texts:
-            self.texts[corpus] = [d.text for d in load_corpus(corpus)]
+            self.texts[corpus] = [d.text for d in self.documents("needle", {"corpus": corpus})]
         return self.texts[corpus]
 
 
@@ -524,6 +544,10 @@ def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:
             print(f"  [{state}] {c['model']} | {c['method']} | {c['metric']} | {c['length']}")
         return {"computed": 0, "skipped": len(all_cells) - len(todo), "out": out, "cells": all_cells}
 
+    data = _Data()
+    for metric, settings in grid["metrics"].items():  # corpora and docs before the (slow) models and cells
+        if "corpus" in settings and any(c["metric"] == metric for c in todo):
+            data.documents(metric, settings)
     out.mkdir(parents=True, exist_ok=True)
     device = device or grid["device"]
     if device is None:
@@ -532,7 +556,6 @@ def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(device)
     wb = _wandb_start(grid["wandb"], grid, out)
-    data = _Data()
     slugs = _slugs(grid["models"])
     computed, n_todo = 0, len(todo)
     try:

@@ -404,3 +404,43 @@ def test_dtype_errors_name_the_option_and_the_value():
         estimate(SMALL, 128, dtype="int4")
     with pytest.raises(ValueError, match=r"logits must be one of .*, got 'first'"):
         estimate(SMALL, 128, logits="first")
+
+
+@pytest.mark.parametrize("family, over", [
+    ("llama", {}), ("qwen2", {}), ("qwen2", {"tie_word_embeddings": True}), ("qwen3", {"head_dim": 16}),
+    ("gemma2", {"head_dim": 16}), ("gemma3_text", {"head_dim": 16, "num_key_value_heads": 2}), ("olmo", {}),
+    ("olmo2", {"num_key_value_heads": 2}), ("gpt_neox", {}), ("gpt_neox", {"attention_bias": False}),
+    ("bloom", {}), ("phi", {}), ("phi", {"qk_layernorm": True}), ("starcoder2", {}),
+    ("starcoder2", {"use_bias": False}), ("cohere", {}), ("cohere", {"use_qk_norm": True}),
+    ("llama", {"attention_bias": True}), ("llama", {"mlp_bias": True}),
+    ("glm", {"head_dim": 16, "pad_token_id": 0}), ("stablelm", {"use_qkv_bias": True})])
+def test_parameter_count_equals_the_real_models_of_several_families(family, over):
+    # the estimate counted only q/k/v biases from a config's attention_bias, two norms per layer and no q/k norms:
+    # llama's attention_bias (o too) and mlp_bias, qwen2 (q/k/v biases always), gpt_neox/phi/bloom/starcoder2 (o
+    # and MLP biases), qwen3/gemma3/olmo2 (q/k norms), gemma2/3 (4 norms per layer), olmo (parameterless norms),
+    # bloom (embedding LayerNorm, MLP 4h)
+    config = AutoConfig.for_model(family, **{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                             "num_hidden_layers": 2, "vocab_size": 128, "tie_word_embeddings": False,
+                                             **over})
+    model = AutoModelForCausalLM.from_config(config)
+    assert shape_of(config).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("length", ["abc", "4k", "", ",", "0", "1000,-5"])
+def test_cli_refuses_a_bad_length_naming_the_option(capsys, length):
+    # "abc" was a bare int() ValueError, "" and "," printed nothing and exited 0
+    parser = argparse.ArgumentParser()
+    est_mod.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["estimate", "--model", "smollm2-135m", "--length", length])
+    with pytest.raises(SystemExit, match=r"--length must be one or more comma-separated token counts"):
+        args.func(args)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("size", ["0", "0GiB", "0.1", 0, -5, True])
+def test_a_zero_or_negative_gpu_memory_is_refused(size):
+    # --gpu-memory 0 (or 0.1 bytes, rounded down) was accepted and format() divided by zero
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes(size)
+    with pytest.raises(ValueError, match="memory size"):
+        estimate(SMALL, 128, gpu_memory=size).format()

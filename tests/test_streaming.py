@@ -2034,3 +2034,88 @@ def test_a_cache_copied_before_its_model_streams_through_the_copy():
         longctx.apply(model_copy, "yarn", factor=2)
         with pytest.raises(ValueError, match="other RoPE frequencies"):
             decode(model_copy, ids[:, 14:16], again)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["chat"], "longctx chat: the tokenizer of tiny has no chat template"),
+    (["generate", "--prompt", "w1", "--chat-template"],
+     "longctx generate --chat-template: the tokenizer of tiny has no chat template"),
+    (["generate", "--prompt", ""], r"longctx generate: the prompt is empty \(0 tokens\)")])
+def test_chat_and_generate_refuse_a_missing_chat_template_and_an_empty_prompt(monkeypatch, argv, match):
+    # a tokenizer without a chat template (a base model) failed inside transformers at the first chat turn, and an
+    # empty prompt was a reshape RuntimeError in the model's attention
+    import io
+
+    import longctx.models
+    from longctx.cli import build_parser
+
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (tiny_model("llama"), tok))
+    monkeypatch.setattr("sys.stdin", io.StringIO("w1 w2\n"))
+    args = build_parser().parse_args([*argv, "--model", "tiny", "--device", "cpu", "--max-new-tokens", "2"])
+    with pytest.raises(SystemExit, match=match):
+        args.func(args)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_generate_and_chat_refuse_top_p_without_sampling(monkeypatch, command):
+    # --top-p 0.5 at the default --temperature 0 decoded greedily: silently ignored by chat and generate --decoder
+    import longctx.models
+    from longctx.cli import build_parser
+
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    prompt = ["--prompt", "w1"] if command == "generate" else []
+    args = build_parser().parse_args([command, *prompt, "--top-p", "0.5"])
+    with pytest.raises(SystemExit, match=rf"longctx {command}: --top-p applies to sampling only \(--temperature > 0\)"):
+        args.func(args)
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_generate_command_stops_at_the_tokenizers_eos_without_decoder(monkeypatch, capsys, ignore_eos):
+    # with no eos in generation_config, `longctx generate` took the tokenizer's eos as the stop token (the --decoder
+    # path stops there) but model.generate was not given it: it generated past it, and an eos that came last was cut
+    # off even under --ignore-eos (3 tokens asked, 2 printed)
+    import longctx.chat as chat
+    from longctx.cli import build_parser
+    from transformers import GenerationConfig
+
+    class Model:
+        device = torch.device("cpu")
+        generation_config = GenerationConfig(eos_token_id=None)
+
+        def generate(self, ids, eos_token_id=None, min_new_tokens=None, **kwargs):
+            out = [5, 6, 7, 6]  # 6 is the tokenizer's eos
+            if eos_token_id is not None and not min_new_tokens:
+                out = out[:out.index(6) + 1]
+            elif min_new_tokens:  # eos suppressed: another token in its place
+                out = [8 if t in (eos_token_id or []) else t for t in out]
+            return torch.cat([ids, torch.tensor([out[:kwargs["max_new_tokens"]]])], dim=1)
+
+    class Tok:
+        eos_token_id, pad_token_id = 6, 0
+
+        def __call__(self, text, add_special_tokens=False, return_tensors=None):
+            return {"input_ids": torch.tensor([[1, 2, 3]])}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    monkeypatch.setattr(chat, "_load", lambda args: (Model(), Tok()))
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--max-new-tokens", "4",
+                                      *(["--ignore-eos"] if ignore_eos else [])])
+    assert chat.cmd_generate(args) == 0
+    assert capsys.readouterr().out.strip() == ("5 8 7 8" if ignore_eos else "5")
+
+
+def test_generate_command_with_zero_new_tokens(monkeypatch, capsys):
+    # check_sampling lets --max-new-tokens 0 through (chat and --decoder generate nothing), but model.generate raised
+    # "`max_new_tokens` must be greater than 0" after the model had loaded
+    import longctx.chat as chat
+    from longctx.cli import build_parser
+
+    monkeypatch.setattr(chat, "_load", lambda args: (tiny_model("llama"), tiny_tokenizer()))
+    args = build_parser().parse_args(["generate", "--prompt", "w1 w2", "--max-new-tokens", "0"])
+    assert chat.cmd_generate(args) == 0
+    out = capsys.readouterr()
+    assert out.out == "\n" and "[2 prompt tokens, 0 new in" in out.err

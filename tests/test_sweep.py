@@ -194,7 +194,7 @@ def test_sweep_key_is_canonical(tiny_dir, tmp_path):
     assert keys(methods=[{"name": "yarn", "factor": 2, "layer_types": "full_attention"}]) == \
         keys(methods=[{"name": "yarn", "factor": 2, "layer_types": ["full_attention"]}])
     assert keys(dtype="fp32") == keys(dtype="FP32") == keys(dtype="float32") != keys(dtype="bf16")
-    assert keys(metrics={"ppl": {"corpus": corpus, "score": "all"}}) == \
+    with pytest.raises(ValueError, match="'tail_fraction' only applies to score: tail"):  # (was the same cell: ignored)
         keys(metrics={"ppl": {"corpus": corpus, "score": "all", "tail_fraction": 0.5}})
     assert keys(metrics={"ppl": {"corpus": corpus, "score": "tail", "tail_fraction": 1}}) == \
         keys(metrics={"ppl": {"corpus": corpus, "score": "tail", "tail_fraction": 1.0}})
@@ -488,3 +488,35 @@ def test_wandb_settings_may_replace_the_sweeps_own(tiny_dir, tmp_path, monkeypat
     grid = sweep.load_config(write_yaml(tmp_path / "v.yaml", tiny_dir, wandb={"project": "p"}))
     sweep._wandb_start(grid["wandb"], grid, tmp_path / "out")
     assert seen[1]["name"] == grid["name"] and seen[1]["dir"] == str(tmp_path / "out") and seen[1]["project"] == "p"
+
+
+@pytest.mark.parametrize("metrics, match", [
+    ({"passkey": {"trials": 1}, "ppl": {"corpus": "CORPUS", "docs": ["no such doc"]}},
+     r"ppl setting 'docs' \(corpus .*corpus.txt'\): \['no such doc'\] not in the corpus"),
+    ({"needle": {"corpus": "NOFILE"}}, r"needle setting 'corpus' '.*missing.txt': no such file")])
+def test_corpus_and_docs_are_checked_before_any_model_loads(tiny_dir, tmp_path, monkeypatch, metrics, match):
+    # a misspelt doc or corpus failed only in its first cell: after the model loaded and the cells before it ran
+    import longctx.models
+
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: pytest.fail("corpora are checked first"))
+    text = json.dumps(metrics).replace("CORPUS", str(tiny_dir / "corpus.txt"))
+    text = text.replace("NOFILE", str(tmp_path / "missing.txt"))
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_dir, lengths=[300], metrics=json.loads(text))
+    with pytest.raises(ValueError, match=match):
+        sweep.run(cfg)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"metrics": {"ppl": {"corpus": "austen", "tail_fraction": 0.5}}},
+     r"ppl setting 'tail_fraction' only applies to score: tail \(score: all"),
+    ({"metrics": {"ppl": {"corpus": "austen", "mode": "sliding", "tail_fraction": 0.5}}},
+     r"ppl setting 'tail_fraction' only applies to score: tail"),
+    ({"device": 5}, r"'device' must be null \(cuda when available\) or a device name"),
+    ({"device": ""}, r"'device' must be null")])
+def test_settings_that_would_be_ignored_or_fail_late_are_refused_at_load(tiny_dir, tmp_path, over, match):
+    # tail_fraction with score: all was dropped from the cell (the same cells as without it): silently ignored;
+    # device: 5 failed only once the model loaded
+    cfg = write_yaml(tmp_path / "t.yaml", tiny_dir, **over)
+    with pytest.raises(ValueError, match=match):
+        sweep.load_config(cfg)
