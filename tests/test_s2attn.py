@@ -1764,3 +1764,18 @@ def test_flash_backend_window_with_padding_holes(monkeypatch):
     out = s2_attention(q, k, v, group_size=G, n_shift=2, scale=0.3, backend="flash", valid=holes)  # no window: exact
     mask = rule_mask(T, H, G, 2, holes)
     assert_close_rows(out, dense_attention(q, k, v, mask, 0.3), mask, queries=holes)
+
+
+def test_training_with_prefix_tuning_says_why_s2_does_not_run(ids):
+    """peft prefix tuning gives every training forward its virtual keys (more keys than queries): S2 cannot run there
+    and the warning said it was a KV cache of generate, advising generate(..., cache_implementation='dynamic')."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.train()
+    longctx.apply(model, "s2attn", group_size=8)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(input_ids=ids[:, :32], labels=ids[:, :32]).loss.backward()
+        model(input_ids=ids[:, :32], labels=ids[:, :32]).loss.backward()
+    said = [str(w.message) for w in seen if "runs the original full attention, not S2" in str(w.message)]
+    assert len(said) == 1 and "prefix tuning" in said[0] and "cache_implementation" not in said[0]

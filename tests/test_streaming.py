@@ -2119,3 +2119,24 @@ def test_generate_command_with_zero_new_tokens(monkeypatch, capsys):
     assert chat.cmd_generate(args) == 0
     out = capsys.readouterr()
     assert out.out == "\n" and "[2 prompt tokens, 0 new in" in out.err
+
+
+@pytest.mark.parametrize("how", ["model_first", "same_model"])
+def test_a_rope_method_applied_to_the_bound_model_is_checked(how):
+    # the checks ran only when the cache changed model: copy.deepcopy((model, cache)) (model copied first, the cache
+    # bound to the copy) and then yarn on the copy, or yarn applied to the cache's own model mid-stream, streamed on
+    # silently with keys rotated under the old frequencies and re-rotated / queried under yarn's
+    model = tiny_model("llama").double()
+    ids = ids_for(30)
+    with longctx.applied(model, "streaming", sink_size=2, window_size=8) as patch:
+        cache = patch.new_cache()
+        decode(model, ids[:, :14], cache)
+        target, held = copy.deepcopy((model, cache)) if how == "model_first" else (model, cache)
+        assert held._model is target
+        decode(target, ids[:, 14:16], held)  # unchanged: streams on
+        with longctx.applied(target, "yarn", factor=2):
+            with pytest.raises(ValueError, match="other RoPE frequencies"):
+                decode(target, ids[:, 16:18], held)
+            with pytest.raises(ValueError, match="other RoPE frequencies"):
+                held.bind(target)
+        decode(target, ids[:, 16:18], held)  # yarn removed: the frequencies the keys have again

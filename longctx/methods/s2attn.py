@@ -1198,10 +1198,15 @@ class _State:
                 # not S2 although it is on: a prompt run against a pre-allocated cache (generate with a static or
                 # hybrid cache) has more keys than queries; say so, once, instead of training/scoring full attention
                 self.warned_cache = True
-                warnings.warn(f"s2attn: an attention call of {T} queries over {key.shape[-2]} keys (a KV cache: a "
-                              "pre-allocated static/hybrid cache, or a chunk added to a filled cache) runs the original "
-                              "full attention, not S2; for S2 on a prompt use a dynamic cache (generate(..., "
-                              "cache_implementation='dynamic'))", stacklevel=2)
+                if module.training:  # (no generate here: keys given to the forward, e.g. peft prefix tuning's)
+                    warnings.warn(f"s2attn: a training attention call of {T} queries over {key.shape[-2]} keys (past "
+                                  "key values given to the forward, e.g. peft prefix tuning's virtual tokens) runs the "
+                                  "original full attention, not S2: S2 needs as many keys as queries", stacklevel=2)
+                else:
+                    warnings.warn(f"s2attn: an attention call of {T} queries over {key.shape[-2]} keys (a KV cache: a "
+                                  "pre-allocated static/hybrid cache, or a chunk added to a filled cache) runs the "
+                                  "original full attention, not S2; for S2 on a prompt use a dynamic cache "
+                                  "(generate(..., cache_implementation='dynamic'))", stacklevel=2)
             # S2's masks (its BlockMask, or None / the 2-D padding mask for a causal forward) are not what the
             # original takes; it gets its own mask function's mask (sdpa and flash take None and 2-D masks as is)
             # (only for a causal self-attention call after an active mask call: a non-causal module, or

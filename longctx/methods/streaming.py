@@ -58,6 +58,7 @@ import importlib
 import math
 import numbers
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,7 @@ class SinkCache(Cache):
         self._check_not_held("saving")
         state = dict(self.__dict__)
         state["_model"] = None
+        state.pop("_rope_checked", None)  # (a weak reference into the model)
         return state
 
     def _check_not_held(self, action: str) -> None:
@@ -292,9 +294,9 @@ class SinkCache(Cache):
         to the cache's ``max_position``. The streaming patch's forward, ``prefill``, ``SinkDecoder`` and
         ``StreamingSession`` bind the cache to the model they run. Returns the cache."""
         model = _check_model(model)
-        if self._model is model:
+        if self._model is model and self._rope_unchanged():
             return self
-        if self._model is not None:  # bound to another model: it moves, after the same checks
+        if self._model is not None and self._model is not model:  # bound to another model: it moves, after the checks
             self._check_not_held("moving")
         windows, rotated = layer_windows(model), rope_layers(model)
         layout = [("sink" if w is None else ("sliding", w), r) for w, r in zip(windows, rotated)]
@@ -333,14 +335,32 @@ class SinkCache(Cache):
                              f"frequencies: it was made for a model with static RoPE; apply the RoPE method the "
                              f"cache was made with")
         self._model = model
+        self._remember_rope()
         return self
 
     def _bind_for(self, model) -> None:
-        """``bind(model)`` unless the cache is bound to it already (the check every forward can afford)."""
+        """``bind(model)`` unless the cache is bound to it already and its rotary module is the one checked (the check
+        every forward can afford)."""
         from ..registry import unwrap_model
 
         if self._model is not model and (self._model is None or self._model is not unwrap_model(model)):
             self.bind(model)
+        elif not self._rope_unchanged():  # a RoPE method applied to (or removed from) the bound model since
+            self.bind(self._model)
+
+    _rope_checked = None  # (weak) the bound model's rotary module when bind / __init__ checked the keys against it
+
+    def _remember_rope(self) -> None:
+        self._rope_checked = weakref.ref(rotary_module(self._model, "streaming")[2]) if self.rope else None
+
+    def _rope_unchanged(self) -> bool:
+        """Whether the bound model's rotary module is the one its RoPE was checked against: a RoPE method (yarn,
+        linear, dynamic_ntk, ...) applied to the model or removed replaces it, and the keys held were rotated with
+        the frequencies before (e.g. ``copy.deepcopy((model, cache))``, then yarn applied to the copy)."""
+        if not self.rope:
+            return True
+        seen = self._rope_checked
+        return seen is not None and seen() is rotary_module(self._model, "streaming")[2]
 
     @property
     def model(self):
@@ -391,6 +411,7 @@ class SinkCache(Cache):
         self._rotary_width = rotary_width(self._model) if self.rope else None  # see rotate_keys
         self._frequencies = rope_frequencies(self._model) if self.rope else None  # checked by bind
         self._attention_scaling = attention_scalings(self._model) if self.rope else None  # checked by bind
+        self._remember_rope()
 
     def _default_max_position(self) -> int:
         """Static RoPE (default, linear, yarn, llama3) only sees position differences, which stay below
