@@ -170,7 +170,8 @@ def _doc_stem(file: Path, root: Path) -> str:
 
 def encode_documents(tokenizer, docs, max_tokens: int | None = None) -> list[torch.Tensor]:
     """Tokenize each document (or string) of the list ``docs`` as running text, without BOS/EOS, into
-    a 1-D LongTensor truncated to ``max_tokens``."""
+    a 1-D LongTensor truncated to ``max_tokens``. Text that spells a special token (``<|endoftext|>``,
+    ``</s>``, ...) is tokenized as the text it is, never as that token (``split_special_tokens``)."""
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
                                    or max_tokens < 1):
         raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
@@ -184,7 +185,7 @@ def encode_documents(tokenizer, docs, max_tokens: int | None = None) -> list[tor
             what = f"document {doc.name!r}" if isinstance(doc, Document) else f"docs[{i}]"
             raise TypeError(f"encode_documents: {what} must be a Document or str with str text, "
                             f"got {type(text).__name__}")
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
         out.append(torch.tensor(ids[:max_tokens], dtype=torch.long))
     return out
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -72,6 +74,8 @@ def trainable_base_names(model: nn.Module, trainable=("embed", "norm")) -> list[
     model = unwrap_model(model)
     chosen: set[int] = set()
     for key in trainable:
+        if not isinstance(key, str):
+            raise TypeError(f"lora trainable must be strings (embed, norm or part of a parameter name), got {key!r}")
         if key == "embed":
             chosen.update(id(p) for p in model.get_input_embeddings().parameters())
         elif key == "norm":
@@ -120,11 +124,26 @@ def prepare(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.
     base = unwrap_model(model)
     if hasattr(model, "peft_config"):
         raise ValueError("this model already has peft adapters; prepare() takes a plain transformers model")
+    # (alpha 0 would make LoRA a silent no-op: its scaling alpha / r multiplies the update and its gradients)
+    for key, value, ok, allowed in (
+            ("r", r, isinstance(r, numbers.Integral) and r >= 1, "an integer >= 1"),
+            ("alpha", alpha, isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0, "a number > 0"),
+            ("dropout", dropout, isinstance(dropout, numbers.Real) and 0 <= dropout < 1, "a number in [0, 1)")):
+        if isinstance(value, bool) or not ok:
+            raise ValueError(f"lora {key} must be {allowed}, got {value!r}")
     if target_modules is not None and not target_modules:
         raise ValueError("lora target_modules must name at least one module (or be None for the family's "
                          f"defaults: {target_modules_for(base) if base.config.model_type in TARGET_MODULES else 'none'})")
     targets = ([target_modules] if isinstance(target_modules, str) else list(target_modules)) if target_modules \
         else target_modules_for(base)
+    if target_modules:  # peft only refuses targets of which *none* matches: a misspelt one was dropped silently
+        modules = [n for n, _ in base.named_modules()]
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+        if unmatched:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if n and not n.rsplit(".", 1)[-1].isdigit()})
+            raise ValueError(f"lora target_modules {unmatched} match no module of this model (a target is a module "
+                             f"name or the end of one after a dot, e.g. 'q_proj'); its modules include: "
+                             f"{', '.join(leaves[:40])}")
     trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable or ())
     names = trainable_base_names(base, trainable)  # before peft renames the modules
     _check_targets(base, targets, trainable, names)
@@ -263,8 +282,16 @@ def load(base: nn.Module, folder, *, merge: bool = False, is_trainable: bool = F
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if (folder / TRAINABLE_FILE).is_file():
-        tensors = load_file(folder / TRAINABLE_FILE)
+    info = json.loads((folder / LORA_FILE).read_text()) if (folder / LORA_FILE).is_file() else None
+    recorded = (info or {}).get("trainable_names", [])
+    tensors = load_file(folder / TRAINABLE_FILE) if (folder / TRAINABLE_FILE).is_file() else {}
+    lost = [n for n in recorded if n not in tensors]  # e.g. trainable.safetensors not copied with the adapter
+    if lost:
+        raise FileNotFoundError(f"{folder}: {LORA_FILE} records trained tensors that {TRAINABLE_FILE} does not "
+                                f"hold{'' if (folder / TRAINABLE_FILE).is_file() else ' (it is missing)'}: {lost[:5]}"
+                                f"{' ...' if len(lost) > 5 else ''}; without them this is not the trained model. "
+                                f"Copy the whole artifact folder")
+    if tensors:
         missing = sorted(set(tensors) - set(base.state_dict()))
         if missing:
             raise ValueError(f"{folder / TRAINABLE_FILE} has tensors this model lacks: {missing[:5]}")
@@ -273,8 +300,8 @@ def load(base: nn.Module, folder, *, merge: bool = False, is_trainable: bool = F
             for name, value in tensors.items():
                 params[name].copy_(value.to(params[name].dtype))
     model = PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
-    if (folder / LORA_FILE).is_file():
-        model.longctx_lora = json.loads((folder / LORA_FILE).read_text())
+    if info is not None:
+        model.longctx_lora = info
         if is_trainable:
             params = dict(base.named_parameters())
             for name in model.longctx_lora.get("trainable_names", []):

@@ -54,6 +54,8 @@ MODEL_ALIASES: dict[str, GGUFAlias] = {
     ),
 }
 
+_ARTIFACT_FILES = ("longctx.json", "longctx_lora.json")  # train.SETTINGS_FILE, lora.LORA_FILE
+
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
@@ -152,11 +154,7 @@ def _convert_alias(name: str, a: GGUFAlias) -> Path:
     cfg.rope_parameters = {**(cfg.rope_parameters or {}), "rope_theta": a.config["rope_theta"]}
     # GGUF stores rms_norm_eps as float32 (9.99999975e-06); restore the original 1e-5.
     cfg.rms_norm_eps = 1e-5
-    tok.model_max_length = cfg.max_position_embeddings  # GGUF leaves it "unlimited"
-    # Forget the GGUF "quantization" so the saved folder loads as an ordinary checkpoint.
-    model.hf_quantizer, model.is_quantized = None, False
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
+    _forget_gguf(model, tok)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{name}-"))
     try:  # write elsewhere, then rename: an interrupted conversion leaves no broken cache
         model.save_pretrained(tmp, safe_serialization=True)
@@ -172,6 +170,17 @@ def _convert_alias(name: str, a: GGUFAlias) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already if the rename succeeded
     return out
+
+
+def _forget_gguf(model, tok) -> None:
+    """Forget the GGUF "quantization" of a dequantized GGUF model, so that it saves (``save_pretrained``
+    refuses a gguf-quantized model: ``longctx merge`` of a model trained from a .gguf file failed at its end)
+    and the saved folder loads as an ordinary checkpoint; and give the tokenizer the model's context length
+    (GGUF leaves it "unlimited")."""
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok.model_max_length = model.config.max_position_embeddings
 
 
 def _load_gguf(path: Path, **kwargs):
@@ -214,7 +223,13 @@ def load_model(name_or_path: str, dtype=None, device=None, *, attn_implementatio
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         model, tok = _load_gguf(path, **kwargs | {"dtype": dtype or torch.float32})
+        _forget_gguf(model, tok)  # dequantized: a plain float model
     elif path.is_dir():
+        if not (path / "config.json").is_file() and any((path / f).is_file() for f in _ARTIFACT_FILES):
+            # transformers would load the adapter onto the recorded base: LoRA without the trained
+            # embedding/norms and without the RoPE method, i.e. not the trained model
+            raise ValueError(f"{name!r} is a longctx LoRA artifact (adapter and trained tensors), not a model "
+                             f"folder: merge it first (longctx merge {name} --out DIR) and load DIR")
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)
     elif path.is_absolute() or name.startswith((".", "~")) or path.exists():

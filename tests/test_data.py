@@ -403,3 +403,21 @@ def test_kjv_builtin(tmp_path, monkeypatch):
     assert "\n\nRevelation\n\n" in text and "\n\nSong of Solomon\n\n" in text
     _no_subprocess(monkeypatch)
     assert load_corpus("kjv") == docs
+
+
+def test_text_that_spells_a_special_token_is_text_and_packing_keeps_every_token_in_order():
+    # a document containing the literal text "</s>" (or SmolLM2's "<|endoftext|>", "<|im_end|>") was tokenized
+    # as the EOS token itself: a document separator inside a packed training sequence, and an EOS in perplexity
+    from longctx.train import pack_documents
+
+    tok = _char_tokenizer()
+    assert tok("a</s>b", add_special_tokens=False)["input_ids"] == [3, 2, 4]  # what the tokenizer does by default
+    assert [t.tolist() for t in encode_documents(tok, ["a</s>b", "<s>"])] == [[3, 0, 0, 21, 0, 4], [0, 21, 0]]
+    docs = [Document("x", "ab</s>c"), Document("empty", ""), Document("y", "zz <s> y"), Document("z", "q" * 11)]
+    stream = []
+    for d in docs:  # the reference: each document's own characters, then EOS
+        stream += [tok.get_vocab().get(c, 0) for c in d.text] + [tok.eos_token_id]
+    packed = pack_documents(tok, docs, 5)
+    assert packed.shape == (len(stream) // 5, 5)
+    assert packed.flatten().tolist() == stream[: packed.numel()]
+    assert [i for i, t in enumerate(stream) if t == tok.eos_token_id] == [7, 8, 17, 29]  # separators only

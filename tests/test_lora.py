@@ -178,3 +178,40 @@ def test_save_over_an_earlier_save_leaves_no_stale_trained_tensors(tmp_path, ids
     again = lora.load(tiny_model("llama"), tmp_path / "a").eval()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, want)
+
+
+def test_settings_that_would_train_other_than_asked_are_refused():
+    # a misspelt entry among target_modules was dropped silently (peft refuses only when *no* target matches):
+    # LoRA on q/k/v without o; alpha=0 made LoRA a no-op (scaling alpha / r = 0: no update, no gradient)
+    with pytest.raises(ValueError, match=r"lora target_modules \['o_prj'\] match no module of this model.*o_proj"):
+        lora.prepare(tiny_model("llama"), target_modules=["q_proj", "k_proj", "v_proj", "o_prj"], verbose=False)
+    for key, value, allowed in [("alpha", 0, "a number > 0"), ("alpha", -16, "a number > 0"),
+                                ("r", 2.5, "an integer >= 1"), ("r", 0, "an integer >= 1"),
+                                ("dropout", -0.1, r"a number in \[0, 1\)"), ("dropout", 1.0, r"a number in \[0, 1\)")]:
+        with pytest.raises(ValueError, match=rf"lora {key} must be {allowed}, got {value!r}"):
+            lora.prepare(tiny_model("llama"), verbose=False, **{key: value})
+    with pytest.raises(TypeError, match="lora trainable must be strings"):
+        lora.prepare(tiny_model("llama"), trainable=("norm", 5), verbose=False)
+    model = lora.prepare(tiny_model("llama"), target_modules=["self_attn.q_proj", "lm_head"], trainable=(),
+                         verbose=False)  # dotted suffixes and a top-level module still match
+    assert trainable(model) == lora_names(2, ("q_proj",)) | {f"base_model.model.lm_head.lora_{ab}.default.weight"
+                                                             for ab in "AB"}
+
+
+def test_artifact_without_its_trained_tensors_is_refused(tmp_path, ids):
+    # an artifact copied without trainable.safetensors (only the peft adapter files) loaded silently as LoRA on
+    # the untrained embedding and norms: another model than the one trained
+    import shutil
+
+    model = lora.prepare(tiny_model("llama"), verbose=False)
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.weight.add_(0.5)
+    lora.save(model, tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy", ignore=shutil.ignore_patterns(lora.TRAINABLE_FILE))
+    with pytest.raises(FileNotFoundError, match=r"records trained tensors that trainable.safetensors does not hold "
+                                                r"\(it is missing\): \['model.embed_tokens.weight', .*whole artifact"):
+        lora.load(tiny_model("llama"), tmp_path / "copy")
+    with torch.no_grad():  # the whole folder still loads, and plain LoRA (no trained tensors) too
+        assert torch.equal(lora.load(tiny_model("llama"), tmp_path / "a").eval()(ids).logits, model.eval()(ids).logits)
+    lora.save(lora.prepare(tiny_model("llama"), trainable=(), verbose=False), tmp_path / "plain")
+    assert lora.load(tiny_model("llama"), tmp_path / "plain").longctx_lora["trainable_names"] == []

@@ -242,3 +242,43 @@ def test_smollm2_generates_and_predicts_prose(smollm2):
     with torch.no_grad():
         ppl = model(ids, labels=ids).loss.exp().item()
     assert ppl < 100, ppl
+
+
+def test_gguf_model_is_a_plain_model_that_saves(tiny, tmp_path, monkeypatch):
+    # a .gguf file loads dequantized but flagged as gguf-quantized: save_pretrained refused it, so `longctx merge`
+    # of a model trained from a .gguf file (model: x.gguf) failed at its very end; the tokenizer was "unlimited"
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    folder, ref = tiny
+
+    def fake_gguf(path, **kwargs):  # what transformers' GGUF loader returns
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=kwargs["dtype"])
+        model.hf_quantizer, model.is_quantized = GgufHfQuantizer(GgufConfig()), True
+        model.config.quantization_config = GgufConfig()
+        tok = load_model(str(folder))[1]
+        tok.model_max_length = int(1e30)
+        return model, tok
+
+    monkeypatch.setattr(models, "_load_gguf", fake_gguf)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    model, tok = load_model(str(tmp_path / "m.gguf"))
+    model.save_pretrained(tmp_path / "saved")
+    assert tok.model_max_length == 128 and not getattr(model.config, "quantization_config", None)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref(ids).logits)
+
+
+def test_a_lora_artifact_is_not_loaded_as_a_model(tiny, tmp_path):
+    # transformers loads an adapter folder onto the base recorded in adapter_config.json: LoRA without the
+    # trained embedding/norms and without the RoPE method; load_model said nothing (or failed on the tokenizer)
+    from longctx import lora
+
+    folder, _ = tiny
+    base, _ = load_model(str(folder))
+    lora.save(lora.prepare(base, verbose=False), tmp_path / "final")
+    with pytest.raises(ValueError, match=r"is a longctx LoRA artifact .*merge it first \(longctx merge"):
+        load_model(str(tmp_path / "final"))
