@@ -21,11 +21,15 @@ Parameters (P):  per layer  h*a*d + 2*h*g*d + a*d*h        (q, k, v, o projectio
                  + V*h (embedding) + V*h unless tied (lm_head) + h (final norm)
                  + the family's own terms: q/k/v biases (qwen2, attention_bias, use_qkv_bias), o biases
                  (attention_bias but in glm/stablelm; gpt_neox, phi, bloom, starcoder2), MLP biases (mlp_bias;
-                 gpt_neox, phi, bloom, starcoder2), LayerNorm biases, q/k norms (qwen3, gemma3, olmo2), 4 norms per
-                 layer (gemma2/3) or 1 (phi, cohere), none (olmo). Exact (sum of p.numel(), tested) for
-                 llama, mistral, qwen2/3, gemma/2/3, phi, phi3, glm, gpt_neox, bloom, starcoder2,
-                 olmo/2, cohere, stablelm, granite; gpt2/opt/falcon (learned positions, other layouts)
-                 and mixture-of-experts models (one MLP counted) are only approximated.
+                 gpt_neox, phi, bloom, starcoder2), LayerNorm biases, q/k norms (qwen3, gemma3, olmo2/3;
+                 qk_layernorm, use_qk_norm), 4 norms per layer (gemma2/3, glm4) or 1 (phi, cohere, stablelm's
+                 use_parallel_residual), none (olmo); a flag a config dict leaves out takes its config class's
+                 default. Exact (sum of p.numel(), tested) for
+                 llama, mistral, qwen2/3, gemma/2/3, phi, phi3, glm/4, gpt_neox, bloom, starcoder2,
+                 olmo/2/3, cohere, stablelm, granite; other llama-like families use the llama terms;
+                 gpt2/opt/falcon (learned positions, other layouts)
+                 are only approximated, and mixture-of-experts models (one expert's MLP counted: a
+                 fraction of their weights) are underestimated, with a note saying so.
 
 Memory terms (bytes; each is documented where it is computed, see the functions below):
 
@@ -117,13 +121,16 @@ _LAYERNORM = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "falcon", "phi",
 # (the config's flag, or always), norms per layer and their parameters per hidden unit (olmo: none;
 # cohere: LayerNorm without bias, one per layer), q/k norms (per head_dim, or over all heads: olmo2),
 # a LayerNorm after the embedding (bloom)
-_QKV_BIAS = {"qwen2"}
+_QKV_BIAS = {"qwen2"}  # (its attention_bias, if a config has one, changes nothing)
 _QKV_ONLY = {"glm", "glm4", "stablelm"}  # their attention_bias / use_qkv_bias: q/k/v only (llama and the rest: o too)
-_ATTN_BIAS = {"gpt_neox": "attention_bias", "starcoder2": "use_bias", "phi": True, "bloom": True}  # q/k/v/o
-_MLP_BIAS = {"gpt_neox": True, "starcoder2": "use_bias", "phi": True, "bloom": True}
-_NORMS_PER_LAYER = {"gemma2": 4, "gemma3_text": 4, "phi": 1, "cohere": 1}
+# q/k/v/o: (the config's flag, its default in the family's config class: a config.json written before the flag
+# existed, e.g. pythia's, has the biases), or always
+_ATTN_BIAS = {"gpt_neox": ("attention_bias", True), "starcoder2": ("use_bias", True), "phi": True, "bloom": True}
+_MLP_BIAS = {"gpt_neox": True, "starcoder2": ("use_bias", True), "phi": True, "bloom": True}
+_FLAG_DEFAULT = {"glm": True, "glm4": True}  # attention_bias when a config dict does not say
+_NORMS_PER_LAYER = {"gemma2": 4, "gemma3_text": 4, "glm4": 4, "phi": 1, "cohere": 1}
 _NORM_WEIGHTS = {"olmo": 0, "cohere": 1}
-_QK_NORM = {"qwen3": "head", "gemma3_text": "head", "olmo2": "all"}
+_QK_NORM = {"qwen3": "head", "gemma3_text": "head", "olmo2": "all", "olmo3": "all"}
 
 
 # --------------------------------------------------------------------------------- the model shape
@@ -154,6 +161,7 @@ class Shape:
     qk_norm_params: int = 0            # q/k norms of one layer
     embed_norm: bool = False           # a norm right after the embedding (bloom)
     head_bias: bool = False            # the lm_head has a bias (phi)
+    experts: int = 0                   # experts per MoE layer (one expert's MLP is counted)
 
     # -- parameter counts --------------------------------------------------------------------
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -242,12 +250,17 @@ def shape_of(config, name: str | None = None) -> Shape:
     if tied is None:
         tied = mt in ("gpt2", "gpt_bigcode", "opt", "bloom", "gemma", "gemma2", "gemma3_text")
     window, n_sliding = _sliding_layers(config, int(L))
-    bias, mlp_bias = (_get(config, b, default=False) if isinstance(b, str) else b
+    bias, mlp_bias = (_get(config, b[0], default=b[1]) if isinstance(b, tuple) else b
                       for b in (_ATTN_BIAS.get(mt, False), _MLP_BIAS.get(mt, False)))
-    flag = bool(_get(config, "attention_bias", "use_qkv_bias", default=False))
+    flag = bool(_get(config, "attention_bias", "use_qkv_bias", default=_FLAG_DEFAULT.get(mt, False)))
+    if mt in _QKV_BIAS:
+        flag = False
     qk = _QK_NORM.get(mt)
-    if mt == "cohere" and _get(config, "use_qk_norm", default=False):
-        qk = "all"
+    if mt in ("cohere", "stablelm") and _get(config, "use_qk_norm", "qk_layernorm", default=False):
+        qk = "all"  # (stablelm: a LayerNorm without bias per head)
+    norms = _NORMS_PER_LAYER.get(mt, 2)
+    if mt == "stablelm" and _get(config, "use_parallel_residual", default=False):
+        norms = 1
     if mt == "phi" and _get(config, "qk_layernorm", default=False):
         qk = "head_ln"
     qk_params = {None: 0, "head": 2 * int(d), "head_ln": 4 * int(d), "all": (int(a) + int(g)) * int(d)}[qk]
@@ -257,10 +270,11 @@ def shape_of(config, name: str | None = None) -> Shape:
                  attention_bias=bool(bias) or flag or mt in _QKV_BIAS,
                  o_bias=bool(bias) or (flag and mt not in _QKV_ONLY),
                  mlp_bias=bool(mlp_bias) or bool(_get(config, "mlp_bias", default=False)),
-                 norms_per_layer=_NORMS_PER_LAYER.get(mt, 2), norm_weights=_NORM_WEIGHTS.get(mt),
+                 norms_per_layer=norms, norm_weights=_NORM_WEIGHTS.get(mt),
                  qk_norm_params=qk_params, embed_norm=mt == "bloom", head_bias=mt == "phi",
                  max_position_embeddings=_get(config, "max_position_embeddings", "n_positions"),
-                 sliding_window=window, sliding_layers=n_sliding)
+                 sliding_window=window, sliding_layers=n_sliding,
+                 experts=int(_get(config, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0))
 
 
 def _sliding_layers(config, L: int) -> tuple[int | None, int]:
@@ -869,6 +883,10 @@ def estimate(config, length: int, *, method=None, train: str | None = None, batc
     if not train and s.max_position_embeddings and T > s.max_position_embeddings and name is None:
         notes.append(f"{T} tokens is past the trained context ({s.max_position_embeddings}): memory is fine, "
                      f"quality needs a context-extension method")
+    if s.experts > 1:
+        notes.append(f"mixture of experts ({s.experts} experts per layer): one expert's MLP is counted, so the "
+                     f"parameters and every term made from them (weights, gradients, optimizer states) are "
+                     f"underestimated")
     if train and s.sliding_layers:
         notes.append("sliding-window layers: their attention masks are not counted in training")
     if gpus > 1 and zero == 0 and train:
@@ -898,6 +916,11 @@ def cmd_estimate(args) -> int:
     if not lengths or min(lengths) < 1:
         raise SystemExit(f"--length must be one or more comma-separated token counts (integers >= 1), "
                          f"got {args.length!r}")
+    if args.gpu_memory is not None:
+        try:
+            parse_bytes(args.gpu_memory)
+        except ValueError as err:
+            raise SystemExit(f"--gpu-memory: {err}") from None
     for i, L in enumerate(lengths):
         est = estimate(args.model, L, method=args.method, train=args.train, batch=args.batch, dtype=args.dtype,
                        gpus=args.gpus, zero=args.zero, gradient_checkpointing=not args.no_gradient_checkpointing,

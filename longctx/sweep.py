@@ -544,16 +544,20 @@ def run(config_path, out=None, dry_run=False, device=None, plots=True) -> dict:
             print(f"  [{state}] {c['model']} | {c['method']} | {c['metric']} | {c['length']}")
         return {"computed": 0, "skipped": len(all_cells) - len(todo), "out": out, "cells": all_cells}
 
-    data = _Data()
-    for metric, settings in grid["metrics"].items():  # corpora and docs before the (slow) models and cells
-        if "corpus" in settings and any(c["metric"] == metric for c in todo):
-            data.documents(metric, settings)
-    out.mkdir(parents=True, exist_ok=True)
     device = device or grid["device"]
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if todo:  # a device torch does not parse or this machine lacks: before the corpora, the folder and wandb
+        from .models import check_device
+
+        check_device(device)
+    data = _Data()
+    for metric, settings in grid["metrics"].items():  # corpora and docs before the (slow) models and cells
+        if "corpus" in settings and any(c["metric"] == metric for c in todo):
+            data.documents(metric, settings)
+    out.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     wb = _wandb_start(grid["wandb"], grid, out)
     slugs = _slugs(grid["models"])

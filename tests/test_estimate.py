@@ -444,3 +444,53 @@ def test_a_zero_or_negative_gpu_memory_is_refused(size):
         parse_bytes(size)
     with pytest.raises(ValueError, match="memory size"):
         estimate(SMALL, 128, gpu_memory=size).format()
+
+
+@pytest.mark.parametrize("family, over", [
+    ("stablelm", {"qk_layernorm": True}), ("stablelm", {"use_parallel_residual": True}),
+    ("stablelm", {"qk_layernorm": True, "use_parallel_residual": True, "use_qkv_bias": True, "num_key_value_heads": 2}),
+    ("glm4", {"head_dim": 16, "pad_token_id": 0}), ("olmo3", {"num_key_value_heads": 2}),
+    ("qwen2", {"attention_bias": True})])
+def test_parameter_count_follows_the_flags_of_the_exact_families(family, over):
+    # stablelm's qk_layernorm (a bias-free LayerNorm per head) and use_parallel_residual (one norm per layer) were
+    # not read; glm4 has 4 norms per layer, olmo3 olmo2's q/k norms; qwen2 ignores an attention_bias (o stays bare)
+    config = AutoConfig.for_model(family, **{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                             "num_hidden_layers": 2, "vocab_size": 128, "tie_word_embeddings": False,
+                                             **over})
+    model = AutoModelForCausalLM.from_config(config)
+    assert shape_of(config).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family, flag, over", [("gpt_neox", "attention_bias", {}), ("starcoder2", "use_bias", {}),
+                                                ("glm", "attention_bias", {"head_dim": 16, "pad_token_id": 0})])
+def test_parameter_count_of_a_config_dict_without_a_bias_flag(family, flag, over):
+    # a config.json that leaves the flag out (pythia's, written before transformers had attention_bias) has the
+    # biases (the config class's default is True): they were counted as absent
+    config = AutoConfig.for_model(family, **{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                             "num_hidden_layers": 2, "vocab_size": 128, **over})
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    as_json = config.to_dict()
+    del as_json[flag]
+    assert shape_of(as_json).params == real
+
+
+def test_mixture_of_experts_is_said_to_be_underestimated():
+    # Mixtral-8x7B (46.7B parameters, 87 GiB in bf16) was "FITS in 80 GiB (18% used)" with no word of its experts
+    mixtral = dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                   num_key_value_heads=8, num_hidden_layers=32, vocab_size=32000, num_local_experts=8,
+                   tie_word_embeddings=False, max_position_embeddings=32768)
+    est = estimate(mixtral, 4096, gpu_memory="80GiB")
+    assert any("mixture of experts (8 experts per layer)" in n and "underestimated" in n for n in est.notes)
+    assert "underestimated" in est.format()
+    assert not any("experts" in n for n in estimate(SMALL, 4096).notes)
+
+
+@pytest.mark.parametrize("size", ["0", "abc", "0.5"])
+def test_cli_refuses_a_bad_gpu_memory_naming_the_option(capsys, size):
+    # --gpu-memory 0 (and abc) was a ValueError traceback out of estimate(), not naming the option
+    parser = argparse.ArgumentParser()
+    est_mod.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["estimate", "--model", "smollm2-135m", "--length", "1024", "--gpu-memory", size])
+    with pytest.raises(SystemExit, match=r"--gpu-memory: .*memory size"):
+        args.func(args)
+    assert capsys.readouterr().out == ""

@@ -520,3 +520,18 @@ def test_settings_that_would_be_ignored_or_fail_late_are_refused_at_load(tiny_di
     cfg = write_yaml(tmp_path / "t.yaml", tiny_dir, **over)
     with pytest.raises(ValueError, match=match):
         sweep.load_config(cfg)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x"])
+def test_a_device_torch_does_not_parse_is_refused_before_the_corpora(tiny_dir, tmp_path, monkeypatch, device):
+    # only a non-string device was refused at load: "gpu" loaded the corpora, made the output folder (and a wandb
+    # run) and failed in load_model
+    import longctx.data
+    import longctx.models
+
+    monkeypatch.setattr(longctx.data, "load_corpus", lambda *a, **k: pytest.fail("the device is checked first"))
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: pytest.fail("the device is checked first"))
+    cfg = write_yaml(tmp_path / "d.yaml", tiny_dir, device=device)
+    with pytest.raises(ValueError, match=rf"device: '{device}' is not a device"):
+        sweep.run(cfg)
+    assert not (tmp_path / "d").exists()
