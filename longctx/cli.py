@@ -152,7 +152,7 @@ def cmd_ppl(args) -> int:
     from .data import encode_documents, load_corpus, select_documents
     from .eval import format_table, perplexity, save_json
     from .eval.perplexity import inactive_in_eval
-    from .models import check_device, load_model
+    from .models import load_model
 
     method_specs = args.method or ["none"]
     specs = parse_methods(method_specs, args.factor)
@@ -185,10 +185,6 @@ def cmd_ppl(args) -> int:
     for option, value in (("--model", args.model), ("--corpus", args.corpus)):
         if not value.strip():
             raise SystemExit(f"{option} is empty")
-    try:
-        check_device(args.device)
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"--{err}") from None
 
     t0 = time.time()
     try:  # the corpus and --docs before the (slower) model
@@ -280,6 +276,13 @@ def main(argv=None) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if getattr(args, "device", None) is not None:  # every command's --device, before anything slow runs
+        from .models import check_device
+
+        try:
+            check_device(args.device)
+        except (ValueError, TypeError) as err:
+            raise SystemExit(f"--{err}") from None
     return args.func(args)
 
 

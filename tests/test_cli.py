@@ -206,3 +206,21 @@ def test_generate_and_chat_refuse_methods_that_clash_or_do_nothing_before_loadin
     monkeypatch.setattr(longctx.models, "load_model", _boom)
     with pytest.raises(SystemExit, match=match):
         cli.main([*argv, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["merge", "some/artifact", "--out", "merged"],
+    ["generate", "--prompt", "hi"],
+    ["chat"],
+    ["stream-ppl", "--corpus", "austen"],
+    ["passkey", "--lengths", "64"],
+    ["ppl", "--lengths", "64"]])
+def test_every_command_refuses_a_bad_device_before_loading(monkeypatch, argv):
+    # merge (and the others) loaded the base model, then failed inside torch with a traceback
+    import longctx.train
+
+    monkeypatch.setattr(longctx.data, "load_corpus", _boom)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    monkeypatch.setattr(longctx.train, "merge_artifact", _boom)
+    with pytest.raises(SystemExit, match="--device: 'gpu' is not a device"):
+        cli.main([*argv, "--device", "gpu"])
