@@ -68,7 +68,8 @@ def trainable_base_names(model: nn.Module, trainable=("embed", "norm")) -> list[
     """Names (as in ``model.named_parameters()``, tied duplicates listed once) of the base parameters
     that ``trainable`` selects. ``"embed"``: the input embedding (``get_input_embeddings()``);
     ``"norm"``: every normalization layer (modules whose class name contains "Norm": RMSNorm,
-    LayerNorm, ... including q/k norms); any other string: parameters whose name contains it."""
+    LayerNorm, ... including q/k norms); any other string: parameters whose name contains it (a tied
+    duplicate's name too: ``"lm_head"`` on a tied model selects the embedding matrix it shares)."""
     if isinstance(trainable, str):
         trainable = (trainable,)
     model = unwrap_model(model)
@@ -83,7 +84,8 @@ def trainable_base_names(model: nn.Module, trainable=("embed", "norm")) -> list[
                 if "Norm" in type(module).__name__:
                     chosen.update(id(p) for p in module.parameters(recurse=False))
         else:
-            hits = [p for n, p in model.named_parameters() if key in n]
+            # (tied duplicates too: "lm_head" on a tied model is the embedding's one matrix)
+            hits = [p for n, p in model.named_parameters(remove_duplicate=False) if key in n]
             if not hits:
                 raise ValueError(f"trainable={key!r} matches no parameter of this model")
             chosen.update(id(p) for p in hits)

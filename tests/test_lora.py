@@ -215,3 +215,13 @@ def test_artifact_without_its_trained_tensors_is_refused(tmp_path, ids):
         assert torch.equal(lora.load(tiny_model("llama"), tmp_path / "a").eval()(ids).logits, model.eval()(ids).logits)
     lora.save(lora.prepare(tiny_model("llama"), trainable=(), verbose=False), tmp_path / "plain")
     assert lora.load(tiny_model("llama"), tmp_path / "plain").longctx_lora["trainable_names"] == []
+
+
+def test_trainable_by_a_tied_duplicates_name_selects_the_shared_matrix():
+    # "lm_head" on a tied model was refused as matching no parameter (the tied weight is listed once, as the embedding)
+    tied = tiny_model("llama", tie_word_embeddings=True)
+    assert lora.trainable_base_names(tied, ("lm_head",)) == ["model.embed_tokens.weight"]
+    untied = tiny_model("llama", tie_word_embeddings=False)
+    assert lora.trainable_base_names(untied, ("lm_head",)) == ["lm_head.weight"]
+    with pytest.raises(ValueError, match="matches no parameter"):
+        lora.trainable_base_names(tied, ("no_such_part",))
