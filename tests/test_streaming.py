@@ -2140,3 +2140,13 @@ def test_a_rope_method_applied_to_the_bound_model_is_checked(how):
             with pytest.raises(ValueError, match="other RoPE frequencies"):
                 held.bind(target)
         decode(target, ids[:, 16:18], held)  # yarn removed: the frequencies the keys have again
+
+
+def test_generate_refuses_an_empty_prompt_before_loading(monkeypatch):
+    import longctx.models
+    from longctx.cli import build_parser
+
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    args = build_parser().parse_args(["generate", "--prompt", "", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="the prompt is empty"):
+        args.func(args)
