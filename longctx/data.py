@@ -168,6 +168,21 @@ def _doc_stem(file: Path, root: Path) -> str:
     return rel.with_suffix("").as_posix() if len(rel.parts) > 1 else file.stem
 
 
+def plain_text_kwargs(tokenizer) -> dict:
+    """Keyword arguments for ``tokenizer(text, ...)`` that tokenize text spelling a special token as that text:
+    ``split_special_tokens=True``; none for mistral-common's ``MistralCommonBackend`` (the tokenizer of Mistral
+    models when mistral-common is installed), which never reads control tokens from text and refuses that
+    argument (a ValueError); none for a Python tokenizer with added tokens that are not special (its option would
+    split those words too, changing ordinary text)."""
+    from transformers import PythonBackend
+
+    if any(c.__name__ == "MistralCommonBackend" for c in type(tokenizer).__mro__):
+        return {}
+    if isinstance(tokenizer, PythonBackend) and any(not t.special for t in tokenizer.added_tokens_decoder.values()):
+        return {}  # a Python ("slow") tokenizer's split_special_tokens splits *every* added token: added words too
+    return {"split_special_tokens": True}
+
+
 def encode_documents(tokenizer, docs, max_tokens: int | None = None) -> list[torch.Tensor]:
     """Tokenize each document (or string) of the list ``docs`` as running text, without BOS/EOS, into
     a 1-D LongTensor truncated to ``max_tokens``. Text that spells a special token (``<|endoftext|>``,
@@ -185,7 +200,7 @@ def encode_documents(tokenizer, docs, max_tokens: int | None = None) -> list[tor
             what = f"document {doc.name!r}" if isinstance(doc, Document) else f"docs[{i}]"
             raise TypeError(f"encode_documents: {what} must be a Document or str with str text, "
                             f"got {type(text).__name__}")
-        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False, **plain_text_kwargs(tokenizer))["input_ids"]
         out.append(torch.tensor(ids[:max_tokens], dtype=torch.long))
     return out
 

@@ -133,11 +133,21 @@ def prepare(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.
             ("dropout", dropout, isinstance(dropout, numbers.Real) and 0 <= dropout < 1, "a number in [0, 1)")):
         if isinstance(value, bool) or not ok:
             raise ValueError(f"lora {key} must be {allowed}, got {value!r}")
+    # numpy numbers as Python ones: json (save's longctx_lora.json) cannot write numpy.int64 / numpy.float32
+    r, dropout = int(r), float(dropout)
+    alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
     if target_modules is not None and not target_modules:
         raise ValueError("lora target_modules must name at least one module (or be None for the family's "
                          f"defaults: {target_modules_for(base) if base.config.model_type in TARGET_MODULES else 'none'})")
     targets = ([target_modules] if isinstance(target_modules, str) else list(target_modules)) if target_modules \
         else target_modules_for(base)
+    if [t.lower() if isinstance(t, str) else t for t in targets] == ["all-linear"]:
+        # peft's shorthand (it expands only a bare string, which the list above is not), expanded as peft does:
+        # every Linear/Conv1D module but the output head
+        from transformers.pytorch_utils import Conv1D
+
+        head = base.get_output_embeddings()
+        targets = [n for n, m in base.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head]
     if target_modules:  # peft only refuses targets of which *none* matches: a misspelt one was dropped silently
         modules = [n for n, _ in base.named_modules()]
         unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
@@ -287,6 +297,8 @@ def load(base: nn.Module, folder, *, merge: bool = False, is_trainable: bool = F
     info = json.loads((folder / LORA_FILE).read_text()) if (folder / LORA_FILE).is_file() else None
     recorded = (info or {}).get("trainable_names", [])
     tensors = load_file(folder / TRAINABLE_FILE) if (folder / TRAINABLE_FILE).is_file() else {}
+    if info is not None:  # save records exactly what it writes: others are an earlier save's (versions before
+        tensors = {n: t for n, t in tensors.items() if n in recorded}  # 37672e3 left them behind), not this model's
     lost = [n for n in recorded if n not in tensors]  # e.g. trainable.safetensors not copied with the adapter
     if lost:
         raise FileNotFoundError(f"{folder}: {LORA_FILE} records trained tensors that {TRAINABLE_FILE} does not "

@@ -180,7 +180,9 @@ def _forget_gguf(model, tok) -> None:
     model.hf_quantizer, model.is_quantized = None, False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tok.model_max_length = model.config.max_position_embeddings
+    n_positions = getattr(model.config, "max_position_embeddings", None)  # none in a bloom GGUF's config (ALiBi)
+    if n_positions:
+        tok.model_max_length = n_positions
 
 
 def _load_gguf(path: Path, **kwargs):
@@ -225,11 +227,18 @@ def load_model(name_or_path: str, dtype=None, device=None, *, attn_implementatio
         model, tok = _load_gguf(path, **kwargs | {"dtype": dtype or torch.float32})
         _forget_gguf(model, tok)  # dequantized: a plain float model
     elif path.is_dir():
-        if not (path / "config.json").is_file() and any((path / f).is_file() for f in _ARTIFACT_FILES):
+        artifact = any((path / f).is_file() for f in _ARTIFACT_FILES)
+        if artifact and not (path / "config.json").is_file():
             # transformers would load the adapter onto the recorded base: LoRA without the trained
             # embedding/norms and without the RoPE method, i.e. not the trained model
             raise ValueError(f"{name!r} is a longctx LoRA artifact (adapter and trained tensors), not a model "
                              f"folder: merge it first (longctx merge {name} --out DIR) and load DIR")
+        if artifact and (path / "adapter_config.json").is_file():
+            # a model merged into its own artifact folder: transformers loads the merged weights and then
+            # attaches the adapter found beside them, i.e. LoRA applied twice
+            raise ValueError(f"{name!r} holds both a model (config.json) and a longctx LoRA artifact's adapter: "
+                             f"transformers would put the adapter on top of that model. Merge the artifact into a "
+                             f"folder of its own (longctx merge ARTIFACT --out DIR) and load DIR")
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)
     elif path.is_absolute() or name.startswith((".", "~")) or path.exists():

@@ -927,6 +927,9 @@ def merge_artifact(artifact, out, *, base: str | None = None, dtype=None, device
     artifact = Path(artifact)
     if not (artifact / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"{artifact} is not a longctx artifact (no {SETTINGS_FILE})")
+    if Path(out).resolve() == artifact.resolve():  # a merged model beside its own adapter loads with LoRA twice
+        raise ValueError(f"merge: --out {out} is the artifact folder itself; write the merged model to a folder "
+                         f"of its own")
     settings = json.loads((artifact / SETTINGS_FILE).read_text())
     model, tokenizer = load_model(base or settings["base_model"], dtype=torch.float32, device=device)
     rope = settings.get("rope")

@@ -421,3 +421,51 @@ def test_text_that_spells_a_special_token_is_text_and_packing_keeps_every_token_
     assert packed.shape == (len(stream) // 5, 5)
     assert packed.flatten().tolist() == stream[: packed.numel()]
     assert [i for i, t in enumerate(stream) if t == tok.eos_token_id] == [7, 8, 17, 29]  # separators only
+
+
+def test_encode_documents_with_a_mistral_common_tokenizer():
+    # transformers' MistralCommonBackend (the tokenizer of Mistral models when mistral-common is installed) refuses
+    # split_special_tokens=True with a ValueError: encode_documents (perplexity, training, sweep) failed outright.
+    # It never reads control tokens from text, so it needs no such option. A stand-in with its behaviour:
+    class MistralCommonBackend:
+        def __call__(self, text, add_special_tokens=True, split_special_tokens=False, **kwargs):
+            if split_special_tokens:
+                raise ValueError("`MistralCommonBackend` does not support `return_offsets_mapping` and "
+                                 "`split_special_tokens`.")
+            return {"input_ids": [ord(c) for c in text]}
+
+    assert [t.tolist() for t in encode_documents(MistralCommonBackend(), ["a</s>"])] == [[97, 60, 47, 115, 62]]
+
+
+def test_encode_documents_keeps_the_added_words_of_a_python_tokenizer():
+    # a Python ("slow") tokenizer's split_special_tokens=True splits *every* added token, not only special ones:
+    # a word added to its vocabulary (add_tokens) came out as pieces, i.e. ordinary text tokenized otherwise than
+    # the model saw it (fast tokenizers split only the special ones)
+    from transformers import PythonBackend
+
+    class Chars(PythonBackend):
+        def __init__(self, **kwargs):
+            self.vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz <>/")}}
+            super().__init__(unk_token="<unk>", eos_token="</s>", **kwargs)
+
+        def get_vocab(self):
+            return dict(self.vocab, **self.added_tokens_encoder)
+
+        @property
+        def vocab_size(self):
+            return len(self.vocab)
+
+        def _tokenize(self, text, **kwargs):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self.vocab.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return {i: t for t, i in self.vocab.items()}.get(index, "<unk>")
+
+    tok = Chars()
+    tok.add_tokens(["cat"])
+    cat = tok.convert_tokens_to_ids("cat")
+    assert tok("a cat", add_special_tokens=False)["input_ids"] == [2, 28, cat]
+    assert encode_documents(tok, ["a cat"])[0].tolist() == [2, 28, cat]

@@ -225,3 +225,41 @@ def test_trainable_by_a_tied_duplicates_name_selects_the_shared_matrix():
     assert lora.trainable_base_names(untied, ("lm_head",)) == ["lm_head.weight"]
     with pytest.raises(ValueError, match="matches no parameter"):
         lora.trainable_base_names(tied, ("no_such_part",))
+
+
+def test_numpy_settings_save_and_all_linear_is_peft_shorthand(tmp_path):
+    # prepare accepted numpy numbers (numbers.Integral / Real) but stored them as such: lora.save (the recipe's
+    # artifact, at the very end of training) failed in json ("Object of type int64 is not JSON serializable");
+    # target_modules="all-linear" (peft's shorthand) was refused as a target matching no module
+    import json
+
+    import numpy as np
+
+    model = lora.prepare(tiny_model("llama"), r=np.int64(4), alpha=np.float32(8), dropout=np.float32(0.5),
+                         verbose=False)
+    lora.save(model, tmp_path / "a")
+    info = json.loads((tmp_path / "a" / lora.LORA_FILE).read_text())
+    assert (info["r"], info["alpha"], info["dropout"]) == (4, 8.0, 0.5)
+    assert type(info["r"]) is int and lora.load(tiny_model("llama"), tmp_path / "a").peft_config["default"].r == 4
+    for spec in ("all-linear", ["all-linear"]):
+        model = lora.prepare(tiny_model("llama"), target_modules=spec, trainable=(), verbose=False)
+        mlp = lora_names(2, ("gate_proj", "up_proj", "down_proj"), attn="mlp")
+        assert trainable(model) == lora_names(2, ("q_proj", "k_proj", "v_proj", "o_proj")) | mlp  # not lm_head
+
+
+def test_stale_trained_tensors_of_an_earlier_save_are_not_loaded(tmp_path, ids):
+    # longctx before 37672e3 left an earlier save's trainable.safetensors behind when a plain LoRA model was saved
+    # into the same folder; longctx_lora.json records that none belong to this model, yet load copied them in
+    import shutil
+
+    plus = lora.prepare(tiny_model("llama"), verbose=False)
+    with torch.no_grad():
+        plus.base_model.model.model.embed_tokens.weight.add_(0.5)
+    lora.save(plus, tmp_path / "a")
+    shutil.copy(tmp_path / "a" / lora.TRAINABLE_FILE, tmp_path / "stale")
+    plain = lora.prepare(tiny_model("llama", seed=1), trainable=(), verbose=False).eval()
+    lora.save(plain, tmp_path / "a")
+    shutil.copy(tmp_path / "stale", tmp_path / "a" / lora.TRAINABLE_FILE)  # what the old save left
+    loaded = lora.load(tiny_model("llama", seed=1), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, plain(ids).logits)

@@ -282,3 +282,52 @@ def test_a_lora_artifact_is_not_loaded_as_a_model(tiny, tmp_path):
     lora.save(lora.prepare(base, verbose=False), tmp_path / "final")
     with pytest.raises(ValueError, match=r"is a longctx LoRA artifact .*merge it first \(longctx merge"):
         load_model(str(tmp_path / "final"))
+
+
+def test_gguf_model_without_max_position_embeddings_loads(tmp_path, monkeypatch):
+    # a bloom GGUF (ALiBi, no context length): its config has no max_position_embeddings, and _forget_gguf, new on
+    # the .gguf branch, failed with an AttributeError where load_model used to return the model
+    from tokenizers import Tokenizer, models as tk_models
+    from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    def fake_gguf(path, **kwargs):
+        model = BloomForCausalLM(BloomConfig(vocab_size=16, hidden_size=32, n_layer=2, n_head=4))
+        model.hf_quantizer, model.config.quantization_config = GgufHfQuantizer(GgufConfig()), GgufConfig()
+        tk = Tokenizer(tk_models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>"))
+        return model, PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
+
+    monkeypatch.setattr(models, "_load_gguf", fake_gguf)
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    model, tok = load_model(str(tmp_path / "b.gguf"))
+    assert not hasattr(model.config, "max_position_embeddings") and model.hf_quantizer is None
+    model.save_pretrained(tmp_path / "saved")
+
+
+def test_a_model_merged_into_its_artifact_folder_is_refused(tiny, tmp_path):
+    # `longctx merge ART --out ART` (or the artifact copied beside a merged model): config.json is there, so the
+    # artifact check let it through, and transformers loaded the merged model *and* attached the adapter found
+    # beside it: LoRA applied twice, silently. A merged folder with only longctx.json copied beside it still loads.
+    import shutil
+
+    from longctx import lora
+
+    folder, ref = tiny
+    base, _ = load_model(str(folder))
+    model = lora.prepare(base, trainable=(), verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lora.save(model, tmp_path / "art")
+    (tmp_path / "art" / "longctx.json").write_text("{}")
+    shutil.copytree(folder, tmp_path / "merged")
+    shutil.copy(tmp_path / "art" / "longctx.json", tmp_path / "merged")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(load_model(str(tmp_path / "merged"))[0](ids).logits, ref(ids).logits)
+    for f in folder.iterdir():
+        shutil.copy(f, tmp_path / "art")
+    with pytest.raises(ValueError, match="holds both a model .* and a longctx LoRA artifact's adapter"):
+        load_model(str(tmp_path / "art"))

@@ -372,3 +372,12 @@ def test_haystack_is_refused_for_the_passkey_task(ctok):
     with pytest.raises(ValueError, match="haystack applies to task='needle' only"):
         pk.make_prompt(ctok, 600, 0.5, 12345, "passkey", haystack=TEXT)
     assert "The grass is green." in pk.make_prompt(ctok, 600, 0.5, 12345, "passkey").text
+
+
+def test_needle_filler_that_spells_a_special_token_stays_text():
+    # encode_documents (perplexity, training) tokenizes text spelling a special token as text; the passkey/needle
+    # prompt tokenized the corpus filler with the default, so "[EOS]" in a corpus became an EOS inside the prompt
+    tok = char_tokenizer()
+    hay = "the cat [EOS] sat on the mat. " * 40
+    p = pk.make_prompt(tok, 600, 0.5, 12345, "needle", haystack=hay)
+    assert "[EOS]" in p.text and tok.eos_token_id not in p.input_ids

@@ -678,3 +678,15 @@ def test_heldout_eval_scores_every_token_with_eval_score_all(tiny):
     evals = eval_rows(run)
     assert [r["step"] for r in evals] == [0, 1]
     assert all(r["heldout_tokens"] == {"128": 8 * 127} for r in evals)  # 1024 tokens: 8 windows, 127 each
+
+
+def test_merge_refuses_the_artifact_folder_as_its_output(tmp_path, monkeypatch):
+    # `longctx merge ART --out ART` wrote the merged model beside the adapter: that folder then loaded with LoRA twice
+    import longctx.models
+
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / train.SETTINGS_FILE).write_text("{}")
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    for out in (tmp_path / "art", tmp_path / "art" / "." ):
+        with pytest.raises(ValueError, match="is the artifact folder itself"):
+            train.merge_artifact(tmp_path / "art", out)

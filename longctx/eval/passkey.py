@@ -143,7 +143,10 @@ def _insertion(bounds: list[int], n: int, depth: float) -> int:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    # as encode_documents (perplexity, training): filler text spelling a special token ("</s>") stays text
+    from ..data import plain_text_kwargs
+
+    return list(tokenizer(text, add_special_tokens=False, verbose=False, **plain_text_kwargs(tokenizer))["input_ids"])
 
 
 def make_prompt(tokenizer, length: int, depth: float, key, task: str = "passkey", *, haystack=None,
