@@ -372,7 +372,8 @@ def cmd_generate(args) -> int:
     _check_top_p(args, "longctx generate")
     if args.decoder and not any(spec.split(":")[0] == "streaming" for spec in args.method or []):
         raise SystemExit("longctx generate: --decoder needs --method streaming[:sink_size=N:window_size=M]")
-    if args.prompt == "":  # (before the slow load; text that tokenizes to nothing is refused after it)
+    if args.prompt == "" and not args.chat_template:  # (before the slow load; text that tokenizes to nothing is
+        # refused after it; with --chat-template an empty message still makes a prompt: the template's tokens)
         raise SystemExit("longctx generate: the prompt is empty (0 tokens): give --prompt TEXT or text on stdin")
     model, tokenizer = _load(args)
     if args.chat_template:

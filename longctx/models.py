@@ -268,11 +268,13 @@ def check_device(device) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"device: {device!r} is not a device ({err}); use e.g. cpu, cuda or cuda:0") from None
+    if dev.type == "meta":  # a model moved there loses its weights: loading, merging, scoring all failed inside torch
+        raise ValueError(f"device: {device!r} holds no data (a model there has no weights); use e.g. cpu or cuda")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (dev.index is not None and dev.index >= count):
             raise ValueError(f"device: {device!r} is not available here (CUDA devices: {count}); use e.g. cpu")
-    elif dev.type not in ("cpu", "meta"):  # mps, xpu, ...: a tensor there is the test torch itself would fail
+    elif dev.type != "cpu":  # mps, xpu, ...: a tensor there is the test torch itself would fail
         try:
             torch.empty(0, device=dev)
         except Exception as err:

@@ -930,6 +930,10 @@ def merge_artifact(artifact, out, *, base: str | None = None, dtype=None, device
     if Path(out).resolve() == artifact.resolve():  # a merged model beside its own adapter loads with LoRA twice
         raise ValueError(f"merge: --out {out} is the artifact folder itself; write the merged model to a folder "
                          f"of its own")
+    beside = [f for f in ("adapter_config.json", SETTINGS_FILE, lora.LORA_FILE) if (Path(out) / f).is_file()]
+    if beside:  # another artifact's folder (best/, another run's final/): the same, with that artifact's adapter
+        raise ValueError(f"merge: --out {out} holds a LoRA artifact or adapter ({', '.join(beside)}): a merged model "
+                         f"beside an adapter loads with that adapter on top; write it to a folder of its own")
     settings = json.loads((artifact / SETTINGS_FILE).read_text())
     model, tokenizer = load_model(base or settings["base_model"], dtype=torch.float32, device=device)
     rope = settings.get("rope")

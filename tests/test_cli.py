@@ -224,3 +224,21 @@ def test_every_command_refuses_a_bad_device_before_loading(monkeypatch, argv):
     monkeypatch.setattr(longctx.train, "merge_artifact", _boom)
     with pytest.raises(SystemExit, match="--device: 'gpu' is not a device"):
         cli.main([*argv, "--device", "gpu"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["merge", "some/artifact", "--out", "merged"],
+    ["generate", "--prompt", "hi"],
+    ["ppl", "--lengths", "64"]])
+def test_every_command_refuses_the_meta_device_before_loading(monkeypatch, argv):
+    # --device meta passed the check: the model loaded, moved to meta (its weights gone), and the command failed
+    # inside torch ("Tensor.item() cannot be called on meta tensors"); merge left a folder with config.json only
+    import longctx.train
+
+    monkeypatch.setattr(longctx.data, "load_corpus", _boom)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    monkeypatch.setattr(longctx.train, "merge_artifact", _boom)
+    with pytest.raises(SystemExit, match="--device: 'meta' holds no data"):
+        cli.main([*argv, "--device", "meta"])
+    with pytest.raises(ValueError, match="holds no data"):
+        longctx.models.check_device("meta")

@@ -690,3 +690,19 @@ def test_merge_refuses_the_artifact_folder_as_its_output(tmp_path, monkeypatch):
     for out in (tmp_path / "art", tmp_path / "art" / "." ):
         with pytest.raises(ValueError, match="is the artifact folder itself"):
             train.merge_artifact(tmp_path / "art", out)
+
+
+def test_merge_refuses_another_artifacts_folder_as_its_output(tmp_path, monkeypatch):
+    # only --out == the artifact was refused: merging final/ into best/ (or another run's artifact, or a folder
+    # holding a peft adapter) put the merged model beside that adapter, which plain transformers then loads on top
+    import longctx.models
+
+    for name in ("final", "best", "adapter"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "final" / train.SETTINGS_FILE).write_text("{}")
+    (tmp_path / "best" / train.SETTINGS_FILE).write_text("{}")
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    for out in ("best", "adapter"):
+        with pytest.raises(ValueError, match="holds a LoRA artifact or adapter"):
+            train.merge_artifact(tmp_path / "final", tmp_path / out)

@@ -2150,3 +2150,16 @@ def test_generate_refuses_an_empty_prompt_before_loading(monkeypatch):
     args = build_parser().parse_args(["generate", "--prompt", "", "--device", "cpu"])
     with pytest.raises(SystemExit, match="the prompt is empty"):
         args.func(args)
+
+
+def test_generate_with_a_chat_template_takes_an_empty_message(monkeypatch, capsys):
+    # the empty --prompt refusal before loading also refused --chat-template --prompt "", whose prompt is the template's
+    # tokens ("<user> <end> <bot>"), not 0 tokens as the message said; it generated before that refusal was added
+    import longctx.models
+    from longctx.cli import build_parser
+
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (tiny_model("llama"), tiny_tokenizer()))
+    args = build_parser().parse_args(["generate", "--prompt", "", "--chat-template", "--model", "tiny", "--device",
+                                      "cpu", "--max-new-tokens", "2", "--ignore-eos"])
+    assert args.func(args) == 0
+    assert "[3 prompt tokens, 2 new" in capsys.readouterr().err
