@@ -578,3 +578,53 @@ def test_remove_restores_a_saved_record_of_the_same_method(tmp_path, ids):
     first.remove()  # not in the order applied
     second.remove()
     assert reloaded.config.to_dict() == before and torch.equal(logits(reloaded, ids), ref)
+
+
+@pytest.mark.parametrize("yarn_original", [None, TRAINED_LEN // 2])
+def test_yarn_original_length_is_not_overridden_by_a_top_level_config_value(yarn_original, ids, tmp_path):
+    """transformers' rope init replaces a flat yarn/longrope configuration's original_max_position_embeddings with a
+    top-level config.original_max_position_embeddings (phi3 has one, any config.json may carry one): yarn's option
+    (or its default, max_position_embeddings) was silently ignored, while max_position_embeddings followed it."""
+    model = tiny_model("llama", original_max_position_embeddings=4096)
+    before = logits(model, ids)
+    original = yarn_original or TRAINED_LEN
+    options = {} if yarn_original is None else {"original_max_position_embeddings": yarn_original}
+    reference = tiny_model("llama")  # the same weights, no stray top-level value
+    expected = logits(native_twin(reference, {**NATIVE["yarn"][1], "original_max_position_embeddings": original},
+                                  4 * original), ids)
+    with longctx.applied(model, "yarn", factor=FACTOR, **options):
+        assert model.config.rope_parameters["original_max_position_embeddings"] == original
+        assert torch.equal(logits(model, ids), expected)
+        model.save_pretrained(tmp_path)
+    assert torch.equal(logits(model, ids), before) and model.config.original_max_position_embeddings == 4096
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(logits(reloaded, ids), expected)
+
+
+def test_phi3_yarn_honours_original_max_position_embeddings():
+    # a phi3 checkpoint as published: original_max_position_embeddings == max_position_embeddings
+    model = tiny_model("phi3", partial_rotary_factor=1.0, original_max_position_embeddings=TRAINED_LEN)
+    half = TRAINED_LEN // 2
+    cfg = tiny_config("llama")
+    cfg.rope_parameters = {**NATIVE["yarn"][1], "rope_theta": 10000.0, "original_max_position_embeddings": half}
+    cfg.max_position_embeddings = 4 * half
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    want, want_scale = ROPE_INIT_FUNCTIONS["yarn"](cfg)
+    with longctx.applied(model, "yarn", factor=FACTOR, original_max_position_embeddings=half):
+        rotary = model.base_model.rotary_emb
+        rotary(torch.zeros(1), torch.arange(3 * TRAINED_LEN)[None])
+        torch.testing.assert_close(rotary.inv_freq, want, rtol=1e-6, atol=0)
+        assert rotary.attention_scaling == pytest.approx(want_scale, rel=1e-12)
+        assert model.config.max_position_embeddings == 4 * half
+    assert model.config.original_max_position_embeddings == TRAINED_LEN
+
+
+@pytest.mark.parametrize("method", ["linear", "ntk", "yarn"])
+def test_a_factor_that_leaves_no_positions_is_refused(method):
+    # 64 x 1e-3 rounds to 0: the patch was applied with max_position_embeddings 0 in the config (and saved so)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"option 'factor' \(0.001\) is too small.*max_position_embeddings would be 0"):
+        longctx.apply(model, method, factor=1e-3)
+    assert model.config.max_position_embeddings == TRAINED_LEN and longctx.active_patches(model) == []
+    with longctx.applied(model, method, factor=1 / TRAINED_LEN):  # one position is still a model
+        assert model.config.max_position_embeddings == 1

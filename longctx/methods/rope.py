@@ -175,6 +175,9 @@ class RopePatch(Patch):
                 )
             inv_freq = getattr(old, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq")
             entry, entry_len = self.scaled(dict(current), 2 * inv_freq.numel(), trained_len)
+            if entry_len < 1:  # a factor below 1 / the trained length: max_position_embeddings 0 went into the config
+                raise ValueError(f"option 'factor' ({self.options.factor}) is too small for this model: its "
+                                 f"max_position_embeddings would be {entry_len} (now {trained_len}); it must be >= 1")
             if allowed is not None and entry["rope_type"] not in allowed:
                 entry = self._as_longrope(type(old), config, layer_type, entry, entry_len, allowed)
             if layer_type is None:
@@ -184,21 +187,34 @@ class RopePatch(Patch):
             new_len = entry_len if new_len is None else max(new_len, entry_len)
 
         head_dim = getattr(config, "head_dim", 0)
+        # transformers' rope init functions (standardize_rope_params) overwrite the original_max_position_embeddings
+        # of a flat yarn/longrope configuration with a top-level config.original_max_position_embeddings (phi3 has one,
+        # any config.json may carry one): it must say the same, or the trained length (and the yarn option) was ignored
+        # (held as a 1-tuple of the old value, None where there is nothing to change: the patch may be deep-copied)
+        top = None
+        if not nested and hasattr(config, "original_max_position_embeddings") \
+                and "original_max_position_embeddings" in params:
+            top = (config.original_max_position_embeddings,)
         # not the parent module (found again at remove()): held by the patch, it kept the decoder body, weights
         # included, alive after the model was dropped without remove()
         saved = (config, config.rope_parameters, config.max_position_embeddings, None, attr, old, head_dim)
         try:
             config.rope_parameters = params
             config.max_position_embeddings = int(new_len)
+            if top is not None:
+                config.original_max_position_embeddings = params["original_max_position_embeddings"]
             if head_dim is None:  # mixtral: rope init functions other than default's read head_dim unguarded
                 config.head_dim = config.hidden_size // config.num_attention_heads
             new = type(old)(config=config)
         except Exception:  # the config is left as it was: nothing half-applied
             config.rope_parameters, config.max_position_embeddings = saved[1], saved[2]
+            if top is not None:
+                config.original_max_position_embeddings = top[0]
             if head_dim is None:
                 config.head_dim = None
             raise
         self._saved = saved
+        self._top_original = top
         # follow the old module's device (and dtype, if someone cast the buffers), and its train/eval mode (a new
         # module is in training mode, which left model.eval()'s rotary module the one module training)
         buf = next(old.buffers())
@@ -220,6 +236,8 @@ class RopePatch(Patch):
         probe.max_position_embeddings = new_len
         if layer_type is None:
             probe.rope_parameters = entry
+            if hasattr(probe, "original_max_position_embeddings") and "original_max_position_embeddings" in entry:
+                probe.original_max_position_embeddings = entry["original_max_position_embeddings"]  # (see _attach)
         else:
             probe.rope_parameters = {**probe.rope_parameters, layer_type: entry}
         plain, _ = rotary_cls.compute_default_rope_parameters(config, layer_type=layer_type)
@@ -238,6 +256,9 @@ class RopePatch(Patch):
         config.max_position_embeddings = max_len
         if head_dim is None:
             config.head_dim = None
+        top = getattr(self, "_top_original", None)  # (absent in a patch pickled by an older longctx)
+        if top is not None:
+            config.original_max_position_embeddings = top[0]
         # follow casts, moves and model.train() / model.eval() made while patched (the old module was outside the
         # model then)
         cur = getattr(parent, attr)
