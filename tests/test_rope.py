@@ -628,3 +628,16 @@ def test_a_factor_that_leaves_no_positions_is_refused(method):
     assert model.config.max_position_embeddings == TRAINED_LEN and longctx.active_patches(model) == []
     with longctx.applied(model, method, factor=1 / TRAINED_LEN):  # one position is still a model
         assert model.config.max_position_embeddings == 1
+
+
+@pytest.mark.parametrize("method", ["linear", "ntk", "yarn"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma3_text"])
+def test_a_factor_too_large_for_a_float_is_refused_as_an_option_error(method, family):
+    # the mirror of the 'too small' check: round(64 * 1e307) (linear, yarn) or ntk's base * factor^(d/(d-2)) overflow a
+    # float and raised OverflowError, not the ValueError every other bad option gives (the CLI reports ValueErrors
+    # only: a traceback)
+    model = tiny_model(family)
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match=r"option 'factor' \(1e\+307\) is too large"):
+        longctx.apply(model, method, factor=1e307)
+    assert model.config.to_dict() == before and longctx.active_patches(model) == []

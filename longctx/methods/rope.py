@@ -174,7 +174,11 @@ class RopePatch(Patch):
                     f"(config.rope_parameters); longctx RoPE methods rescale plain RoPE. Load the unscaled model."
                 )
             inv_freq = getattr(old, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq")
-            entry, entry_len = self.scaled(dict(current), 2 * inv_freq.numel(), trained_len)
+            try:
+                entry, entry_len = self.scaled(dict(current), 2 * inv_freq.numel(), trained_len)
+            except OverflowError:  # max_position_embeddings (or ntk's rope_theta) past a float: not a model either
+                raise ValueError(f"option 'factor' ({self.options.factor}) is too large for this model: its "
+                                 f"max_position_embeddings or rope_theta would overflow (now {trained_len})") from None
             if entry_len < 1:  # a factor below 1 / the trained length: max_position_embeddings 0 went into the config
                 raise ValueError(f"option 'factor' ({self.options.factor}) is too small for this model: its "
                                  f"max_position_embeddings would be {entry_len} (now {trained_len}); it must be >= 1")
