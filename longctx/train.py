@@ -242,6 +242,11 @@ def _update(cfg: dict, new: dict, where: str) -> None:
         name = f"{where}{key}"
         if key not in cfg and not (where and where.rstrip(".") in _OPEN_SECTIONS):
             raise ValueError(f"unknown config key {name!r}; known keys here: {', '.join(cfg)}")
+        if (not where and key not in _OPEN_SECTIONS and isinstance(DEFAULTS.get(key), dict)
+                and isinstance(value, dict) and not isinstance(cfg.get(key), dict)):
+            # a section set to false/null (eval: false), then given settings (eval.every=5): its keys are
+            # checked against the defaults again, which fill in the rest (not a mapping of the given keys only)
+            cfg[key] = copy.deepcopy(DEFAULTS[key])
         if isinstance(cfg.get(key), dict) and isinstance(value, dict):
             _update(cfg[key], value, f"{name}.")
         else:
@@ -335,7 +340,11 @@ def s2attn_options(cfg: dict) -> dict | None:
 # ----------------------------------------------------------------------------------------- data
 def select_documents(docs, holdout=()) -> list:
     """``docs`` without the held-out ones (by name; each name must match exactly one document)."""
-    return select_documents_by_name(docs, list(holdout or []), "data.holdout")[1]
+    held, rest = select_documents_by_name(docs, list(holdout or []), "data.holdout")
+    if held and not rest:
+        raise ValueError(f"data.holdout holds out every document of the corpus ({[d.name for d in held]}): "
+                         f"nothing is left to train on")
+    return rest
 
 
 def pack_documents(tokenizer, docs, seq_len: int) -> torch.Tensor:
@@ -361,7 +370,10 @@ def sample_indices(n: int, micro_step: int, rank: int, world: int, batch_size: i
     """Which of ``n`` packed sequences process ``rank`` trains on at ``micro_step``. Epoch e visits
     the sequences in the order ``randperm(n)`` seeded with ``seed + e``; the micro-steps of all
     processes walk through that order without overlap. Depends on nothing else: resuming at a
-    micro-step resumes the data exactly."""
+    micro-step resumes the data exactly. (Known: seed s's epoch e is seed s+1's epoch e-1, so runs with
+    consecutive seeds differ in their first epoch's order only; for a seed study use seeds further apart
+    than the number of epochs.
+    Kept because the committed LongLoRA runs were trained with this order.)"""
     out, perms = [], {}
     start = (micro_step * world + rank) * batch_size
     for pos in range(start, start + batch_size):
@@ -695,6 +707,12 @@ class HeldoutEval:
         self.accelerator = accelerator
         self.last_step = cfg["train"]["steps"]
         self.ids = load_heldout(cfg, tokenizer, self.settings) if accelerator.is_main_process else None
+        if self.ids is not None:  # a length with no full window would be logged as null at every evaluation
+            short = [L for L in self.settings["lengths"] if not any(len(ids) >= L for ids in self.ids)]
+            if short:
+                raise ValueError(f"eval: no held-out document (data.holdout) has {short[0]:,} tokens, the window "
+                                 f"length of eval.lengths {short}: they have {[len(ids) for ids in self.ids]} tokens "
+                                 f"(eval.max_tokens cuts them); hold out longer documents or shorten eval.lengths")
         self.best: float | None = None  # lowest perplexity at the longest length so far
 
     @property
@@ -781,11 +799,12 @@ def _only_trainable(models, weights, output_dir) -> None:
 
 RUN_CONFIG = "run_config.json"
 # what a resumed run must share with the run that wrote its checkpoint (logging, checkpointing, evaluation,
-# wandb and output may change; train.steps too, under a constant schedule: check_resume)
+# wandb and output may change; train.steps too, under a constant schedule: check_resume; and
+# train.gradient_checkpointing, train.compile: memory and speed, not the optimizer state, data or model)
 RESUME_KEYS = ("model", "dtype", "attn_implementation", "target_length", "rope", "s2attn", "lora", "data", "make_tiny",
                "train.micro_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size", "train.lr",
                "train.weight_decay", "train.betas", "train.eps", "train.warmup_steps", "train.lr_scheduler",
-               "train.max_grad_norm", "train.seed", "train.mixed_precision", "train.gradient_checkpointing")
+               "train.max_grad_norm", "train.seed", "train.mixed_precision")
 
 
 def check_resume(folder, cfg: dict) -> None:
@@ -808,8 +827,8 @@ def check_resume(folder, cfg: dict) -> None:
                      f"{get(now, 'train.lr_scheduler')} schedule decays over train.steps)")
     if diffs:
         raise ValueError(f"resume: settings differ from the run that wrote {folder}: {'; '.join(diffs)}. Resume with "
-                         f"the same settings (train.steps with a constant schedule, logging, checkpointing, eval and "
-                         f"wandb may change) or start a new output_dir")
+                         f"the same settings (train.steps with a constant schedule, logging, checkpointing, eval, "
+                         f"wandb and train.gradient_checkpointing may change) or start a new output_dir")
 
 
 def check_resumed_state(output_dir, state: TrainState, processes: int, steps: int | None = None) -> None:
@@ -849,9 +868,13 @@ def save_checkpoint(accelerator, output_dir, state: TrainState, keep: int | None
     if accelerator.is_main_process:
         if config is not None:
             (folder / RUN_CONFIG).write_text(strict_dumps(config, default=str, indent=1) + "\n")
-        (folder / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")  # written last: complete
+        # written last (complete), whole or not at all: an interrupted write leaves no truncated state file
+        partial = folder / (STATE_FILE + ".partial")
+        partial.write_text(json.dumps(asdict(state)) + "\n")
+        os.replace(partial, folder / STATE_FILE)
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
+                (old / STATE_FILE).unlink(missing_ok=True)  # first: one half deleted is not listed as complete
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return folder

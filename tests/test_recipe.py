@@ -706,3 +706,81 @@ def test_merge_refuses_another_artifacts_folder_as_its_output(tmp_path, monkeypa
     for out in ("best", "adapter"):
         with pytest.raises(ValueError, match="holds a LoRA artifact or adapter"):
             train.merge_artifact(tmp_path / "final", tmp_path / out)
+
+
+def test_a_section_turned_off_then_given_settings_is_checked_against_its_defaults():
+    # eval: false in a config, then eval.every=5 eval.keep_best=true: the section became {every: 5} and its
+    # second valid key was refused ("known keys here: every"); a typo there (eval.evry=5) was taken silently
+    # (evaluation off: eval_settings fills in every: 0)
+    cfg = train.load_config(CONFIG, ["eval=false", "eval.every=5", "eval.keep_best=true"])
+    assert cfg["eval"] == {**train.DEFAULTS["eval"], "every": 5, "keep_best": True}
+    assert train.eval_settings(cfg)["every"] == 5
+    with pytest.raises(ValueError, match="unknown config key 'eval.evry'"):
+        train.load_config(CONFIG, ["eval=false", "eval.evry=5"])
+    with pytest.raises(ValueError, match="unknown config key 'eval.lenghts'"):
+        train.load_config(CONFIG, ["eval=null", "eval={every: 5, lenghts: [64]}"])
+    assert train.load_config(CONFIG, ["lora=null", "lora.r=4"])["lora"] == {**train.DEFAULTS["lora"], "r": 4}
+    assert train.load_config(CONFIG, ["rope=null", "rope.method=ntk"])["rope"] == {"method": "ntk"}  # open: as given
+
+
+def test_heldout_documents_shorter_than_the_eval_length_are_refused(tiny, tmp_path):
+    # a held-out document shorter than eval.lengths has no window: every evaluation logged heldout_ppl null
+    # (a warning each time), keep_best never saved, the artifact recorded null; and a corpus whose only
+    # document is held out failed as "the training documents have 0 tokens"
+    from transformers import AutoTokenizer
+
+    docs = [json.loads(line) for line in (tiny / "corpus.jsonl").read_text().splitlines()]
+    docs[-1]["text"] = docs[-1]["text"][:100]  # "Held Out": 100 tokens
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = train.load_config(CONFIG, [f"data.corpus={tmp_path / 'corpus.jsonl'}", "train.mixed_precision=no"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "base")
+    with pytest.raises(ValueError, match=r"no held-out document \(data.holdout\) has 128 tokens.*\[100\] tokens"):
+        train.HeldoutEval(cfg, train.make_accelerator(cfg), tokenizer)
+    cfg = train.load_config(CONFIG, [f"data.corpus={tmp_path / 'corpus.jsonl'}", "eval.lengths=[64]",
+                                     "eval.max_tokens=64"])
+    assert [len(ids) for ids in train.HeldoutEval(cfg, train.make_accelerator(cfg), tokenizer).ids] == [64]
+    corpus = longctx.load_corpus(str(tmp_path / "corpus.jsonl"))
+    with pytest.raises(ValueError, match="holds out every document of the corpus"):
+        train.select_documents(corpus[-1:], ["Held Out"])
+
+
+def test_checkpoint_interrupted_while_writing_its_state_file_is_not_listed(tmp_path, monkeypatch):
+    # trainer_state.json (what makes a checkpoint complete) was written in place: an interrupt (SIGINT, a kill)
+    # between opening and writing it left an empty or truncated file, listed as complete: resume=true took it and
+    # failed (JSONDecodeError) instead of continuing from the one before. Pruning, stopped half way, likewise.
+    accelerator = train.make_accelerator(train.load_config(CONFIG, ["train.mixed_precision=no"]))
+    train.save_checkpoint(accelerator, tmp_path, train.TrainState(step=10, micro_step=20), keep=2)
+    write_text = Path.write_text
+
+    def interrupted(self, data, *args, **kwargs):
+        if self.name.startswith(train.STATE_FILE):
+            write_text(self, data[: len(data) // 2])
+            raise KeyboardInterrupt
+        return write_text(self, data, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(accelerator, tmp_path, train.TrainState(step=20, micro_step=40), keep=2)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    [latest] = train.list_checkpoints(tmp_path)
+    assert train.resume_folder({"output_dir": tmp_path, "resume": True}) == latest
+    assert train.load_checkpoint(accelerator, latest).step == 10
+    train.save_checkpoint(accelerator, tmp_path, train.TrainState(step=20, micro_step=40), keep=2)
+
+    def rmtree(path, ignore_errors=False):  # stopped after deleting the model file
+        (Path(path) / "model.safetensors").unlink(missing_ok=True)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.shutil, "rmtree", rmtree)
+    (tmp_path / "checkpoints/step_000010/model.safetensors").write_bytes(b"")
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(accelerator, tmp_path, train.TrainState(step=30, micro_step=60), keep=2)
+    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["step_000020", "step_000030"]
+
+
+def test_gradient_checkpointing_may_change_on_resume(tmp_path):
+    # activation checkpointing trades memory for time; the training is the same (bit for bit on the tiny
+    # model, dropout on): resuming with it turned on (a smaller GPU) or off was refused as a changed setting
+    saved = train.load_config(CONFIG, ["train.gradient_checkpointing=true"])
+    (tmp_path / train.RUN_CONFIG).write_text(json.dumps(saved, default=str))
+    train.check_resume(tmp_path, train.load_config(CONFIG, ["train.gradient_checkpointing=false"]))
+    with pytest.raises(ValueError, match="train.seed: 0 -> 1"):
+        train.check_resume(tmp_path, train.load_config(CONFIG, ["train.seed=1"]))
