@@ -220,7 +220,8 @@ def cmd_ppl(args) -> int:
         save_json(results, args.out, model=args.model, corpus=args.corpus, **corpus_options,
                   docs=[d.name for d in docs], max_tokens=args.max_tokens,
                   methods={label: {"method": n, **o} for label, n, o in specs}, mode=args.mode, stride=args.stride,
-                  score=args.score, **tail, lengths=args.lengths, dtype=args.dtype, command=command_line(args))
+                  score=args.score, **tail, lengths=args.lengths, dtype=args.dtype, device=args.device,
+                  compile=args.compile, command=command_line(args))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -577,3 +577,28 @@ def test_eval_modules_make_no_float64_on_the_model_device():
     for mod in (ppl_mod, stream_mod):
         src = inspect.getsource(mod)
         assert not re.search(r"\.double\(\)|torch\.float64", src), mod.__name__
+
+
+def test_save_json_names_the_device_the_run_used(tmp_path, monkeypatch):
+    # env.device was CUDA's current GPU whenever CUDA was available: `longctx ppl --device cpu` on a GPU host wrote
+    # the GPU's name (and --device cuda:1 GPU 0's); the run's device and --compile were not in the settings
+    from longctx import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {device}")
+    env = json.loads(save_json({}, tmp_path / "a.json", device="cpu").read_text())["env"]
+    assert env["device"].startswith("cpu (")
+    assert json.loads(save_json({}, tmp_path / "b.json", device="cuda:1").read_text())["env"]["device"] == "GPU cuda:1"
+    assert json.loads(save_json({}, tmp_path / "c.json").read_text())["env"]["device"] == "GPU None"
+    import longctx.data
+    import longctx.eval
+    import longctx.models
+
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(longctx.data, "load_corpus", lambda *a, **k: [])
+    monkeypatch.setattr(longctx.data, "encode_documents", lambda *a, **k: [])
+    monkeypatch.setattr(longctx.eval, "perplexity", lambda model, ids, lengths, **k: {L: {"ppl": 2.0} for L in lengths})
+    cli.main(["ppl", "--lengths", "4", "--device", "cpu", "--out", str(tmp_path / "p.json")])
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["env"]["device"].startswith("cpu (")
+    assert saved["settings"]["device"] == "cpu" and saved["settings"]["compile"] is False

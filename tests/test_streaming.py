@@ -2163,3 +2163,70 @@ def test_generate_with_a_chat_template_takes_an_empty_message(monkeypatch, capsy
                                       "cpu", "--max-new-tokens", "2", "--ignore-eos"])
     assert args.func(args) == 0
     assert "[3 prompt tokens, 2 new" in capsys.readouterr().err
+
+
+def test_streaming_perplexity_is_exp_of_its_nll_in_float64():
+    # ppl was exp(nll) in float32: 7 digits off the nll it sits beside (16.25762176513672 in kjv_sinks.json for
+    # 16.2576212...), and inf past nll 88.7 where perplexity() gives a finite number up to nll 700
+    import math
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight *= 300  # a diverged model: mean nll ~124
+    for policy in ("recompute", "sinks"):
+        res = streaming_perplexity(model, torch.arange(3, 40), 2, 6, policy=policy, progress=False)
+        assert 88.8 < res["nll"] < 700
+        assert res["ppl"] == math.exp(res["nll"])
+    res = streaming_perplexity(tiny_model("llama"), ids_for(30)[0], 2, 6, progress=False)
+    assert res["ppl"] == math.exp(res["nll"])
+
+
+def test_stream_ppl_out_in_a_new_folder(tmp_path, monkeypatch, capsys):
+    # `longctx stream-ppl --out new/dir/s.json` failed with FileNotFoundError after the whole run (the results
+    # lost); `longctx ppl --out` makes the folder (save_json)
+    import longctx.eval.streaming as streaming
+    import longctx.models
+    from longctx.cli import build_parser
+
+    from conftest import strict_loads
+    from test_passkey import TEXT, char_tokenizer
+
+    (tmp_path / "c.txt").write_text(TEXT)
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (None, char_tokenizer()))
+    monkeypatch.setattr(streaming, "streaming_perplexity", lambda model, ids, sink, window, policy, chunk_size,
+                        curve_every: {"policy": policy, "ppl": 2.0, "tokens": len(ids), "max_cache": 8,
+                                      "chunk_size": chunk_size, "tokens_per_s": 1.0, "curve": []})
+    out = tmp_path / "new" / "dir" / "s.json"
+    args = build_parser().parse_args(["stream-ppl", "--corpus", str(tmp_path / "c.txt"), "--policy", "sinks",
+                                      "--window-size", "8", "--out", str(out)])
+    assert args.func(args) == 0
+    assert strict_loads(out.read_text())["results"][0]["ppl"] == 2.0
+
+
+def test_streaming_curve_points_only_where_a_multiple_was_passed():
+    # "a point at the first chunk end at or past each multiple of curve_every, at most one per chunk": with chunks of
+    # 25 and curve_every=10 the ends 25 and 50 pass multiples (10, 20; 30, 40, 50); the last chunk's end, 52, passes
+    # none but got a point too (the count of points lagged the count of multiples)
+    model = tiny_model("llama")
+    ids = ids_for(53)[0]
+    for policy in ("dense", "recompute"):
+        res = streaming_perplexity(model, ids, 2, 30, policy=policy, chunk_size=25, curve_every=10, progress=False)
+        assert [p[0] for p in res["curve"]] == [25, 50]
+    res = streaming_perplexity(model, ids, 2, 30, chunk_size=4, curve_every=10, progress=False)
+    assert [p[0] for p in res["curve"]] == [12, 20, 32, 40, 52]
+
+
+def test_streaming_perplexity_checks_curve_every_and_integer_ids():
+    # curve_every=0 or -5 gave no curve without a word (the CLI refuses them); float ids were rounded down to token
+    # ids and a bool mask scored as tokens 0/1 (perplexity() refuses both)
+    import numpy as np
+
+    model = tiny_model("llama")
+    ids = ids_for(12)[0]
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="curve_every must be a positive integer"):
+            streaming_perplexity(model, ids, 2, 6, curve_every=bad, progress=False)
+    for bad in (ids.float() + 0.7, ids > 60):
+        with pytest.raises(TypeError, match="integer token ids"):
+            streaming_perplexity(model, bad, 2, 6, progress=False)
+    assert streaming_perplexity(model, ids.tolist(), 2, 6, curve_every=np.int64(5), progress=False)["curve"]

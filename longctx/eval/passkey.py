@@ -485,7 +485,7 @@ def cmd_passkey(args) -> int:
         save_json(results, args.out, model=args.model, task=args.task, corpus=args.corpus if args.task == "needle" else None,
                   methods={label: {"method": n, **o} for label, n, o in specs}, lengths=args.lengths,
                   depths=args.depths, trials=args.trials, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                  dtype=args.dtype, command=command_line(args))
+                  dtype=args.dtype, device=device, command=command_line(args))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

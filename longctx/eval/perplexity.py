@@ -341,16 +341,22 @@ def _chunked_nll(rows, tgt, to_logits, chunk):
 
 def save_json(result, path, **settings):
     """Write {"results", "settings", "env"} to `path` (settings: model, method, options, mode,
-    stride, score, lengths, ...; torch/transformers versions and the device name are added).
+    stride, score, lengths, device, ...; torch/transformers versions and the name of the device are added: the
+    settings' "device" where given, else CUDA's current device if there is one).
 
     The file is strict JSON: a non-finite float (a perplexity that overflowed, NaN from a diverged model)
     is written as the string "Infinity", "-Infinity" or "NaN" (``longctx.utils.strict_dumps``; read back
     with ``longctx.utils.decode_nonfinite``, or float() on the value)."""
     import transformers
 
+    # the device the run used (settings "device", e.g. --device cpu on a GPU host, or cuda:1), else CUDA's default
+    where = torch.device(settings["device"]) if settings.get("device") is not None else None
+    if (where is None or where.type == "cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(where)
+    else:
+        name = f"{'cpu' if where is None else where.type} ({platform.machine()})"
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(),
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"}
+           "python": platform.python_version(), "device": name}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": result, "settings": settings, "env": env}

@@ -18,6 +18,7 @@ first is scored once: ids[t] is predicted from the logits at t - 1.
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 
@@ -51,6 +52,9 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chunk_size = int(chunk_size)  # (numpy integers too, as sink_size and window_size)
+    if curve_every is not None and (isinstance(curve_every, bool) or not isinstance(curve_every, numbers.Integral)
+                                    or curve_every < 1):  # (0 or a negative number: silently no curve)
+        raise ValueError(f"curve_every must be a positive integer or None, got {curve_every!r}")
     if policy != "dense" and chunk_size > window_size:
         raise ValueError(f"chunk_size ({chunk_size}) must be <= window_size ({window_size}): a chunk has to "
                          f"fit in the cache window")
@@ -58,7 +62,10 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
         # (on this model or another handle of it, e.g. its base model: that one's forward runs inside this one's)
         raise ValueError("streaming_perplexity applies the streaming patch itself (policies sinks and window) and "
                          "needs the model without it; remove the model's streaming patch first")
-    ids = torch.as_tensor(ids, dtype=torch.long)
+    ids = torch.as_tensor(ids)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:  # as perplexity(): no silent rounding
+        raise TypeError(f"ids must hold integer token ids, got {ids.dtype}")
+    ids = ids.long()
     if sum(n > 1 for n in ids.shape) > 1:  # (2, N): two streams, which flatten() would join into one
         raise ValueError(f"ids must be one token stream (1-D, or (1, N)), got shape {tuple(ids.shape)}; "
                          f"score the rows of a batch one by one")
@@ -123,13 +130,14 @@ def _stream_ppl(model, ids, sink_size, window_size, policy, chunk_size, curve_ev
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     mean = (nll / scored).item()
+    ppl = math.exp(mean) if mean < 700 else float("inf") if mean == mean else float("nan")  # float64, as perplexity()
     return {"policy": policy, "sink_size": sink_size, "window_size": window_size, "chunk_size": chunk_size,
-            "ppl": float(torch.tensor(mean).exp()), "nll": mean, "tokens": scored, "seconds": seconds,
+            "ppl": ppl, "nll": mean, "tokens": scored, "seconds": seconds,
             "tokens_per_s": scored / seconds, "max_cache": max_cache, "curve": curve}
 
 
 def _curve(curve, every, scored, nll, cache_len, device):
-    if every and scored // every > len(curve):
+    if every and scored // every > (curve[-1][0] // every if curve else 0):  # passed a multiple since the last point
         mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         curve.append((scored, float((nll / scored).exp()), cache_len, mem))
     return curve
@@ -180,6 +188,9 @@ def cmd_stream_ppl(args) -> int:
     for r in rows:
         print(f"| {r['policy']} | {r['tokens']:,} | {r['max_cache']} | {r['chunk_size']} | {r['ppl']:.4g} |")
     if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as `longctx ppl --out` (save_json)
         with open(args.out, "w") as f:  # strict JSON: a non-finite ppl as "Infinity"/"NaN" (strict_dumps)
             f.write(strict_dumps({"settings": vars(args) | {"func": None}, "results": rows}, indent=1))
     return 0
