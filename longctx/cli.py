@@ -197,6 +197,10 @@ def cmd_ppl(args) -> int:
             docs = select_documents(docs, wanted, "--docs")[0]
         except ValueError as err:
             raise SystemExit(str(err)) from None
+    if args.device is None:  # as main() and passkey: cuda when available (load_model's None is the CPU, and the
+        import torch  # JSON named CUDA's GPU for that run)
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     ids = encode_documents(tokenizer, docs, max_tokens=args.max_tokens)
     print(f"loaded {args.model} and {len(ids)} document(s), {sum(len(x) for x in ids):,} tokens "

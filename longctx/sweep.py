@@ -424,7 +424,8 @@ def environment(device) -> dict:
     if dev.startswith("cuda") and torch.cuda.is_available():
         hardware = torch.cuda.get_device_name(torch.device(dev))
     else:
-        hardware = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+        kind = "cpu" if dev.startswith("cuda") else dev.split(":")[0]  # mps, xpu: not "cpu" (as save_json)
+        hardware = f"{kind} ({platform.machine()}, {os.cpu_count()} cores)"
     return {"git_commit": commit, "git_dirty": dirty,
             "versions": {"longctx": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},

@@ -602,3 +602,46 @@ def test_save_json_names_the_device_the_run_used(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["env"]["device"].startswith("cpu (")
     assert saved["settings"]["device"] == "cpu" and saved["settings"]["compile"] is False
+
+
+def test_save_json_device_it_cannot_name(tmp_path, monkeypatch):
+    import platform
+
+    # save_json parsed settings["device"] with torch.device and asked CUDA for its name: a device torch does not parse
+    # ("auto"; 0 on a machine with no accelerator) raised RuntimeError, and cuda:1 on a one-GPU host raised in
+    # get_device_name, after the whole run (its results lost); before, any device setting was written as given
+    for device in ("auto", 0):
+        saved = json.loads(save_json({"x": 1}, tmp_path / "a.json", device=device).read_text())
+        assert saved["results"] == {"x": 1} and saved["settings"]["device"] == device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def name(device=None):
+        if torch.device(device).index not in (None, 0):
+            raise AssertionError("Invalid device id")
+        return "GPU 0"
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", name)
+    assert json.loads(save_json({}, tmp_path / "b.json", device="cuda:0").read_text())["env"]["device"] == "GPU 0"
+    assert json.loads(save_json({}, tmp_path / "c.json", device="cuda:1").read_text())["env"]["device"] == \
+        f"cuda ({platform.machine()})"
+
+
+def test_cmd_ppl_without_device_runs_where_it_records(tmp_path, monkeypatch):
+    # cmd_ppl called without main() (args.device None): load_model(device=None) loaded onto the CPU while the JSON
+    # recorded device None named after CUDA's GPU; passkey resolves None to cuda-when-available itself
+    import longctx.data
+    import longctx.eval
+    import longctx.models
+    from longctx.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (seen.update(k), (None, None))[1])
+    monkeypatch.setattr(longctx.data, "load_corpus", lambda *a, **k: [])
+    monkeypatch.setattr(longctx.data, "encode_documents", lambda *a, **k: [])
+    monkeypatch.setattr(longctx.eval, "perplexity", lambda model, ids, lengths, **k: {L: {"ppl": 2.0} for L in lengths})
+    args = build_parser().parse_args(["ppl", "--lengths", "4", "--out", str(tmp_path / "p.json")])
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert seen["device"] == saved["settings"]["device"] == "cuda" and saved["env"]["device"] == "GPU"

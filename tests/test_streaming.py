@@ -2230,3 +2230,34 @@ def test_streaming_perplexity_checks_curve_every_and_integer_ids():
         with pytest.raises(TypeError, match="integer token ids"):
             streaming_perplexity(model, bad, 2, 6, progress=False)
     assert streaming_perplexity(model, ids.tolist(), 2, 6, curve_every=np.int64(5), progress=False)["curve"]
+
+
+def test_streaming_curve_every_numpy_small_int_and_empty_id_lists():
+    # a numpy int8/int16 curve_every was kept as is: `scored // np.int8(100)` raised OverflowError once scored passed
+    # 127 (numpy 2 casts the Python int to int8); an empty list or np.array([]) (float dtypes) got "ids must hold
+    # integer token ids, got torch.float32" instead of the "at least 2 tokens" ValueError an empty tensor gets
+    import numpy as np
+
+    model = tiny_model("llama")
+    ids = ids_for(300)[0]
+    res = streaming_perplexity(model, ids, 2, 6, curve_every=np.int8(100), progress=False)
+    assert [p[0] for p in res["curve"]] == [100, 200]
+    for empty in ([], np.array([])):
+        with pytest.raises(ValueError, match="at least 2 tokens"):
+            streaming_perplexity(model, empty, 2, 6, progress=False)
+
+
+def test_streaming_curve_ppl_by_the_final_ppl_rule():
+    # the curve's ppl was torch's exp of the float64 mean: finite for a mean nll in [700, 709.8) where the final ppl
+    # (and perplexity()) is inf; one rule now, so a point at the stream's end equals the final ppl
+    import math
+
+    from longctx.eval.streaming import _curve
+
+    nll = torch.tensor(1410.0, dtype=torch.float64)  # mean 705 over 2 tokens
+    assert _curve([], 1, 2, nll, 0, torch.device("cpu"))[0][1] == math.inf
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight *= 300
+    res = streaming_perplexity(model, torch.arange(3, 40), 2, 6, curve_every=36, progress=False)
+    assert res["curve"][-1][0] == res["tokens"] and res["curve"][-1][1] == res["ppl"] == math.exp(res["nll"])

@@ -535,3 +535,11 @@ def test_a_device_torch_does_not_parse_is_refused_before_the_corpora(tiny_dir, t
     with pytest.raises(ValueError, match=rf"device: '{device}' is not a device"):
         sweep.run(cfg)
     assert not (tmp_path / "d").exists()
+
+
+def test_environment_names_an_mps_or_xpu_device_by_its_type():
+    # every device but CUDA was recorded as hardware "cpu (...)": a sweep on device mps said cpu (save_json, the
+    # ppl/passkey JSON, says "mps (...)")
+    assert sweep.environment("mps")["hardware"].startswith("mps (")
+    assert sweep.environment("xpu:0")["hardware"].startswith("xpu (")
+    assert sweep.environment("cpu")["hardware"].startswith("cpu (")

@@ -350,11 +350,17 @@ def save_json(result, path, **settings):
     import transformers
 
     # the device the run used (settings "device", e.g. --device cpu on a GPU host, or cuda:1), else CUDA's default
-    where = torch.device(settings["device"]) if settings.get("device") is not None else None
-    if (where is None or where.type == "cuda") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(where)
+    try:
+        where = torch.device(settings["device"]) if settings.get("device") is not None else None
+    except (RuntimeError, TypeError, ValueError):  # not a torch device ("auto", 0 without CUDA): as given
+        name = f"{settings['device']} ({platform.machine()})"
     else:
         name = f"{'cpu' if where is None else where.type} ({platform.machine()})"
+        if (where is None or where.type == "cuda") and torch.cuda.is_available():
+            try:
+                name = torch.cuda.get_device_name(where)
+            except (AssertionError, RuntimeError):  # a GPU this host lacks (cuda:1 on a 1-GPU host)
+                pass
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "device": name}
     path = Path(path)

@@ -55,6 +55,7 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
     if curve_every is not None and (isinstance(curve_every, bool) or not isinstance(curve_every, numbers.Integral)
                                     or curve_every < 1):  # (0 or a negative number: silently no curve)
         raise ValueError(f"curve_every must be a positive integer or None, got {curve_every!r}")
+    curve_every = None if curve_every is None else int(curve_every)  # (np.int8(100): scored // it overflowed)
     if policy != "dense" and chunk_size > window_size:
         raise ValueError(f"chunk_size ({chunk_size}) must be <= window_size ({window_size}): a chunk has to "
                          f"fit in the cache window")
@@ -63,7 +64,8 @@ def streaming_perplexity(model, ids, sink_size: int = 4, window_size: int = 2044
         raise ValueError("streaming_perplexity applies the streaming patch itself (policies sinks and window) and "
                          "needs the model without it; remove the model's streaming patch first")
     ids = torch.as_tensor(ids)
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:  # as perplexity(): no silent rounding
+    # as perplexity(): no silent rounding ([] and np.array([]) are float: empty, they reach the length check)
+    if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
         raise TypeError(f"ids must hold integer token ids, got {ids.dtype}")
     ids = ids.long()
     if sum(n > 1 for n in ids.shape) > 1:  # (2, N): two streams, which flatten() would join into one
@@ -130,17 +132,21 @@ def _stream_ppl(model, ids, sink_size, window_size, policy, chunk_size, curve_ev
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     mean = (nll / scored).item()
-    ppl = math.exp(mean) if mean < 700 else float("inf") if mean == mean else float("nan")  # float64, as perplexity()
     return {"policy": policy, "sink_size": sink_size, "window_size": window_size, "chunk_size": chunk_size,
-            "ppl": ppl, "nll": mean, "tokens": scored, "seconds": seconds,
+            "ppl": _ppl(mean), "nll": mean, "tokens": scored, "seconds": seconds,
             "tokens_per_s": scored / seconds, "max_cache": max_cache, "curve": curve}
 
 
 def _curve(curve, every, scored, nll, cache_len, device):
     if every and scored // every > (curve[-1][0] // every if curve else 0):  # passed a multiple since the last point
         mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        curve.append((scored, float((nll / scored).exp()), cache_len, mem))
+        curve.append((scored, _ppl((nll / scored).item()), cache_len, mem))
     return curve
+
+
+def _ppl(mean):
+    """exp(mean nll) in float64, as perplexity(): the final ppl and the curve's by one rule."""
+    return math.exp(mean) if mean < 700 else float("inf") if mean == mean else float("nan")
 
 
 # -- command: longctx stream-ppl ---------------------------------------------------------------------------
