@@ -84,6 +84,7 @@ DEFAULTS: dict = {
     },
 }
 _OPEN_SECTIONS = ("rope", "s2attn", "wandb", "make_tiny")  # extra keys are passed on as options
+_OPEN_OPTIONS = ("train.compile",)  # a mapping of torch.compile arguments (checked by compile_setting)
 WANDB_MODES = ("offline", "online", "disabled", "shared")
 
 
@@ -240,7 +241,7 @@ def training_rope_methods() -> list[str]:
 def _update(cfg: dict, new: dict, where: str) -> None:
     for key, value in new.items():
         name = f"{where}{key}"
-        if key not in cfg and not (where and where.rstrip(".") in _OPEN_SECTIONS):
+        if key not in cfg and not (where and where.rstrip(".") in _OPEN_SECTIONS + _OPEN_OPTIONS):
             raise ValueError(f"unknown config key {name!r}; known keys here: {', '.join(cfg)}")
         if (not where and key not in _OPEN_SECTIONS and isinstance(DEFAULTS.get(key), dict)
                 and isinstance(value, dict) and not isinstance(cfg.get(key), dict)):
@@ -641,6 +642,9 @@ def eval_settings(cfg: dict) -> dict | None:
                          f"({max(lengths)}), got {e['max_tokens']!r}")
     if e["score"] not in EVAL_SCORES:
         raise ValueError(f"eval.score must be one of {', '.join(EVAL_SCORES)}; got {e['score']!r}")
+    if e["score"] == "tail" and min(lengths) < 4:  # the last quarter of a shorter window is no token
+        raise ValueError(f"eval.lengths with eval.score tail (the last quarter of each window) must be >= 4, got "
+                         f"{min(lengths)}: lengthen it or set eval.score=all")
     if e["dtype"] not in EVAL_DTYPES:
         raise ValueError(f"eval.dtype must be one of {', '.join(EVAL_DTYPES)}; got {e['dtype']!r}")
     if not isinstance(e["keep_best"], bool):
@@ -865,6 +869,10 @@ def save_checkpoint(accelerator, output_dir, state: TrainState, keep: int | None
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         kwargs["exclude_frozen_parameters"] = True
     accelerator.save_state(str(folder), **kwargs)
+    # every process has written its part (its random_states_N.pkl; shards): only then is the folder marked complete.
+    # Without this, a run killed while another process was still writing left a listed checkpoint without that
+    # process's RNG file, and accelerate's load_state resumes without it silently (not exact)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if config is not None:
             (folder / RUN_CONFIG).write_text(strict_dumps(config, default=str, indent=1) + "\n")
