@@ -39,7 +39,8 @@ class StreamingSession:
         self._bind()
 
     def _bind(self) -> None:
-        """Bind a loaded cache to the session's model; a session saved without its model (``model = None``, to
+        """Bind a loaded cache (or one bound to another model: it moves after ``SinkCache.bind``'s checks) to the
+        session's model; a session saved without its model (``model = None``, to
         keep the weights out of the file) loads, and binds on its next turn once ``session.model`` is set."""
         if isinstance(self.cache, SinkCache) and self.model is not None:
             self.cache._bind_for(self.model)

@@ -186,7 +186,9 @@ def plain_text_kwargs(tokenizer) -> dict:
 def encode_documents(tokenizer, docs, max_tokens: int | None = None) -> list[torch.Tensor]:
     """Tokenize each document (or string) of the list ``docs`` as running text, without BOS/EOS, into
     a 1-D LongTensor truncated to ``max_tokens``. Text that spells a special token (``<|endoftext|>``,
-    ``</s>``, ...) is tokenized as the text it is, never as that token (``split_special_tokens``)."""
+    ``</s>``, ...) is tokenized as the text it is, not as that token (``split_special_tokens``), where the tokenizer
+    allows that without changing ordinary text (``plain_text_kwargs``: not mistral-common's tokenizer, nor a Python
+    tokenizer with added words, which keep reading such text as the token)."""
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
                                    or max_tokens < 1):
         raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")

@@ -9,7 +9,7 @@
 Everything is arithmetic on the config (no weights are loaded). The model is taken to be a
 llama-style decoder (pre-norm RMSNorm, RoPE, GQA attention, gated MLP) run by transformers 5 with
 SDPA attention (flash / memory-efficient kernels: no T x T matrix is kept) and no padding mask.
-Other families are approximated with the same terms. Symbols:
+Other families are approximated with the same terms (and the parameter terms of their own, below). Symbols:
 
     B batch (per GPU), T tokens per sequence, L layers, h hidden size, a attention heads,
     g key/value heads (g = a: MHA, 1 < g < a: GQA, g = 1: MQA), d head dim, f MLP intermediate size,
@@ -24,9 +24,10 @@ Parameters (P):  per layer  h*a*d + 2*h*g*d + a*d*h        (q, k, v, o projectio
                  gpt_neox, phi, bloom, starcoder2), LayerNorm biases, q/k norms (qwen3, gemma3, olmo2/3;
                  qk_layernorm, use_qk_norm), 4 norms per layer (gemma2/3, glm4) or 1 (phi, cohere, stablelm's
                  use_parallel_residual), none (olmo); a flag a config dict leaves out takes its config class's
-                 default. Exact (sum of p.numel(), tested) for
-                 llama, mistral, qwen2/3, gemma/2/3, phi, phi3, glm/4, gpt_neox, bloom, starcoder2,
-                 olmo/2/3, cohere, stablelm, granite; other llama-like families use the llama terms;
+                 default. Exact (sum of p.numel(); tests/test_estimate.py checks all but mistral, gemma,
+                 phi3 and granite) for llama, mistral, qwen2/3, gemma/2/3, phi, phi3, glm/4, gpt_neox,
+                 bloom, starcoder2, olmo/2/3, cohere, stablelm, granite; other llama-like families use the
+                 llama terms;
                  gpt2/opt/falcon (learned positions, other layouts)
                  are only approximated, and mixture-of-experts models (one expert's MLP counted: a
                  fraction of their weights) are underestimated, with a note saying so.

@@ -116,8 +116,11 @@ def prepare(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.
     """Wrap ``model`` (a transformers causal LM, changed in place) in a peft ``PeftModel`` with LoRA
     on the attention projections and, unless ``trainable=()``, the input embedding and all norms
     fully trainable. ``quantize_4bit``: QLoRA, frozen base Linear weights in 4-bit NF4 (needs
-    bitsandbytes and a CUDA model). The returned model has ``.longctx_lora`` (settings and the
-    trainable parameter counts); the summary is printed when ``verbose``."""
+    bitsandbytes and a CUDA model). ``target_modules``: module names (or ends of names after a dot), each of
+    which must match a module, or peft's ``"all-linear"`` (every Linear/Conv1D module but the output head); None: the
+    family's defaults. ``r`` must be an integer >= 1, ``alpha`` > 0, ``dropout`` in [0, 1). The returned model
+    has ``.longctx_lora`` (settings and the trainable parameter counts); the summary is printed when
+    ``verbose``."""
     from peft import LoraConfig, get_peft_model
 
     if quantize_4bit and importlib.util.find_spec("bitsandbytes") is None:
@@ -288,8 +291,11 @@ def save(model: nn.Module, folder, state_dict: dict | None = None) -> Path:
 
 def load(base: nn.Module, folder, *, merge: bool = False, is_trainable: bool = False):
     """Attach a saved adapter to a freshly loaded ``base`` model: the trained embedding/norm tensors
-    are copied into it (through any weight tie), then the LoRA weights. ``merge=True`` returns the
-    plain transformers model with LoRA merged into the weights (``merge_and_unload``)."""
+    are copied into it (through any weight tie), then the LoRA weights. Where ``longctx_lora.json``
+    exists, only the tensors it records are loaded, and a folder missing any of them is refused
+    (FileNotFoundError).
+    ``merge=True`` returns the plain transformers model with LoRA merged into the weights
+    (``merge_and_unload``)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 

@@ -199,7 +199,9 @@ def load_model(name_or_path: str, dtype=None, device=None, *, attn_implementatio
     or ``torch.device``; ``attn_implementation``: passed to transformers (None lets it pick,
     "sdpa" in transformers 5). The model is in eval mode and ``tokenizer.pad_token`` is set
     (eos if the checkpoint has none). Callers tokenize running text with
-    ``add_special_tokens=False``. Every argument is checked before anything loads."""
+    ``add_special_tokens=False``. Every argument is checked before anything loads. A GGUF model is
+    dequantized into a plain float model (it saves like any other). A longctx LoRA artifact folder (or a
+    model folder that also holds an artifact's adapter) is refused: merge it first (``longctx merge``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path
@@ -260,8 +262,9 @@ def load_model(name_or_path: str, dtype=None, device=None, *, attn_implementatio
 
 def check_device(device) -> torch.device:
     """``device`` (a string or ``torch.device``) as a ``torch.device``; a ValueError naming ``device`` if
-    torch cannot parse it, or if it is a device that this machine does not have (CUDA, mps, xpu, ...); a
-    TypeError for anything but a string or ``torch.device``."""
+    torch cannot parse it, if it is a device that this machine does not have (CUDA, mps, xpu, ...), or if it
+    is ``meta`` (no data: a model there has no weights); a TypeError for anything but a string or
+    ``torch.device``."""
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str or a torch.device (load_model: or None, the CPU), got {device!r}")
     try:

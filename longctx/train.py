@@ -832,7 +832,8 @@ def check_resume(folder, cfg: dict) -> None:
     if diffs:
         raise ValueError(f"resume: settings differ from the run that wrote {folder}: {'; '.join(diffs)}. Resume with "
                          f"the same settings (train.steps with a constant schedule, logging, checkpointing, eval, "
-                         f"wandb and train.gradient_checkpointing may change) or start a new output_dir")
+                         f"wandb, train.gradient_checkpointing and train.compile may change) or start a new "
+                         f"output_dir")
 
 
 def check_resumed_state(output_dir, state: TrainState, processes: int, steps: int | None = None) -> None:
@@ -951,7 +952,9 @@ def merge_artifact(artifact, out, *, base: str | None = None, dtype=None, device
     """Base model (recorded, or ``base``) + its RoPE method + the artifact's adapter and trained
     tensors, LoRA merged into the weights, saved with the tokenizer as a plain transformers model
     (its config carries the rope scaling, so ``AutoModelForCausalLM.from_pretrained(out)`` needs no
-    longctx). Merged in float32, saved in ``dtype`` (default: the base model's dtype in training)."""
+    longctx). Merged in float32, saved in ``dtype`` (default: the base model's dtype in training).
+    ``out`` must be a folder of its own: the artifact's folder, or a folder holding another artifact or
+    adapter, is refused (a model beside an adapter loads with that adapter on top)."""
     from . import registry
     from .models import DTYPES, load_model
 
@@ -994,7 +997,8 @@ def add_commands(subparsers) -> None:
     """CLI: ``longctx merge ARTIFACT --out DIR``."""
     p = subparsers.add_parser("merge", help="merge a LongLoRA artifact into a plain transformers model folder")
     p.add_argument("artifact", help="the artifact folder a recipe wrote (OUTPUT_DIR/final)")
-    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--out", required=True, help="folder for the merged model (not the artifact's folder, nor one "
+                                                   "holding another artifact or adapter)")
     p.add_argument("--base", help="base model to use instead of the recorded one (alias, folder, .gguf, hub id)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the base model's dtype in training)")
     p.add_argument("--device", default=None, help="where to merge (default: cuda when available)")

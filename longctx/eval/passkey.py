@@ -15,7 +15,8 @@ its start as from one document to the next), the needle is
 "The special magic number is 53721." and the question "What is the special magic number mentioned
 in the text? The special magic number is".
 
-Length: the prompt is tokenized with ``add_special_tokens=False`` and holds at most ``length``
+Length: the prompt is tokenized with ``add_special_tokens=False`` (filler text spelling a special token
+stays text, as in ``encode_documents``) and holds at most ``length``
 tokens; the filler is cut at a word, so it falls short by less than one word's tokens (a tokenizer
 whose tokens span several words gets more filler words; a length the prompt cannot reach is a
 ValueError naming the length it reaches). Depth: the

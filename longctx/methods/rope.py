@@ -1,6 +1,8 @@
 """RoPE scaling methods: position interpolation, NTK-aware, dynamic NTK, YaRN and a new rope theta.
 
-How a patch works: it rewrites the model's ``config.rope_parameters`` (and ``max_position_embeddings``)
+How a patch works: it rewrites the model's ``config.rope_parameters`` (and ``max_position_embeddings``, and a
+top-level ``original_max_position_embeddings`` where the config has one, as phi3's does, to the
+value in the new ``rope_parameters``)
 into the transformers rope configuration that describes the method, then builds a fresh rotary
 module of the model's own class from that config and swaps it in for the old one. So the patched
 model is, by construction, the model transformers would build from the saved config: the same

@@ -107,7 +107,8 @@ Backends (``backend=``):
   use flex on CUDA warns once.
 - ``"flash"``: flash-attn's ``flash_attn_varlen_func``, every (row, document, group) one
   variable-length sequence; padding is removed first. Needs ``flash_attn`` (else ImportError at
-  apply) and fp16/bf16 CUDA tensors; it cannot apply an arbitrary dense 4-D mask.
+  apply) and fp16/bf16 CUDA tensors; it cannot apply an arbitrary dense 4-D mask, nor a sliding window
+  with padding that leaves holes in a row (RuntimeError; use sdpa or flex).
 
 The fast path (flex and sdpa on CUDA; nothing padded, no packed documents: the usual LongLoRA
 batch): the mask function returns a BlockMask (kept per shape), transformers hands it to every layer,

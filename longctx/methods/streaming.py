@@ -243,8 +243,9 @@ class SinkCache(Cache):
     sliding layers' keys down by b too. Padded batches are refused on such models.
 
     ``torch.save`` / pickle keep everything but the model: a loaded cache is bound to the model it is next used
-    with (the streaming patch's forward, ``SinkDecoder``, ``prefill``) or by ``bind(model)``; so is a cache bound
-    to another model (after the same checks of layout, frequencies and scaling).
+    with (the streaming patch's forward, ``SinkDecoder``, ``prefill``, ``StreamingSession``) or by ``bind(model)``;
+    so is a cache bound to another model (after the same checks of layout, frequencies and scaling), and a cache
+    whose model had a RoPE method applied or removed since is checked again.
     """
 
     prefix_tokens = 0  # (a cache pickled before it had one)
@@ -292,7 +293,8 @@ class SinkCache(Cache):
         positions and rotary width) and, for RoPE, the rotary frequencies and attention scaling its keys were
         rotated with (bf16 / fp16 roundings aside), which for dynamic RoPE (dynamic_ntk, longrope) must hold up
         to the cache's ``max_position``. The streaming patch's forward, ``prefill``, ``SinkDecoder`` and
-        ``StreamingSession`` bind the cache to the model they run. Returns the cache."""
+        ``StreamingSession`` bind the cache to the model they run; on the cache's own model, a rotary module
+        replaced since the last check (a RoPE method applied or removed) is checked again. Returns the cache."""
         model = _check_model(model)
         if self._model is model and self._rope_unchanged():
             return self
