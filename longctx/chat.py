@@ -369,7 +369,10 @@ _PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_re
 
 
 def cmd_generate(args) -> int:
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, "longctx generate")  # before the slow load
+    try:  # before the slow load; a message, not a traceback
+        check_sampling(args.max_new_tokens, args.temperature, args.top_p, "longctx generate")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     _check_top_p(args, "longctx generate")
     if args.decoder and not any(spec.split(":")[0] == "streaming" for spec in args.method or []):
         raise SystemExit("longctx generate: --decoder needs --method streaming[:sink_size=N:window_size=M]")
@@ -461,7 +464,10 @@ def chat_sizes(args) -> tuple[int, int]:
 
 
 def cmd_chat(args) -> int:
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, "longctx chat")  # before the slow load
+    try:  # before the slow load; a message, not a traceback
+        check_sampling(args.max_new_tokens, args.temperature, args.top_p, "longctx chat")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     _check_top_p(args, "longctx chat")
     sink_size, window_size = chat_sizes(args)
     args.sink_size, args.window_size = sink_size, window_size

@@ -710,13 +710,27 @@ class HeldoutEval:
                              "ZeRO-3 shard the weights: use DDP or ZeRO-2, or set eval.every=0")
         self.accelerator = accelerator
         self.last_step = cfg["train"]["steps"]
-        self.ids = load_heldout(cfg, tokenizer, self.settings) if accelerator.is_main_process else None
-        if self.ids is not None:  # a length with no full window would be logged as null at every evaluation
-            short = [L for L in self.settings["lengths"] if not any(len(ids) >= L for ids in self.ids)]
-            if short:
-                raise ValueError(f"eval: no held-out document (data.holdout) has {short[0]:,} tokens, the window "
-                                 f"length of eval.lengths {short}: they have {[len(ids) for ids in self.ids]} tokens "
-                                 f"(eval.max_tokens cuts them); hold out longer documents or shorten eval.lengths")
+        self.ids, error = None, None
+        if accelerator.is_main_process:
+            try:
+                self.ids = load_heldout(cfg, tokenizer, self.settings)
+                # a length with no full window would be logged as null at every evaluation
+                short = [L for L in self.settings["lengths"] if not any(len(ids) >= L for ids in self.ids)]
+                if short:
+                    raise ValueError(f"eval: no held-out document (data.holdout) has {short[0]:,} tokens, the window "
+                                     f"length of eval.lengths {short}: they have {[len(ids) for ids in self.ids]} "
+                                     f"tokens{' (eval.max_tokens cuts them)' if self.settings['max_tokens'] else ''}; "
+                                     f"hold out longer documents or shorten eval.lengths")
+            except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:
+                error = err
+        if accelerator.num_processes > 1:  # every process stops: the others would wait in evaluate() for ever
+            from accelerate.utils import broadcast_object_list
+
+            said = broadcast_object_list([None if error is None else f"{type(error).__name__}: {error}"])[0]
+            if said is not None and error is None:
+                raise ValueError(f"the main process could not load the held-out documents: {said}")
+        if error is not None:
+            raise error
         self.best: float | None = None  # lowest perplexity at the longest length so far
 
     @property
@@ -948,6 +962,21 @@ def save_artifact(accelerator, model, folder, settings: dict) -> Path:
     return folder
 
 
+def check_merge_paths(artifact, out) -> None:
+    """A FileNotFoundError if ``artifact`` is no longctx artifact; a ValueError if ``out`` is not a folder of its own
+    (the artifact's folder, or one holding another artifact or adapter: a model beside an adapter loads with it)."""
+    artifact = Path(artifact)
+    if not (artifact / SETTINGS_FILE).is_file():
+        raise FileNotFoundError(f"{artifact} is not a longctx artifact (no {SETTINGS_FILE})")
+    if Path(out).resolve() == artifact.resolve():  # a merged model beside its own adapter loads with LoRA twice
+        raise ValueError(f"merge: --out {out} is the artifact folder itself; write the merged model to a folder "
+                         f"of its own")
+    beside = [f for f in ("adapter_config.json", SETTINGS_FILE, lora.LORA_FILE) if (Path(out) / f).is_file()]
+    if beside:  # another artifact's folder (best/, another run's final/): the same, with that artifact's adapter
+        raise ValueError(f"merge: --out {out} holds a LoRA artifact or adapter ({', '.join(beside)}): a merged model "
+                         f"beside an adapter loads with that adapter on top; write it to a folder of its own")
+
+
 def merge_artifact(artifact, out, *, base: str | None = None, dtype=None, device=None) -> Path:
     """Base model (recorded, or ``base``) + its RoPE method + the artifact's adapter and trained
     tensors, LoRA merged into the weights, saved with the tokenizer as a plain transformers model
@@ -959,15 +988,7 @@ def merge_artifact(artifact, out, *, base: str | None = None, dtype=None, device
     from .models import DTYPES, load_model
 
     artifact = Path(artifact)
-    if not (artifact / SETTINGS_FILE).is_file():
-        raise FileNotFoundError(f"{artifact} is not a longctx artifact (no {SETTINGS_FILE})")
-    if Path(out).resolve() == artifact.resolve():  # a merged model beside its own adapter loads with LoRA twice
-        raise ValueError(f"merge: --out {out} is the artifact folder itself; write the merged model to a folder "
-                         f"of its own")
-    beside = [f for f in ("adapter_config.json", SETTINGS_FILE, lora.LORA_FILE) if (Path(out) / f).is_file()]
-    if beside:  # another artifact's folder (best/, another run's final/): the same, with that artifact's adapter
-        raise ValueError(f"merge: --out {out} holds a LoRA artifact or adapter ({', '.join(beside)}): a merged model "
-                         f"beside an adapter loads with that adapter on top; write it to a folder of its own")
+    check_merge_paths(artifact, out)
     settings = json.loads((artifact / SETTINGS_FILE).read_text())
     model, tokenizer = load_model(base or settings["base_model"], dtype=torch.float32, device=device)
     rope = settings.get("rope")
@@ -988,6 +1009,10 @@ def cmd_merge(args) -> int:
     from .models import DTYPES
     if args.dtype is not None and args.dtype.lower() not in DTYPES:
         raise SystemExit(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    try:  # before the (slow) load of the base model; a message, not a traceback
+        check_merge_paths(args.artifact, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"longctx merge: {err}") from None
     out = merge_artifact(args.artifact, args.out, base=args.base, dtype=args.dtype, device=args.device)
     print(f"wrote {out}", file=sys.stderr)
     return 0

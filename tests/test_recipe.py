@@ -828,3 +828,52 @@ def test_eval_lengths_too_short_for_tail_scoring_are_refused_before_loading():
         train.eval_settings(train.load_config(CONFIG, ["eval.lengths=[3, 128]"]))
     assert train.eval_settings(train.load_config(CONFIG, ["eval.lengths=[4]", "eval.max_tokens=4"]))["lengths"] == [4]
     assert train.eval_settings(train.load_config(CONFIG, ["eval.lengths=[2]", "eval.score=all"]))["lengths"] == [2]
+
+
+def test_every_process_stops_when_the_main_one_cannot_load_the_heldout_documents(tiny, tmp_path, monkeypatch):
+    # only the main process loads and checks the held-out documents: when it failed, the other processes went on
+    # into evaluate() and waited for its broadcast for ever (a hang unless the launcher killed the group)
+    import types
+
+    import accelerate.utils
+    from transformers import AutoTokenizer
+
+    docs = [json.loads(line) for line in (tiny / "corpus.jsonl").read_text().splitlines()]
+    docs[-1]["text"] = docs[-1]["text"][:100]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = train.load_config(CONFIG, [f"data.corpus={tmp_path / 'corpus.jsonl'}", "train.mixed_precision=no"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "base")
+    real = train.make_accelerator(cfg)
+    said = []
+
+    def broadcast(objects, from_process=0):  # two processes: what the main one sent
+        if said:
+            objects[0] = said[0]
+        else:
+            said.append(objects[0])
+        return objects
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    for main in (True, False):
+        fake = types.SimpleNamespace(distributed_type=real.distributed_type, state=real.state, num_processes=2,
+                                     is_main_process=main)
+        match = "no held-out document" if main else "the main process could not load the held-out documents"
+        with pytest.raises(ValueError, match=match):
+            train.HeldoutEval(cfg, fake, tokenizer)
+    assert "no held-out document" in said[0]
+
+
+def test_merge_command_refuses_bad_paths_with_a_message(tmp_path, monkeypatch):
+    # the refusals of merge_artifact came out of `longctx merge` as tracebacks (after nothing slow: checked first)
+    import longctx.models
+
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: pytest.fail("checked before loading"))
+    parser = argparse.ArgumentParser()
+    train.add_commands(parser.add_subparsers(dest="command"))
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / train.SETTINGS_FILE).write_text("{}")
+    for argv, match in [([str(tmp_path / "art"), "--out", str(tmp_path / "art")], "is the artifact folder itself"),
+                        ([str(tmp_path / "nothing"), "--out", str(tmp_path / "m")], "is not a longctx artifact")]:
+        args = parser.parse_args(["merge", *argv])
+        with pytest.raises(SystemExit, match=f"longctx merge: .*{match}"):
+            args.func(args)

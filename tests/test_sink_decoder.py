@@ -418,3 +418,22 @@ def test_a_held_cache_is_not_copied():
         outs = [torch.cat([model(steps[:, t:t + 1], past_key_values=c, use_cache=True).logits
                            for t in range(steps.shape[1])], dim=1) for c in (cache, twin)]
     assert not twin.held and twin.model is model and torch.equal(outs[0], outs[1])
+
+
+def test_a_held_cache_bound_to_another_model_is_refused_as_held():
+    # the cache moved (bind) before the held check: a held cache bound to another model got bind's RuntimeError
+    # ("close the decoder ... before moving the cache") instead of the decoder's own refusal
+    import copy
+
+    model = tiny_model("llama").double()
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6) as patch:
+        cache = patch.new_cache()
+        prefill(model, ids_for(12), cache)
+        other = copy.deepcopy(model)
+        cache.held = True  # (as a SinkDecoder holding it leaves it)
+        try:
+            with pytest.raises(ValueError, match="held by another SinkDecoder"):
+                SinkDecoder(other, cache, cuda_graph=False, warmup=0)
+            assert cache._model is model
+        finally:
+            cache.held = False

@@ -123,13 +123,13 @@ class SinkDecoder:
     def __init__(self, model, cache: SinkCache, cuda_graph: bool | None = None, warmup: int = 2,
                  compile: bool | dict = False):
         compile_kw = check_compile(compile)
-        if isinstance(cache, SinkCache):  # a loaded cache, or one bound to another model: checked, bound here
-            cache._bind_for(model)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"SinkDecoder: option 'warmup' must be an integer >= 0, got {warmup!r}")
         check_supported(cache)
         if cache.held:
             raise ValueError("SinkDecoder: this cache is held by another SinkDecoder; close that one first")
+        if isinstance(cache, SinkCache):  # a loaded cache, or one bound to another model: checked, bound here
+            cache._bind_for(model)
         if not is_full(cache):
             raise ValueError(f"SinkDecoder needs a full cache without pad slots ({cache._slots()} of "
                              f"{cache.capacity} slots held, pads {cache._max_pads}); prefill it first")
