@@ -721,7 +721,7 @@ class HeldoutEval:
                                      f"length of eval.lengths {short}: they have {[len(ids) for ids in self.ids]} "
                                      f"tokens{' (eval.max_tokens cuts them)' if self.settings['max_tokens'] else ''}; "
                                      f"hold out longer documents or shorten eval.lengths")
-            except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:
+            except Exception as err:  # any type: the other processes must hear of it, or they wait in broadcast
                 error = err
         if accelerator.num_processes > 1:  # every process stops: the others would wait in evaluate() for ever
             from accelerate.utils import broadcast_object_list

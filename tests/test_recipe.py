@@ -877,3 +877,33 @@ def test_merge_command_refuses_bad_paths_with_a_message(tmp_path, monkeypatch):
         args = parser.parse_args(["merge", *argv])
         with pytest.raises(SystemExit, match=f"longctx merge: .*{match}"):
             args.func(args)
+
+
+def test_every_process_stops_whatever_the_main_process_raised_loading_the_heldout_documents(tiny, monkeypatch):
+    # only some exception types were caught and broadcast: another one (a TypeError for eval.corpus=[5], from
+    # load_corpus) left the main process without broadcasting, the others waiting in broadcast_object_list
+    import types
+
+    import accelerate.utils
+    from transformers import AutoTokenizer
+
+    cfg = train.load_config(CONFIG, [f"data.corpus={tiny / 'corpus.jsonl'}", "eval.corpus=[5]",
+                                     "train.mixed_precision=no"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "base")
+    real = train.make_accelerator(cfg)
+    said = []
+
+    def broadcast(objects, from_process=0):  # two processes: what the main one sent
+        if said:
+            objects[0] = said[0]
+        else:
+            said.append(objects[0])
+        return objects
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    for main, error in ((True, TypeError), (False, ValueError)):
+        fake = types.SimpleNamespace(distributed_type=real.distributed_type, state=real.state, num_processes=2,
+                                     is_main_process=main)
+        with pytest.raises(error, match="must be a str or path"):
+            train.HeldoutEval(cfg, fake, tokenizer)
+    assert said and said[0].startswith("TypeError: load_corpus")

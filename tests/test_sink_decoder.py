@@ -437,3 +437,19 @@ def test_a_held_cache_bound_to_another_model_is_refused_as_held():
             assert cache._model is model
         finally:
             cache.held = False
+
+
+def test_decoder_names_the_model_family_of_a_loaded_cache_it_refuses():
+    # check_supported ran before the bind: on a loaded (unbound) cache its message named "this cache's model"
+    # instead of the model's family
+    import io
+
+    model = tiny_model("gemma3_text")
+    with longctx.applied(model, "streaming", sink_size=2, window_size=6) as patch, torch.no_grad():
+        cache = patch.new_cache()
+        prefill(model, ids_for(8), cache)
+        buf = io.BytesIO()
+        torch.save(cache, buf)
+        buf.seek(0)
+        with pytest.raises(NotImplementedError, match="sliding-window layers \\('gemma3_text'\\)"):
+            SinkDecoder(model, torch.load(buf, weights_only=False))

@@ -125,11 +125,11 @@ class SinkDecoder:
         compile_kw = check_compile(compile)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"SinkDecoder: option 'warmup' must be an integer >= 0, got {warmup!r}")
-        check_supported(cache)
-        if cache.held:
-            raise ValueError("SinkDecoder: this cache is held by another SinkDecoder; close that one first")
         if isinstance(cache, SinkCache):  # a loaded cache, or one bound to another model: checked, bound here
-            cache._bind_for(model)
+            if cache.held:  # before the bind, which refuses to move a held cache with another message
+                raise ValueError("SinkDecoder: this cache is held by another SinkDecoder; close that one first")
+            cache._bind_for(model)  # before check_supported: its messages name the bound model's family
+        check_supported(cache)
         if not is_full(cache):
             raise ValueError(f"SinkDecoder needs a full cache without pad slots ({cache._slots()} of "
                              f"{cache.capacity} slots held, pads {cache._max_pads}); prefill it first")
