@@ -830,23 +830,17 @@ def test_eval_lengths_too_short_for_tail_scoring_are_refused_before_loading():
     assert train.eval_settings(train.load_config(CONFIG, ["eval.lengths=[2]", "eval.score=all"]))["lengths"] == [2]
 
 
-def test_every_process_stops_when_the_main_one_cannot_load_the_heldout_documents(tiny, tmp_path, monkeypatch):
-    # only the main process loads and checks the held-out documents: when it failed, the other processes went on
-    # into evaluate() and waited for its broadcast for ever (a hang unless the launcher killed the group)
+def _heldout_on_two_processes(cfg, tokenizer, monkeypatch, expected):
+    """HeldoutEval built as the main process and then as the other one of two (a fake accelerator; the broadcast
+    hands the other process what the main one sent); ``expected``: (main, other) exception types. What was sent."""
     import types
 
     import accelerate.utils
-    from transformers import AutoTokenizer
 
-    docs = [json.loads(line) for line in (tiny / "corpus.jsonl").read_text().splitlines()]
-    docs[-1]["text"] = docs[-1]["text"][:100]
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    cfg = train.load_config(CONFIG, [f"data.corpus={tmp_path / 'corpus.jsonl'}", "train.mixed_precision=no"])
-    tokenizer = AutoTokenizer.from_pretrained(tiny / "base")
     real = train.make_accelerator(cfg)
     said = []
 
-    def broadcast(objects, from_process=0):  # two processes: what the main one sent
+    def broadcast(objects, from_process=0):
         if said:
             objects[0] = said[0]
         else:
@@ -854,13 +848,27 @@ def test_every_process_stops_when_the_main_one_cannot_load_the_heldout_documents
         return objects
 
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
-    for main in (True, False):
+    for main, (error, match) in zip((True, False), expected):
         fake = types.SimpleNamespace(distributed_type=real.distributed_type, state=real.state, num_processes=2,
                                      is_main_process=main)
-        match = "no held-out document" if main else "the main process could not load the held-out documents"
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(error, match=match):
             train.HeldoutEval(cfg, fake, tokenizer)
-    assert "no held-out document" in said[0]
+    return said[0]
+
+
+def test_every_process_stops_when_the_main_one_cannot_load_the_heldout_documents(tiny, tmp_path, monkeypatch):
+    # only the main process loads and checks the held-out documents: when it failed, the other processes went on
+    # into evaluate() and waited for its broadcast for ever (a hang unless the launcher killed the group)
+    from transformers import AutoTokenizer
+
+    docs = [json.loads(line) for line in (tiny / "corpus.jsonl").read_text().splitlines()]
+    docs[-1]["text"] = docs[-1]["text"][:100]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = train.load_config(CONFIG, [f"data.corpus={tmp_path / 'corpus.jsonl'}", "train.mixed_precision=no"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "base")
+    said = _heldout_on_two_processes(cfg, tokenizer, monkeypatch, [
+        (ValueError, "no held-out document"), (ValueError, "the main process could not load the held-out documents")])
+    assert "no held-out document" in said
 
 
 def test_merge_command_refuses_bad_paths_with_a_message(tmp_path, monkeypatch):
@@ -882,28 +890,11 @@ def test_merge_command_refuses_bad_paths_with_a_message(tmp_path, monkeypatch):
 def test_every_process_stops_whatever_the_main_process_raised_loading_the_heldout_documents(tiny, monkeypatch):
     # only some exception types were caught and broadcast: another one (a TypeError for eval.corpus=[5], from
     # load_corpus) left the main process without broadcasting, the others waiting in broadcast_object_list
-    import types
-
-    import accelerate.utils
     from transformers import AutoTokenizer
 
     cfg = train.load_config(CONFIG, [f"data.corpus={tiny / 'corpus.jsonl'}", "eval.corpus=[5]",
                                      "train.mixed_precision=no"])
     tokenizer = AutoTokenizer.from_pretrained(tiny / "base")
-    real = train.make_accelerator(cfg)
-    said = []
-
-    def broadcast(objects, from_process=0):  # two processes: what the main one sent
-        if said:
-            objects[0] = said[0]
-        else:
-            said.append(objects[0])
-        return objects
-
-    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
-    for main, error in ((True, TypeError), (False, ValueError)):
-        fake = types.SimpleNamespace(distributed_type=real.distributed_type, state=real.state, num_processes=2,
-                                     is_main_process=main)
-        with pytest.raises(error, match="must be a str or path"):
-            train.HeldoutEval(cfg, fake, tokenizer)
-    assert said and said[0].startswith("TypeError: load_corpus")
+    said = _heldout_on_two_processes(cfg, tokenizer, monkeypatch, [
+        (TypeError, "must be a str or path"), (ValueError, "must be a str or path")])
+    assert said.startswith("TypeError: load_corpus")
