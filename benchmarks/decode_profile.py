@@ -5,7 +5,8 @@
 
 On one GPU, in one process:
   bandwidth   the measured HBM read bandwidth (a sum over a 4 GiB tensor) and copy bandwidth
-  floor       (weights + cache bytes) / measured read bandwidth: the step if it only streamed memory
+  floor       (weights + cache bytes) / measured read bandwidth: the step if it only streamed memory (of the
+              input embedding only the token's row: its table is not counted unless tied to the output one)
   gemv        cuBLAS matmuls of one token against each distinct weight shape of a layer, every
               layer's own weight (no L2 reuse), L of them captured in one CUDA graph: ms and GB/s
   sdpa        one query against C cached keys (the decode attention), each SDPA kernel forced,
@@ -260,6 +261,13 @@ def main(argv=None):
     ap.add_argument("--out")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args(argv)
+    for flag, names in (("--variants", args.variants), ("--sink-variants", args.sink_variants)):
+        for v in filter(None, names.split(",")):  # a typo would run under its own label (or fail after the others)
+            base, _, pos = v.partition("/")
+            flags = ("", "eagerpos") if flag == "--sink-variants" else ("",)
+            if base not in ("eager", *COMPILE_VARIANTS) or pos not in flags:
+                ap.error(f"{flag}: unknown {v!r}; allowed: eager, {', '.join(COMPILE_VARIANTS)}"
+                         + (" (each optionally /eagerpos)" if flag == "--sink-variants" else ""))
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.cpu_smoke:
@@ -277,10 +285,13 @@ def main(argv=None):
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype).eval()
     res["weight_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    # what a step streams: a token's embedding is one row of the input table (unless it is tied to the output one)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    res["step_weight_gb"] = res["weight_gb"] - (0 if emb is head else emb.numel() * emb.element_size() / 1e9)
     res["cache_gb"] = 2 * L * cfg.num_key_value_heads * C * (cfg.hidden_size // cfg.num_attention_heads) * 2 / 1e9
     if cuda:
         res["bandwidth"] = read_bandwidth(device)
-        res["floor_ms"] = (res["weight_gb"] + res["cache_gb"]) / res["bandwidth"]["read_gbs"] * 1e3
+        res["floor_ms"] = (res["step_weight_gb"] + res["cache_gb"]) / res["bandwidth"]["read_gbs"] * 1e3
         print(json.dumps(res), file=sys.stderr)
         res["gemv"] = gemv_table(cfg, L, dtype, device, steps)
         res["sdpa"] = sdpa_table(cfg, L, C, dtype, device, steps)
@@ -304,8 +315,8 @@ def main(argv=None):
     if cuda:
         print(f"\n{res['gpu']}, torch {res['torch']}: Llama-2-7B shape x{L}, cache {C}, batch 1, bf16")
         b = res["bandwidth"]
-        print(f"read {b['read_gbs']:.0f} GB/s, copy {b['copy_gbs']:.0f} GB/s; weights {res['weight_gb']:.2f} GB + "
-              f"cache {res['cache_gb']:.2f} GB -> floor {res['floor_ms']:.3f} ms")
+        print(f"read {b['read_gbs']:.0f} GB/s, copy {b['copy_gbs']:.0f} GB/s; weights read "
+              f"{res['step_weight_gb']:.2f} GB + cache {res['cache_gb']:.2f} GB -> floor {res['floor_ms']:.3f} ms")
         print("\n| matmul | us/call | GB/s |\n|---|---:|---:|")
         for r in res["gemv"]:
             print(f"| {r['matmul']} | {r['per_call_us']:.1f} | {r['gbs']:.0f} |")

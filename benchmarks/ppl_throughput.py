@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from longctx.eval.perplexity import perplexity, save_json  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VARIANTS = ("batch1", "cudnn", "flash", "compile", "compile_layer")  # of (b); see main's b()
 
 
 def build_tiny(length, dtype, device):
@@ -167,6 +168,10 @@ def main():
                         "compile_layer (compile='layer')")
     p.add_argument("--attn", default="sdpa", help="attn_implementation passed to load_model ('' to let it pick)")
     args = p.parse_args()
+    # an unknown name would run (b)'s default loop under that name (b() maps it to no option)
+    bad = [v for v in filter(None, args.variants.split(",")) if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; allowed: {', '.join(VARIANTS)}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import transformers

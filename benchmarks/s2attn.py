@@ -137,11 +137,17 @@ def main():
     gqa = Hk != H
     n_shift = shifted_head_count(H, args.shifted_heads)
     wanted = args.backends.split(",")
+    unknown = sorted(set(wanted) - {"sdpa", "flex", "flash"})
+    if unknown:  # else listed as "not available", the run going on without it
+        ap.error(f"--backends: unknown {unknown}; allowed: sdpa, flex, flash")
     s2_backends = [b for b in wanted if (b == "sdpa") or (b == "flex" and flex_available())
                    or (b == "flash" and flash_available() and device.type == "cuda")]
     skipped = sorted(set(wanted) - set(s2_backends))
     kernels = sdpa_backends(device)
     dense_kernels = {k: v for k, v in kernels.items() if args.dense_kernels is None or k in args.dense_kernels.split(",")}
+    unknown = sorted(set(args.dense_kernels.split(",")) - set(kernels)) if args.dense_kernels is not None else []
+    if unknown:  # else left out silently: with none left, dense_ms is NaN and so is every speed-up
+        ap.error(f"--dense-kernels: unknown {unknown}; on this device: {', '.join(kernels)}")
     from torch.nn.attention import sdpa_kernel
     flex_variants = [parse_flex_variant(x) for x in args.flex_variants.split(";")]
 
