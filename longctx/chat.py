@@ -352,13 +352,12 @@ def _methods(args) -> list[tuple[str, dict]]:
 
 
 def _load(args):
-    from . import registry
-    from .models import load_model
+    from .cli import apply_method, load_model_or_exit
 
     methods = _methods(args)  # before the slow load
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_or_exit(args)
     for name, options in methods:
-        registry.apply(model, name, **options)
+        apply_method(model, name, name, options)
     return model, tokenizer
 
 

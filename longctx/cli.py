@@ -137,6 +137,38 @@ def _takes_factor(name: str) -> bool:
     return name != "none" and "factor" in {f.name for f in dataclasses.fields(registry.get_method(name).options)}
 
 
+def load_model_or_exit(args, device=None):
+    """``load_model(args.model, dtype=args.dtype, device=...)`` for the commands: its errors (no such folder or
+    .gguf file, a hub id without network, a folder that is not a model) are a message naming --model, not a
+    traceback (RuntimeError: the built-in alias's model could not be fetched). Loaded through longctx.models at call
+    time (tests replace it there)."""
+    from . import models
+
+    try:
+        return models.load_model(args.model, dtype=args.dtype, device=args.device if device is None else device)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise SystemExit(f"--model {args.model!r}: {err}") from None
+
+
+def apply_method(model, spec: str, name: str, options: dict):
+    """``registry.apply(model, name, **options)``; what the loaded model refuses (a RoPE method on an ALiBi model,
+    ``layer_types`` on a model with one RoPE configuration, a factor too small for its length) is a message
+    naming the --method, not a traceback."""
+    try:
+        return registry.apply(model, name, **options)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"--method {spec}: {err}") from None
+
+
+def check_methods_on(model, specs) -> None:
+    """Apply and remove each of ``specs`` ((label, name, options), as ``parse_methods``) on the loaded model, before
+    any evaluation: a method this model refuses stops the command at once, not after the earlier methods' results
+    were computed (and then lost, unwritten)."""
+    for label, name, options in specs:
+        if name != "none":
+            apply_method(model, label, name, options).remove()
+
+
 def command_line(args) -> str:
     """The command that ran, as a shell would re-run it: the argv ``main`` parsed (else the process's)."""
     return getattr(args, "command_line", None) or shlex.join(["longctx", *sys.argv[1:]])
@@ -152,7 +184,6 @@ def cmd_ppl(args) -> int:
     from .data import encode_documents, load_corpus, select_documents
     from .eval import format_table, perplexity, save_json
     from .eval.perplexity import inactive_in_eval
-    from .models import load_model
 
     method_specs = args.method or ["none"]
     specs = parse_methods(method_specs, args.factor)
@@ -201,14 +232,15 @@ def cmd_ppl(args) -> int:
         import torch  # JSON named CUDA's GPU for that run)
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_or_exit(args)
+    check_methods_on(model, specs)
     ids = encode_documents(tokenizer, docs, max_tokens=args.max_tokens)
     print(f"loaded {args.model} and {len(ids)} document(s), {sum(len(x) for x in ids):,} tokens "
           f"in {time.time() - t0:.0f}s", file=sys.stderr)
 
     results = {}
     for label, name, options in specs:
-        patch = None if name == "none" else registry.apply(model, name, **options)
+        patch = None if name == "none" else apply_method(model, label, name, options)
         try:
             results[label] = perplexity(model, ids, args.lengths, mode=args.mode, stride=args.stride,
                                         score=args.score, compile=args.compile, **tail)
@@ -236,6 +268,10 @@ COMMAND_MODULES: tuple[str, ...] = ("longctx.chat", "longctx.eval.streaming", "l
                                     "longctx.estimate", "longctx.sweep")
 
 
+# commands whose --dtype is not load_model's (estimate: argparse choices of its own, bytes per value)
+_OWN_DTYPES = ("estimate",)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longctx", description="Context-length extension for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ppl", help="perplexity by context length, for one or more methods")
     p.add_argument("--model", default="smollm2-135m", help="alias, local folder, .gguf file or hub id")
-    p.add_argument("--corpus", default="austen", help="austen, kjv, a local file/folder, or a datasets name")
+    p.add_argument("--corpus", default="austen",
+                   help="austen, austen-lines, kjv, a local file/folder, or a datasets name")
     p.add_argument("--text-field", help=".jsonl/.parquet files and datasets: the field holding the text "
                                         "(default: text)")
     p.add_argument("--split", help="datasets: the split to read (default: train)")
@@ -288,6 +325,12 @@ def main(argv=None) -> int:
             check_device(args.device)
         except (ValueError, TypeError) as err:
             raise SystemExit(f"--{err}") from None
+    dtype = getattr(args, "dtype", None)
+    if isinstance(dtype, str) and args.command not in _OWN_DTYPES:  # load_model's dtypes, before anything slow runs
+        from .models import DTYPES
+
+        if dtype.lower() not in DTYPES:
+            raise SystemExit(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return args.func(args)
 
 

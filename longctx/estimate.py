@@ -662,6 +662,11 @@ def _method_options(name: str, opts: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown {name} option(s) {unknown}; allowed options: {', '.join(fields)}")
     if m.name not in ("streaming", "s2attn"):
+        # the given values checked as longctx.apply checks them (yarn:factor=-2 was accepted); a required option
+        # left out (a factor: RoPE methods change no memory) gets a stand-in
+        stand_in = {f.name: 2 for f in dataclasses.fields(m.options) if f.name not in opts
+                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        registry.make_options(m, **stand_in, **opts)
         return opts
     return registry.make_options(m, **opts).to_dict()  # validate() raises ValueError on bad values
 
@@ -923,10 +928,13 @@ def cmd_estimate(args) -> int:
         except ValueError as err:
             raise SystemExit(f"--gpu-memory: {err}") from None
     for i, L in enumerate(lengths):
-        est = estimate(args.model, L, method=args.method, train=args.train, batch=args.batch, dtype=args.dtype,
-                       gpus=args.gpus, zero=args.zero, gradient_checkpointing=not args.no_gradient_checkpointing,
-                       lora_r=8 if args.lora_r is None else args.lora_r, gpu_memory=args.gpu_memory, logits=args.logits,
-                       new_tokens=args.new_tokens)
+        try:  # its errors (an unknown model or method option, --batch 0, ...) name the setting: a message, not a traceback
+            est = estimate(args.model, L, method=args.method, train=args.train, batch=args.batch, dtype=args.dtype,
+                           gpus=args.gpus, zero=args.zero, gradient_checkpointing=not args.no_gradient_checkpointing,
+                           lora_r=8 if args.lora_r is None else args.lora_r, gpu_memory=args.gpu_memory,
+                           logits=args.logits, new_tokens=args.new_tokens)
+        except (ValueError, TypeError) as err:
+            raise SystemExit(f"longctx estimate: {err}") from None
         if i:
             print()
         print(est.format())

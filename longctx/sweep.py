@@ -692,6 +692,20 @@ def write_outputs(grid, all_cells, rows, out: Path, plots=True) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------- CLI
 def cmd_sweep(args) -> int:
+    import yaml
+
+    try:  # the YAML and --device, before anything runs: a message naming what is wrong, not a traceback
+        load_config(args.config)
+    except (ValueError, OSError, yaml.YAMLError) as err:
+        where = "" if str(args.config) in str(err) else f" {args.config}"
+        raise SystemExit(f"longctx sweep{where}: {err}") from None
+    if args.device_override is not None and not args.dry_run:
+        from .models import check_device
+
+        try:
+            check_device(args.device_override)
+        except ValueError as err:
+            raise SystemExit(f"longctx sweep --{err}") from None
     res = run(args.config, out=args.out, dry_run=args.dry_run, device=args.device_override, plots=not args.no_plots)
     if not args.dry_run:
         print(f"sweep: {res['computed']} cell(s) computed, {res['skipped']} already done; "

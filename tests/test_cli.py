@@ -229,3 +229,96 @@ def test_every_command_refuses_a_bad_device_before_loading(monkeypatch, argv, de
         cli.main([*argv, "--device", device])
     with pytest.raises(ValueError, match=match):
         longctx.models.check_device(device)
+
+
+@pytest.mark.parametrize("argv", [
+    ["ppl", "--lengths", "64"],
+    ["passkey", "--lengths", "64"],
+    ["generate", "--prompt", "hi"],
+    ["chat"],
+    ["stream-ppl", "--corpus", "austen"]])
+def test_every_command_refuses_a_bad_dtype_before_loading(monkeypatch, argv):
+    # --dtype went unchecked to load_model: a ValueError traceback, and in ppl / stream-ppl only after the corpus loaded
+    monkeypatch.setattr(longctx.data, "load_corpus", _boom)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit, match="--dtype must be one of bf16, .*got 'fp64'"):
+        cli.main([*argv, "--dtype", "fp64", "--device", "cpu"])
+
+
+def test_estimate_keeps_its_own_dtypes():
+    assert cli.main(["estimate", "--length", "64", "--dtype", "half"]) == 0   # not one of load_model's names
+
+
+@pytest.mark.parametrize("argv", [
+    ["ppl", "--lengths", "64"],
+    ["passkey", "--lengths", "64"],
+    ["generate", "--prompt", "hi"],
+    ["chat"],
+    ["stream-ppl"]])
+def test_a_model_that_does_not_load_is_a_message(tmp_path, monkeypatch, argv):
+    # load_model's errors (here: no such folder) came out as a traceback
+    monkeypatch.setattr(longctx.data, "load_corpus", lambda name, **k: [Document("Emma", "x")])
+    with pytest.raises(SystemExit, match=f"--model '{tmp_path}/nosuch': .* is not a model folder"):
+        cli.main([*argv, "--model", str(tmp_path / "nosuch"), "--device", "cpu"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["ppl", "--lengths", "64", "--method", "none"],
+    ["passkey", "--lengths", "64", "--method", "none"],
+    ["generate", "--prompt", "hi"]])
+def test_a_method_the_loaded_model_refuses_stops_the_command_with_a_message(monkeypatch, argv):
+    # registry.apply's errors once the model had loaded came out as a traceback; ppl and passkey first evaluated the
+    # methods before it (minutes on a real model), then lost those results
+    from conftest import tiny_model
+
+    from longctx.eval import passkey
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(longctx.data, "load_corpus", lambda name, **k: [Document("Emma", "x")])
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (model, None))
+    monkeypatch.setattr(longctx.data, "encode_documents", lambda tok, docs, **k: [torch.zeros(4, dtype=torch.long)])
+    monkeypatch.setattr(longctx.eval, "perplexity", _boom)
+    monkeypatch.setattr(passkey, "passkey_accuracy", _boom)
+    with pytest.raises(SystemExit, match=r"--method yarn.*: option 'layer_types' applies only to models with "
+                                         r"per-layer-type RoPE"):
+        cli.main([*argv, "--method", "yarn:factor=2:layer_types=full_attention", "--device", "cpu"])
+    assert not longctx.active_patches(model)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--depths", "1.5"], r"longctx passkey: depths must be a non-empty list of numbers in \[0, 1\]"),
+    (["--trials", "0"], "longctx passkey: trials must be an integer >= 1, got 0"),
+    (["--max-new-tokens", "0"], "longctx passkey: max_new_tokens must be an integer >= 1"),
+    (["--method", "yarn:factor=-1"], "--method yarn: option 'factor' must be a number > 0, got -1"),
+    (["--method", "yarn:factor=2:beta_fast=0.5"], "--method yarn: option 'beta_fast' .* must be > 'beta_slow'")])
+def test_passkey_refuses_bad_settings_with_a_message_before_loading(monkeypatch, argv, match):
+    # these were ValueError tracebacks (ppl, generate and chat gave messages for the same method options)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["passkey", "--lengths", "64", *argv, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("policy", ["sinks", "sinks,window"])
+def test_stream_ppl_refuses_dense_max_tokens_without_a_dense_policy(monkeypatch, policy):
+    # it was accepted and silently did nothing: only dense and recompute are cut to it
+    monkeypatch.setattr(longctx.data, "load_corpus", _boom)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit, match="--dense-max-tokens only applies to --policy dense or recompute"):
+        cli.main(["stream-ppl", "--policy", policy, "--dense-max-tokens", "100", "--device", "cpu"])
+
+
+def test_setup_cfg_requires_a_transformers_that_longctx_works_with():
+    # it said transformers>=5.0: with 5.0-5.13 `import longctx` fails (no cache_utils.get_layer_types_and_kwargs), with
+    # 5.14 RoPE methods on phi3 fail (compute_default_rope_parameters takes no layer_type); the suite passes on 5.17
+    import configparser
+    from pathlib import Path
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    lines = [x.strip() for x in cfg["options"]["install_requires"].splitlines()]
+    spec = next(Requirement(x) for x in lines if x.startswith("transformers")).specifier
+    assert "5.13.1" not in spec and "5.14.1" not in spec
+    assert "5.17.0" in spec and "5.23.0" in spec and transformers.__version__ in spec

@@ -494,3 +494,29 @@ def test_cli_refuses_a_bad_gpu_memory_naming_the_option(capsys, size):
     with pytest.raises(SystemExit, match=r"--gpu-memory: .*memory size"):
         args.func(args)
     assert capsys.readouterr().out == ""
+
+
+def test_rope_method_values_are_checked_and_a_factor_may_be_left_out():
+    # yarn:factor=-2 (or abf:rope_theta=-1) was accepted and estimated as if it were a method
+    for method, match in (("yarn:factor=-2", "option 'factor' must be a number > 0, got -2"),
+                          ("yarn:factor=4:beta_fast=0.5", "option 'beta_fast' .* must be > 'beta_slow'"),
+                          ("abf:rope_theta=-1", "option 'rope_theta' must be a number > 0")):
+        with pytest.raises(ValueError, match=match):
+            estimate(SMALL, 100, method=method)
+    assert estimate(SMALL, 100, method="yarn").total == estimate(SMALL, 100, method="abf").total == \
+        estimate(SMALL, 100).total                           # RoPE methods change no memory: no factor needed
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--method", "yarn:factr=4"], r"^longctx estimate: unknown yarn option\(s\) \['factr'\]"),
+    (["--method", "yarn:factor=-2"], "^longctx estimate: option 'factor' must be a number > 0"),
+    (["--method", "streaming:window_size=0"], "^longctx estimate: option 'window_size' must be a positive integer"),
+    (["--batch", "0"], "^longctx estimate: batch must be an integer >= 1, got 0"),
+    (["--gpus", "0"], "^longctx estimate: gpus must be an integer >= 1, got 0")])
+def test_cli_errors_are_messages_not_tracebacks(argv, match):
+    # estimate()'s ValueErrors came out of `longctx estimate` as tracebacks
+    parser = argparse.ArgumentParser()
+    est_mod.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["estimate", "--model", "smollm2-135m", "--length", "1024", *argv])
+    with pytest.raises(SystemExit, match=match):
+        args.func(args)

@@ -249,6 +249,32 @@ def test_remove_restores_dense_generation():
     assert torch.equal(model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False), dense)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # sink layers only; sink + sliding-window layers
+def test_cache_kept_after_its_patch_is_removed_is_refused(family):
+    """A SinkCache used after its model's streaming patch was removed got no room and no positions: its keys grew
+    unbounded at positions the cache never gave (silently wrong). Refused; driving the cache directly (make_room,
+    then position_ids from its places) stays allowed on the unpatched model, and gives the patched logits."""
+    model = tiny_model(family)
+    ids = ids_for(12)
+    token = ids[:, :1]
+    with torch.no_grad():
+        with longctx.applied(model, "streaming", sink_size=2, window_size=6):
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+            stale, direct, short = (copy.deepcopy(out.past_key_values) for _ in range(3))
+            patched = model(token, past_key_values=out.past_key_values).logits
+        with pytest.raises(RuntimeError, match=r"given no room for these 1 token\(s\).*was it removed"):
+            model(token, past_key_values=stale)
+        with pytest.raises(RuntimeError, match="given no room"):
+            model.generate(out.sequences, past_key_values=copy.deepcopy(direct), max_new_tokens=2,
+                           do_sample=False)
+        short.make_room(2)
+        with pytest.raises(RuntimeError, match=r"given no room for these 1 token\(s\).*room was made for 2"):
+            model(token, past_key_values=short, position_ids=short.places[:, -2:-1])
+        direct.make_room(1)
+        logits = model(token, past_key_values=direct, position_ids=direct.places[:, -1:]).logits
+    assert torch.equal(logits, patched)
+
+
 def test_long_prompt_prefill_stays_bounded():
     model = tiny_model("llama")
     sink, window = 4, 16

@@ -543,3 +543,18 @@ def test_environment_names_an_mps_or_xpu_device_by_its_type():
     assert sweep.environment("mps")["hardware"].startswith("mps (")
     assert sweep.environment("xpu:0")["hardware"].startswith("xpu (")
     assert sweep.environment("cpu")["hardware"].startswith("cpu (")
+
+
+@pytest.mark.parametrize("over, argv, match", [
+    ({"methods": ["yarn:factor=-4"]}, ["--dry-run"], r"^longctx sweep .*bad\.yaml: option 'factor' must be a number > 0"),
+    ({"foo": 1}, [], r"^longctx sweep: .*bad\.yaml: unknown key\(s\) \['foo'\]$"),
+    ({}, ["--device", "gpu"], r"^longctx sweep --device: 'gpu' is not a device")])
+def test_cli_refuses_a_bad_yaml_or_device_with_a_message(tiny_dir, tmp_path, monkeypatch, over, argv, match):
+    # these were ValueError tracebacks (a --device the machine lacks only after the YAML was read)
+    from longctx import cli
+
+    monkeypatch.setattr(sweep, "run", lambda *a, **k: pytest.fail("checked before running"))
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["sweep", str(write_yaml(tmp_path / "bad.yaml", tiny_dir, **over)), *argv])
+    with pytest.raises(SystemExit, match=r"^longctx sweep: .*No such file or directory: .*nosuch\.yaml"):
+        cli.main(["sweep", str(tmp_path / "nosuch.yaml")])

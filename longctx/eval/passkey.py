@@ -444,20 +444,25 @@ def _floats(text: str) -> list[float]:
 
 def cmd_passkey(args) -> int:
     from .. import registry
-    from ..cli import command_line, parse_methods
-    from ..models import load_model
+    from ..cli import apply_method, check_methods_on, command_line, load_model_or_exit, parse_methods
     from .perplexity import inactive_in_eval, save_json
 
     if args.task != "needle" and args.corpus is not None:
         raise SystemExit(f"--corpus applies to --task needle only (the {args.task} filler is fixed text)")
     specs = parse_methods(args.method or ["none"], args.factor)
-    check_settings(args.depths, args.trials, args.max_new_tokens, args.seed)  # before the slow load
+    try:  # before the slow load; a message, not a traceback
+        check_settings(args.depths, args.trials, args.max_new_tokens, args.seed)
+    except ValueError as err:
+        raise SystemExit(f"longctx passkey: {err}") from None
     for _, name, options in specs:  # check every option before the slow load
         reason = inactive_in_eval(name, options, with_cache=True)
         if reason:
             raise SystemExit(f"--method {name}: {reason}")
         if name != "none":
-            registry.make_options(registry.get_method(name), **options)
+            try:
+                registry.make_options(registry.get_method(name), **options)
+            except (ValueError, TypeError) as err:
+                raise SystemExit(f"--method {name}: {err}") from None
     device = args.device
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -468,10 +473,11 @@ def cmd_passkey(args) -> int:
         except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:  # messages written for the user
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
             raise SystemExit(f"--corpus {args.corpus!r}: {message}") from None
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = load_model_or_exit(args, device)
+    check_methods_on(model, specs)
     results = {}
     for label, name, options in specs:
-        patch = None if name == "none" else registry.apply(model, name, **options)
+        patch = None if name == "none" else apply_method(model, label, name, options)
         try:
             results[label] = passkey_accuracy(model, tokenizer, args.lengths, depths=args.depths, trials=args.trials,
                                               seed=args.seed, task=args.task, corpus=corpus,

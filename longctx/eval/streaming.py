@@ -153,8 +153,8 @@ def _ppl(mean):
 def cmd_stream_ppl(args) -> int:
     import sys
 
+    from ..cli import load_model_or_exit
     from ..data import encode_documents, load_corpus
-    from ..models import load_model
     from ..utils import strict_dumps
 
     from ..data import select_documents
@@ -173,6 +173,8 @@ def cmd_stream_ppl(args) -> int:
                          f"({args.window_size}); got {args.chunk_size}")
     if args.curve_every is not None and args.curve_every < 1:
         raise SystemExit(f"--curve-every must be >= 1, got {args.curve_every}")
+    if args.dense_max_tokens is not None and not {"dense", "recompute"} & set(policies):
+        raise SystemExit(f"--dense-max-tokens only applies to --policy dense or recompute (got --policy {args.policy})")
     try:  # the corpus and --doc before the (slower) model
         docs = load_corpus(args.corpus)
         if args.doc:
@@ -180,7 +182,7 @@ def cmd_stream_ppl(args) -> int:
     except (ValueError, KeyError, OSError, RuntimeError, ImportError) as err:  # messages written for the user
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise SystemExit(f"--corpus {args.corpus!r}: {message}") from None
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_or_exit(args)
     ids = torch.cat(encode_documents(tokenizer, docs))[: args.max_tokens]
     rows = []
     for policy in policies:

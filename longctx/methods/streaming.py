@@ -76,6 +76,20 @@ _NO_ROLLBACK = ("streaming: the sink cache cannot be rolled back (assisted or sp
                 "an assistant model")
 
 
+def _take_room(layer, key_states) -> None:
+    """Every forward into a SinkCache must follow ``make_room`` for its n tokens (the streaming patch's hook calls
+    it, or the caller driving the cache). Without it (e.g. a cache kept after its model's streaming patch was
+    removed) the keys would be stored unbounded, at positions the cache never gave: silently wrong attention."""
+    n = key_states.shape[-2]
+    if layer.room != n:
+        raise RuntimeError(
+            f"this SinkCache was given no room for these {n} token(s): use it with a streaming-patched model (the "
+            f"patch makes room before each forward; was it removed?), or call cache.make_room({n}) and pass "
+            f"position_ids=cache.places[:, -{n}:] first"
+            + (f" (room was made for {layer.room})" if layer.room is not None else ""))
+    layer.room = None
+
+
 class SinkLayer(CacheLayerMixin):
     """One layer's slots: ``orig_keys`` as produced, ``keys`` rotated to the current places, ``values``.
     Tensors are (batch, kv_heads, slots, head_dim).
@@ -86,6 +100,7 @@ class SinkLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
+    room = None  # tokens the next update may add (set by SinkCache.make_room, taken by update)
 
     def __init__(self, rope: bool = True):
         super().__init__()
@@ -100,6 +115,7 @@ class SinkLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        _take_room(self, key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # new keys were rotated at their places (the hook set position_ids): current == original
@@ -166,6 +182,7 @@ class SlidingLayer(DynamicSlidingWindowLayer):
     """
 
     is_croppable = False
+    room = None  # as SinkLayer's
 
     def __init__(self, sliding_window: int, rope: bool = True, layer_type: str = "sliding_attention"):
         super().__init__(sliding_window)
@@ -183,6 +200,7 @@ class SlidingLayer(DynamicSlidingWindowLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Append (B, H, n, D) states; keep the last ``sliding_window - 1``; return stored + new."""
+        _take_room(self, key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
@@ -553,6 +571,8 @@ class SinkCache(Cache):
         self.places = torch.cat([self.places, new], dim=-1)
         self.seen_tokens += n
         self._top += n
+        for layer in self.layers:  # each layer's next update may add these n tokens (see _take_room)
+            layer.room = n
 
     def key_mask(self, n_new: int) -> torch.Tensor | None:
         """(B, slots + n_new) 1 = attend, 0 = a pad slot; None when no row holds pads."""
