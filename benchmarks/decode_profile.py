@@ -261,8 +261,10 @@ def main(argv=None):
     ap.add_argument("--out")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args(argv)
-    for flag, names in (("--variants", args.variants), ("--sink-variants", args.sink_variants)):
-        for v in filter(None, names.split(",")):  # a typo would run under its own label (or fail after the others)
+    # (empty names skipped, here and in the runs below: "eager," ran its steps, then failed on the empty one)
+    variants, sink_variants = ([v for v in names.split(",") if v] for names in (args.variants, args.sink_variants))
+    for flag, names in (("--variants", variants), ("--sink-variants", sink_variants)):
+        for v in names:  # a typo would run under its own label (or fail after the others)
             base, _, pos = v.partition("/")
             flags = ("", "eagerpos") if flag == "--sink-variants" else ("",)
             if base not in ("eager", *COMPILE_VARIANTS) or pos not in flags:
@@ -297,7 +299,7 @@ def main(argv=None):
         res["sdpa"] = sdpa_table(cfg, L, C, dtype, device, steps)
     res["steps"] = []
     with recompile_room():
-        for v in args.variants.split(","):
+        for v in variants:
             m = model if v == "eager" else torch.compile(model, **{"dynamic": False, **COMPILE_VARIANTS[v]})
             fn = dense_static_step(m, C, device)
             row = {"variant": v, "step_ms": graph_ms(fn, steps, device)}
@@ -308,8 +310,8 @@ def main(argv=None):
                 row["graph_alone"] = launch_profile(replay)
             res["steps"].append(row)
             print(json.dumps(row), file=sys.stderr)
-        res["sink_steps"] = sink_rows(model, C, args.sink_variants.split(","), device, steps,
-                                     [int(x) for x in args.sinks.split(",")]) if args.sink_variants else []
+        res["sink_steps"] = sink_rows(model, C, sink_variants, device, steps,
+                                     [int(x) for x in args.sinks.split(",")]) if sink_variants else []
     if args.out:
         Path(args.out).write_text(strict_dumps(res, indent=1))  # strict JSON: a NaN median as "NaN"
     if cuda:

@@ -78,7 +78,8 @@ def method_label(name: str, options: dict, factor: float | None, where: str,
 
 def parse_methods(specs: list[str], factor: float | None) -> list[tuple[str, str, dict]]:
     """Every --method value parsed; two with the same label (e.g. ``yarn:factor=2`` and ``yarn`` with
-    ``--factor 2``) are an error: their results would overwrite each other in the table and JSON. So is a
+    ``--factor 2``) are an error: their results would overwrite each other in the table and JSON. So are two
+    labels of the same method (``pi:factor=4`` and ``linear:factor=4``: one method computed twice), and a
     ``factor`` that no method uses (methods without a factor, or with their own)."""
     out = [parse_method(m, factor) for m in specs]
     if factor is not None and not any(_fills_factor(m) for m in specs):
@@ -90,6 +91,18 @@ def parse_methods(specs: list[str], factor: float | None) -> list[tuple[str, str
     if twice:
         raise SystemExit(f"--method: {', '.join(map(repr, twice))} given more than once (methods {labels}); "
                          f"every method must be distinct")
+    from .sweep import canonical_method
+
+    seen = {}
+    for label, name, options in out:  # pi:factor=4 and linear:factor=4 (or a default given): one method computed twice
+        try:
+            key = repr(canonical_method(name, options))
+        except (ValueError, TypeError):
+            continue  # a bad option: the commands say so, naming it
+        if key in seen:
+            raise SystemExit(f"--method: {seen[key]!r} and {label!r} are the same method; every method must be "
+                             f"distinct")
+        seen[key] = label
     return out
 
 
@@ -152,11 +165,12 @@ def load_model_or_exit(args, device=None):
 
 def apply_method(model, spec: str, name: str, options: dict):
     """``registry.apply(model, name, **options)``; what the loaded model refuses (a RoPE method on an ALiBi model,
-    ``layer_types`` on a model with one RoPE configuration, a factor too small for its length) is a message
-    naming the --method, not a traceback."""
+    ``layer_types`` on a model with one RoPE configuration, a factor too small for its length, streaming on layer
+    kinds it does not support, s2attn's flash backend without flash_attn) is a message naming the --method, not a
+    traceback."""
     try:
         return registry.apply(model, name, **options)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, NotImplementedError, ImportError) as err:
         raise SystemExit(f"--method {spec}: {err}") from None
 
 

@@ -193,6 +193,16 @@ def test_decode_profile_refuses_unknown_variants():
         assert exc.value.code == 2
 
 
+def test_decode_profile_skips_empty_variant_names(tmp_path):
+    """The name check skipped empty names ("eager," or a trailing comma) but the runs did not: the dense steps, or
+    the dense steps and the first SinkDecoder rows (minutes on a GPU), ran and then a KeyError on ''."""
+    mod = _load_script("decode_profile")
+    out = tmp_path / "dp.json"
+    mod.main(["--cpu-smoke", "--variants", "eager,", "--sink-variants", "eager,", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert [r["variant"] for r in res["steps"]] == [r["variant"] for r in res["sink_steps"]] == ["eager"]
+
+
 def test_decode_profile_floor_reads_one_row_of_the_input_embedding(tmp_path):
     """The floor (bytes a step must read / read bandwidth) counted the whole input embedding table, of which a
     step reads the new token's row: 0.26 of 13.48 GB on the 7B shape, a floor 1.7% too high."""

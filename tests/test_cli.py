@@ -111,6 +111,7 @@ def test_commands_load_through_the_defining_modules(tmp_path, monkeypatch, calls
     cli.main(["ppl", "--corpus", "some/dataset", "--lengths", "4", "--device", "cpu", "--out", str(tmp_path / "p.json")])
     assert calls["order"] == ["corpus", "model"]
     monkeypatch.setattr(passkey, "passkey_accuracy", lambda m, t, lengths, **k: {L: {"accuracy": 1.0} for L in lengths})
+    monkeypatch.setattr(passkey, "check_prompts", lambda *a, **k: None)  # (no tokenizer here)
     cli.main(["passkey", "--lengths", "64", "--depths", "0.5", "--trials", "1", "--device", "cpu",
               "--out", str(tmp_path / "k.json")])
     assert calls["order"] == ["corpus", "model", "model"]
@@ -122,6 +123,7 @@ def test_passkey_records_the_command_it_ran(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["pytest", "-q"])
     monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (None, None))
     monkeypatch.setattr(passkey, "passkey_accuracy", lambda m, t, lengths, **k: {L: {"accuracy": 1.0} for L in lengths})
+    monkeypatch.setattr(passkey, "check_prompts", lambda *a, **k: None)  # (no tokenizer here)
     out = tmp_path / "o.json"
     argv = ["passkey", "--lengths", "64", "--depths", "0.5", "--trials", "1", "--device", "cpu", "--out", str(out)]
     cli.main(argv)
@@ -322,3 +324,41 @@ def test_setup_cfg_requires_a_transformers_that_longctx_works_with():
     spec = next(Requirement(x) for x in lines if x.startswith("transformers")).specifier
     assert "5.13.1" not in spec and "5.14.1" not in spec
     assert "5.17.0" in spec and "5.23.0" in spec and transformers.__version__ in spec
+
+
+@pytest.mark.parametrize("argv, method, match", [
+    (["ppl", "--lengths", "64"], "s2attn:train_only=false:backend=flash", "needs the flash_attn package"),
+    (["passkey", "--lengths", "64"], "streaming:sink_size=2:window_size=8",
+     r"layer types \['chunked_attention'\] are not supported")])
+def test_a_method_the_loaded_model_refuses_with_other_errors_is_a_message(monkeypatch, argv, method, match):
+    # apply_method turned only ValueError / TypeError into a message: s2attn's ImportError (flash backend without
+    # flash_attn) and streaming's NotImplementedError (layer kinds it does not support) came out as tracebacks
+    from conftest import tiny_model
+
+    from longctx.eval import passkey
+    from longctx.methods import s2attn
+
+    model = tiny_model("llama", layer_types=["chunked_attention", "full_attention"], attention_chunk_size=8)
+    monkeypatch.setattr(s2attn, "flash_available", lambda: False)
+    monkeypatch.setattr(longctx.data, "load_corpus", lambda name, **k: [Document("Emma", "x")])
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (model, None))
+    monkeypatch.setattr(longctx.data, "encode_documents", lambda tok, docs, **k: [torch.zeros(4, dtype=torch.long)])
+    monkeypatch.setattr(longctx.eval, "perplexity", _boom)
+    monkeypatch.setattr(passkey, "passkey_accuracy", _boom)
+    with pytest.raises(SystemExit, match=f"^--method {method.split(':')[0]}.*: .*{match}"):
+        cli.main([*argv, "--method", method, "--device", "cpu"])
+    assert not longctx.active_patches(model)
+
+
+@pytest.mark.parametrize("command", [["ppl", "--lengths", "64"], ["passkey", "--lengths", "64"]])
+@pytest.mark.parametrize("methods, match", [
+    (["pi:factor=4", "linear:factor=4"], "'pi x4' and 'linear x4' are the same method"),
+    (["yarn:factor=2", "yarn:factor=2.0:beta_fast=32"], r"'yarn x2' and 'yarn x2 \(beta_fast=32\)' are the same")])
+def test_the_same_method_under_two_labels_is_refused_before_loading(monkeypatch, command, methods, match):
+    # only equal labels were refused: an alias (pi = linear) or a default given computed the same method twice (the
+    # sweep refuses it)
+    monkeypatch.setattr(longctx.data, "load_corpus", _boom)
+    monkeypatch.setattr(longctx.models, "load_model", _boom)
+    with pytest.raises(SystemExit, match=match):
+        cli.main([*command, *(x for m in methods for x in ("--method", m)), "--device", "cpu"])
+    assert cli.parse_methods(["yarn:factor=2", "yarn:factor=2:beta_fast=16", "linear:factor=2"], None)  # distinct

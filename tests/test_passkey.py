@@ -345,6 +345,25 @@ def test_cli(ctok, tmp_path, monkeypatch, capsys):
     assert not longctx.active_patches(model)  # removed again
 
 
+@pytest.mark.parametrize("task", ["passkey", "needle"])
+def test_cli_refuses_a_length_too_short_for_the_prompt_before_any_method_runs(ctok, monkeypatch, task):
+    # a traceback (make_prompt's ValueError) once the earlier methods, or the longer lengths, had been evaluated
+    import longctx.data
+    import longctx.models
+
+    calls = []
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (tiny_llama(len(ctok)), ctok))
+    monkeypatch.setattr(pk, "passkey_accuracy", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(longctx.data, "load_corpus", lambda name, **k: [longctx.data.Document("Emma", TEXT)])
+    parser = argparse.ArgumentParser()
+    pk.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", "300,20", "--task", task,
+                              "--method", "none", "--method", "yarn:factor=2"])
+    with pytest.raises(SystemExit, match="^--lengths: length 20 is too short: the prompt without filler has"):
+        args.func(args)
+    assert calls == []
+
+
 def test_cli_refuses_duplicate_methods_and_bad_depths(ctok, monkeypatch):
     import longctx.models
 

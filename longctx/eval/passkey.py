@@ -398,10 +398,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths=DEPTHS, trials: int = 5, 
             t0 = time.time()
             for d in depths:
                 for trial in range(trials):
-                    rng = random.Random(f"longctx-{task}:{seed}:{L}:{d!r}:{trial}")
-                    key = rng.randint(10000, 99999)
-                    start = rng.randrange(len(hay.words)) if hay is not None else 0
-                    prompt = make_prompt(tokenizer, L, d, key, task, haystack=hay, start=start)
+                    prompt = _sample_prompt(tokenizer, task, seed, L, d, trial, hay)
                     reset_rotary_state(model)  # nothing grown by the previous prompt + its generated tokens
                     new = greedy_decode(model, prompt.input_ids, max_new_tokens, tokenizer)
                     output = tokenizer.decode(new, skip_special_tokens=True)
@@ -424,6 +421,23 @@ def passkey_accuracy(model, tokenizer, lengths, depths=DEPTHS, trials: int = 5, 
         if was_training and hasattr(model, "train"):
             model.train()
     return results
+
+
+def _sample_prompt(tokenizer, task, seed, L, d, trial, hay) -> Prompt:
+    """The prompt of one sample of passkey_accuracy: its key (and needle filler start) drawn from the sample."""
+    rng = random.Random(f"longctx-{task}:{seed}:{L}:{d!r}:{trial}")
+    key = rng.randint(10000, 99999)
+    start = rng.randrange(len(hay.words)) if hay is not None else 0
+    return make_prompt(tokenizer, L, d, key, task, haystack=hay, start=start)
+
+
+def check_prompts(tokenizer, lengths, depths, trials: int, seed: int = 0, task: str = "passkey", corpus=None) -> None:
+    """The ValueError passkey_accuracy would raise for a length too short for the prompt without filler (the
+    shortest length's samples: their keys, which may tokenize to more tokens), before any model runs."""
+    hay = _Haystack(_words("\n\n".join(_texts(corpus)))) if task == "needle" else None
+    for d in check_settings(depths, trials, 1, seed):
+        for trial in range(trials):
+            _sample_prompt(tokenizer, task, seed, min(check_lengths(lengths)), d, trial, hay)
 
 
 def format_accuracy_table(results_by_method: dict[str, dict]) -> str:
@@ -475,6 +489,10 @@ def cmd_passkey(args) -> int:
             raise SystemExit(f"--corpus {args.corpus!r}: {message}") from None
     model, tokenizer = load_model_or_exit(args, device)
     check_methods_on(model, specs)
+    try:  # before any method runs: a length too short for this tokenizer's prompt was a traceback after the first
+        check_prompts(tokenizer, args.lengths, args.depths, args.trials, args.seed, args.task, corpus)
+    except ValueError as err:
+        raise SystemExit(f"--lengths: {err}") from None
     results = {}
     for label, name, options in specs:
         patch = None if name == "none" else apply_method(model, label, name, options)

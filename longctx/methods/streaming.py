@@ -831,7 +831,8 @@ def _check_model(model):
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, cache: SinkCache, chunk_size: int | None = None):
     """Feed a prompt of any length into ``cache`` in chunks of at most ``chunk_size`` (default:
-    window_size) tokens; memory stays bounded by the cache. Returns the last chunk's model output."""
+    window_size) tokens; memory stays bounded by the cache. Returns the last chunk's model output. ``model`` must
+    have the streaming patch (its forward makes room and sets positions; a ``managed`` cache is refused)."""
     chunk_size = chunk_size or cache.window_size
     cache._bind_for(model)  # a loaded cache, or one bound to another model: checked, bound to this one
     out = None
