@@ -270,6 +270,10 @@ def main(argv=None):
             if base not in ("eager", *COMPILE_VARIANTS) or pos not in flags:
                 ap.error(f"{flag}: unknown {v!r}; allowed: eager, {', '.join(COMPILE_VARIANTS)}"
                          + (" (each optionally /eagerpos)" if flag == "--sink-variants" else ""))
+    try:  # (as the names: "4," or a count the cache cannot hold failed after the dense steps had run)
+        sinks = [int(x) for x in args.sinks.split(",") if x]
+    except ValueError:
+        ap.error(f"--sinks: expected comma-separated integers, got {args.sinks!r}")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.cpu_smoke:
@@ -280,6 +284,8 @@ def main(argv=None):
         device, dtype, C, steps = torch.device("cuda"), torch.bfloat16, args.cache, args.steps
         cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                           num_hidden_layers=args.llama2_7b_layers, vocab_size=32000, max_position_embeddings=4096)
+    if sink_variants and not (sinks and all(0 <= x < C for x in sinks)):
+        ap.error(f"--sinks: sink counts in 0..{C - 1} (the window is the cache {C} less the sinks), got {args.sinks!r}")
     L = cfg.num_hidden_layers
     cuda = device.type == "cuda"
     res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "cache": C, "layers": L}
@@ -311,7 +317,7 @@ def main(argv=None):
             res["steps"].append(row)
             print(json.dumps(row), file=sys.stderr)
         res["sink_steps"] = sink_rows(model, C, sink_variants, device, steps,
-                                     [int(x) for x in args.sinks.split(",")]) if sink_variants else []
+                                     sinks) if sink_variants else []
     if args.out:
         Path(args.out).write_text(strict_dumps(res, indent=1))  # strict JSON: a NaN median as "NaN"
     if cuda:

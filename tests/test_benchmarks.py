@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +202,24 @@ def test_decode_profile_skips_empty_variant_names(tmp_path):
     mod.main(["--cpu-smoke", "--variants", "eager,", "--sink-variants", "eager,", "--out", str(out)])
     res = json.loads(out.read_text())
     assert [r["variant"] for r in res["steps"]] == [r["variant"] for r in res["sink_steps"]] == ["eager"]
+    mod.main(["--cpu-smoke", "--variants", "", "--sink-variants", "eager", "--sinks", "0,", "--out", str(out)])
+    res = json.loads(out.read_text())  # --sinks "0," as the names: a ValueError once the dense steps had run
+    assert res["steps"] == [] and [(r["variant"], r["sink"]) for r in res["sink_steps"]] == [("eager", 0)]
+
+
+@pytest.mark.parametrize("sinks", ["x", ",", "64", "-1"])
+def test_decode_profile_refuses_bad_sink_counts_before_any_step(monkeypatch, sinks):
+    """--sinks was parsed after the dense steps (minutes on a GPU): a bad count was a ValueError then, and a count the
+    cache cannot hold (window size 0) one inside the SinkDecoder rows."""
+    mod = _load_script("decode_profile")
+
+    def boom(*a, **k):
+        raise AssertionError("a step ran")
+
+    monkeypatch.setattr(mod, "dense_static_step", boom)
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--cpu-smoke", "--variants", "eager", "--sink-variants", "eager", "--sinks", sinks])
+    assert exc.value.code == 2
 
 
 def test_decode_profile_floor_reads_one_row_of_the_input_embedding(tmp_path):

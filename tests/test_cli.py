@@ -362,3 +362,23 @@ def test_the_same_method_under_two_labels_is_refused_before_loading(monkeypatch,
     with pytest.raises(SystemExit, match=match):
         cli.main([*command, *(x for m in methods for x in ("--method", m)), "--device", "cpu"])
     assert cli.parse_methods(["yarn:factor=2", "yarn:factor=2:beta_fast=16", "linear:factor=2"], None)  # distinct
+
+
+@pytest.mark.parametrize("error", [ModuleNotFoundError("No module named 'flash_attn_2_cuda'", name="flash_attn_2_cuda"),
+                                   ImportError("cannot import name 'x' from 'transformers'", name="transformers"),
+                                   NotImplementedError()])
+def test_apply_method_keeps_the_traceback_of_a_failed_import_or_a_bare_not_implemented(monkeypatch, error):
+    # ImportError / NotImplementedError became messages for the errors the methods raise on purpose (s2attn's flash
+    # backend without flash_attn, streaming on unsupported layer kinds); a failed import deep inside (a broken or
+    # missing module, a moved name) or an unwritten hook was a one-line "--method ...: ..." without its traceback
+    from longctx import registry
+
+    def attach(*a, **k):
+        raise error
+
+    monkeypatch.setattr(registry, "apply", attach)
+    with pytest.raises(type(error)):
+        cli.apply_method(None, "yarn x2", "yarn", {"factor": 2})
+    monkeypatch.setattr(registry, "apply", lambda *a, **k: (_ for _ in ()).throw(ImportError("needs flash_attn")))
+    with pytest.raises(SystemExit, match="^--method yarn x2: needs flash_attn$"):  # one raised on purpose: a message
+        cli.apply_method(None, "yarn x2", "yarn", {"factor": 2})

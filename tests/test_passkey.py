@@ -364,6 +364,42 @@ def test_cli_refuses_a_length_too_short_for_the_prompt_before_any_method_runs(ct
     assert calls == []
 
 
+@pytest.mark.parametrize("task, short, longer", [("passkey", 243, 244), ("needle", 233, 234)])
+def test_cli_refuses_a_length_above_the_shortest_too_short_for_its_keys(monkeypatch, task, short, longer):
+    # keys are drawn per length and may tokenize to more tokens (here a doubled digit is one token): only the shortest
+    # length's samples were checked, so `longer` raised after the methods before had run; and the check built whole
+    # prompts (about a second each at 32k tokens) where the prompt without filler decides
+    import longctx.data
+    import longctx.models
+
+    tok = char_tokenizer()
+    tok.add_tokens([d * 2 for d in "0123456789"])
+    for L in (short, longer):  # (seed 0, depth 0.5, trial 0): what this test stands on
+        key = random.Random(f"longctx-{task}:0:{L}:0.5:0").randint(10000, 99999)
+        if L == short:
+            pk.make_prompt(tok, L, 0.5, key, task, haystack=TEXT if task == "needle" else None)
+        else:
+            with pytest.raises(ValueError, match=f"length {L} is too short"):
+                pk.make_prompt(tok, L, 0.5, key, task, haystack=TEXT if task == "needle" else None)
+    calls = []
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (tiny_llama(len(tok)), tok))
+    monkeypatch.setattr(pk, "passkey_accuracy", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(longctx.data, "load_corpus", lambda name, **k: [longctx.data.Document("Emma", TEXT)])
+    parser = argparse.ArgumentParser()
+    pk.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", f"{short},{longer}", "--task", task,
+                              "--depths", "0.5", "--trials", "1", "--method", "none", "--method", "yarn:factor=2"])
+    with pytest.raises(SystemExit, match=f"^--lengths: length {longer} is too short: the prompt without filler has"):
+        args.func(args)
+    assert calls == []
+    monkeypatch.setattr(pk, "make_prompt", _boom)  # no prompt built: the prompt without filler is counted
+    pk.check_prompts(tok, [short, 4000], [0.5], 1, 0, task)
+
+
+def _boom(*a, **k):
+    raise AssertionError("not expected to be called")
+
+
 def test_cli_refuses_duplicate_methods_and_bad_depths(ctok, monkeypatch):
     import longctx.models
 

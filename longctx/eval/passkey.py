@@ -150,6 +150,13 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False, **plain_text_kwargs(tokenizer))["input_ids"])
 
 
+def _fixed_parts(task: str, key: str) -> tuple[str, str, str]:
+    """The intro, needle and question of ``task``'s prompt for ``key``: the prompt without filler."""
+    if task == "passkey":
+        return PASSKEY_INTRO, PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION
+    return NEEDLE_INTRO, NEEDLE_NEEDLE.format(key=key), NEEDLE_QUESTION
+
+
 def make_prompt(tokenizer, length: int, depth: float, key, task: str = "passkey", *, haystack=None,
                 start: int = 0) -> Prompt:
     """Build the prompt for ``task`` with ``key`` at ``depth`` and at most ``length`` tokens.
@@ -170,10 +177,10 @@ def make_prompt(tokenizer, length: int, depth: float, key, task: str = "passkey"
     key = str(key)
     if task == "passkey" and haystack is not None:
         raise ValueError("haystack applies to task='needle' only; task 'passkey' has its own fixed filler text")
+    intro, needle, question = _fixed_parts(task, key)
     if task == "passkey":
-        intro, needle, question, hay = PASSKEY_INTRO, PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION, _PASSKEY_HAYSTACK
+        hay = _PASSKEY_HAYSTACK
     else:
-        intro, needle, question = NEEDLE_INTRO, NEEDLE_NEEDLE.format(key=key), NEEDLE_QUESTION
         if haystack is None:
             raise ValueError("task='needle' needs haystack= (corpus text)")
         hay = haystack if isinstance(haystack, _Haystack) else _Haystack(
@@ -423,21 +430,30 @@ def passkey_accuracy(model, tokenizer, lengths, depths=DEPTHS, trials: int = 5, 
     return results
 
 
+def _sample_rng(task, seed, L, d, trial) -> random.Random:
+    """The random source of one sample of passkey_accuracy: its key first (then the needle filler start)."""
+    return random.Random(f"longctx-{task}:{seed}:{L}:{d!r}:{trial}")
+
+
 def _sample_prompt(tokenizer, task, seed, L, d, trial, hay) -> Prompt:
     """The prompt of one sample of passkey_accuracy: its key (and needle filler start) drawn from the sample."""
-    rng = random.Random(f"longctx-{task}:{seed}:{L}:{d!r}:{trial}")
+    rng = _sample_rng(task, seed, L, d, trial)
     key = rng.randint(10000, 99999)
     start = rng.randrange(len(hay.words)) if hay is not None else 0
     return make_prompt(tokenizer, L, d, key, task, haystack=hay, start=start)
 
 
-def check_prompts(tokenizer, lengths, depths, trials: int, seed: int = 0, task: str = "passkey", corpus=None) -> None:
-    """The ValueError passkey_accuracy would raise for a length too short for the prompt without filler (the
-    shortest length's samples: their keys, which may tokenize to more tokens), before any model runs."""
-    hay = _Haystack(_words("\n\n".join(_texts(corpus)))) if task == "needle" else None
-    for d in check_settings(depths, trials, 1, seed):
-        for trial in range(trials):
-            _sample_prompt(tokenizer, task, seed, min(check_lengths(lengths)), d, trial, hay)
+def check_prompts(tokenizer, lengths, depths, trials: int, seed: int = 0, task: str = "passkey") -> None:
+    """The ValueError passkey_accuracy would raise for a length too short for the prompt without filler, before any
+    model runs: every length's samples (their keys, drawn per length, may tokenize to more tokens: a length above the
+    shortest can be the one too short), counted without building the prompts (a 32k-token prompt: about a second)."""
+    for L in sorted(check_lengths(lengths)):
+        for d in check_settings(depths, trials, 1, seed):
+            for trial in range(trials):
+                key = str(_sample_rng(task, seed, L, d, trial).randint(10000, 99999))
+                bare = len(_encode(tokenizer, "\n".join(_fixed_parts(task, key))))  # make_prompt's count(0)
+                if bare > L:
+                    raise ValueError(f"length {L} is too short: the prompt without filler has {bare} tokens")
 
 
 def format_accuracy_table(results_by_method: dict[str, dict]) -> str:
@@ -490,7 +506,7 @@ def cmd_passkey(args) -> int:
     model, tokenizer = load_model_or_exit(args, device)
     check_methods_on(model, specs)
     try:  # before any method runs: a length too short for this tokenizer's prompt was a traceback after the first
-        check_prompts(tokenizer, args.lengths, args.depths, args.trials, args.seed, args.task, corpus)
+        check_prompts(tokenizer, args.lengths, args.depths, args.trials, args.seed, args.task)
     except ValueError as err:
         raise SystemExit(f"--lengths: {err}") from None
     results = {}
