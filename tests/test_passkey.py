@@ -345,20 +345,26 @@ def test_cli(ctok, tmp_path, monkeypatch, capsys):
     assert not longctx.active_patches(model)  # removed again
 
 
-@pytest.mark.parametrize("task", ["passkey", "needle"])
-def test_cli_refuses_a_length_too_short_for_the_prompt_before_any_method_runs(ctok, monkeypatch, task):
-    # a traceback (make_prompt's ValueError) once the earlier methods, or the longer lengths, had been evaluated
+def _stubbed_passkey_cli(monkeypatch, tok, argv):
+    """``longctx passkey`` on a tiny llama with ``tok`` and a one-document corpus, methods none and yarn x2, its
+    evaluation recorded instead of run: (the evaluation calls, the parsed args)."""
     import longctx.data
     import longctx.models
 
     calls = []
-    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (tiny_llama(len(ctok)), ctok))
+    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (tiny_llama(len(tok)), tok))
     monkeypatch.setattr(pk, "passkey_accuracy", lambda *a, **k: calls.append(a) or {})
     monkeypatch.setattr(longctx.data, "load_corpus", lambda name, **k: [longctx.data.Document("Emma", TEXT)])
     parser = argparse.ArgumentParser()
     pk.add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", "300,20", "--task", task,
-                              "--method", "none", "--method", "yarn:factor=2"])
+    return calls, parser.parse_args(["passkey", "--model", "tiny", *argv, "--method", "none", "--method",
+                                     "yarn:factor=2"])
+
+
+@pytest.mark.parametrize("task", ["passkey", "needle"])
+def test_cli_refuses_a_length_too_short_for_the_prompt_before_any_method_runs(ctok, monkeypatch, task):
+    # a traceback (make_prompt's ValueError) once the earlier methods, or the longer lengths, had been evaluated
+    calls, args = _stubbed_passkey_cli(monkeypatch, ctok, ["--lengths", "300,20", "--task", task])
     with pytest.raises(SystemExit, match="^--lengths: length 20 is too short: the prompt without filler has"):
         args.func(args)
     assert calls == []
@@ -369,9 +375,6 @@ def test_cli_refuses_a_length_above_the_shortest_too_short_for_its_keys(monkeypa
     # keys are drawn per length and may tokenize to more tokens (here a doubled digit is one token): only the shortest
     # length's samples were checked, so `longer` raised after the methods before had run; and the check built whole
     # prompts (about a second each at 32k tokens) where the prompt without filler decides
-    import longctx.data
-    import longctx.models
-
     tok = char_tokenizer()
     tok.add_tokens([d * 2 for d in "0123456789"])
     for L in (short, longer):  # (seed 0, depth 0.5, trial 0): what this test stands on
@@ -381,14 +384,8 @@ def test_cli_refuses_a_length_above_the_shortest_too_short_for_its_keys(monkeypa
         else:
             with pytest.raises(ValueError, match=f"length {L} is too short"):
                 pk.make_prompt(tok, L, 0.5, key, task, haystack=TEXT if task == "needle" else None)
-    calls = []
-    monkeypatch.setattr(longctx.models, "load_model", lambda *a, **k: (tiny_llama(len(tok)), tok))
-    monkeypatch.setattr(pk, "passkey_accuracy", lambda *a, **k: calls.append(a) or {})
-    monkeypatch.setattr(longctx.data, "load_corpus", lambda name, **k: [longctx.data.Document("Emma", TEXT)])
-    parser = argparse.ArgumentParser()
-    pk.add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["passkey", "--model", "tiny", "--lengths", f"{short},{longer}", "--task", task,
-                              "--depths", "0.5", "--trials", "1", "--method", "none", "--method", "yarn:factor=2"])
+    calls, args = _stubbed_passkey_cli(monkeypatch, tok, ["--lengths", f"{short},{longer}", "--task", task,
+                                                          "--depths", "0.5", "--trials", "1"])
     with pytest.raises(SystemExit, match=f"^--lengths: length {longer} is too short: the prompt without filler has"):
         args.func(args)
     assert calls == []
