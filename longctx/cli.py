@@ -69,11 +69,18 @@ def method_label(name: str, options: dict, factor: float | None, where: str,
     if "factor" in options:
         if isinstance(options["factor"], bool) or not isinstance(options["factor"], numbers.Real):
             raise SystemExit(f"{where}: option 'factor' must be a number, got {options['factor']!r}")
-        label += f" x{options['factor']:g}"
+        label += f" x{_short(options['factor'])}"
     extra = {k: v for k, v in options.items() if k != "factor"}
     if extra:
-        label += " (" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()) + ")"
+        label += " (" + ", ".join(f"{k}={_short(v)}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()) + ")"
     return label, name, options
+
+
+def _short(x) -> str:
+    """A number for a label: ``:g`` (4, 1e+06), unless that loses digits (1.0000001 and 1.0000002 both read 1: two
+    distinct methods under one label, refused as given twice), then in full."""
+    text = f"{x:g}"
+    return text if float(text) == x else repr(float(x))
 
 
 def parse_methods(specs: list[str], factor: float | None) -> list[tuple[str, str, dict]]:

@@ -364,6 +364,14 @@ def test_the_same_method_under_two_labels_is_refused_before_loading(monkeypatch,
     assert cli.parse_methods(["yarn:factor=2", "yarn:factor=2:beta_fast=16", "linear:factor=2"], None)  # distinct
 
 
+def test_methods_differing_past_six_digits_get_distinct_labels():
+    # labels wrote numbers with :g, so yarn x1.0000001 and yarn x1.0000002 both read "yarn x1" and were refused as
+    # given twice; ordinary values keep their short labels (the committed tables' "yarn x4")
+    labels = [label for label, _, _ in cli.parse_methods(
+        ["yarn:factor=1.0000001", "yarn:factor=1.0000002", "yarn:factor=4:beta_fast=32.5", "abf:rope_theta=1e6"], None)]
+    assert labels == ["yarn x1.0000001", "yarn x1.0000002", "yarn x4 (beta_fast=32.5)", "abf (rope_theta=1e+06)"]
+
+
 @pytest.mark.parametrize("error", [ModuleNotFoundError("No module named 'flash_attn_2_cuda'", name="flash_attn_2_cuda"),
                                    ImportError("cannot import name 'x' from 'transformers'", name="transformers"),
                                    NotImplementedError()])
